@@ -1,0 +1,71 @@
+"""EngineConfig: everything the engine needs to know about its environment, built once from flags and
+settings and passed in explicitly. No module of ldm_core reads global settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+Precision = Literal["auto", "fp16", "bf16", "fp32"]
+Offload = Literal["none", "model", "sequential"]
+
+#: The built-in model that ships with the project (a diffusers folder).
+BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Paths and policies of one engine instance.
+
+    Folders follow the A1111 names so users can point us at existing installs. `device` is "auto"
+    (CUDA > MPS > CPU) or a torch device string. `precision` "auto" means fp16 on CUDA and fp32 elsewhere.
+    `attention` is a name in the attention registry ("auto", "sdpa", "xformers", "sliced").
+    """
+
+    data_dir: Path = Path(".")
+    ckpt_dirs: tuple[Path, ...] = ()
+    vae_dirs: tuple[Path, ...] = ()
+    lora_dirs: tuple[Path, ...] = ()
+    embeddings_dirs: tuple[Path, ...] = ()
+    upscaler_dirs: tuple[Path, ...] = ()
+    controlnet_dirs: tuple[Path, ...] = ()
+    outputs_dir: Path = Path("outputs")
+    builtin_model_dir: Path | None = BUILTIN_MODEL_DIR
+    device: str = "auto"
+    precision: Precision = "auto"
+    vae_precision: Precision = "auto"
+    attention: str = "auto"
+    offload: Offload = "none"
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    channels_last: bool | None = None  # None: on for CUDA
+    allow_pickle: bool = False
+    model_cache_size: int = 1
+    cpu_noise: bool = True  # draw initial noise on the CPU so a seed gives the same image on any device
+    save_images: bool = True
+    filename_pattern: str = "[number]-[seed]"
+    preview_every: int = 1  # steps between live previews; 0 disables previews
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_data_dir(cls, data_dir: str | Path = ".", **overrides) -> EngineConfig:
+        """A config with the A1111 folder layout under `data_dir`; keyword arguments override fields."""
+        d = Path(data_dir)
+        base = cls(
+            data_dir=d,
+            ckpt_dirs=(d / "models" / "Stable-diffusion",),
+            vae_dirs=(d / "models" / "VAE",),
+            lora_dirs=(d / "models" / "Lora",),
+            embeddings_dirs=(d / "embeddings",),
+            upscaler_dirs=tuple(
+                d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")
+            ),
+            controlnet_dirs=(d / "models" / "ControlNet",),
+            outputs_dir=d / "outputs",
+        )
+        return replace(base, **overrides)
+
+    def with_(self, **changes) -> EngineConfig:
+        """A copy with some fields changed (settings applied without a restart)."""
+        return replace(self, **changes)

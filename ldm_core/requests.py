@@ -1,0 +1,212 @@
+"""Typed, validated request objects: one per job. The UI, the REST API and the CLI all build these, with
+the A1111 parameter names, and the engine accepts nothing else.
+
+Validation errors are raised as `RequestError`, whose message names the field and the allowed values.
+Images are PIL images in RGB (init images) or L (masks); the API layer decodes base64 before building a
+request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_SIDE = 2048
+MAX_PIXELS = 2048 * 2048
+
+ResizeMode = Literal["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
+RESIZE_MODES: tuple[str, ...] = ResizeMode.__args__  # index = A1111's integer resize_mode
+InpaintFill = Literal["fill", "original", "latent noise", "latent nothing"]
+INPAINT_FILLS: tuple[str, ...] = InpaintFill.__args__  # index = A1111's integer inpainting_fill
+
+
+class RequestError(ValueError):
+    """A bad request value. `field` is the request field name, `message` says what is allowed."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+def _describe(model: type[BaseModel], name: str) -> str:
+    """The allowed range of a field, from its declared constraints, e.g. 'an integer from 1 to 150'."""
+    info = model.model_fields.get(name)
+    if info is None:
+        return ""
+    lo = hi = mult = None
+    for m in info.metadata:
+        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
+        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
+        mult = getattr(m, "multiple_of", None) or mult
+    parts = []
+    if lo is not None and hi is not None:
+        parts.append(f"allowed: {lo} to {hi}")
+    elif lo is not None:
+        parts.append(f"allowed: at least {lo}")
+    elif hi is not None:
+        parts.append(f"allowed: at most {hi}")
+    if mult:
+        parts.append(f"a multiple of {mult}")
+    return "; ".join(parts)
+
+
+def _first_error(model: type[BaseModel], exc: ValidationError) -> RequestError:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
+    msg = err.get("msg", "invalid value")
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    field = loc[0] if loc else "request"
+    if not loc:  # a whole-request check: its message starts with the field it is about
+        first = msg.split(" ", 1)[0]
+        if first in model.model_fields:
+            field = first
+    allowed = _describe(model, field)
+    got = err.get("input")
+    text = msg
+    if allowed:
+        text += f" ({allowed})"
+    if got is not None and not isinstance(got, dict | Image.Image) and len(repr(got)) < 80:
+        text += f"; got {got!r}"
+    return RequestError(field, text)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def build(cls, **values: Any):
+        """Validate `values` and return the request, or raise RequestError naming the first bad field."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise _first_error(cls, exc) from None
+
+
+class GenerationRequest(_Request):
+    """txt2img parameters; img2img and inpaint extend it. Names and meanings follow A1111."""
+
+    mode: Literal["txt2img", "img2img", "inpaint"] = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    styles: list[str] = Field(default_factory=list)
+    model: str | None = None  # checkpoint name as listed; None = the current (or default) model
+    vae: str | None = None  # None / "Automatic" = the checkpoint's own VAE; a name from models/VAE
+    sampler_name: str = "Euler a"
+    scheduler: str = "Automatic"  # schedule type (A1111 >= 1.9)
+    steps: int = Field(20, ge=1, le=150)
+    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
+    width: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)  # None: model's native size
+    height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
+    seed: int = Field(-1, ge=-1, le=2**32 - 1)  # -1 = random
+    subseed: int = Field(-1, ge=-1, le=2**32 - 1)  # variation seed
+    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
+    seed_resize_from_w: int = Field(0, ge=0, le=MAX_SIDE)  # 0 = off
+    seed_resize_from_h: int = Field(0, ge=0, le=MAX_SIDE)
+    batch_size: int = Field(1, ge=1, le=16)  # images per denoising batch
+    n_iter: int = Field(1, ge=1, le=100)  # batch count
+    eta: float | None = Field(None, ge=0.0, le=1.0)  # ancestral/DDIM noise; None = sampler default
+    s_churn: float = Field(0.0, ge=0.0, le=100.0)
+    s_tmin: float = Field(0.0, ge=0.0)
+    s_tmax: float = Field(float("inf"), ge=0.0)
+    s_noise: float = Field(1.0, ge=0.0, le=1.1)
+    clip_skip: int = Field(1, ge=1, le=12)
+    emphasis: Literal["Original", "No norm"] = "Original"
+    # hires fix (txt2img only); used once the upscaler registry provides upscalers
+    enable_hr: bool = False
+    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_upscaler: str = "Latent"
+    hr_second_pass_steps: int = Field(0, ge=0, le=150)  # 0 = same as steps
+    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE)
+    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
+    hr_sampler_name: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+    denoising_strength: float = Field(0.7, ge=0.0, le=1.0)  # hires pass (txt2img) or img2img strength
+    save_images: bool = True
+    # per-extension arguments, keyed by extension name (A1111's alwayson_scripts)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("sampler_name")
+    @classmethod
+    def _nonempty_sampler(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must name a sampler")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _pixels(self):
+        if self.width and self.height and self.width * self.height > MAX_PIXELS:
+            raise ValueError(f"width x height must be at most {MAX_PIXELS} pixels")
+        return self
+
+
+class Img2ImgRequest(GenerationRequest):
+    """img2img: `init_images` (RGB; the first is used, or one per batch image) noised by
+    `denoising_strength` (0 keeps the image, 1 ignores it)."""
+
+    mode: Literal["txt2img", "img2img", "inpaint"] = "img2img"
+    init_images: list[Image.Image] = Field(min_length=1)
+    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    resize_mode: ResizeMode = "Just resize"
+    image_cfg_scale: float | None = None
+
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _resize_index(cls, v):
+        if isinstance(v, int):
+            if not 0 <= v < len(RESIZE_MODES):
+                raise ValueError(f"must be 0..{len(RESIZE_MODES) - 1} or one of {list(RESIZE_MODES)}")
+            return RESIZE_MODES[v]
+        return v
+
+    @field_validator("init_images")
+    @classmethod
+    def _rgb(cls, v: list[Image.Image]) -> list[Image.Image]:
+        return [im.convert("RGB") for im in v]
+
+
+class InpaintRequest(Img2ImgRequest):
+    """Inpainting: `mask` (white = repaint) has the init image's size."""
+
+    mode: Literal["txt2img", "img2img", "inpaint"] = "inpaint"
+    mask: Image.Image
+    mask_blur: int = Field(4, ge=0, le=64)
+    inpainting_fill: InpaintFill = "original"
+    inpaint_full_res: bool = False  # "Only masked"
+    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    inpainting_mask_invert: bool = False
+
+    @field_validator("inpainting_fill", mode="before")
+    @classmethod
+    def _fill_index(cls, v):
+        if isinstance(v, int):
+            if not 0 <= v < len(INPAINT_FILLS):
+                raise ValueError(f"must be 0..{len(INPAINT_FILLS) - 1} or one of {list(INPAINT_FILLS)}")
+            return INPAINT_FILLS[v]
+        return v
+
+    @field_validator("mask")
+    @classmethod
+    def _gray(cls, v: Image.Image) -> Image.Image:
+        if v.mode in ("RGBA", "LA"):
+            # a painted mask from a browser canvas: the alpha channel holds the strokes
+            alpha = v.getchannel("A")
+            if alpha.getextrema() != (255, 255):
+                return alpha
+        return v.convert("L")
+
+    @model_validator(mode="after")
+    def _mask_size(self):
+        if self.mask.size != self.init_images[0].size:
+            raise ValueError(
+                f"mask size {self.mask.size[0]}x{self.mask.size[1]} must equal the image size "
+                f"{self.init_images[0].size[0]}x{self.init_images[0].size[1]}"
+            )
+        return self
+
+
+AnyRequest = GenerationRequest | Img2ImgRequest | InpaintRequest
