@@ -1,0 +1,179 @@
+"""Command line: `python -m ldm_core txt2img|img2img|inpaint|models|samplers ...`.
+
+Writes PNGs with their infotext into --out and shows a progress bar. Stable form:
+  python -m ldm_core txt2img --prompt "..." [--negative-prompt "..."] [--model NAME] [--sampler "Euler a"]
+      [--steps 20] [--cfg-scale 7] [--seed 1] [--width 512] [--height 512] [--batch-size 1] --out DIR
+  python -m ldm_core img2img --init-image FILE [--denoising-strength 0.75] ... --out DIR
+  python -m ldm_core inpaint --init-image FILE --mask FILE ... --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .config import EngineConfig
+from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", default="")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--model", default=None, help="checkpoint name (default: the first model found, else built-in)")
+    p.add_argument("--vae", default=None)
+    p.add_argument("--sampler", default="Euler a")
+    p.add_argument("--scheduler", default="Automatic", help="schedule type, e.g. Karras")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--subseed", type=int, default=-1)
+    p.add_argument("--subseed-strength", type=float, default=0.0)
+    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--n-iter", type=int, default=1, help="batch count")
+    p.add_argument("--clip-skip", type=int, default=1)
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--data-dir", default=".", help="folder holding models/ (A1111 layout)")
+    p.add_argument("--ckpt-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt files (weights_only loading)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ldm_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("txt2img", help="generate from a prompt"))
+    p = sub.add_parser("img2img", help="transform an image")
+    _common(p)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--denoising-strength", type=float, default=0.75)
+    p.add_argument("--resize-mode", default="Just resize")
+    p = sub.add_parser("inpaint", help="repaint the masked part of an image")
+    _common(p)
+    p.add_argument("--init-image", required=True)
+    p.add_argument("--mask", required=True, help="white = repaint")
+    p.add_argument("--denoising-strength", type=float, default=0.75)
+    p.add_argument("--mask-blur", type=int, default=4)
+    p.add_argument("--inpainting-fill", default="original")
+    p.add_argument("--inpaint-full-res", action="store_true", help='inpaint area "Only masked"')
+    p.add_argument("--inpaint-full-res-padding", type=int, default=32)
+    p.add_argument("--invert-mask", action="store_true")
+    p = sub.add_parser("models", help="list the models found")
+    p.add_argument("--data-dir", default=".")
+    p.add_argument("--ckpt-dir", default=None)
+    sub.add_parser("samplers", help="list sampler names and schedule types")
+    return parser
+
+
+def _open_image(path: str, field: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        raise RequestError(field, f"file not found: {path}") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise RequestError(field, f"cannot decode image {path}: {exc}") from None
+
+
+def _config(args) -> EngineConfig:
+    over = {}
+    if getattr(args, "ckpt_dir", None):
+        over["ckpt_dirs"] = (Path(args.ckpt_dir),)
+    for name in ("device", "precision", "attention", "allow_pickle"):
+        if hasattr(args, name):
+            over[name] = getattr(args, name)
+    if hasattr(args, "out"):
+        over["outputs_dir"] = Path(args.out)
+    return EngineConfig.from_data_dir(args.data_dir, **over)
+
+
+def _request(args):
+    values = dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, vae=args.vae,
+        sampler_name=args.sampler, scheduler=args.scheduler, steps=args.steps, cfg_scale=args.cfg_scale,
+        seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width,
+        height=args.height, batch_size=args.batch_size, n_iter=args.n_iter, clip_skip=args.clip_skip,
+    )
+    if args.command == "txt2img":
+        return GenerationRequest.build(**values)
+    values.update(init_images=[_open_image(args.init_image, "init_image")],
+                  denoising_strength=args.denoising_strength)
+    if args.command == "img2img":
+        return Img2ImgRequest.build(resize_mode=args.resize_mode, **values)
+    return InpaintRequest.build(
+        mask=_open_image(args.mask, "mask"), mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
+        inpaint_full_res=args.inpaint_full_res, inpaint_full_res_padding=args.inpaint_full_res_padding,
+        inpainting_mask_invert=args.invert_mask, **values,
+    )
+
+
+def _generate(args) -> int:
+    from tqdm import tqdm
+
+    from .engine import Engine
+    from .progress import JobContext
+
+    request = _request(args)
+    engine = Engine(_config(args))
+    ctx = JobContext()
+    done = threading.Event()
+    result: dict = {}
+
+    def work():
+        try:
+            result["r"] = engine.generate(request, ctx)
+        except BaseException as exc:  # reported below, on the main thread
+            result["e"] = exc
+        finally:
+            done.set()
+
+    threading.Thread(target=work, daemon=True).start()
+    bar = tqdm(total=request.steps * request.n_iter, unit="step", file=sys.stderr)
+    last = 0
+    while not done.wait(0.1):
+        s = ctx.progress.snapshot()
+        pos = s.job_no * s.steps + s.step
+        if pos > last:
+            bar.update(pos - last)
+            last = pos
+    bar.close()
+    if "e" in result:
+        raise result["e"]
+    for path in result["r"].paths:
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "samplers":
+            from .schedulers import default_sampler_registry
+
+            reg = default_sampler_registry()
+            for info in reg.infos():
+                print(f"{info.name}\t(aliases: {', '.join(info.aliases)})")
+            print("schedule types:", ", ".join(reg.schedule_types()))
+            return 0
+        if args.command == "models":
+            from .models import ModelRegistry
+
+            cfg = _config(args)
+            reg = ModelRegistry(cfg.ckpt_dirs, cfg.vae_dirs, cfg.builtin_model_dir)
+            for e in reg.checkpoints():
+                print(f"{e.title}\t{e.path}")
+            return 0
+        return _generate(args)
+    except RequestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,211 @@
+"""The job queue: one worker thread per engine (= per device) runs jobs first-in first-out. The web UI, the
+REST API and the CLI all submit here, so one GPU never runs two jobs at once and every client sees the same
+queue positions.
+
+A job carries its own `JobContext` (cancel token + progress). `interrupt` on a running job stops it after the
+current step and keeps the partial result; on a queued job it cancels it. A failed job records its error and
+the worker goes on with the next one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .progress import JobContext, ProgressState
+
+log = logging.getLogger(__name__)
+
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class QueueFull(RuntimeError):
+    """The queue holds `max_queued` jobs already."""
+
+
+@dataclass
+class Job:
+    """One unit of work. `run(ctx)` does it; its return value becomes `result`."""
+
+    run: Callable[[JobContext], Any]
+    kind: str = "generate"
+    request: Any = None
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    state: JobState = "queued"
+    ctx: JobContext = field(default_factory=JobContext)
+    result: Any = None
+    error: BaseException | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the job ends; True if it ended within `timeout` seconds."""
+        return self._done.wait(timeout)
+
+    def progress(self) -> ProgressState:
+        return self.ctx.progress.snapshot()
+
+
+class JobQueue:
+    """FIFO queue with one worker thread. `submit` returns at once; `wait` or `Job.wait` blocks."""
+
+    def __init__(self, *, max_queued: int = 64, keep_finished: int = 256):
+        self.max_queued = max_queued
+        self._queue: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}
+        self._finished: deque[str] = deque()
+        self._keep = keep_finished
+        self._cv = threading.Condition()
+        self._current: Job | None = None
+        self._stop = False
+        self._counter = itertools.count(1)
+        self.completed = 0
+        self._thread = threading.Thread(target=self._worker, name="ldm-job-worker", daemon=True)
+        self._thread.start()
+
+    # ---- client side --------------------------------------------------------------------------------
+    def submit(self, run: Callable[[JobContext], Any], *, kind: str = "generate", request: Any = None) -> Job:
+        job = Job(run=run, kind=kind, request=request)
+        with self._cv:
+            if len(self._queue) >= self.max_queued:
+                raise QueueFull(f"the queue is full ({self.max_queued} jobs waiting); try again later")
+            self._queue.append(job)
+            self._jobs[job.id] = job
+            self._cv.notify_all()
+        return job
+
+    def call(self, run: Callable[[JobContext], Any], *, kind: str = "task", timeout: float | None = None) -> Any:
+        """Submit and wait; re-raise the job's error. For short tasks that must not overlap a generation."""
+        job = self.submit(run, kind=kind)
+        job.wait(timeout)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def get(self, job_id: str) -> Job | None:
+        with self._cv:
+            return self._jobs.get(job_id)
+
+    def position(self, job: Job) -> int:
+        """0 = running, 1 = next, ...; -1 when finished or unknown."""
+        with self._cv:
+            if job is self._current:
+                return 0
+            try:
+                return self._queue.index(job) + 1
+            except ValueError:
+                return -1
+
+    @property
+    def current(self) -> Job | None:
+        with self._cv:
+            return self._current
+
+    def queued(self) -> list[Job]:
+        with self._cv:
+            return list(self._queue)
+
+    def pending_count(self) -> int:
+        with self._cv:
+            return len(self._queue) + (1 if self._current else 0)
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued job or interrupt a running one. False when there is no such unfinished job."""
+        with self._cv:
+            job = self._jobs.get(job_id)
+            if job is None or job.finished:
+                return False
+            if job in self._queue:
+                self._queue.remove(job)
+                self._finish(job, "cancelled")
+                return True
+        job.ctx.cancel.interrupt()
+        return True
+
+    def interrupt_current(self) -> bool:
+        job = self.current
+        if job is None:
+            return False
+        job.ctx.cancel.interrupt()
+        return True
+
+    def skip_current(self) -> bool:
+        job = self.current
+        if job is None:
+            return False
+        job.ctx.cancel.skip()
+        return True
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            for job in list(self._queue):
+                self._finish(job, "cancelled")
+            self._queue.clear()
+            self._cv.notify_all()
+        if self._current is not None:
+            self._current.ctx.cancel.interrupt()
+        self._thread.join(timeout)
+
+    # ---- worker side --------------------------------------------------------------------------------
+    def _finish(self, job: Job, state: JobState) -> None:
+        job.state = state
+        job.finished_at = time.time()
+        job._done.set()
+        self._finished.append(job.id)
+        while len(self._finished) > self._keep:
+            self._jobs.pop(self._finished.popleft(), None)
+
+    def _worker(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._stop:
+                    self._cv.wait()
+                if self._stop:
+                    return
+                job = self._queue.popleft()
+                self._current = job
+                job.state = "running"
+                job.started_at = time.time()
+            try:
+                job.result = job.run(job.ctx)
+                state: JobState = "done"
+            except BaseException as exc:  # a failed job must never stop the worker
+                job.error = exc
+                state = "failed"
+                if not isinstance(exc, ValueError):
+                    log.exception("job %s failed", job.id)
+                if _is_oom(exc):
+                    _free_cuda()
+            with self._cv:
+                self._current = None
+                self.completed += 1
+                self._finish(job, state)
+                self._cv.notify_all()
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return "out of memory" in str(exc).lower()
+
+
+def _free_cuda() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass

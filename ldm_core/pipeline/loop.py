@@ -1,0 +1,182 @@
+"""The one denoising loop that txt2img, img2img, inpaint, hires fix and SD upscale all run.
+
+Per step: check the cancel token; pick the step's conditioning from the prompt schedule; build the
+classifier-free-guidance batch [uncond, cond_1..cond_k] (AND parts); ask every UNet-input provider (hook) for
+extra UNet inputs (e.g. ControlNet residuals); run the UNet; combine with guidance (composable weights);
+let CFG hooks adjust the result; take a scheduler step; for inpainting with a normal model, put the known
+region back (noised to the next level); report progress with the predicted clean latents for previews.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from ..progress import CancelToken, Interrupted
+
+
+@dataclass
+class StepState:
+    """What hooks see at one step. `x_in` is the scaled UNet input batch laid out as `rows` groups of the
+    image batch: group 0 is the unconditional half when `has_uncond`, then one group per AND part."""
+
+    index: int  # 0-based step index
+    total: int  # steps in this run
+    timestep: torch.Tensor
+    x_in: torch.Tensor
+    encoder_hidden_states: torch.Tensor
+    added_cond_kwargs: dict[str, torch.Tensor] | None
+    batch_size: int
+    has_uncond: bool
+    cond_weights: list[float]
+
+    @property
+    def fraction(self) -> float:
+        """Progress through the run, 0 at the first step, approaching 1 at the last."""
+        return self.index / max(1, self.total)
+
+
+class UNetInputProvider(Protocol):
+    """A hook that adds UNet inputs for one step (e.g. ControlNet residuals). Returns a dict of UNet keyword
+    arguments (`down_block_additional_residuals`, `mid_block_additional_residual`, ...) or None to skip."""
+
+    def __call__(self, state: StepState) -> dict[str, Any] | None: ...
+
+
+#: A CFG hook: (state, uncond prediction or None, per-part cond predictions, guided prediction) -> guided.
+CfgHook = Callable[[StepState, torch.Tensor | None, list[torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Hooks:
+    """Extension points of the loop. Providers' residual outputs are summed when several are active."""
+
+    unet_inputs: list[UNetInputProvider] = field(default_factory=list)
+    cfg: list[CfgHook] = field(default_factory=list)
+
+
+def _merge_unet_kwargs(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if v is None:
+            continue
+        if k not in base or base[k] is None:
+            base[k] = v
+        elif k == "down_block_additional_residuals":
+            base[k] = tuple(a + b for a, b in zip(base[k], v, strict=True))
+        elif k == "mid_block_additional_residual":
+            base[k] = base[k] + v
+        else:
+            base[k] = v
+
+
+@dataclass
+class InpaintBlend:
+    """Known-region handling for inpainting with a normal (4-channel) model: after each step, the unmasked
+    region is replaced by the init latents noised to the next step's level. `mask` is (B,1,h,w), 1 = repaint."""
+
+    init_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class LoopInputs:
+    """Everything one denoising run needs. `latents` are already noised to `timesteps[0]`'s level.
+    `conditioning(step_index)` returns (uncond or None, [(cond, weight), ...]) as Conditioning objects.
+    `unet_concat` (B,C',h,w) is concatenated to the UNet input (9-channel inpainting models)."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: Any
+    conditioning: Callable[[int], tuple[Any, list[tuple[Any, float]]]]
+    cfg_scale: float
+    generators: list[torch.Generator] | None = None
+    added_cond_kwargs: Callable[[torch.Tensor | None, list[torch.Tensor]], dict] | None = None
+    unet_concat: torch.Tensor | None = None
+    inpaint: InpaintBlend | None = None
+
+
+@dataclass
+class LoopResult:
+    latents: torch.Tensor  # final latents, or the latest predicted clean latents when stopped early
+    steps_done: int
+    stopped: Interrupted | None = None
+
+
+def denoise(
+    unet,
+    inputs: LoopInputs,
+    *,
+    hooks: Hooks | None = None,
+    cancel: CancelToken | None = None,
+    on_step: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> LoopResult:
+    """Run the loop. `on_step(step_done, total, predicted_clean_latents)` is called after every step."""
+    hooks = hooks or Hooks()
+    sched = inputs.scheduler
+    latents = inputs.latents
+    total = len(inputs.timesteps)
+    b = latents.shape[0]
+    denoised = latents
+    dtype = next(unet.parameters()).dtype
+    step_kwargs: dict[str, Any] = {}
+    if "generator" in inspect.signature(sched.step).parameters:
+        step_kwargs["generator"] = inputs.generators
+    for i, t in enumerate(inputs.timesteps):
+        if cancel is not None:
+            try:
+                cancel.check()
+            except Interrupted as stop:
+                return LoopResult(denoised, i, stop)
+        uncond, conds = inputs.conditioning(i)
+        use_uncond = uncond is not None and inputs.cfg_scale != 1.0
+        groups = ([uncond] if use_uncond else []) + [c for c, _ in conds]
+        weights = [w for _, w in conds]
+        x = sched.scale_model_input(latents, t)
+        if inputs.unet_concat is not None:
+            x = torch.cat([x, inputs.unet_concat.to(x)], dim=1)
+        x_in = torch.cat([x] * len(groups)).to(dtype)
+        ctx = torch.cat([g.embeds.expand(b, -1, -1) for g in groups]).to(dtype)
+        added = None
+        if inputs.added_cond_kwargs is not None:
+            pooled = [g.pooled for g in groups]
+            added = inputs.added_cond_kwargs(None, pooled)
+            added = {k: v.repeat_interleave(b, dim=0).to(dtype) for k, v in added.items()}
+        state = StepState(i, total, t, x_in, ctx, added, b, use_uncond, weights)
+        kwargs: dict[str, Any] = {}
+        for provider in hooks.unet_inputs:
+            extra = provider(state)
+            if extra:
+                _merge_unet_kwargs(kwargs, extra)
+        out = unet(x_in, t, encoder_hidden_states=ctx, added_cond_kwargs=added, **kwargs).sample.float()
+        parts = list(out.chunk(len(groups)))
+        u = parts.pop(0) if use_uncond else None
+        if u is None:
+            guided = sum(w * p for w, p in zip(weights, parts, strict=True)) / max(sum(weights), 1e-8)
+        else:
+            guided = u + inputs.cfg_scale * sum(w * (p - u) for w, p in zip(weights, parts, strict=True))
+        for hook in hooks.cfg:
+            guided = hook(state, u, parts, guided)
+        step_out = sched.step(guided, t, latents, return_dict=True, **step_kwargs)
+        latents = step_out.prev_sample
+        pred = getattr(step_out, "pred_original_sample", None)
+        denoised = pred if pred is not None else latents
+        if inputs.inpaint is not None:
+            latents = _blend_known(sched, inputs.inpaint, latents, inputs.timesteps, i)
+            denoised = inputs.inpaint.init_latents * (1 - inputs.inpaint.mask) + denoised * inputs.inpaint.mask
+        if on_step is not None:
+            on_step(i + 1, total, denoised)
+    return LoopResult(latents, total)
+
+
+def _blend_known(sched, blend: InpaintBlend, latents, timesteps, i) -> torch.Tensor:
+    if i + 1 < len(timesteps):
+        t_next = timesteps[i + 1 : i + 2]
+        known = sched.add_noise(blend.init_latents, blend.noise, t_next)
+    else:
+        known = blend.init_latents
+    return known * (1 - blend.mask) + latents * blend.mask

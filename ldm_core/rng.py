@@ -1,0 +1,107 @@
+"""Seeds and noise. Initial noise is drawn on the CPU in fp32 by default, one generator per image seeded
+with that image's seed, so a seed gives the same image on any device and regardless of batch size.
+
+Variation seeds blend the base noise with the variation seed's noise by spherical interpolation (slerp);
+"resize seed from WxH" draws the noise at the old latent size and places it in the middle of the new one,
+so a composition found at one size survives a change of size.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+MAX_SEED = 2**32 - 1
+
+
+def resolve_seed(seed: int) -> int:
+    """-1 (or any negative) means a fresh random seed; others pass through, reduced to 32 bits."""
+    if seed is None or seed < 0:
+        return random.SystemRandom().randrange(0, MAX_SEED)
+    return int(seed) & MAX_SEED
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors of the same shape; t=0 gives a, t=1 gives b."""
+    if t <= 0:
+        return a
+    if t >= 1:
+        return b
+    af, bf = a.flatten(), b.flatten()
+    dot = (af / af.norm()).dot(bf / bf.norm()).clamp(-1.0, 1.0)
+    omega = torch.acos(dot)
+    if omega.abs() < 1e-4:
+        return (1 - t) * a + t * b
+    so = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
+
+
+def _randn(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Generator]:
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float32), g
+
+
+def _paste_center(src: torch.Tensor, shape: tuple[int, ...], base: torch.Tensor) -> torch.Tensor:
+    """Place `src` (C,h,w) in the centre of `base` (C,H,W), cropping or leaving base values around it."""
+    out = base.clone()
+    _, h, w = src.shape
+    _, H, W = shape
+    dy, dx = (H - h) // 2, (W - w) // 2
+    ty, tx = max(dy, 0), max(dx, 0)
+    sy, sx = max(-dy, 0), max(-dx, 0)
+    hh, ww = min(h, H), min(w, W)
+    out[:, ty : ty + hh, tx : tx + ww] = src[:, sy : sy + hh, sx : sx + ww]
+    return out
+
+
+def image_noise(
+    shape: tuple[int, int, int],
+    seed: int,
+    *,
+    subseed: int | None = None,
+    subseed_strength: float = 0.0,
+    resize_from: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, torch.Generator]:
+    """Noise (C,H,W) for one image, and the CPU generator to continue for the sampler's own noise.
+
+    `resize_from` is the (C,h,w) latent shape the seed was first used at (from "resize seed from").
+    """
+    if resize_from:
+        base, gen = _randn(shape, seed)
+        small, _ = _randn((shape[0], *resize_from), seed)
+        noise = _paste_center(small, shape, base)
+    else:
+        noise, gen = _randn(shape, seed)
+    if subseed is not None and subseed_strength > 0:
+        if resize_from:
+            sbase, _ = _randn(shape, subseed)
+            ssmall, _ = _randn((shape[0], *resize_from), subseed)
+            sub = _paste_center(ssmall, shape, sbase)
+        else:
+            sub, _ = _randn(shape, subseed)
+        noise = slerp(subseed_strength, noise, sub)
+    return noise, gen
+
+
+def batch_noise(
+    shape: tuple[int, int, int],
+    seeds: list[int],
+    *,
+    subseeds: list[int] | None = None,
+    subseed_strength: float = 0.0,
+    resize_from: tuple[int, int] | None = None,
+) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """Stacked noise (B,C,H,W) for a batch, one seed per image, and one step generator per image."""
+    noises, gens = [], []
+    for i, s in enumerate(seeds):
+        n, g = image_noise(
+            shape,
+            s,
+            subseed=subseeds[i] if subseeds else None,
+            subseed_strength=subseed_strength,
+            resize_from=resize_from,
+        )
+        noises.append(n)
+        gens.append(g)
+    return torch.stack(noises), gens

@@ -1,0 +1,59 @@
+"""The service: the engine plus its job queue, as the web UI, the REST API and the CLI see them.
+
+Every piece of GPU work (generation, model switch, upscale) goes through the one queue, so the UI and the API
+share queue positions, progress, interrupt and skip. Both clients call these methods with the same request
+objects and parameter names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from .config import EngineConfig
+from .engine import Engine, GenerationResult
+from .jobs import Job, JobQueue
+from .progress import JobContext
+from .requests import GenerationRequest
+
+
+class Service:
+    """One engine and one queue. Construct once per process (webui.py does)."""
+
+    def __init__(self, config: EngineConfig, *, engine: Engine | None = None, max_queued: int = 64):
+        self.engine = engine or Engine(config)
+        self.queue = JobQueue(max_queued=max_queued)
+
+    @property
+    def config(self) -> EngineConfig:
+        return self.engine.config
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a generation; returns at once. `job.result` is a GenerationResult when `job.state == 'done'`."""
+        return self.queue.submit(lambda ctx: self.engine.generate(request, ctx), kind=request.mode, request=request)
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Queue a generation and wait for it; re-raises the job's error."""
+        job = self.submit(request)
+        job.wait(timeout)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def run_task(self, fn: Callable[[JobContext], Any], kind: str = "task") -> Any:
+        """Run other device work (model switch, upscale) in queue order and wait for it."""
+        return self.queue.call(fn, kind=kind)
+
+    def switch_model(self, name: str) -> str:
+        """Load checkpoint `name` (through the queue); returns its title."""
+        model = self.run_task(lambda ctx: self.engine.load_checkpoint(name), kind="load-model")
+        return model.entry.title
+
+    def interrupt(self) -> bool:
+        return self.queue.interrupt_current()
+
+    def skip(self) -> bool:
+        return self.queue.skip_current()
+
+    def shutdown(self) -> None:
+        self.queue.shutdown()

@@ -1,0 +1,279 @@
+"""The engine end to end on tiny random-weight models: every family in both file layouts, every sampler,
+seeds, variation seeds, interrupt/skip, img2img, inpaint (normal and 9-channel models), outputs, bad input, and
+an exact match against the plain diffusers pipeline."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_core.config import EngineConfig
+from ldm_core.engine import Engine
+from ldm_core.outputs import read_image_info
+from ldm_core.progress import JobContext
+from ldm_core.requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+
+SIZE = 64
+
+
+def make_engine(tmp: Path, models: dict[str, Path], **over) -> Engine:
+    """An engine whose checkpoint folder holds exactly `models` (name -> diffusers folder or file)."""
+    ckpt = tmp / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    for name, src in models.items():
+        dst = ckpt / (name + (src.suffix if src.is_file() else ""))
+        if not dst.exists():
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            else:
+                shutil.copy(src, dst)
+    cfg = EngineConfig.from_data_dir(tmp, builtin_model_dir=None, **over)
+    return Engine(cfg)
+
+
+def arr(im: Image.Image) -> np.ndarray:
+    return np.asarray(im).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def sd1_engine(tmp_path_factory, tiny_models):
+    tmp = tmp_path_factory.mktemp("eng")
+    return make_engine(tmp, {"tiny-sd1": tiny_models["sd1"]["diffusers"]})
+
+
+def req(**kw):
+    base = dict(prompt="a red circle", negative_prompt="blue", steps=3, width=SIZE, height=SIZE, seed=11,
+                sampler_name="Euler a", save_images=False)
+    base.update(kw)
+    return GenerationRequest.build(**base)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1_inpaint", "sd2_v", "sdxl"])
+@pytest.mark.parametrize("layout", ["diffusers", "single_file"])
+def test_every_family_and_layout_generates(tmp_path, tiny_models, family, layout):
+    engine = make_engine(tmp_path, {f"m-{family}": tiny_models[family][layout]})
+    res = engine.generate(req(steps=2))
+    assert len(res.images) == 1 and res.images[0].size == (SIZE, SIZE)
+    assert np.asarray(res.images[0]).std() > 0
+    model = engine.current_model
+    assert model.kind.family == family.split("_")[0]
+    assert "Model hash: " + model.sha256[:10] in res.infotexts[0]
+
+
+def test_both_layouts_give_the_same_image(tmp_path, tiny_models):
+    e1 = make_engine(tmp_path / "a", {"a": tiny_models["sd1"]["diffusers"]})
+    e2 = make_engine(tmp_path / "b", {"b": tiny_models["sd1"]["single_file"]})
+    a = e1.generate(req()).images[0]
+    b = e2.generate(req()).images[0]
+    assert np.abs(arr(a) - arr(b)).max() <= 1
+
+
+def test_every_sampler_runs(sd1_engine):
+    names = sd1_engine.samplers.names()
+    assert len(names) >= 10
+    for name in names:
+        res = sd1_engine.generate(req(sampler_name=name, steps=4))
+        a = np.asarray(res.images[0])
+        assert a.shape == (SIZE, SIZE, 3), name
+        assert np.isfinite(a).all(), name
+        assert f"Sampler: {name}" in res.infotexts[0]
+
+
+def test_seeds_reproducible_and_distinct(sd1_engine):
+    a = sd1_engine.generate(req(seed=5)).images[0]
+    b = sd1_engine.generate(req(seed=5)).images[0]
+    c = sd1_engine.generate(req(seed=6)).images[0]
+    assert np.array_equal(arr(a), arr(b))
+    assert not np.array_equal(arr(a), arr(c))
+
+
+def test_batch_seeds_are_seed_plus_i_and_match_single(sd1_engine):
+    res = sd1_engine.generate(req(seed=20, batch_size=2, n_iter=2))
+    assert res.seeds == [20, 21, 22, 23]
+    single = sd1_engine.generate(req(seed=22)).images[0]
+    assert np.abs(arr(res.images[2]) - arr(single)).max() <= 1
+
+
+def test_variation_seed(sd1_engine):
+    base = sd1_engine.generate(req(seed=5)).images[0]
+    zero = sd1_engine.generate(req(seed=5, subseed=99, subseed_strength=0.0)).images[0]
+    half = sd1_engine.generate(req(seed=5, subseed=99, subseed_strength=0.5))
+    assert np.array_equal(arr(base), arr(zero))
+    assert not np.array_equal(arr(base), arr(half.images[0]))
+    assert "Variation seed: 99" in half.infotexts[0]
+
+
+def test_random_seed_is_resolved_and_recorded(sd1_engine):
+    res = sd1_engine.generate(req(seed=-1))
+    assert res.seeds[0] >= 0
+    assert f"Seed: {res.seeds[0]}" in res.infotexts[0]
+
+
+def test_resize_seed_from(sd1_engine):
+    res = sd1_engine.generate(req(seed=3, seed_resize_from_w=48, seed_resize_from_h=48))
+    assert "Seed resize from: 48x48" in res.infotexts[0]
+
+
+def test_interrupt_returns_partial_image(sd1_engine):
+    ctx = JobContext()
+    t = _when_step(ctx, 2, ctx.cancel.interrupt)
+    res = sd1_engine.generate(req(steps=60, n_iter=3), ctx)
+    t.join()
+    assert res.interrupted
+    assert len(res.images) == 1  # the partial image of the first batch, decoded
+    assert ctx.progress.snapshot().job_no == 3 or ctx.progress.snapshot().interrupted
+
+
+def _when_step(ctx, step, action):
+    def watch():
+        for _ in range(4000):
+            s = ctx.progress.snapshot()
+            if s.job_no == 0 and s.step >= step:
+                action()
+                return
+            threading.Event().wait(0.002)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    return t
+
+
+def test_skip_moves_to_next_batch(sd1_engine):
+    ctx = JobContext()
+    t = _when_step(ctx, 1, ctx.cancel.skip)
+    res = sd1_engine.generate(req(steps=40, n_iter=2), ctx)
+    t.join()
+    assert not res.interrupted
+    assert res.skipped_batches == 1
+    assert len(res.images) == 2  # the partial first image and the complete second one
+
+
+def test_img2img_strength(sd1_engine):
+    init = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
+    low = sd1_engine.generate(Img2ImgRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init],
+                                                     "denoising_strength": 0.0}))
+    assert "Denoising strength: 0" in low.infotexts[0]
+    high = sd1_engine.generate(Img2ImgRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init],
+                                                      "denoising_strength": 0.9}))
+    # strength 0 keeps the image (through the VAE round trip), 0.9 changes it more
+    d_low = np.abs(arr(low.images[0]) - arr(init)).mean()
+    d_high = np.abs(arr(high.images[0]) - arr(init)).mean()
+    assert d_low < d_high
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd1_inpaint"])
+@pytest.mark.parametrize("fill", ["fill", "original", "latent noise", "latent nothing"])
+def test_inpaint_keeps_unmasked_pixels(tmp_path, tiny_models, family, fill):
+    engine = make_engine(tmp_path, {family: tiny_models[family]["diffusers"]})
+    rng = np.random.default_rng(0)
+    init = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    r = InpaintRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init], "mask": mask,
+                                "mask_blur": 0, "inpainting_fill": fill, "denoising_strength": 1.0})
+    out = engine.generate(r).images[0]
+    a, b = arr(out), arr(init)
+    assert np.array_equal(a[:8], b[:8])  # far from the mask: untouched
+    assert np.abs(a[20:44, 20:44] - b[20:44, 20:44]).mean() > 5  # inside: repainted
+
+
+def test_inpaint_only_masked(sd1_engine):
+    init = Image.new("RGB", (128, 96), (10, 120, 200))
+    mask = Image.new("L", (128, 96), 0)
+    mask.paste(255, (90, 60, 110, 80))
+    r = InpaintRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init], "mask": mask,
+                                "inpaint_full_res": True, "inpaint_full_res_padding": 8})
+    res = sd1_engine.generate(r)
+    assert res.images[0].size == (128, 96)
+    assert np.array_equal(arr(res.images[0])[:40, :60], arr(init)[:40, :60])
+    assert "Inpaint area: Only masked" in res.infotexts[0]
+
+
+def test_outputs_saved_with_infotext_and_manifest(tmp_path, tiny_models):
+    engine = make_engine(tmp_path, {"tiny": tiny_models["sd1"]["diffusers"]})
+    res = engine.generate(req(save_images=True, seed=42, batch_size=2))
+    assert len(res.paths) == 2
+    for p, text in zip(res.paths, res.infotexts, strict=True):
+        assert p.exists() and p.parent.parent.name == "txt2img"
+        assert p.name.endswith(".png")
+        params, manifest, _ = read_image_info(Image.open(p))
+        assert params == text
+        assert manifest["model"]["sha256"] == engine.current_model.sha256
+        assert manifest["attention"] == engine.attention_choice.name
+        assert manifest["dtype"] == "float32" and manifest["device"] == "cpu"
+    again = engine.generate(req(save_images=True, seed=42))
+    assert again.paths[0] not in res.paths  # never overwrites
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"width": 65}, "width"),
+        ({"width": 4096}, "width"),
+        ({"steps": 0}, "steps"),
+        ({"steps": 1000}, "steps"),
+        ({"cfg_scale": -1}, "cfg_scale"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"subseed_strength": 2}, "subseed_strength"),
+    ],
+)
+def test_bad_values_name_the_field(kw, field):
+    with pytest.raises(RequestError) as exc:
+        req(**kw)
+    assert exc.value.field == field
+    assert field in str(exc.value)
+
+
+def test_unknown_sampler_and_model_list_choices(sd1_engine):
+    with pytest.raises(RequestError) as exc:
+        sd1_engine.generate(req(sampler_name="No Such Sampler"))
+    assert exc.value.field == "sampler_name" and "Euler a" in exc.value.message
+    with pytest.raises(RequestError) as exc:
+        sd1_engine.generate(req(model="nope"))
+    assert exc.value.field == "model" and "tiny-sd1" in exc.value.message
+
+
+def test_mask_size_mismatch_names_mask():
+    init = Image.new("RGB", (64, 64))
+    with pytest.raises(RequestError) as exc:
+        InpaintRequest.build(prompt="x", init_images=[init], mask=Image.new("L", (32, 32)))
+    assert exc.value.field == "mask"
+
+
+def test_legacy_sampler_alias(sd1_engine):
+    res = sd1_engine.generate(req(sampler_name="DPM++ 2M Karras"))
+    assert "Sampler: DPM++ 2M" in res.infotexts[0] and "Schedule type: Karras" in res.infotexts[0]
+
+
+def test_matches_plain_diffusers_pipeline(tmp_path, tiny_models):
+    """Same model, sampler, steps, seed and prompt: the engine's txt2img equals diffusers' own pipeline."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = tiny_models["sd1"]["diffusers"]
+    engine = make_engine(tmp_path, {"tiny": folder})
+    r = req(sampler_name="Euler", steps=5, cfg_scale=6.0)
+    ours = engine.generate(r).images[0]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = engine.samplers.create("Euler", "Automatic", dict(engine.current_model.scheduler_config))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(r.prompt, negative_prompt=r.negative_prompt, num_inference_steps=5, guidance_scale=6.0,
+                  width=SIZE, height=SIZE, generator=torch.Generator("cpu").manual_seed(11)).images[0]
+    assert np.abs(arr(ours) - arr(theirs)).max() <= 2
+
+
+def test_no_network_during_load_and_generation(tmp_path, tiny_models, monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    engine = make_engine(tmp_path, {"x": tiny_models["sdxl"]["single_file"]})
+    engine.generate(req(steps=2))
