@@ -1,0 +1,1 @@
+"""Prompts: the A1111 prompt language (parser), styles, and (next to them) the text encoding."""
