@@ -1,0 +1,274 @@
+"""The model registry: scans the checkpoint and VAE folders and finds models by the names users type.
+
+Names follow A1111 so infotexts, API clients and habits carry over:
+
+- checkpoint `filename`: path relative to its folder, with extension ("sub/model.safetensors");
+  `name` (infotext "Model", A1111's model_name): the same without extension ("sub/model");
+  `title` (UI/API choice): `filename [short hash]` once the hash is known, else `filename`.
+- VAE `name` and `title`: the file name with extension ("vae-ft-mse-840000-ema-pruned.safetensors").
+- diffusers folders (a `model_index.json` inside; for VAEs a `config.json` of an AutoencoderKL) use the
+  folder's relative path for all three.
+
+Hashes are SHA-256 of the file (A1111 "Model hash" = first 10 hex digits), computed lazily and cached in
+the registry's `HashCache`; a diffusers folder's hash covers all its weights files (`folder_sha256`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .hashes import HashCache, file_sha256, folder_sha256, short_hash
+from .loading import LoadedModel, load_model, load_vae  # re-exported: the registry's loaders
+
+__all__ = ["ModelEntry", "ModelRegistry", "UnknownModelError", "LoadedModel", "load_model", "load_vae"]
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+_HASH_RE = re.compile(r"^[0-9a-fA-F]{8,64}$")
+_TITLE_HASH_RE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
+
+
+class UnknownModelError(KeyError):
+    """No model matches a name; the message lists the valid choices."""
+
+    def __init__(self, kind: str, query: str, choices: list[str]) -> None:
+        self.kind, self.query, self.choices = kind, query, choices
+        if choices:
+            msg = f"unknown {kind} {query!r}; choose one of: {', '.join(choices)}"
+        else:
+            msg = f"unknown {kind} {query!r}: no {kind}s were found"
+        super().__init__(msg)
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One checkpoint or VAE found on disk. `format` is "diffusers" (a folder) or "single_file";
+    `builtin` marks the model that ships with the project."""
+
+    name: str
+    filename: str
+    path: Path
+    format: Literal["diffusers", "single_file"]
+    builtin: bool = False
+    role: Literal["checkpoint", "vae"] = "checkpoint"
+    hashes: HashCache | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | os.PathLike,
+        *,
+        role: Literal["checkpoint", "vae"] = "checkpoint",
+        hashes: HashCache | None = None,
+    ) -> ModelEntry:
+        """An entry for a file or diffusers folder outside any registry (e.g. `--ckpt FILE`)."""
+        p = Path(path)
+        fmt: Literal["diffusers", "single_file"] = "diffusers" if p.is_dir() else "single_file"
+        if role == "vae" or fmt == "diffusers":
+            return cls(p.name, p.name, p, fmt, role=role, hashes=hashes)
+        return cls(p.stem, p.name, p, fmt, role=role, hashes=hashes)
+
+    def cached_sha256(self) -> str | None:
+        """The SHA-256 if already computed (never hashes)."""
+        if self.hashes is None or self.format == "diffusers":
+            return None
+        return self.hashes.cached(self.path)
+
+    @property
+    def sha256(self) -> str:
+        """Full hex SHA-256 of the file (or of a diffusers folder's weights), computed once and cached."""
+        if self.format == "diffusers":
+            return folder_sha256(self.path, self.hashes)
+        return file_sha256(self.path, self.hashes)
+
+    @property
+    def short_hash(self) -> str:
+        """A1111's "Model hash" / "VAE hash": the first 10 hex digits of `sha256`."""
+        return short_hash(self.sha256)
+
+    @property
+    def title(self) -> str:
+        """The label in model lists: `filename [short hash]` for checkpoints whose hash is known."""
+        if self.role == "vae":
+            return self.name
+        known = self.cached_sha256()
+        return f"{self.filename} [{short_hash(known)}]" if known else self.filename
+
+
+def _is_diffusers_vae(folder: Path) -> bool:
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("_class_name") == "AutoencoderKL"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _scan(
+    root: Path, suffixes: tuple[str, ...], role: Literal["checkpoint", "vae"], hashes: HashCache
+) -> list[ModelEntry]:
+    """Entries under `root`, recursively; a diffusers folder is one entry and is not descended into."""
+    out: list[ModelEntry] = []
+    if not root.is_dir():
+        return out
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        d = Path(dirpath)
+        real = os.path.realpath(d)
+        if real in seen:  # symlink loop
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith("."))
+        keep = []
+        for n in dirnames:
+            sub = d / n
+            rel = sub.relative_to(root).as_posix()
+            if (sub / "model_index.json").is_file() and role == "checkpoint":
+                out.append(ModelEntry(rel, rel, sub, "diffusers", role=role, hashes=hashes))
+            elif role == "vae" and (_is_diffusers_vae(sub) or _is_diffusers_vae(sub / "vae")):
+                out.append(ModelEntry(rel, rel, sub, "diffusers", role=role, hashes=hashes))
+            else:
+                keep.append(n)
+        dirnames[:] = keep
+        for n in sorted(filenames):
+            p = d / n
+            if n.startswith(".") or p.suffix.lower() not in suffixes:
+                continue
+            rel = p.relative_to(root).as_posix()
+            name = n if role == "vae" else rel[: -len(p.suffix)]
+            out.append(ModelEntry(name, rel, p, "single_file", role=role, hashes=hashes))
+    return out
+
+
+def _as_paths(dirs: str | os.PathLike | Iterable[str | os.PathLike] | None) -> tuple[Path, ...]:
+    if dirs is None:
+        return ()
+    if isinstance(dirs, (str, os.PathLike)):
+        return (Path(dirs),)
+    return tuple(Path(d) for d in dirs)
+
+
+class ModelRegistry:
+    """Checkpoints and VAEs found in the configured folders, plus the built-in model.
+
+    `ckpt_dirs` / `vae_dirs`: one folder or several (scanned recursively, in order; the first of two
+    equal names wins). `builtin_dir`: the project's own diffusers folder, listed last and used when no
+    other checkpoint exists. `hash_cache`: where digests are cached (in memory if None).
+    """
+
+    def __init__(
+        self,
+        ckpt_dirs: str | os.PathLike | Iterable[str | os.PathLike] | None,
+        vae_dirs: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+        builtin_dir: str | os.PathLike | None = None,
+        *,
+        hash_cache: HashCache | None = None,
+    ) -> None:
+        self.ckpt_dirs = _as_paths(ckpt_dirs)
+        self.vae_dirs = _as_paths(vae_dirs)
+        self.builtin_dir = Path(builtin_dir) if builtin_dir is not None else None
+        self.hashes = hash_cache if hash_cache is not None else HashCache()
+        self._lock = threading.Lock()
+        self._checkpoints: list[ModelEntry] = []
+        self._vaes: list[ModelEntry] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rescan the folders (cheap: no file is read or hashed)."""
+        ckpts = self._dedupe(
+            e for d in self.ckpt_dirs for e in _scan(d, CHECKPOINT_SUFFIXES, "checkpoint", self.hashes)
+        )
+        ckpts.sort(key=lambda e: e.filename.lower())
+        b = self.builtin_dir
+        if b is not None and (b / "model_index.json").is_file():
+            ckpts.append(ModelEntry(b.name, b.name, b, "diffusers", builtin=True, hashes=self.hashes))
+        vaes = self._dedupe(e for d in self.vae_dirs for e in _scan(d, VAE_SUFFIXES, "vae", self.hashes))
+        vaes.sort(key=lambda e: e.filename.lower())
+        with self._lock:
+            self._checkpoints, self._vaes = ckpts, vaes
+
+    @staticmethod
+    def _dedupe(entries: Iterable[ModelEntry]) -> list[ModelEntry]:
+        out: dict[str, ModelEntry] = {}
+        for e in entries:
+            out.setdefault(e.filename, e)
+        return list(out.values())
+
+    def checkpoints(self) -> list[ModelEntry]:
+        """Diffusers folders and .safetensors/.ckpt files, sorted by file name; the built-in model last."""
+        with self._lock:
+            return list(self._checkpoints)
+
+    def vaes(self) -> list[ModelEntry]:
+        """VAE files (.safetensors, .pt, .ckpt, ...) and diffusers VAE folders, sorted by name."""
+        with self._lock:
+            return list(self._vaes)
+
+    def default_checkpoint(self) -> ModelEntry | None:
+        """The first user checkpoint, else the built-in model, else None."""
+        entries = self.checkpoints()
+        user = [e for e in entries if not e.builtin]
+        return (user or entries or [None])[0]
+
+    def find_checkpoint(self, name: str) -> ModelEntry:
+        """Find a checkpoint by title, file name, name (with or without extension, or just the file's own
+        name when unique) or hash (short or full SHA-256). Raises `UnknownModelError` listing titles."""
+        return _find(self.checkpoints(), name, "model")
+
+    def find_vae(self, name: str) -> ModelEntry:
+        """Find a VAE like `find_checkpoint`. Raises `UnknownModelError` listing VAE names."""
+        return _find(self.vaes(), name, "VAE")
+
+    def find_path(self, path: str | os.PathLike) -> ModelEntry | None:
+        """The entry whose file or folder is `path`, if any."""
+        target = os.path.realpath(path)
+        return next((e for e in self.checkpoints() + self.vaes() if os.path.realpath(e.path) == target), None)
+
+
+def _stem(e: ModelEntry) -> str:
+    """Relative path without the file extension (folders unchanged)."""
+    return e.filename[: -len(e.path.suffix)] if e.format == "single_file" and e.path.suffix else e.filename
+
+
+def _find(entries: list[ModelEntry], query: str, kind: str) -> ModelEntry:
+    q = str(query).strip().replace("\\", "/")
+    m = _TITLE_HASH_RE.match(q)
+    base, bracket_hash = (m.group(1), m.group(2).lower()) if m else (q, None)
+    for key in (lambda e: e.title, lambda e: e.filename, lambda e: e.name):
+        hit = [e for e in entries if key(e) == q or key(e) == base]
+        if hit:
+            return hit[0]
+    lowered = base.lower()
+    for key in (
+        lambda e: e.filename.lower(),
+        lambda e: e.name.lower(),
+        lambda e: _stem(e).lower(),
+        lambda e: Path(e.filename).name.lower(),
+        lambda e: Path(_stem(e)).name.lower(),
+    ):
+        hit = [e for e in entries if key(e) == lowered]
+        if len(hit) == 1:
+            return hit[0]
+    digest = bracket_hash or (q.lower() if _HASH_RE.match(q) else None)
+    if digest:
+        # known hashes first; then hash the rest (slow for big files, but the user asked for a hash)
+        for e in entries:
+            known = e.cached_sha256()
+            if known and known.startswith(digest):
+                return e
+        for e in entries:
+            if e.cached_sha256() is None and e.sha256.startswith(digest):
+                return e
+    raise UnknownModelError(kind, str(query), [e.title for e in entries])

@@ -1,0 +1,64 @@
+"""Shared pytest fixtures: offline switches, tiny random-weight models in both file layouts, and an
+A1111-style data folder holding them.
+
+- `tiny_models`: name -> {"diffusers": folder, "single_file": .safetensors in the original key layout} for
+  "sd1", "sd1_inpaint", "sd2_v" (v-prediction) and "sdxl" (see tests/tiny_models.py). Session-scoped and
+  shared: treat the files as read-only (copy them to change them).
+- `models_dir`: a data dir with `models/Stable-diffusion/` (the four single files, `tiny-sd1-diffusers/`
+  and `sub/tiny-sd1-copy.safetensors`), `models/VAE/tiny-vae.safetensors` (a differently seeded SD1 VAE in
+  the original layout) and an empty `models/Lora/`. Read-only too.
+"""
+
+from __future__ import annotations
+
+import os
+
+# before anything imports huggingface_hub / transformers / diffusers: never reach the network
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "DIFFUSERS_OFFLINE"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from tiny_models import build_all, build_tiny_vae  # noqa: E402
+
+#: File names of the tiny single files inside `models_dir`'s models/Stable-diffusion.
+MODELS_DIR_FILES = {
+    "sd1": "tiny-sd1.safetensors",
+    "sd1_inpaint": "tiny-sd1-inpaint.safetensors",
+    "sd2_v": "tiny-sd2-v.safetensors",
+    "sdxl": "tiny-sdxl.safetensors",
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Tiny SD1, SD1-inpaint, SD2 (v) and SDXL models, each as a diffusers folder and as a single file."""
+    return build_all(tmp_path_factory.mktemp("tiny_models"))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst)
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory, tiny_models) -> Path:
+    """A data dir in the A1111 layout holding the tiny models (see the module docstring)."""
+    root = tmp_path_factory.mktemp("data")
+    ckpt = root / "models" / "Stable-diffusion"
+    for name, filename in MODELS_DIR_FILES.items():
+        _link_or_copy(tiny_models[name]["single_file"], ckpt / filename)
+    _link_or_copy(tiny_models["sd1"]["diffusers"], ckpt / "tiny-sd1-diffusers")
+    _link_or_copy(tiny_models["sd1"]["single_file"], ckpt / "sub" / "tiny-sd1-copy.safetensors")
+    build_tiny_vae(root / "models" / "VAE" / "tiny-vae.safetensors")
+    (root / "models" / "Lora").mkdir(parents=True, exist_ok=True)
+    return root

@@ -1,0 +1,173 @@
+"""Tiny random-weight SD-family models for tests, built from the shipped family configs with small widths.
+
+Each model is saved twice: as a diffusers folder (with tokenizers, scheduler config and model_index.json,
+loadable by diffusers' own pipelines) and as one `.safetensors` file in the original CompVis/Stability key
+layout (written by `ldm_core.models.save_single_file`). Fixed seeds make every build identical.
+
+| name | variant | UNet | text encoders |
+| --- | --- | --- | --- |
+| sd1 | sd1 | 32/64 ch, 2 layers/level, attention on level 0 | CLIP-L style (quick_gelu) |
+| sd1_inpaint | sd1-inpaint | as sd1, 9 input channels | as sd1 |
+| sd2_v | sd2 (v-prediction) | 32/64 ch, linear projection, attention on both levels | OpenCLIP style (gelu) |
+| sdxl | sdxl | 32/64 ch, attention (depth 2) on level 1 only, text_time embedding | CLIP-L + bigG style |
+
+Widths are multiples of 32 so the real `norm_num_groups=32` works; the VAE has 4 levels (8x downscale) like
+the real one. Vocabularies keep the real 49,408 tokens so the shipped tokenizer works. Building all four
+takes a few seconds on a CPU.
+
+Run `python tests/tiny_models.py OUT_DIR` to write them outside pytest (e.g. for a benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ldm_core.models.configs import shipped_config
+from ldm_core.models.loading import load_shipped_tokenizer
+from ldm_core.models.single_file import heads_for_width, save_single_file, unet_attention_heads
+
+#: name -> (config variant, UNet overrides, text-encoder overrides per encoder)
+TINY_SPECS: dict[str, tuple[str, dict, list[dict]]] = {
+    "sd1": (
+        "sd1",
+        dict(
+            block_out_channels=[32, 64],
+            layers_per_block=2,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=32,
+        ),
+        [{}],
+    ),
+    "sd1_inpaint": (
+        "sd1-inpaint",
+        dict(
+            block_out_channels=[32, 64],
+            layers_per_block=2,
+            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+            up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=32,
+        ),
+        [{}],
+    ),
+    "sd2_v": (
+        "sd2",
+        dict(
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            cross_attention_dim=32,
+        ),
+        [{}],
+    ),
+    "sdxl": (
+        "sdxl",
+        dict(
+            block_out_channels=[32, 64],
+            layers_per_block=1,
+            down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+            up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+            transformer_layers_per_block=[1, 2],
+            cross_attention_dim=64,
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=32 + 6 * 8,
+        ),
+        [{}, {"projection_dim": 32}],
+    ),
+}
+TEXT_WIDTH = 32
+VAE_TINY = dict(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
+SEED = 1234
+
+
+def family_of(name: str) -> str:
+    return name.split("_")[0]
+
+
+def tiny_components(name: str, seed: int = SEED) -> dict:
+    """In-memory components of a tiny model: unet, vae, text_encoder(_2), tokenizer(_2), scheduler_config."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    variant, unet_over, te_overs = TINY_SPECS[name]
+    family = family_of(name)
+    unet_cfg = {**shipped_config(variant, "unet"), **unet_over}
+    unet_cfg["attention_head_dim"] = unet_attention_heads(family, unet_cfg["block_out_channels"])
+    torch.manual_seed(seed)
+    comps: dict = {"unet": UNet2DConditionModel.from_config(unet_cfg).eval()}
+    torch.manual_seed(seed + 1)
+    comps["vae"] = AutoencoderKL.from_config({**shipped_config(variant, "vae"), **VAE_TINY}).eval()
+    tok_names = {"sd1": ["clip"], "sd2": ["clip_g"], "sdxl": ["clip", "clip_g"]}[family]
+    for i, over in enumerate(te_overs):
+        key = "text_encoder" if i == 0 else "text_encoder_2"
+        cfg = {
+            **shipped_config(variant, key),
+            "hidden_size": TEXT_WIDTH,
+            "intermediate_size": 2 * TEXT_WIDTH,
+            "num_hidden_layers": 2,
+            "num_attention_heads": heads_for_width(TEXT_WIDTH),
+            **over,
+        }
+        cls = CLIPTextModelWithProjection if key == "text_encoder_2" else CLIPTextModel
+        torch.manual_seed(seed + 2 + i)
+        comps[key] = cls(
+            CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
+        ).eval()
+        comps["tokenizer" if i == 0 else "tokenizer_2"] = load_shipped_tokenizer(tok_names[i])
+    comps["scheduler_config"] = shipped_config(variant, "scheduler")
+    return comps
+
+
+def save_diffusers_folder(comps: dict, variant: str, folder: Path) -> Path:
+    """Write components as a standard diffusers folder (model_index.json, one subfolder per component)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(shipped_config(variant, "model_index"), indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps(comps["scheduler_config"], indent=2)
+    )
+    for key in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        if comps.get(key) is not None:
+            comps[key].save_pretrained(folder / key)
+    return folder
+
+
+def build_tiny_model(name: str, out_dir: Path, seed: int = SEED) -> dict[str, Path]:
+    """Build `name` and save it as `out_dir/name/` (diffusers) and `out_dir/name.safetensors` (original)."""
+    comps = tiny_components(name, seed)
+    variant = TINY_SPECS[name][0]
+    folder = save_diffusers_folder(comps, variant, out_dir / name)
+    single = save_single_file(comps, out_dir / f"{name}.safetensors")
+    return {"diffusers": folder, "single_file": single}
+
+
+def build_tiny_vae(path: Path, seed: int = SEED + 100) -> Path:
+    """A tiny SD1-shaped VAE as a standalone file in the original layout (no `first_stage_model.` prefix),
+    seeded differently from the checkpoints' own VAEs."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    from ldm_core.models.single_file import convert_vae
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL.from_config({**shipped_config("sd1", "vae"), **VAE_TINY})
+    sd = convert_vae(vae.state_dict(), vae.config, to_diffusers=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return path
+
+
+def build_all(out_dir: Path, seed: int = SEED) -> dict[str, dict[str, Path]]:
+    """Every tiny model, name -> {"diffusers": folder, "single_file": file}."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {name: build_tiny_model(name, out_dir, seed) for name in TINY_SPECS}
+
+
+if __name__ == "__main__":
+    for name, paths in build_all(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_models")).items():
+        print(name, paths["diffusers"], paths["single_file"])
