@@ -1,0 +1,83 @@
+"""The REST API: A1111's `/sdapi/v1` (so existing clients work) and the native `/api/v1` jobs API, both thin
+clients of the same `ldm_core.service.Service` and its job queue as the web UI.
+
+`install(app, service, ...)` adds both route families to a FastAPI app (the web UI's, or a bare one from
+`api.server`). Auth, the body size limit and the error mapping apply to these routes only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fastapi
+from fastapi import Depends
+from fastapi.security import HTTPBasic
+
+from . import jobs_api, sdapi
+from .common import ApiContext
+
+__all__ = ["install", "parse_auth"]
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """`user:pass[,user2:pass2]` (the --api-auth flag) -> [(user, pass), ...]; None for empty text.
+    Raises ValueError for an entry without ':'."""
+    if not text or not text.strip():
+        return None
+    pairs = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        user, sep, password = item.partition(":")
+        if not sep or not user:
+            raise ValueError(f"--api-auth entry {item!r} must be user:password")
+        pairs.append((user, password))
+    return pairs or None
+
+
+def install(
+    app: fastapi.FastAPI,
+    service,
+    *,
+    auth: list[tuple[str, str]] | None = None,
+    flags: dict | None = None,
+    max_body_bytes: int = 50 * 2**20,
+) -> None:
+    """Add `/sdapi/v1/*` and `/api/v1/*` to `app`, served by `service` (an `ldm_core.service.Service`).
+
+    `auth`: HTTP Basic credentials required on every API route (None: open). `flags`: the launch flags,
+    returned by `/sdapi/v1/cmd-flags`. `max_body_bytes`: larger request bodies get 413.
+    """
+    ctx = ApiContext(
+        service=service,
+        flags=dict(flags or {}),
+        auth=list(auth) if auth else None,
+        max_body_bytes=int(max_body_bytes),
+    )
+    ctx.options = sdapi.default_options(ctx)
+    try:
+        from ldm_core.prompts.styles import StyleStore
+
+        ctx.styles = StyleStore(Path(service.engine.config.data_dir) / "styles.csv")
+    except ImportError:  # pragma: no cover - styles module missing
+        ctx.styles = None
+    ctx.upscalers = getattr(service.engine, "upscalers", None) or _upscaler_registry(service.engine)
+    # the security scheme only documents Basic auth in OpenAPI; the route class enforces it
+    deps = [Depends(HTTPBasic(auto_error=False))] if ctx.auth else []
+    app.include_router(sdapi.build_router(ctx), dependencies=deps)
+    app.include_router(jobs_api.build_router(ctx), dependencies=deps)
+    app.state.api_context = ctx
+
+
+def _upscaler_registry(engine):
+    """An upscaler registry for the engine's folders and device (until the engine owns one)."""
+    from ldm_core.upscalers import UpscalerRegistry
+
+    cfg = engine.config
+    return UpscalerRegistry(
+        list(cfg.upscaler_dirs),
+        device=engine.policy.device,
+        dtype=engine.policy.dtype,
+        allow_pickle=cfg.allow_pickle,
+    )

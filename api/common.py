@@ -1,0 +1,256 @@
+"""What both API families share: the per-install context, the route class that applies auth, the body size
+limit and the error mapping, blocking work in threads, and job submission with early choice checks.
+
+Errors: bad input (pydantic or `RequestError`) -> 422 `{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`;
+a full queue -> 503; a wrong or missing password -> 401; a body over the limit -> 413; anything unexpected
+-> 500 `{"error": <type>, "detail": <message>}` (logged; the server keeps serving).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import secrets
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+from fastapi import HTTPException, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from ldm_core.jobs import Job, QueueFull
+from ldm_core.requests import GenerationRequest, RequestError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+GENERATION_KINDS = ("txt2img", "img2img", "inpaint")
+
+
+@dataclass
+class ApiContext:
+    """Everything the routes of one `install()` share. `options` are the A1111 settings kept by the API
+    (guarded by `lock`); `limiter` bounds the threads that wait on jobs (separate from FastAPI's pool)."""
+
+    service: Any
+    flags: dict[str, Any] = field(default_factory=dict)
+    auth: list[tuple[str, str]] | None = None
+    max_body_bytes: int = 50 * 2**20
+    options: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    limiter: anyio.CapacityLimiter | None = None
+    upscalers: Any = None  # an ldm_core.upscalers.UpscalerRegistry
+    styles: Any = None  # a StyleStore
+
+    @property
+    def engine(self):
+        return self.service.engine
+
+
+async def in_thread(ctx: ApiContext, fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking `fn(*args)` off the event loop (job waits, model switches, image encoding)."""
+    if ctx.limiter is None:
+        ctx.limiter = anyio.CapacityLimiter(256)
+    return await anyio.to_thread.run_sync(fn, *args, limiter=ctx.limiter, abandon_on_cancel=True)
+
+
+def error_detail(field_path: list[str] | str, message: str, kind: str = "value_error") -> list[dict]:
+    loc = ["body", *([field_path] if isinstance(field_path, str) else field_path)]
+    return [{"loc": loc, "msg": message, "type": kind}]
+
+
+def unprocessable(field_path: list[str] | str, message: str) -> HTTPException:
+    """A 422 naming the field, in FastAPI's validation error shape."""
+    return HTTPException(status_code=422, detail=error_detail(field_path, message))
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = []
+    for err in exc.errors():
+        item = {
+            "loc": list(err.get("loc", ())),
+            "msg": err.get("msg", "invalid"),
+            "type": err.get("type", ""),
+        }
+        got = err.get("input")
+        if got is not None and not isinstance(got, dict | list) and len(repr(got)) <= 80:
+            item["input"] = got
+        if err.get("ctx"):
+            item["ctx"] = {k: str(v) for k, v in err["ctx"].items()}
+        errors.append(item)
+    return JSONResponse(status_code=422, content=jsonable_encoder({"detail": errors}))
+
+
+def _authorized(header: str | None, credentials: list[tuple[str, str]]) -> bool:
+    """HTTP Basic check against every credential pair, in constant time per pair."""
+    if not header or not header[:6].lower() == "basic ":
+        return False
+    try:
+        user, sep, password = (
+            base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
+        )
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return False
+    if not sep:
+        return False
+    ok = False
+    for u, p in credentials:
+        same_user = secrets.compare_digest(user.encode("utf-8"), u.encode("utf-8"))
+        same_pass = secrets.compare_digest(password.encode("utf-8"), p.encode("utf-8"))
+        ok |= same_user & same_pass
+    return ok
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return JSONResponse(
+        status_code=413,
+        content={"error": "RequestTooLarge", "detail": f"request body is larger than {limit} bytes"},
+    )
+
+
+def make_route_class(ctx: ApiContext) -> type[APIRoute]:
+    """An APIRoute that checks auth and the body size before reading the body, and maps errors."""
+
+    class ApiRoute(APIRoute):
+        def get_route_handler(self) -> Callable:
+            inner = super().get_route_handler()
+
+            async def handler(request: Request) -> Response:
+                if ctx.auth and not _authorized(request.headers.get("authorization"), ctx.auth):
+                    return JSONResponse(
+                        status_code=401,
+                        content={"detail": "Incorrect username or password"},
+                        headers={"WWW-Authenticate": "Basic"},
+                    )
+                length = request.headers.get("content-length")
+                if length is not None:
+                    if not length.strip().isdigit():
+                        return JSONResponse(status_code=400, content={"detail": "bad Content-Length"})
+                    if int(length) > ctx.max_body_bytes:
+                        return _too_large(ctx.max_body_bytes)
+                elif request.method in ("POST", "PUT", "PATCH"):
+                    request = Request(request.scope, _counting_receive(request.receive, ctx.max_body_bytes))
+                try:
+                    return await inner(request)
+                except RequestValidationError as exc:
+                    return _validation_response(exc)
+                except RequestError as exc:
+                    return JSONResponse(
+                        status_code=422, content={"detail": error_detail(exc.field, exc.message)}
+                    )
+                except QueueFull as exc:
+                    return JSONResponse(
+                        status_code=503,
+                        headers={"Retry-After": "5"},
+                        content={"error": "QueueFull", "detail": str(exc)},
+                    )
+                except JobFailed as exc:
+                    return JSONResponse(
+                        status_code=500, content={"error": type(exc.error).__name__, "detail": str(exc.error)}
+                    )
+                except HTTPException:
+                    raise
+                except Exception as exc:  # never an HTML page or a dropped connection
+                    log.exception("API error on %s", request.url.path)
+                    return JSONResponse(
+                        status_code=500, content={"error": type(exc).__name__, "detail": str(exc)}
+                    )
+
+            return handler
+
+    return ApiRoute
+
+
+def _counting_receive(receive: Callable, limit: int) -> Callable:
+    seen = 0
+
+    async def wrapped():
+        nonlocal seen
+        message = await receive()
+        if message.get("type") == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise HTTPException(status_code=413, detail=f"request body is larger than {limit} bytes")
+        return message
+
+    return wrapped
+
+
+# ---- choices ---------------------------------------------------------------------------------------------
+def checkpoint_titles(engine) -> list[str]:
+    return [e.title for e in engine.models.checkpoints()]
+
+
+def vae_names(engine) -> list[str]:
+    return [e.name for e in engine.models.vaes()]
+
+
+def find_checkpoint(engine, name: str, field_name: str = "model"):
+    """The registry entry for `name`, or RequestError(field_name) listing the valid titles."""
+    try:
+        return engine.models.find_checkpoint(name)
+    except (KeyError, LookupError, ValueError):
+        raise RequestError(
+            field_name, f"unknown model {name!r}; choose one of: {checkpoint_titles(engine)}"
+        ) from None
+
+
+def check_choices(engine, request: GenerationRequest, *, model_field: str = "model") -> None:
+    """Fail fast (before queueing) on an unknown model, VAE, sampler or schedule type."""
+    try:
+        engine.samplers.resolve(request.sampler_name, request.scheduler)
+    except RequestError:
+        raise
+    except (KeyError, LookupError, ValueError) as exc:
+        raise RequestError("sampler_name", str(exc.args[0] if exc.args else exc)) from None
+    if request.model:
+        find_checkpoint(engine, request.model, model_field)
+    if request.vae and request.vae not in ("Automatic", "None"):
+        try:
+            engine.models.find_vae(request.vae)
+        except (KeyError, LookupError, ValueError):
+            raise RequestError(
+                "vae",
+                f"unknown VAE {request.vae!r}; choose one of: {['Automatic', 'None', *vae_names(engine)]}",
+            ) from None
+
+
+def submit(ctx: ApiContext, request: GenerationRequest, *, model_field: str = "model") -> Job:
+    """Check the request's choices and queue it (QueueFull -> 503 through the route class)."""
+    check_choices(ctx.engine, request, model_field=model_field)
+    return ctx.service.submit(request)
+
+
+def job_error(job: Job) -> dict[str, Any] | None:
+    """A failed job's error as {"type", "message", "field"} (field only for bad input)."""
+    exc = job.error
+    if exc is None:
+        return None
+    out: dict[str, Any] = {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, RequestError):
+        out.update(field=exc.field, message=exc.message)
+    return out
+
+
+class JobFailed(Exception):
+    """A job ended with an error that is not the client's fault (answered 500 with the error's type)."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+        super().__init__(str(error))
+
+
+def raise_job_error(job: Job) -> None:
+    """Turn a failed job into the HTTP error its client should see (422 for bad input, else 500)."""
+    exc = job.error
+    if exc is None:
+        return
+    if isinstance(exc, RequestError):
+        raise exc
+    raise JobFailed(exc)

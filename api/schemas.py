@@ -1,0 +1,395 @@
+"""Pydantic models of the REST API: A1111 `/sdapi/v1` request and response shapes, and the native jobs API.
+
+The generation request models are derived from the engine's typed requests (`ldm_core.requests`): every
+engine field keeps its name, default and range, so the OpenAPI document shows e.g. `steps` with minimum 1 and
+maximum 150, and a new engine field appears in the API without an edit here. Images travel as base64 text.
+
+The A1111 models tolerate unknown keys and `null` for any field (meaning "default"), as A1111 clients send
+both; the native `JobRequest` is strict (an unknown key is a 422 naming it). `a1111_engine_values` /
+`native_engine_values` then `build_engine_request` turn either into a validated engine request.
+"""
+
+from __future__ import annotations
+
+import copy
+import typing
+from typing import Annotated, Any, Literal
+
+from PIL import Image
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+
+from ldm_core.extras import MAX_OUTPUT_SIDE, MAX_UPSCALE
+from ldm_core.requests import (
+    INPAINT_FILLS,
+    RESIZE_MODES,
+    GenerationRequest,
+    Img2ImgRequest,
+    InpaintFill,
+    InpaintRequest,
+    RequestError,
+    ResizeMode,
+)
+
+from .images import decode_image
+
+
+def _by_index(names: tuple[str, ...]):
+    """A before-validator accepting A1111's integer index for a named choice."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < len(names):
+                raise ValueError(f"must be 0..{len(names) - 1} or one of {list(names)}")
+            return names[value]
+        return value
+
+    return BeforeValidator(convert)
+
+
+def _index_or_name_schema(names: tuple[str, ...]) -> WithJsonSchema:
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": len(names) - 1},
+                {"type": "string", "enum": list(names)},
+            ]
+        }
+    )
+
+
+ResizeModeIn = Annotated[ResizeMode, _by_index(RESIZE_MODES), _index_or_name_schema(RESIZE_MODES)]
+InpaintFillIn = Annotated[InpaintFill, _by_index(INPAINT_FILLS), _index_or_name_schema(INPAINT_FILLS)]
+_IMAGE_FIELDS = ("init_images", "mask")
+
+
+def _mentions_image(annotation: Any) -> bool:
+    if annotation is Image.Image:
+        return True
+    return any(_mentions_image(a) for a in typing.get_args(annotation))
+
+
+def _accepts_none(annotation: Any) -> bool:
+    if annotation is None or annotation is type(None) or annotation is Any:
+        return True
+    return any(_accepts_none(a) for a in typing.get_args(annotation))
+
+
+def _engine_fields(model: type[BaseModel], skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, FieldInfo]]:
+    """The engine request's fields (name -> (annotation, FieldInfo copy)), leaving out `mode`, images and
+    `skip`."""
+    out = {}
+    for name, info in model.model_fields.items():
+        if name == "mode" or name in skip or name in _IMAGE_FIELDS or _mentions_image(info.annotation):
+            continue
+        out[name] = (info.annotation, copy.copy(info))
+    return out
+
+
+class _Tolerant(BaseModel):
+    """A1111-style body: unknown keys ignored, `null` means "use the default"."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_mean_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fields = cls.model_fields
+            return {
+                k: v
+                for k, v in data.items()
+                if not (v is None and k in fields and not _accepts_none(fields[k].annotation))
+            }
+        return data
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# ---- A1111 fields that are not engine fields ------------------------------------------------------------
+_A1111_COMMON: dict[str, Any] = {
+    "sampler_name": (
+        str | None,
+        Field(
+            None,
+            description="Sampler label, e.g. 'Euler a' or 'DPM++ 2M'; "
+            "old combined names such as 'DPM++ 2M Karras' work",
+        ),
+    ),
+    "sampler_index": (
+        str | None,
+        Field(None, description="Old name of sampler_name (used when it is unset)"),
+    ),
+    "s_tmax": (float | None, Field(None, ge=0.0, description="Sigma tmax; null or 0 = infinity")),
+    "save_images": (bool, Field(False, description="Save to the outputs folder (A1111's API default: no)")),
+    "send_images": (bool, Field(True, description="Return the images in the response")),
+    "do_not_save_samples": (bool, False),
+    "do_not_save_grid": (bool, False),
+    "restore_faces": (bool | None, Field(None, description="Accepted; no face restorer is installed")),
+    "tiling": (bool | None, Field(None, description="Accepted and ignored")),
+    "override_settings": (
+        dict[str, Any] | None,
+        Field(
+            None, description="Per-request settings: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers"
+        ),
+    ),
+    "override_settings_restore_afterwards": (bool, True),
+    "script_name": (str | None, Field(None, description="No scripts are installed: leave empty")),
+    "script_args": (list[Any], Field(default_factory=list)),
+    "alwayson_scripts": (
+        dict[str, Any],
+        Field(
+            default_factory=dict,
+            description='Extension arguments by extension name: {"name": {"args": [...]}}',
+        ),
+    ),
+    "hr_scheduler": (str | None, None),
+    "hr_checkpoint_name": (str | None, None),
+    "firstphase_width": (int, 0),
+    "firstphase_height": (int, 0),
+    "force_task_id": (str | None, None),
+    "infotext": (str | None, None),
+}
+_IMG2IMG_EXTRA: dict[str, Any] = {
+    "init_images": (list[str], Field(min_length=1, description="Base64 images, bare or data: URLs")),
+    "mask": (str | None, Field(None, description="Base64 mask (white = repaint); makes this an inpaint")),
+    "resize_mode": (ResizeModeIn, Field("Just resize", description=f"Index or name: {list(RESIZE_MODES)}")),
+    "inpainting_fill": (
+        InpaintFillIn,
+        Field("original", description=f"Index or name: {list(INPAINT_FILLS)}"),
+    ),
+    "include_init_images": (bool, Field(False, description="Echo init_images and mask in `parameters`")),
+}
+
+
+def _a1111_model(
+    name: str, engine_model: type[BaseModel], extra: dict[str, Any], doc: str
+) -> type[BaseModel]:
+    fields = _engine_fields(engine_model, skip=tuple(extra) + tuple(_A1111_COMMON))
+    fields.update(_A1111_COMMON)
+    fields.update(extra)
+    model = create_model(name, __base__=_Tolerant, __doc__=doc, **fields)
+    return model
+
+
+StableDiffusionTxt2ImgProcessingAPI = _a1111_model(
+    "StableDiffusionTxt2ImgProcessingAPI",
+    GenerationRequest,
+    {},
+    "A1111 txt2img request. Unknown keys are ignored; null means the default.",
+)
+StableDiffusionImg2ImgProcessingAPI = _a1111_model(
+    "StableDiffusionImg2ImgProcessingAPI",
+    InpaintRequest,
+    _IMG2IMG_EXTRA,
+    "A1111 img2img request; with `mask` it inpaints. Unknown keys are ignored; null means the default.",
+)
+
+JobMode = Literal["txt2img", "img2img", "inpaint"]
+JobRequest = create_model(
+    "JobRequest",
+    __base__=_Strict,
+    __doc__="A native job: the engine's request fields; `mode` defaults to txt2img, or img2img/inpaint when "
+    "init_images/mask are given. Unknown keys are refused.",
+    mode=(JobMode | None, None),
+    **_engine_fields(InpaintRequest, skip=(*_IMG2IMG_EXTRA, "s_tmax")),
+    s_tmax=_A1111_COMMON["s_tmax"],
+    init_images=(list[str], Field(default_factory=list, description="Base64 images, bare or data: URLs")),
+    mask=(str | None, Field(None, description="Base64 mask (white = repaint)")),
+    resize_mode=_IMG2IMG_EXTRA["resize_mode"],
+    inpainting_fill=_IMG2IMG_EXTRA["inpainting_fill"],
+)
+
+
+# ---- turning a body into an engine request -------------------------------------------------------------
+def _override(
+    settings: dict[str, Any], values: dict[str, Any], options: dict[str, Any], set_fields: set[str]
+) -> None:
+    """Apply A1111 settings (request override_settings over saved options) to engine values."""
+    model = settings.get("sd_model_checkpoint")
+    if model:
+        values["model"] = str(model)
+    if "sd_vae" in settings or ("vae" not in set_fields and options.get("sd_vae") is not None):
+        vae = settings["sd_vae"] if "sd_vae" in settings else options["sd_vae"]
+        values["vae"] = None if vae in (None, "", "Automatic", "None") else str(vae)
+    clip = settings.get("CLIP_stop_at_last_layers")
+    if clip is None and "clip_skip" not in set_fields:
+        clip = options.get("CLIP_stop_at_last_layers")
+    if clip is not None:
+        values["clip_skip"] = clip
+    if "emphasis" in settings:
+        values["emphasis"] = settings["emphasis"]
+
+
+def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Engine request values from an A1111 txt2img/img2img body (images decoded). `options` are the saved
+    settings (sd_vae, CLIP_stop_at_last_layers) that apply when the request does not say otherwise."""
+    options = options or {}
+    data = body.model_dump()
+    set_fields = set(body.model_fields_set)
+    values = {k: v for k, v in data.items() if k in InpaintRequest.model_fields}
+    values["sampler_name"] = (
+        data.get("sampler_name")
+        or data.get("sampler_index")
+        or GenerationRequest.model_fields["sampler_name"].default
+    )
+    if not data.get("s_tmax"):  # A1111: 0 or null means infinity
+        values.pop("s_tmax", None)
+    values["save_images"] = bool(data.get("save_images")) and not data.get("do_not_save_samples")
+    for key in ("hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
+        if values.get(key) == "":
+            values[key] = None
+    script = (data.get("script_name") or "").strip()
+    if script and script.lower() != "none":
+        raise RequestError(
+            "script_name", f"script {script!r} not found; no scripts are installed (available: [])"
+        )
+    _override(data.get("override_settings") or {}, values, options, set_fields)
+    _decode_images(data, values)
+    return values
+
+
+def native_engine_values(body: BaseModel) -> tuple[dict[str, Any], JobMode]:
+    """Engine request values and the mode of a native JobRequest (images decoded)."""
+    data = body.model_dump()
+    values = {k: v for k, v in data.items() if k in InpaintRequest.model_fields and k != "mode"}
+    if not data.get("s_tmax"):
+        values.pop("s_tmax", None)
+    _decode_images(data, values)
+    mode = data.get("mode") or (
+        "inpaint" if values.get("mask") is not None else "img2img" if values.get("init_images") else "txt2img"
+    )
+    if mode != "txt2img" and not values.get("init_images"):
+        raise RequestError("init_images", f"mode {mode!r} needs at least one init image")
+    if mode == "inpaint" and values.get("mask") is None:
+        raise RequestError("mask", "mode 'inpaint' needs a mask")
+    if mode == "txt2img" and values.get("init_images"):
+        raise RequestError("mode", "txt2img takes no init_images; use mode 'img2img' or 'inpaint'")
+    return values, mode
+
+
+def _decode_images(data: dict[str, Any], values: dict[str, Any]) -> None:
+    if data.get("init_images"):
+        values["init_images"] = [
+            decode_image(s, f"init_images[{i}]") for i, s in enumerate(data["init_images"])
+        ]
+    else:
+        values.pop("init_images", None)
+    if data.get("mask"):
+        values["mask"] = decode_image(data["mask"], "mask")
+    else:
+        values.pop("mask", None)
+
+
+def build_engine_request(values: dict[str, Any], mode: JobMode | None = None) -> GenerationRequest:
+    """The validated engine request for `values`; the class follows `mode` (default: from the images).
+    Raises RequestError naming the first bad field."""
+    if mode is None:
+        mode = (
+            "inpaint"
+            if values.get("mask") is not None
+            else "img2img"
+            if values.get("init_images")
+            else "txt2img"
+        )
+    cls = {"txt2img": GenerationRequest, "img2img": Img2ImgRequest, "inpaint": InpaintRequest}[mode]
+    if mode == "img2img":
+        values = {k: v for k, v in values.items() if k != "mask"}
+    return cls.build(**{k: v for k, v in values.items() if k in cls.model_fields})
+
+
+# ---- responses -----------------------------------------------------------------------------------------
+class ImageResponse(BaseModel):
+    images: list[str] = Field(description="Base64 PNGs carrying their infotext")
+    parameters: dict[str, Any]
+    info: str = Field(description="A JSON string: seed, all_seeds, infotexts, sampler_name, steps, ...")
+
+
+class ProgressState(BaseModel):
+    skipped: bool = False
+    interrupted: bool = False
+    stopping_generation: bool = False
+    job: str = ""
+    job_count: int = 0
+    job_timestamp: str = "0"
+    job_no: int = 0
+    sampling_step: int = 0
+    sampling_steps: int = 0
+
+
+class ProgressResponse(BaseModel):
+    progress: float = Field(description="0..1 of the current job")
+    eta_relative: float = Field(description="Seconds left (estimate)")
+    state: ProgressState
+    current_image: str | None = Field(None, description="Base64 PNG of the live preview")
+    textinfo: str | None = None
+    current_task: str | None = None
+
+
+class ExtrasBase(_Tolerant):
+    """Extras settings (A1111 names). Face restoration fields are accepted and ignored (none installed)."""
+
+    resize_mode: Literal[0, 1] = Field(
+        0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w/h"
+    )
+    show_extras_results: bool = True
+    gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    codeformer_weight: float = Field(0.0, ge=0.0, le=1.0)
+    upscaling_resize: float = Field(2.0, gt=0.0, le=MAX_UPSCALE, description="Factor (resize_mode 0)")
+    upscaling_resize_w: int = Field(512, ge=0, le=MAX_OUTPUT_SIDE, description="Pixels (resize_mode 1)")
+    upscaling_resize_h: int = Field(512, ge=0, le=MAX_OUTPUT_SIDE, description="Pixels (resize_mode 1)")
+    upscaling_crop: bool = True
+    upscaler_1: str = "None"
+    upscaler_2: str = "None"
+    extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
+    upscale_first: bool = False
+
+
+class ExtrasSingleImageRequest(ExtrasBase):
+    image: str = Field(description="Base64 image, bare or a data: URL")
+
+
+class FileData(_Tolerant):
+    data: str = Field(description="Base64 image, bare or a data: URL")
+    name: str = ""
+
+
+class ExtrasBatchImagesRequest(ExtrasBase):
+    imageList: list[FileData] = Field(min_length=1)  # noqa: N815 (A1111's name)
+
+
+class ExtrasSingleImageResponse(BaseModel):
+    html_info: str = ""
+    image: str
+
+
+class ExtrasBatchImagesResponse(BaseModel):
+    html_info: str = ""
+    images: list[str]
+
+
+class PNGInfoRequest(_Tolerant):
+    image: str = Field(description="Base64 image, bare or a data: URL")
+
+
+class PNGInfoResponse(BaseModel):
+    info: str = Field(description="The raw infotext")
+    items: dict[str, Any] = Field(description="Other text chunks")
+    parameters: dict[str, Any] = Field(description="The parsed infotext: Prompt, Negative prompt, Steps, ...")
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: str
+    position: int

@@ -1,0 +1,481 @@
+"""The A1111-compatible REST API (`/sdapi/v1/...`): the same paths, request keys and response shapes, so
+existing A1111 clients and scripts work unchanged. Every generation goes through the service's job queue
+(shared with the web UI); handlers never block the event loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Body
+from fastapi.encoders import jsonable_encoder
+from PIL import Image
+
+from ldm_core.engine import GenerationResult
+from ldm_core.extras import ExtrasParams, postprocess_text, upscale_batch
+from ldm_core.infotext import parse_infotext
+from ldm_core.jobs import Job
+from ldm_core.outputs import read_image_info
+from ldm_core.requests import RequestError
+from ldm_core.upscalers import latent_modes
+
+from .common import (
+    GENERATION_KINDS,
+    ApiContext,
+    find_checkpoint,
+    in_thread,
+    make_route_class,
+    raise_job_error,
+    submit,
+    vae_names,
+)
+from .images import decode_image, encode_png_b64, encode_preview_b64
+from .schemas import (
+    ExtrasBase,
+    ExtrasBatchImagesRequest,
+    ExtrasBatchImagesResponse,
+    ExtrasSingleImageRequest,
+    ExtrasSingleImageResponse,
+    ImageResponse,
+    PNGInfoRequest,
+    PNGInfoResponse,
+    ProgressResponse,
+    StableDiffusionImg2ImgProcessingAPI,
+    StableDiffusionTxt2ImgProcessingAPI,
+    a1111_engine_values,
+    build_engine_request,
+)
+
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def default_options(ctx: ApiContext) -> dict[str, Any]:
+    """The A1111 settings the API keeps (sd_model_checkpoint is read live from the engine)."""
+    cfg = ctx.engine.config
+    return {
+        "sd_vae": "Automatic",
+        "CLIP_stop_at_last_layers": 1,
+        "emphasis": "Original",
+        "eta_noise_seed_delta": 0,
+        "samples_save": bool(cfg.save_images),
+        "samples_format": "png",
+        "samples_filename_pattern": cfg.filename_pattern,
+        "outdir_samples": "",
+        "outdir_txt2img_samples": str(Path(cfg.outputs_dir) / "txt2img"),
+        "outdir_img2img_samples": str(Path(cfg.outputs_dir) / "img2img"),
+        "live_previews_enable": cfg.preview_every > 0,
+        "show_progress_every_n_steps": cfg.preview_every,
+        "sd_checkpoint_cache": cfg.model_cache_size,
+        "sd_vae_checkpoint_cache": 1,
+    }
+
+
+def _files(folders, suffixes) -> list[Path]:
+    out: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        if folder.is_dir():
+            for root, _dirs, names in os.walk(folder):
+                out += [Path(root) / n for n in sorted(names) if n.lower().endswith(suffixes)]
+    return out
+
+
+def build_router(ctx: ApiContext) -> APIRouter:
+    """The `/sdapi/v1` routes bound to `ctx`."""
+    router = APIRouter(prefix="/sdapi/v1", tags=["sdapi"], route_class=make_route_class(ctx))
+    engine = ctx.engine
+    queue = ctx.service.queue
+
+    # ---- generation --------------------------------------------------------------------------------
+    def _prepare(body, img2img: bool):
+        with ctx.lock:
+            options = dict(ctx.options)
+        values = a1111_engine_values(body, options)
+        if img2img and not values.get("init_images"):
+            raise RequestError("init_images", "img2img needs at least one init image")
+        return build_engine_request(values, mode=None if img2img else "txt2img")
+
+    def _respond(job: Job, body, img2img: bool) -> dict[str, Any]:
+        job.wait()
+        raise_job_error(job)
+        params = body.model_dump()
+        if img2img and not params.get("include_init_images"):
+            params["init_images"] = None
+            params["mask"] = None
+        result: GenerationResult | None = job.result
+        if result is None:  # cancelled before it started
+            info = {"infotexts": [], "all_seeds": [], "interrupted": True, "job": job.id}
+            return {"images": [], "parameters": params, "info": json.dumps(info)}
+        images = []
+        if body.send_images:
+            images = [
+                encode_png_b64(im, text, manifest)
+                for im, text, manifest in zip(result.images, result.infotexts, result.manifests, strict=False)
+            ]
+        info = result.info(job.request)
+        info.setdefault("index_of_first_image", 0)
+        model_sha = ((result.manifests[0].get("model") or {}).get("sha256") or "") if result.manifests else ""
+        info.setdefault("sd_model_hash", model_sha[:10] or None)
+        info.setdefault("job_timestamp", datetime.fromtimestamp(job.created_at).strftime("%Y%m%d%H%M%S"))
+        info.setdefault("is_using_inpainting_conditioning", False)
+        return {"images": images, "parameters": params, "info": json.dumps(jsonable_encoder(info))}
+
+    async def _generate(body, img2img: bool) -> dict[str, Any]:
+        from_override = bool((body.override_settings or {}).get("sd_model_checkpoint"))
+        model_field = "override_settings.sd_model_checkpoint" if from_override else "model"
+
+        def prepare_and_submit():  # decoding images and resolving a model by hash may take a while
+            return submit(ctx, _prepare(body, img2img), model_field=model_field)
+
+        job = await in_thread(ctx, prepare_and_submit)
+        return await in_thread(ctx, _respond, job, body, img2img)
+
+    @router.post("/txt2img", response_model=ImageResponse)
+    async def txt2img(body: StableDiffusionTxt2ImgProcessingAPI):  # type: ignore[valid-type]
+        return await _generate(body, img2img=False)
+
+    @router.post("/img2img", response_model=ImageResponse)
+    async def img2img(body: StableDiffusionImg2ImgProcessingAPI):  # type: ignore[valid-type]
+        return await _generate(body, img2img=True)
+
+    # ---- extras and png-info ---------------------------------------------------------------------------
+    def _extras_params(req: ExtrasBase) -> ExtrasParams:
+        params = ExtrasParams.from_api(req.model_dump())
+        params.validate(ctx.upscalers)  # unknown upscaler -> 422 listing the choices, before queueing
+        return params
+
+    def _extras(params: ExtrasParams, sources: list[Image.Image]) -> tuple[list[str], str]:
+        """Upscale `sources` in queue order; base64 PNGs keeping each source's infotext, and the html_info."""
+
+        def work(job_ctx):
+            return upscale_batch(sources, params, ctx.upscalers, cancel=job_ctx.cancel.check)
+
+        outs = ctx.service.run_task(work, kind="extras")
+        encoded = []
+        for src, out in zip(sources, outs, strict=True):
+            infotext = read_image_info(src)[0]
+            encoded.append(encode_png_b64(out, infotext) if infotext else encode_png_b64(out))
+        return encoded, postprocess_text(sources[0].size, params)
+
+    @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
+    async def extra_single_image(req: ExtrasSingleImageRequest):
+        params = _extras_params(req)
+
+        def run():
+            return _extras(params, [decode_image(req.image, "image")])
+
+        images, html = await in_thread(ctx, run)
+        return {"html_info": html, "image": images[0]}
+
+    @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
+    async def extra_batch_images(req: ExtrasBatchImagesRequest):
+        params = _extras_params(req)
+
+        def run():
+            sources = [decode_image(f.data, f"imageList[{i}].data") for i, f in enumerate(req.imageList)]
+            return _extras(params, sources)
+
+        images, html = await in_thread(ctx, run)
+        return {"html_info": html, "images": images}
+
+    @router.post("/png-info", response_model=PNGInfoResponse)
+    async def png_info(req: PNGInfoRequest):
+        def run():
+            image = decode_image(req.image, "image")
+            infotext, manifest, others = read_image_info(image)
+            items: dict[str, Any] = dict(others)
+            if manifest is not None:
+                items["ldm_manifest"] = manifest
+            return {
+                "info": infotext or "",
+                "items": items,
+                "parameters": parse_infotext(infotext) if infotext else {},
+            }
+
+        return await in_thread(ctx, run)
+
+    # ---- progress, interrupt, skip ---------------------------------------------------------------------
+    @router.get("/progress", response_model=ProgressResponse)
+    def progress(skip_current_image: bool = False):
+        job = queue.current
+        if job is None or job.kind not in GENERATION_KINDS:
+            return {
+                "progress": 0.0,
+                "eta_relative": 0.0,
+                "state": {"job_count": 0},
+                "current_image": None,
+                "textinfo": None,
+                "current_task": job.id if job else None,
+            }
+        p = job.progress()
+        cancel = job.ctx.cancel
+        state = {
+            "skipped": cancel.skipped or p.skipped,
+            "interrupted": cancel.interrupted or p.interrupted,
+            "stopping_generation": False,
+            "job": f"job {job.id}",
+            "job_count": p.job_count,
+            "job_timestamp": datetime.fromtimestamp(job.started_at or job.created_at).strftime(
+                "%Y%m%d%H%M%S"
+            ),
+            "job_no": p.job_no,
+            "sampling_step": p.step,
+            "sampling_steps": p.steps,
+        }
+        image = None
+        if not skip_current_image and p.preview is not None:
+            image = encode_preview_b64(p.preview)
+        return {
+            "progress": p.fraction,
+            "eta_relative": p.eta or 0.0,
+            "state": state,
+            "current_image": image,
+            "textinfo": p.textinfo or None,
+            "current_task": job.id,
+        }
+
+    @router.post("/interrupt")
+    def interrupt():
+        ctx.service.interrupt()
+        return {}
+
+    @router.post("/skip")
+    def skip():
+        ctx.service.skip()
+        return {}
+
+    # ---- options and flags ---------------------------------------------------------------------------
+    @router.get("/options")
+    def get_options():
+        entry = engine.current_model_entry()
+        with ctx.lock:
+            opts = dict(ctx.options)
+        opts["sd_model_checkpoint"] = entry.title if entry is not None else None
+        return opts
+
+    @router.post("/options")
+    async def set_options(req: dict[str, Any] = Body(...)):
+        changes = dict(req)
+        name = changes.pop("sd_model_checkpoint", None)
+        if "CLIP_stop_at_last_layers" in changes:
+            clip = changes["CLIP_stop_at_last_layers"]
+            if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= 12:
+                raise RequestError(
+                    "CLIP_stop_at_last_layers", f"must be an integer from 1 to 12; got {clip!r}"
+                )
+        vae = changes.get("sd_vae")
+        if vae not in (None, "", "Automatic", "None"):
+            try:
+                engine.models.find_vae(str(vae))
+            except (KeyError, LookupError, ValueError):
+                choices = ["Automatic", "None", *vae_names(engine)]
+                raise RequestError("sd_vae", f"unknown VAE {vae!r}; choose one of: {choices}") from None
+
+        def switch():
+            entry = find_checkpoint(engine, str(name), "sd_model_checkpoint")
+            current = engine.current_model
+            if current is None or current.entry.path != entry.path:
+                ctx.service.switch_model(str(name))
+
+        if name:
+            await in_thread(ctx, switch)
+        with ctx.lock:
+            ctx.options.update(changes)
+        return None
+
+    @router.get("/cmd-flags")
+    def cmd_flags():
+        return jsonable_encoder(ctx.flags, custom_encoder={Path: str})
+
+    # ---- lists -----------------------------------------------------------------------------------------
+    @router.get("/samplers")
+    def samplers():
+        return [
+            {
+                "name": i.name,
+                "aliases": list(getattr(i, "aliases", ()) or ()),
+                "options": dict(getattr(i, "options", None) or {}),
+            }
+            for i in engine.samplers.infos()
+        ]
+
+    @router.get("/schedulers")
+    def schedulers():
+        return [
+            {"name": s, "label": s, "aliases": None, "default_rho": -1, "need_inner_model": False}
+            for s in engine.samplers.schedule_types()
+        ]
+
+    @router.get("/upscalers")
+    def upscalers():
+        return ctx.upscalers.infos()
+
+    @router.get("/latent-upscale-modes")
+    def latent_upscale_modes():
+        return [{"name": n} for n in latent_modes()]
+
+    @router.get("/sd-models")
+    def sd_models():
+        out = []
+        for e in engine.models.checkpoints():
+            sha = e.cached_sha256()  # never hash on a listing (A1111 also shows only known hashes)
+            out.append(
+                {
+                    "title": e.title,
+                    "model_name": e.name,
+                    "hash": sha[:10] if sha else None,
+                    "sha256": sha,
+                    "filename": str(e.path),
+                    "config": None,
+                }
+            )
+        return out
+
+    @router.get("/sd-vae")
+    def sd_vae():
+        return [{"model_name": e.name, "filename": str(e.path)} for e in engine.models.vaes()]
+
+    @router.get("/loras")
+    def loras():
+        return [
+            {"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
+            for p in _files(engine.config.lora_dirs, LORA_SUFFIXES)
+        ]
+
+    @router.get("/embeddings")
+    def embeddings():
+        loaded = {
+            p.stem: {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": None,
+                "vectors": None,
+            }
+            for p in _files(engine.config.embeddings_dirs, EMBEDDING_SUFFIXES)
+        }
+        return {"loaded": loaded, "skipped": {}}
+
+    @router.get("/prompt-styles")
+    def prompt_styles():
+        if ctx.styles is None:
+            return []
+        return [
+            {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            for s in ctx.styles.styles()
+        ]
+
+    @router.get("/hypernetworks")
+    def hypernetworks():
+        return []
+
+    @router.get("/face-restorers")
+    def face_restorers():
+        return []
+
+    @router.get("/realesrgan-models")
+    def realesrgan_models():
+        return [
+            {"name": u["name"], "path": u["model_path"], "scale": u["scale"]}
+            for u in ctx.upscalers.infos()
+            if u["model_path"] and Path(u["model_path"]).parent.name == "RealESRGAN"
+        ]
+
+    @router.get("/scripts")
+    def scripts():
+        return {"txt2img": [], "img2img": []}
+
+    @router.get("/script-info")
+    def script_info():
+        return []
+
+    @router.get("/extensions")
+    def extensions():
+        found = getattr(ctx.service, "extensions", None) or ctx.flags.get("extensions_info") or []
+        return jsonable_encoder(list(found))
+
+    @router.get("/memory")
+    def memory():
+        return _memory()
+
+    # ---- model management ------------------------------------------------------------------------------
+    @router.post("/refresh-checkpoints")
+    async def refresh_checkpoints():
+        await in_thread(ctx, engine.refresh_models)
+        await in_thread(ctx, ctx.upscalers.refresh)
+        return None
+
+    @router.post("/refresh-vae")
+    async def refresh_vae():
+        await in_thread(ctx, engine.refresh_models)
+        return None
+
+    @router.post("/refresh-loras")
+    def refresh_loras():
+        return None  # LoRA files are listed from disk on every request
+
+    @router.post("/refresh-embeddings")
+    def refresh_embeddings():
+        return None
+
+    @router.post("/unload-checkpoint")
+    async def unload_checkpoint():
+        await in_thread(ctx, ctx.service.run_task, lambda _c: engine.unload(), "unload-model")
+        return None
+
+    @router.post("/reload-checkpoint")
+    async def reload_checkpoint():
+        await in_thread(ctx, ctx.service.run_task, lambda _c: engine.load_checkpoint(None), "load-model")
+        return None
+
+    return router
+
+
+def _memory() -> dict[str, Any]:
+    """RAM and CUDA memory in bytes, in A1111's shape."""
+    out: dict[str, Any] = {}
+    try:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        out["ram"] = {"free": vm.available, "used": vm.total - vm.available, "total": vm.total}
+    except Exception as exc:  # psutil missing or unsupported platform
+        out["ram"] = {"error": str(exc)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            stats = torch.cuda.memory_stats()
+            out["cuda"] = {
+                "system": {"free": free, "used": total - free, "total": total},
+                "active": {
+                    "current": stats.get("active_bytes.all.current", 0),
+                    "peak": stats.get("active_bytes.all.peak", 0),
+                },
+                "allocated": {
+                    "current": stats.get("allocated_bytes.all.current", 0),
+                    "peak": stats.get("allocated_bytes.all.peak", 0),
+                },
+                "reserved": {
+                    "current": stats.get("reserved_bytes.all.current", 0),
+                    "peak": stats.get("reserved_bytes.all.peak", 0),
+                },
+                "inactive": {
+                    "current": stats.get("inactive_split_bytes.all.current", 0),
+                    "peak": stats.get("inactive_split_bytes.all.peak", 0),
+                },
+                "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+            }
+        else:
+            out["cuda"] = {"error": "CUDA is not available"}
+    except Exception as exc:
+        out["cuda"] = {"error": str(exc)}
+    out["timestamp"] = time.time()
+    return out
