@@ -51,8 +51,13 @@ def build_random_folder(family: str, out: Path, tiny: bool) -> Path:
         cfg = dict(cfg)
         if kind == "unet":
             n = len(cfg["block_out_channels"])
-            cfg.update(block_out_channels=[32] * n, attention_head_dim=2, norm_num_groups=8,
-                       transformer_layers_per_block=1, cross_attention_dim=cfg["cross_attention_dim"])
+            cfg.update(
+                block_out_channels=[32] * n,
+                attention_head_dim=2,
+                norm_num_groups=8,
+                transformer_layers_per_block=1,
+                cross_attention_dim=cfg["cross_attention_dim"],
+            )
         if kind == "vae":
             cfg.update(block_out_channels=[32] * len(cfg["block_out_channels"]), norm_num_groups=8)
         return cfg
@@ -65,7 +70,9 @@ def build_random_folder(family: str, out: Path, tiny: bool) -> Path:
         if (src / sub).exists():
             shutil.copytree(src / sub, folder / sub, dirs_exist_ok=True)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        unet = UNet2DConditionModel.from_config(shrink(UNet2DConditionModel.load_config(src / "unet"), "unet"))
+        unet = UNet2DConditionModel.from_config(
+            shrink(UNet2DConditionModel.load_config(src / "unet"), "unet")
+        )
         unet.to(dtype).save_pretrained(folder / "unet")
         del unet
         vae = AutoencoderKL.from_config(shrink(AutoencoderKL.load_config(src / "vae"), "vae"))
@@ -80,7 +87,9 @@ def build_random_folder(family: str, out: Path, tiny: bool) -> Path:
             del te2
     for sub in ("tokenizer", "tokenizer_2"):
         if not (folder / sub).exists() and (sub == "tokenizer" or (folder / "text_encoder_2").exists()):
-            CLIPTokenizer.from_pretrained(CONFIGS.parent / "tokenizers" / "clip").save_pretrained(folder / sub)
+            CLIPTokenizer.from_pretrained(CONFIGS.parent / "tokenizers" / "clip").save_pretrained(
+                folder / sub
+            )
     return folder
 
 
@@ -93,16 +102,25 @@ def run_case(family: str, root: Path, size: int, steps: int, tiny: bool):
     folder = build_random_folder(family, root, tiny)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    cfg = EngineConfig.from_data_dir(root / "data", ckpt_dirs=(root,), builtin_model_dir=None,
-                                     save_images=False, preview_every=0)
+    cfg = EngineConfig.from_data_dir(
+        root / "data", ckpt_dirs=(root,), builtin_model_dir=None, save_images=False, preview_every=0
+    )
     engine = Engine(cfg)
     t0 = time.perf_counter()
     engine.load_checkpoint(folder.name)
     sync()
     load_s = time.perf_counter() - t0
-    req = GenerationRequest.build(prompt="a photo of a cat", negative_prompt="blurry", steps=steps,
-                                  sampler_name="Euler a", cfg_scale=7, seed=1, width=size, height=size,
-                                  save_images=False)
+    req = GenerationRequest.build(
+        prompt="a photo of a cat",
+        negative_prompt="blurry",
+        steps=steps,
+        sampler_name="Euler a",
+        cfg_scale=7,
+        seed=1,
+        width=size,
+        height=size,
+        save_images=False,
+    )
     engine.generate(req)  # warm-up
     times = []
     for _ in range(3):
@@ -113,9 +131,16 @@ def run_case(family: str, root: Path, size: int, steps: int, tiny: bool):
         sync()
         times.append(time.perf_counter() - t0)
     best = min(times)
-    report(case=f"{family}_{size}", engine="ldm_core", load_s=round(load_s, 2), job_s=round(best, 4),
-           it_per_s_including_encode_decode=round(steps / best, 2), dtype=str(engine.policy.dtype),
-           attention=engine.attention_choice.name, device=engine.policy.name)
+    report(
+        case=f"{family}_{size}",
+        engine="ldm_core",
+        load_s=round(load_s, 2),
+        job_s=round(best, 4),
+        it_per_s_including_encode_decode=round(steps / best, 2),
+        dtype=str(engine.policy.dtype),
+        attention=engine.attention_choice.name,
+        device=engine.policy.name,
+    )
     model = engine.current_model
     # plain diffusers on the same folder, same sampler, steps, seed
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -134,8 +159,15 @@ def run_case(family: str, root: Path, size: int, steps: int, tiny: bool):
 
     def call():
         g = torch.Generator("cpu").manual_seed(1)
-        pipe("a photo of a cat", negative_prompt="blurry", num_inference_steps=steps, guidance_scale=7,
-             width=size, height=size, generator=g)
+        pipe(
+            "a photo of a cat",
+            negative_prompt="blurry",
+            num_inference_steps=steps,
+            guidance_scale=7,
+            width=size,
+            height=size,
+            generator=g,
+        )
 
     call()
     times = []
@@ -146,8 +178,13 @@ def run_case(family: str, root: Path, size: int, steps: int, tiny: bool):
         sync()
         times.append(time.perf_counter() - t0)
     base = min(times)
-    report(case=f"{family}_{size}", engine="diffusers", job_s=round(base, 4),
-           it_per_s_including_encode_decode=round(steps / base, 2), ratio_engine_over_diffusers=round(best / base, 3))
+    report(
+        case=f"{family}_{size}",
+        engine="diffusers",
+        job_s=round(base, 4),
+        it_per_s_including_encode_decode=round(steps / base, 2),
+        ratio_engine_over_diffusers=round(best / base, 3),
+    )
     del pipe
     if torch.cuda.is_available():
         report(case=f"{family}_{size}", peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))

@@ -24,7 +24,9 @@ from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, Request
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument("--model", default=None, help="checkpoint name (default: the first model found, else built-in)")
+    p.add_argument(
+        "--model", default=None, help="checkpoint name (default: the first model found, else built-in)"
+    )
     p.add_argument("--vae", default=None)
     p.add_argument("--sampler", default="Euler a")
     p.add_argument("--scheduler", default="Automatic", help="schedule type, e.g. Karras")
@@ -98,21 +100,38 @@ def _config(args) -> EngineConfig:
 
 def _request(args):
     values = dict(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, model=args.model, vae=args.vae,
-        sampler_name=args.sampler, scheduler=args.scheduler, steps=args.steps, cfg_scale=args.cfg_scale,
-        seed=args.seed, subseed=args.subseed, subseed_strength=args.subseed_strength, width=args.width,
-        height=args.height, batch_size=args.batch_size, n_iter=args.n_iter, clip_skip=args.clip_skip,
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        model=args.model,
+        vae=args.vae,
+        sampler_name=args.sampler,
+        scheduler=args.scheduler,
+        steps=args.steps,
+        cfg_scale=args.cfg_scale,
+        seed=args.seed,
+        subseed=args.subseed,
+        subseed_strength=args.subseed_strength,
+        width=args.width,
+        height=args.height,
+        batch_size=args.batch_size,
+        n_iter=args.n_iter,
+        clip_skip=args.clip_skip,
     )
     if args.command == "txt2img":
         return GenerationRequest.build(**values)
-    values.update(init_images=[_open_image(args.init_image, "init_image")],
-                  denoising_strength=args.denoising_strength)
+    values.update(
+        init_images=[_open_image(args.init_image, "init_image")], denoising_strength=args.denoising_strength
+    )
     if args.command == "img2img":
         return Img2ImgRequest.build(resize_mode=args.resize_mode, **values)
     return InpaintRequest.build(
-        mask=_open_image(args.mask, "mask"), mask_blur=args.mask_blur, inpainting_fill=args.inpainting_fill,
-        inpaint_full_res=args.inpaint_full_res, inpaint_full_res_padding=args.inpaint_full_res_padding,
-        inpainting_mask_invert=args.invert_mask, **values,
+        mask=_open_image(args.mask, "mask"),
+        mask_blur=args.mask_blur,
+        inpainting_fill=args.inpainting_fill,
+        inpaint_full_res=args.inpaint_full_res,
+        inpaint_full_res_padding=args.inpaint_full_res_padding,
+        inpainting_mask_invert=args.invert_mask,
+        **values,
     )
 
 

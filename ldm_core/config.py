@@ -58,9 +58,7 @@ class EngineConfig:
             vae_dirs=(d / "models" / "VAE",),
             lora_dirs=(d / "models" / "Lora",),
             embeddings_dirs=(d / "embeddings",),
-            upscaler_dirs=tuple(
-                d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")
-            ),
+            upscaler_dirs=tuple(d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")),
             controlnet_dirs=(d / "models" / "ControlNet",),
             outputs_dir=d / "outputs",
         )

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -27,18 +28,22 @@ from .attention import AttentionRegistry
 from .config import EngineConfig
 from .devices import DevicePolicy, resolve_policy
 from .infotext import build_infotext
-from .models import LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
+from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, denoise
 from .pipeline.preview import LatentPreviewer
-from .progress import Interrupted, JobContext
+from .progress import JobContext
+from .prompts.embeddings import EmbeddingLibrary
 from .prompts.encode import PromptEncoder
+from .prompts.networks import NetworkLibrary
 from .prompts.parser import extract_extra_networks
 from .prompts.schedule import PromptSchedule
+from .prompts.styles import StyleStore
 from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .rng import batch_noise, resolve_seed
 from .schedulers import SamplerRegistry, default_sampler_registry, img2img_timesteps
+from .upscalers import UpscalerRegistry, is_latent_mode, latent_modes, upscale_latents
 
 log = logging.getLogger(__name__)
 
@@ -98,21 +103,62 @@ class _Placed:
     previewer: LatentPreviewer
 
 
+@dataclass
+class _JobState:
+    """What every pass of one job shares."""
+
+    request: GenerationRequest
+    model: LoadedModel
+    vae: Any
+    previewer: LatentPreviewer
+    hooks: Hooks
+    ctx: JobContext
+    encoder: PromptEncoder
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    sampler: str
+    schedule_type: str
+    hires: dict | None
+
+
 class Engine:
     """Owns models and runs jobs. Not thread-safe for concurrent `generate` calls: the job queue runs one
     job at a time per engine; model management methods take a lock so the UI can list models meanwhile."""
 
-    def __init__(self, config: EngineConfig, *, samplers: SamplerRegistry | None = None,
-                 attention: AttentionRegistry | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        samplers: SamplerRegistry | None = None,
+        attention: AttentionRegistry | None = None,
+    ):
         self.config = config
         self.policy: DevicePolicy = resolve_policy(config)
         self.samplers = samplers or default_sampler_registry()
         self.attention = attention or AttentionRegistry()
         self.attention_choice = self.attention.choose(config.attention, self.policy.device)
-        self.models = ModelRegistry(config.ckpt_dirs, config.vae_dirs, config.builtin_model_dir)
+        self.hash_cache = HashCache(config.data_dir / "cache" / "hashes.json")
+        self.models = ModelRegistry(
+            config.ckpt_dirs, config.vae_dirs, config.builtin_model_dir, hash_cache=self.hash_cache
+        )
+        self.networks = NetworkLibrary(
+            config.lora_dirs, allow_pickle=config.allow_pickle, hash_cache=self.hash_cache
+        )
+        self.embeddings = EmbeddingLibrary(
+            config.embeddings_dirs, allow_pickle=config.allow_pickle, hash_cache=self.hash_cache
+        )
+        self.upscalers = UpscalerRegistry(
+            list(config.upscaler_dirs),
+            device=self.policy.device,
+            dtype=self.policy.dtype,
+            allow_pickle=config.allow_pickle,
+        )
+        self.styles = StyleStore(config.data_dir / "styles.csv")
         self.hooks_factories: list[Any] = []  # extensions: callables (engine, request, model) -> Hooks parts
         self._cache: OrderedDict[Path, _Placed] = OrderedDict()
-        self._vae_cache: OrderedDict[Path, Any] = OrderedDict()
+        self._vae_cache: OrderedDict[tuple, Any] = OrderedDict()
         self._current: Path | None = None
         self._lock = threading.RLock()
 
@@ -129,7 +175,11 @@ class Engine:
         return self.models.default_checkpoint()
 
     def refresh_models(self) -> None:
+        """Rescan checkpoints, VAEs, LoRAs, embeddings and upscalers."""
         self.models.refresh()
+        self.networks.refresh()
+        self.embeddings.refresh()
+        self.upscalers.refresh()
 
     def _place(self, model: LoadedModel) -> LoadedModel:
         dev, p = self.policy.device, self.policy
@@ -137,11 +187,14 @@ class Engine:
         for name in ("text_encoder", "text_encoder_2", "unet"):
             mod = getattr(model, name, None)
             if mod is not None:
-                mod.to(dtype=p.dtype)
+                if mod.dtype != p.dtype:
+                    mod.to(dtype=p.dtype)
                 mod.eval().requires_grad_(False)
                 if offload == "none":
                     mod.to(dev)
-        model.vae.to(dtype=p.vae_dtype).eval().requires_grad_(False)
+        if model.vae.dtype != p.vae_dtype:
+            model.vae.to(dtype=p.vae_dtype)
+        model.vae.eval().requires_grad_(False)
         if offload == "none":
             model.vae.to(dev)
         if p.channels_last:
@@ -177,17 +230,26 @@ class Engine:
                 self._cache.move_to_end(entry.path)
                 self._current = entry.path
                 return self._cache[entry.path].model
+            t0 = time.perf_counter()
+            model = self._place(load_model(entry, dtype=torch.float32, allow_pickle=self.config.allow_pickle))
             while len(self._cache) >= max(1, self.config.model_cache_size):
                 self._cache.popitem(last=False)
                 self._free_memory()
-            t0 = time.perf_counter()
-            model = self._place(load_model(entry, dtype=torch.float32, allow_pickle=self.config.allow_pickle))
             vae_cfg = model.vae.config
-            previewer = LatentPreviewer(model.vae, vae_cfg.scaling_factor, getattr(vae_cfg, "shift_factor", 0) or 0)
+            previewer = LatentPreviewer(
+                model.vae, vae_cfg.scaling_factor, getattr(vae_cfg, "shift_factor", 0) or 0
+            )
             self._cache[entry.path] = _Placed(model, previewer)
             self._current = entry.path
-            log.info("loaded %s (%s) in %.1fs on %s, %s, attention %s", entry.title, model.kind.family,
-                     time.perf_counter() - t0, self.policy.device, self.policy.dtype, self.attention_choice.name)
+            log.info(
+                "loaded %s (%s) in %.1fs on %s, %s, attention %s",
+                entry.title,
+                model.kind.family,
+                time.perf_counter() - t0,
+                self.policy.device,
+                self.policy.dtype,
+                self.attention_choice.name,
+            )
             return model
 
     def unload(self) -> None:
@@ -210,13 +272,19 @@ class Engine:
             entry = self.models.find_vae(request.vae)
         except KeyError as exc:
             raise RequestError("vae", str(exc.args[0] if exc.args else exc)) from None
-        if entry.path not in self._vae_cache:
+        key = (entry.path, model.vae.config.scaling_factor)
+        if key not in self._vae_cache:
             self._vae_cache.clear()
-            vae = load_vae(entry, dtype=self.policy.vae_dtype, allow_pickle=self.config.allow_pickle)
+            vae = load_vae(
+                entry,
+                dtype=self.policy.vae_dtype,
+                allow_pickle=self.config.allow_pickle,
+                scaling_factor=model.vae.config.scaling_factor,
+            )
             vae.to(self.policy.device).eval().requires_grad_(False)
             self.attention.apply(vae, self.attention_choice.name)
-            self._vae_cache[entry.path] = vae
-        return self._vae_cache[entry.path], entry
+            self._vae_cache[key] = vae
+        return self._vae_cache[key], entry
 
     @contextlib.contextmanager
     def _on_device(self, *modules):
@@ -239,14 +307,19 @@ class Engine:
     def generate(self, request: GenerationRequest, ctx: JobContext | None = None) -> GenerationResult:
         """Run one txt2img / img2img / inpaint job to completion (or interruption)."""
         ctx = ctx or JobContext()
+        if request.styles:
+            p, n = self.styles.apply_styles(request.prompt, request.negative_prompt, request.styles)
+            request = request.model_copy(update={"prompt": p, "negative_prompt": n})
         with self._lock:
             model = self.load_checkpoint(request.model)
             placed = self._cache[self._current]
         info, schedule_type = self.samplers.resolve(request.sampler_name, request.scheduler)
+        hires = None
+        if request.enable_hr and request.mode == "txt2img":
+            hires = self._resolve_hires(request, info.name, schedule_type)
         native = model.native_size
         width = request.width or native
         height = request.height or native
-        is_img2img = isinstance(request, Img2ImgRequest)
         vae, vae_entry = self._vae_for(request, model)
         previewer = placed.previewer if vae is model.vae else LatentPreviewer(vae, vae.config.scaling_factor)
 
@@ -254,106 +327,208 @@ class Engine:
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else -1
         prompt, networks = extract_extra_networks(request.prompt)
         negative, _ = extract_extra_networks(request.negative_prompt)
-        if networks:
-            log.info("extra networks in prompt are not applied yet: %s", networks)
-
-        result = GenerationResult(width=width, height=height, sampler_name=info.name,
-                                  schedule_type=schedule_type, model_name=model.entry.name)
-        encoder = PromptEncoder(model, clip_skip=request.clip_skip, emphasis=request.emphasis)
         hooks = Hooks()
         for factory in self.hooks_factories:
             part = factory(self, request, model)
             if part is not None:
                 hooks.unet_inputs.extend(part.unet_inputs)
                 hooks.cfg.extend(part.cfg)
-
-        ctx.progress.update(job_no=0, job_count=request.n_iter, step=0, steps=request.steps,
-                            started_at=time.monotonic(), textinfo="")
-        for n in range(request.n_iter):
-            ctx.cancel.clear_skip()
-            if ctx.cancel.interrupted:
-                break
-            seeds = [seed + n * request.batch_size + i for i in range(request.batch_size)]
-            subseeds = [subseed + n * request.batch_size + i for i in range(request.batch_size)] \
-                if subseed >= 0 else []
-            ctx.progress.update(job_no=n, step=0)
-            batch_imgs, stopped = self._run_batch(
-                request, model, vae, previewer, encoder, hooks, ctx, prompt, negative, width, height,
-                seeds, subseeds, schedule_type, info.name,
+        final_w, final_h = (hires["width"], hires["height"]) if hires else (width, height)
+        result = GenerationResult(
+            width=final_w,
+            height=final_h,
+            sampler_name=info.name,
+            schedule_type=schedule_type,
+            model_name=model.entry.name,
+        )
+        ctx.progress.update(
+            job_no=0,
+            job_count=request.n_iter,
+            step=0,
+            steps=request.steps,
+            started_at=time.monotonic(),
+            textinfo="",
+        )
+        with self.networks.applied(model, networks) as lora_params:
+            encoder = PromptEncoder(
+                model, clip_skip=request.clip_skip, emphasis=request.emphasis, embeddings=self.embeddings
             )
-            for i, im in enumerate(batch_imgs):
-                params = self._infotext_params(request, model, vae_entry, info.name, schedule_type,
-                                               seeds[i], subseeds[i] if subseeds else None, width, height)
-                text = build_infotext(request.prompt, request.negative_prompt, params)
-                manifest = self._manifest(request, model, vae_entry, schedule_type, info.name, seeds[i],
-                                          subseeds[i] if subseeds else None, width, height)
-                result.images.append(im)
-                result.infotexts.append(text)
-                result.seeds.append(seeds[i])
-                result.subseeds.append(subseeds[i] if subseeds else -1)
-                result.manifests.append(manifest)
-                if request.save_images and self.config.save_images:
-                    folder = output_folder(self.config.outputs_dir, request.mode)
-                    result.paths.append(save_image(im, folder, infotext=text, manifest=manifest, seed=seeds[i],
-                                                   pattern=self.config.filename_pattern))
-            if stopped is not None:
-                if stopped.skipped:
-                    result.skipped_batches += 1
-                else:
-                    result.interrupted = True
+            job = _JobState(
+                request,
+                model,
+                vae,
+                previewer,
+                hooks,
+                ctx,
+                encoder,
+                prompt,
+                negative,
+                width,
+                height,
+                info.name,
+                schedule_type,
+                hires,
+            )
+            for n in range(request.n_iter):
+                ctx.cancel.clear_skip()
+                if ctx.cancel.interrupted:
                     break
+                seeds = [seed + n * request.batch_size + i for i in range(request.batch_size)]
+                subseeds = (
+                    [subseed + n * request.batch_size + i for i in range(request.batch_size)]
+                    if subseed >= 0
+                    else []
+                )
+                ctx.progress.update(job_no=n, step=0)
+                batch_imgs, stopped = self._run_batch(job, seeds, subseeds)
+                extra = {**(hires["params"] if hires else {}), **lora_params, **encoder.infotext_params()}
+                for i, im in enumerate(batch_imgs):
+                    sub = subseeds[i] if subseeds else None
+                    params = self._infotext_params(
+                        request, model, vae_entry, info.name, schedule_type, seeds[i], sub, width, height
+                    )
+                    params = {**params, **extra}
+                    params["Version"] = params.pop("Version")
+                    text = build_infotext(request.prompt, request.negative_prompt, params)
+                    manifest = self._manifest(
+                        request, model, vae_entry, schedule_type, info.name, seeds[i], sub, width, height
+                    )
+                    result.images.append(im)
+                    result.infotexts.append(text)
+                    result.seeds.append(seeds[i])
+                    result.subseeds.append(sub if sub is not None else -1)
+                    result.manifests.append(manifest)
+                    if request.save_images and self.config.save_images:
+                        folder = output_folder(self.config.outputs_dir, request.mode)
+                        result.paths.append(
+                            save_image(
+                                im,
+                                folder,
+                                infotext=text,
+                                manifest=manifest,
+                                seed=seeds[i],
+                                pattern=self.config.filename_pattern,
+                                model_name=model.entry.name,
+                                prompt=request.prompt,
+                            )
+                        )
+                if stopped is not None:
+                    if stopped.skipped:
+                        result.skipped_batches += 1
+                    else:
+                        result.interrupted = True
+                        break
         ctx.progress.update(job_no=request.n_iter, step=0, interrupted=result.interrupted)
         return result
 
-    def _run_batch(self, request, model, vae, previewer, encoder, hooks, ctx, prompt, negative, width,
-                   height, seeds, subseeds, schedule_type, sampler_name):
-        """Denoise and decode one batch of images; returns (images, Interrupted or None)."""
+    def _resolve_hires(self, request: GenerationRequest, sampler: str, schedule_type: str) -> dict:
+        """Check the hires-fix settings up front and work out its target size and infotext keys."""
+        w0 = request.width or 0
+        h0 = request.height or 0
+        if not w0 or not h0:
+            native = self.current_model.native_size
+            w0, h0 = w0 or native, h0 or native
+        rx, ry = request.hr_resize_x, request.hr_resize_y
+        if rx or ry:
+            tw = rx or round(ry * w0 / h0)
+            th = ry or round(rx * h0 / w0)
+        else:
+            tw, th = w0 * request.hr_scale, h0 * request.hr_scale
+        tw, th = max(64, int(tw) // 8 * 8), max(64, int(th) // 8 * 8)
+        if tw * th > 2048 * 2048:
+            raise RequestError("hr_scale", f"hires size {tw}x{th} is too large (at most 2048x2048 pixels)")
+        up = request.hr_upscaler or "Latent"
+        if not is_latent_mode(up) and up not in self.upscalers.names():
+            raise RequestError(
+                "hr_upscaler",
+                f"unknown upscaler {up!r}; choose one of: "
+                + ", ".join(latent_modes() + self.upscalers.names()),
+            )
+        hr_sampler, hr_sched = sampler, schedule_type
+        if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
+            hr_info, hr_sched = self.samplers.resolve(request.hr_sampler_name, request.scheduler)
+            hr_sampler = hr_info.name
+        params: dict[str, Any] = {"Denoising strength": _num(request.denoising_strength)}
+        if rx or ry:
+            params["Hires resize"] = f"{tw}x{th}"
+        else:
+            params["Hires upscale"] = _num(request.hr_scale)
+        if request.hr_second_pass_steps:
+            params["Hires steps"] = request.hr_second_pass_steps
+        params["Hires upscaler"] = up
+        if hr_sampler != sampler:
+            params["Hires sampler"] = hr_sampler
+        if request.hr_prompt and request.hr_prompt != request.prompt:
+            params["Hires prompt"] = request.hr_prompt
+        if request.hr_negative_prompt and request.hr_negative_prompt != request.negative_prompt:
+            params["Hires negative prompt"] = request.hr_negative_prompt
+        return {
+            "width": tw,
+            "height": th,
+            "upscaler": up,
+            "sampler": hr_sampler,
+            "schedule_type": hr_sched,
+            "steps": request.hr_second_pass_steps or request.steps,
+            "params": params,
+        }
+
+    def _encode_images(self, vae, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images (same size) -> scaled latents (B,C,h,w) on the engine's device."""
+        scaling = vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        with self._on_device(vae), torch.inference_mode():
+            param = next(vae.parameters())
+            pix = torch.cat([imgs.pil_to_tensor(im) for im in images]).to(param.device, param.dtype)
+            z = vae.encode(pix).latent_dist.mode().float()
+        return ((z - shift) * scaling).to(self.policy.device)
+
+    def _run_batch(self, job: _JobState, seeds: list[int], subseeds: list[int]):
+        """Denoise (first pass, then hires fix if asked) and decode one batch; returns (images, Interrupted|None)."""
+        request, model, vae = job.request, job.model, job.vae
         dev = self.policy.device
         factor = model.vae_scale_factor
         lat_c = vae.config.latent_channels
+        width, height = job.width, job.height
         lh, lw = height // factor, width // factor
+        b = len(seeds)
         resize_from = None
         if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
             resize_from = (request.seed_resize_from_h // factor, request.seed_resize_from_w // factor)
-        noise, gens = batch_noise((lat_c, lh, lw), seeds, subseeds=subseeds or None,
-                                  subseed_strength=request.subseed_strength, resize_from=resize_from)
-        noise = noise.to(dev)
-        sched = self.samplers.create(
-            sampler_name, schedule_type, dict(model.scheduler_config), eta=request.eta, s_churn=request.s_churn,
-            s_tmin=request.s_tmin, s_tmax=request.s_tmax, s_noise=request.s_noise,
+        noise, gens = batch_noise(
+            (lat_c, lh, lw),
+            seeds,
+            subseeds=subseeds or None,
+            subseed_strength=request.subseed_strength,
+            resize_from=resize_from,
         )
-        scaling = vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        b = len(seeds)
+        noise = noise.to(dev)
 
         init_latents = blend = unet_concat = None
         original = mask_img = box = None
+        strength = 1.0
         if isinstance(request, Img2ImgRequest):
+            strength = request.denoising_strength
             original = request.init_images[0]
             work = original
             if isinstance(request, InpaintRequest):
-                mask_img = imgs.prepare_mask(request.mask, invert=request.inpainting_mask_invert,
-                                             blur=request.mask_blur)
+                mask_img = imgs.prepare_mask(
+                    request.mask, invert=request.inpainting_mask_invert, blur=request.mask_blur
+                )
                 if request.inpaint_full_res:
                     box = imgs.masked_region(mask_img, request.inpaint_full_res_padding, width, height)
                     if box is not None:
                         work = original.crop(box)
-            pixel_mode = "Just resize" if request.resize_mode == "Just resize (latent upscale)" else request.resize_mode
-            if box is not None:
-                pixel_mode = "Just resize"
+            pixel_mode = request.resize_mode if box is None else "Just resize"
             work_rs = imgs.resize_image(work, width, height, pixel_mode)
             work_mask = None
             if mask_img is not None:
                 m = mask_img.crop(box) if box is not None else mask_img
-                if box is None and pixel_mode != "Just resize":
+                if pixel_mode not in ("Just resize", "Just resize (latent upscale)"):
                     m = imgs.resize_image(m.convert("RGB"), width, height, pixel_mode).convert("L")
                 work_mask = m.resize((width, height), Image.LANCZOS)
                 if request.inpainting_fill == "fill":
                     work_rs = imgs.fill_masked(work_rs, work_mask)
-            with self._on_device(vae):
-                pix = imgs.pil_to_tensor(work_rs).to(dev, next(vae.parameters()).dtype)
-                z = vae.encode(pix).latent_dist.mode().float()
-            init_latents = ((z - shift) * scaling).repeat(b, 1, 1, 1)
+            init_latents = self._encode_images(vae, [work_rs]).repeat(b, 1, 1, 1)
             if work_mask is not None:
                 lmask = imgs.mask_to_latent(work_mask, (lh, lw)).to(dev).repeat(b, 1, 1, 1)
                 if request.inpainting_fill == "latent noise":
@@ -361,33 +536,136 @@ class Engine:
                 elif request.inpainting_fill == "latent nothing":
                     init_latents = init_latents * (1 - lmask)
                 if model.kind.inpaint:
-                    masked = pix * (imgs.pil_to_tensor(work_mask.convert("RGB")).to(pix) < 0)
-                    with self._on_device(vae):
-                        mz = vae.encode(masked).latent_dist.mode().float()
-                    mz = ((mz - shift) * scaling).repeat(b, 1, 1, 1)
-                    hard = (lmask > 0.5).float()
-                    unet_concat = torch.cat([hard, mz], dim=1)
+                    keep = np.asarray(work_mask.convert("L")) < 128
+                    masked_img = Image.fromarray(np.asarray(work_rs) * keep[..., None].astype(np.uint8))
+                    mz = self._encode_images(vae, [masked_img]).repeat(b, 1, 1, 1)
+                    unet_concat = torch.cat([(lmask > 0.5).float(), mz], dim=1)
                 else:
                     blend = InpaintBlend(init_latents, noise, lmask)
-            strength = request.denoising_strength
-        elif model.kind.inpaint:
-            # txt2img on an inpainting model: everything is masked, nothing known
-            unet_concat = torch.cat([torch.ones(b, 1, lh, lw, device=dev), torch.zeros(b, lat_c, lh, lw, device=dev)],
-                                    dim=1)
 
+        res = self._denoise_pass(
+            job,
+            job.sampler,
+            job.schedule_type,
+            request.steps,
+            noise,
+            gens,
+            init_latents,
+            strength,
+            job.prompt,
+            job.negative,
+            unet_concat,
+            blend,
+        )
+        latents, stopped = res.latents, res.stopped
+        if job.hires is not None and stopped is None:
+            latents, stopped = self._hires_pass(job, latents, seeds)
+        with self._on_device(vae):
+            out = self.decode(vae, latents)
+        if original is not None and mask_img is not None:
+            out = [imgs.paste_back(original, im, mask_img, box) for im in out]
+        return out, stopped
+
+    def _hires_pass(self, job: _JobState, latents: torch.Tensor, seeds: list[int]):
+        """Hires fix: upscale the first pass (in latent space or through an image upscaler), then img2img."""
+        hr, request, vae = job.hires, job.request, job.vae
+        factor = job.model.vae_scale_factor
+        tw, th = hr["width"], hr["height"]
+        if is_latent_mode(hr["upscaler"]):
+            z = upscale_latents(latents, hr["upscaler"], (th // factor, tw // factor))
+        else:
+            with self._on_device(vae):
+                first = self.decode(vae, latents)
+            big = [
+                self.upscalers.upscale(im, hr["upscaler"], size=(tw, th), cancel=job.ctx.cancel.check)
+                for im in first
+            ]
+            z = self._encode_images(vae, big)
+        noise, gens = batch_noise((z.shape[1], th // factor, tw // factor), seeds)
+        prompt, negative = job.prompt, job.negative
+        if request.hr_prompt:
+            prompt, _ = extract_extra_networks(request.hr_prompt)
+        if request.hr_negative_prompt:
+            negative, _ = extract_extra_networks(request.hr_negative_prompt)
+        res = self._denoise_pass(
+            job,
+            hr["sampler"],
+            hr["schedule_type"],
+            hr["steps"],
+            noise.to(z.device),
+            gens,
+            z,
+            request.denoising_strength,
+            prompt,
+            negative,
+            None,
+            None,
+            size=(tw, th),
+        )
+        return res.latents, res.stopped
+
+    def _denoise_pass(
+        self,
+        job: _JobState,
+        sampler: str,
+        schedule_type: str,
+        steps: int,
+        noise,
+        gens,
+        init_latents,
+        strength: float,
+        prompt: str,
+        negative: str,
+        unet_concat,
+        blend,
+        size: tuple[int, int] | None = None,
+    ):
+        """One run of the denoising loop from noise (txt2img) or from noised init latents (img2img)."""
+        request, model, ctx = job.request, job.model, job.ctx
+        dev = self.policy.device
+        width, height = size or (job.width, job.height)
+        b = noise.shape[0]
+        sched = self.samplers.create(
+            sampler,
+            schedule_type,
+            dict(model.scheduler_config),
+            eta=request.eta,
+            s_churn=request.s_churn,
+            s_tmin=request.s_tmin,
+            s_tmax=request.s_tmax,
+            s_noise=request.s_noise,
+            model_family=model.kind.family,
+        )
+        sched.set_timesteps(steps, device=dev)
         if init_latents is None:
-            sched.set_timesteps(request.steps, device=dev)
             timesteps = sched.timesteps
             latents = noise * sched.init_noise_sigma
+            user_steps = steps
         else:
-            sched.set_timesteps(request.steps, device=dev)
-            timesteps = img2img_timesteps(sched, request.steps, strength, dev)
-            if len(timesteps):
-                latents = sched.add_noise(init_latents, noise, timesteps[:1].repeat(b))
-            else:
-                latents = init_latents
+            timesteps = img2img_timesteps(sched, steps, strength, dev)
+            latents = (
+                sched.add_noise(init_latents, noise, timesteps[:1].repeat(b))
+                if len(timesteps)
+                else init_latents
+            )
+            user_steps = max(1, int(steps * strength))
+        if unet_concat is None and model.kind.inpaint:
+            # an inpainting model outside inpainting: everything masked, nothing known
+            lat_c = noise.shape[1]
+            unet_concat = torch.cat(
+                [
+                    torch.ones(b, 1, *noise.shape[-2:], device=dev),
+                    torch.zeros(b, lat_c, *noise.shape[-2:], device=dev),
+                ],
+                dim=1,
+            )
+        # prompt editing counts user steps; multi-evaluation samplers run more model calls than steps
+        n_evals = max(1, len(timesteps))
+        schedule = PromptSchedule(job.encoder, prompt, negative, user_steps)
 
-        schedule = PromptSchedule(encoder, prompt, negative, max(1, len(timesteps)))
+        def step_of(i: int) -> int:
+            return min(user_steps - 1, i * user_steps // n_evals)
+
         added = None
         if model.kind.family == "sdxl":
             time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=dev)
@@ -396,12 +674,8 @@ class Engine:
                 return {"text_embeds": torch.cat(pooled), "time_ids": time_ids.repeat(len(pooled), 1)}
 
         def conditioning(i):
-            return schedule.at(i)
-
-        if request.cfg_scale == 1.0:
-            def conditioning(i):  # noqa: F811 (no unconditional pass needed without guidance)
-                _, conds = schedule.at(i)
-                return None, conds
+            uncond, conds = schedule.at(step_of(i))
+            return (None if request.cfg_scale == 1.0 else uncond), conds
 
         every = max(0, self.config.preview_every)
 
@@ -409,28 +683,29 @@ class Engine:
             upd = {"step": done, "steps": total}
             if every and (done % every == 0 or done == total):
                 try:
-                    upd["preview"] = previewer(denoised)
+                    upd["preview"] = job.previewer(denoised)
                     upd["preview_step"] = done
                 except Exception as exc:  # a preview must never fail the job
                     log.debug("preview failed: %s", exc)
             ctx.progress.update(**upd)
 
         with self._on_device(model.text_encoder, model.text_encoder_2):
-            schedule.at(0)  # encode up front so text encoders can go back to the CPU
-            for i in range(1, len(timesteps)):
+            for i in range(user_steps):  # encode up front so text encoders can go back to the CPU
                 schedule.at(i)
-        ctx.progress.update(steps=len(timesteps))
-        loop_in = LoopInputs(latents=latents, timesteps=timesteps, scheduler=sched, conditioning=conditioning,
-                             cfg_scale=request.cfg_scale, generators=gens, added_cond_kwargs=added,
-                             unet_concat=unet_concat, inpaint=blend)
+        ctx.progress.update(step=0, steps=len(timesteps))
+        loop_in = LoopInputs(
+            latents=latents,
+            timesteps=timesteps,
+            scheduler=sched,
+            conditioning=conditioning,
+            cfg_scale=request.cfg_scale,
+            generators=gens,
+            added_cond_kwargs=added,
+            unet_concat=unet_concat,
+            inpaint=blend,
+        )
         with self._on_device(model.unet), torch.inference_mode():
-            res = denoise(model.unet, loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
-        with self._on_device(vae):
-            decoded = self.decode(vae, res.latents)
-        out = decoded
-        if original is not None and mask_img is not None:
-            out = [imgs.paste_back(original, im, mask_img, box) for im in decoded]
-        return out, res.stopped
+            return denoise(model.unet, loop_in, hooks=job.hooks, cancel=ctx.cancel, on_step=on_step)
 
     @torch.inference_mode()
     def decode(self, vae, latents: torch.Tensor) -> list[Image.Image]:
@@ -500,8 +775,13 @@ class Engine:
             "transformers": transformers.__version__,
             "python": platform.python_version(),
             "mode": request.mode,
-            "model": {"name": model.entry.name, "sha256": model.sha256, "family": model.kind.family,
-                      "inpaint": model.kind.inpaint, "prediction_type": model.kind.prediction_type},
+            "model": {
+                "name": model.entry.name,
+                "sha256": model.sha256,
+                "family": model.kind.family,
+                "inpaint": model.kind.inpaint,
+                "prediction_type": model.kind.prediction_type,
+            },
             "vae": None if vae_entry is None else {"name": vae_entry.name, "sha256": vae_entry.sha256},
             "sampler": sampler,
             "schedule_type": schedule_type,

@@ -87,7 +87,9 @@ class JobQueue:
             self._cv.notify_all()
         return job
 
-    def call(self, run: Callable[[JobContext], Any], *, kind: str = "task", timeout: float | None = None) -> Any:
+    def call(
+        self, run: Callable[[JobContext], Any], *, kind: str = "task", timeout: float | None = None
+    ) -> Any:
         """Submit and wait; re-raise the job's error. For short tasks that must not overlap a generation."""
         job = self.submit(run, kind=kind)
         job.wait(timeout)

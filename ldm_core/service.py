@@ -30,7 +30,9 @@ class Service:
 
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a generation; returns at once. `job.result` is a GenerationResult when `job.state == 'done'`."""
-        return self.queue.submit(lambda ctx: self.engine.generate(request, ctx), kind=request.mode, request=request)
+        return self.queue.submit(
+            lambda ctx: self.engine.generate(request, ctx), kind=request.mode, request=request
+        )
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
         """Queue a generation and wait for it; re-raises the job's error."""

@@ -1,6 +1,6 @@
 """The engine end to end on tiny random-weight models: every family in both file layouts, every sampler,
-seeds, variation seeds, interrupt/skip, img2img, inpaint (normal and 9-channel models), outputs, bad input, and
-an exact match against the plain diffusers pipeline."""
+seeds, variation seeds, interrupt/skip, img2img, inpaint (normal and 9-channel models), hires fix, styles,
+outputs, bad input, and an exact match against the plain diffusers pipeline."""
 
 from __future__ import annotations
 
@@ -49,8 +49,16 @@ def sd1_engine(tmp_path_factory, tiny_models):
 
 
 def req(**kw):
-    base = dict(prompt="a red circle", negative_prompt="blue", steps=3, width=SIZE, height=SIZE, seed=11,
-                sampler_name="Euler a", save_images=False)
+    base = dict(
+        prompt="a red circle",
+        negative_prompt="blue",
+        steps=3,
+        width=SIZE,
+        height=SIZE,
+        seed=11,
+        sampler_name="Euler a",
+        save_images=False,
+    )
     base.update(kw)
     return GenerationRequest.build(**base)
 
@@ -157,15 +165,42 @@ def test_skip_moves_to_next_batch(sd1_engine):
 
 def test_img2img_strength(sd1_engine):
     init = Image.new("RGB", (SIZE, SIZE), (200, 30, 30))
-    low = sd1_engine.generate(Img2ImgRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init],
-                                                     "denoising_strength": 0.0}))
-    assert "Denoising strength: 0" in low.infotexts[0]
-    high = sd1_engine.generate(Img2ImgRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init],
-                                                      "denoising_strength": 0.9}))
-    # strength 0 keeps the image (through the VAE round trip), 0.9 changes it more
-    d_low = np.abs(arr(low.images[0]) - arr(init)).mean()
-    d_high = np.abs(arr(high.images[0]) - arr(init)).mean()
-    assert d_low < d_high
+
+    def i2i(strength, seed):
+        base = {**req().model_dump(exclude={"mode", "denoising_strength"}), "seed": seed}
+        return sd1_engine.generate(Img2ImgRequest.build(**base, init_images=[init], denoising_strength=strength))
+
+    keep_a, keep_b = i2i(0.0, 1), i2i(0.0, 2)
+    assert "Denoising strength: 0" in keep_a.infotexts[0]
+    # strength 0 runs no step: the image is the VAE round trip of the init image, whatever the seed
+    assert np.array_equal(arr(keep_a.images[0]), arr(keep_b.images[0]))
+    far_a, far_b = i2i(0.9, 1), i2i(0.9, 2)
+    assert not np.array_equal(arr(far_a.images[0]), arr(far_b.images[0]))
+    assert not np.array_equal(arr(far_a.images[0]), arr(keep_a.images[0]))
+
+
+def test_hires_fix_size_and_infotext(sd1_engine):
+    res = sd1_engine.generate(req(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2,
+                                  denoising_strength=0.5))
+    assert res.images[0].size == (96, 96)
+    text = res.infotexts[0]
+    assert "Size: 64x64" in text and "Hires upscale: 1.5" in text and "Hires upscaler: Latent" in text
+    assert "Hires steps: 2" in text and "Denoising strength: 0.5" in text
+    res = sd1_engine.generate(req(enable_hr=True, hr_resize_x=128, hr_upscaler="Lanczos", denoising_strength=0.3))
+    assert res.images[0].size == (128, 128)
+    assert "Hires resize: 128x128" in res.infotexts[0]
+    with pytest.raises(RequestError) as exc:
+        sd1_engine.generate(req(enable_hr=True, hr_upscaler="nope"))
+    assert exc.value.field == "hr_upscaler" and "Lanczos" in exc.value.message
+
+
+def test_styles_applied(sd1_engine, tmp_path):
+    sd1_engine.styles.path.write_text("name,prompt,negative_prompt\nred,{prompt} in red,ugly\n")
+    res = sd1_engine.generate(req(prompt="a circle", styles=["red"]))
+    assert res.infotexts[0].startswith("a circle in red\nNegative prompt: blue, ugly")
+    with pytest.raises(RequestError) as exc:
+        sd1_engine.generate(req(styles=["missing"]))
+    assert exc.value.field == "styles"
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd1_inpaint"])
@@ -176,8 +211,16 @@ def test_inpaint_keeps_unmasked_pixels(tmp_path, tiny_models, family, fill):
     init = Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
     mask = Image.new("L", (SIZE, SIZE), 0)
     mask.paste(255, (16, 16, 48, 48))
-    r = InpaintRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init], "mask": mask,
-                                "mask_blur": 0, "inpainting_fill": fill, "denoising_strength": 1.0})
+    r = InpaintRequest.build(
+        **{
+            **req().model_dump(exclude={"mode"}),
+            "init_images": [init],
+            "mask": mask,
+            "mask_blur": 0,
+            "inpainting_fill": fill,
+            "denoising_strength": 1.0,
+        }
+    )
     out = engine.generate(r).images[0]
     a, b = arr(out), arr(init)
     assert np.array_equal(a[:8], b[:8])  # far from the mask: untouched
@@ -188,8 +231,15 @@ def test_inpaint_only_masked(sd1_engine):
     init = Image.new("RGB", (128, 96), (10, 120, 200))
     mask = Image.new("L", (128, 96), 0)
     mask.paste(255, (90, 60, 110, 80))
-    r = InpaintRequest.build(**{**req().model_dump(exclude={"mode"}), "init_images": [init], "mask": mask,
-                                "inpaint_full_res": True, "inpaint_full_res_padding": 8})
+    r = InpaintRequest.build(
+        **{
+            **req().model_dump(exclude={"mode"}),
+            "init_images": [init],
+            "mask": mask,
+            "inpaint_full_res": True,
+            "inpaint_full_res_padding": 8,
+        }
+    )
     res = sd1_engine.generate(r)
     assert res.images[0].size == (128, 96)
     assert np.array_equal(arr(res.images[0])[:40, :60], arr(init)[:40, :60])
@@ -260,12 +310,24 @@ def test_matches_plain_diffusers_pipeline(tmp_path, tiny_models):
     engine = make_engine(tmp_path, {"tiny": folder})
     r = req(sampler_name="Euler", steps=5, cfg_scale=6.0)
     ours = engine.generate(r).images[0]
-    pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder,
+        local_files_only=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.scheduler = engine.samplers.create("Euler", "Automatic", dict(engine.current_model.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
-    theirs = pipe(r.prompt, negative_prompt=r.negative_prompt, num_inference_steps=5, guidance_scale=6.0,
-                  width=SIZE, height=SIZE, generator=torch.Generator("cpu").manual_seed(11)).images[0]
+    theirs = pipe(
+        r.prompt,
+        negative_prompt=r.negative_prompt,
+        num_inference_steps=5,
+        guidance_scale=6.0,
+        width=SIZE,
+        height=SIZE,
+        generator=torch.Generator("cpu").manual_seed(11),
+    ).images[0]
     assert np.abs(arr(ours) - arr(theirs)).max() <= 2
 
 

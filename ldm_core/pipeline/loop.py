@@ -167,7 +167,9 @@ def denoise(
         denoised = pred if pred is not None else latents
         if inputs.inpaint is not None:
             latents = _blend_known(sched, inputs.inpaint, latents, inputs.timesteps, i)
-            denoised = inputs.inpaint.init_latents * (1 - inputs.inpaint.mask) + denoised * inputs.inpaint.mask
+            denoised = (
+                inputs.inpaint.init_latents * (1 - inputs.inpaint.mask) + denoised * inputs.inpaint.mask
+            )
         if on_step is not None:
             on_step(i + 1, total, denoised)
     return LoopResult(latents, total)

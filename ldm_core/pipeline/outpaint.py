@@ -38,8 +38,12 @@ def _ramp(n: int, length: int) -> np.ndarray:
     return np.clip(1.0 - (i + 0.5) / length, 0.0, 1.0)
 
 
-def outpaint_mask(size: tuple[int, int], box: tuple[int, int, int, int], blend: int,
-                  sides: tuple[bool, bool, bool, bool] | None = None) -> Image.Image:
+def outpaint_mask(
+    size: tuple[int, int],
+    box: tuple[int, int, int, int],
+    blend: int,
+    sides: tuple[bool, bool, bool, bool] | None = None,
+) -> Image.Image:
     """Mask for a canvas of `size` = (w, h) whose original occupies `box`: 255 outside the box; inside, a
     linear ramp over `blend` px from each side in `sides` (left, top, right, bottom; default: each side where
     the canvas grew), 0 elsewhere."""
@@ -76,8 +80,16 @@ def _grow(n: int, a: int, b: int, multiple: int) -> tuple[int, int]:
     return a, b + extra
 
 
-def outpaint_canvas(image: Image.Image, *, left: int = 0, right: int = 0, up: int = 0, down: int = 0,
-                    blend: int = 16, multiple: int = 8) -> Outpaint:
+def outpaint_canvas(
+    image: Image.Image,
+    *,
+    left: int = 0,
+    right: int = 0,
+    up: int = 0,
+    down: int = 0,
+    blend: int = 16,
+    multiple: int = 8,
+) -> Outpaint:
     """Grow `image` by the given px on each side (a grown axis is enlarged further so its length is a multiple
     of `multiple`, as the models need), fill the new area from the edge colours and build the mask."""
     image = image.convert("RGB")
@@ -121,8 +133,16 @@ def _size8(n: int) -> int:
     return min(MAX_SIDE, max(64, round(n / 8) * 8))
 
 
-def outpaint_request(image: Image.Image, *, left: int = 0, right: int = 0, up: int = 0, down: int = 0,
-                     blend: int = 16, **fields: Any) -> InpaintRequest:
+def outpaint_request(
+    image: Image.Image,
+    *,
+    left: int = 0,
+    right: int = 0,
+    up: int = 0,
+    down: int = 0,
+    blend: int = 16,
+    **fields: Any,
+) -> InpaintRequest:
     """An InpaintRequest that outpaints `image`: the grown canvas as init image, the outpaint mask, width and
     height set to the canvas size (an axis that did not grow and is not a multiple of 8 is worked at the
     nearest multiple of 8; the engine resizes and pastes back at the canvas size). `fields` are other request
@@ -133,6 +153,7 @@ def outpaint_request(image: Image.Image, *, left: int = 0, right: int = 0, up: i
     op = outpaint_canvas(image, left=left, right=right, up=up, down=down, blend=blend)
     values: dict[str, Any] = {"inpainting_fill": "fill", "mask_blur": 0}
     values.update(fields)
-    values.update(init_images=[op.canvas], mask=op.mask, width=_size8(op.canvas.width),
-                  height=_size8(op.canvas.height))
+    values.update(
+        init_images=[op.canvas], mask=op.mask, width=_size8(op.canvas.width), height=_size8(op.canvas.height)
+    )
     return InpaintRequest.build(**values)

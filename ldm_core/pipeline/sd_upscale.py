@@ -51,8 +51,16 @@ def _round8(n: int) -> int:
     return max(64, round(n / 8) * 8)
 
 
-def sd_upscale(request: Img2ImgRequest, generate: GenerateFn, registry: UpscalerRegistry, *, upscaler: str,
-               scale: float = 2.0, overlap: int = 64, progress: ProgressFn | None = None) -> SDUpscaleResult:
+def sd_upscale(
+    request: Img2ImgRequest,
+    generate: GenerateFn,
+    registry: UpscalerRegistry,
+    *,
+    upscaler: str,
+    scale: float = 2.0,
+    overlap: int = 64,
+    progress: ProgressFn | None = None,
+) -> SDUpscaleResult:
     """Upscale `request.init_images[0]` by `scale` with `upscaler`, then img2img every tile (tile size =
     request.width x request.height, default 512) with the request's prompt, sampler, steps and
     denoising_strength, and blend. `request.batch_size` tiles go into one generate call; `request.n_iter`
@@ -106,15 +114,17 @@ def sd_upscale(request: Img2ImgRequest, generate: GenerateFn, registry: Upscaler
 
 def _tile_request(request: Img2ImgRequest, crops: list[Image.Image], seed: int) -> Img2ImgRequest:
     w, h = crops[0].size
-    return request.model_copy(update={
-        "init_images": crops,
-        "width": _round8(w),
-        "height": _round8(h),
-        "seed": seed,
-        "batch_size": len(crops),
-        "n_iter": 1,
-        "save_images": False,
-    })
+    return request.model_copy(
+        update={
+            "init_images": crops,
+            "width": _round8(w),
+            "height": _round8(h),
+            "seed": seed,
+            "batch_size": len(crops),
+            "n_iter": 1,
+            "save_images": False,
+        }
+    )
 
 
 def _tile_output(images: list[Image.Image], k: int, tile: Tile, base: torch.Tensor) -> torch.Tensor:
