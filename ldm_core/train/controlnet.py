@@ -1,0 +1,525 @@
+"""A ControlNet trainer for the built-in model (or any SD 1.x/2.x diffusers folder) on the shapes world:
+canny edges of a render -> the render, and its evaluation through the engine and the ControlNet extension.
+
+Recipe (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models"): the ControlNet
+starts as a copy of the base UNet's encoder and middle block with zero-initialised output convolutions
+(`ControlNetModel.from_unet`), the base model stays frozen, and the ControlNet learns to make the frozen
+UNet denoise towards the image whose edges it is given. Loss: the usual denoising MSE in the base
+model's prediction type (v for the built-in), timesteps uniform. Data are rendered on the fly (a batch is
+a function of (seed, step)); the control map is OpenCV's Canny (thresholds 100/200, as the extension's
+"canny" preprocessor) of the render at the model's native size. Captions are the scene's own, except:
+with probability `prompt_mismatch` they describe the same colours with other shapes and positions (so the
+edges, not the text, decide shape and position), and with `caption_dropout` they are empty (so the
+ControlNet works under classifier-free guidance).
+
+Output: a diffusers ControlNet folder (config.json + fp16 diffusion_pytorch_model.safetensors + TRAINING.json)
+which the extension finds in models/ControlNet. Evaluation (`evaluate`): held-out edge maps of a circle in
+the bottom right with the prompt "a red square"; success = the analyser's largest object is a red circle
+in the bottom right. Also reported: random shapes/positions with a prompt naming another shape.
+
+CLI: `python -m ldm_core.train.controlnet train --base models/builtin --out models/ControlNet/builtin-canny`
+and `python -m ldm_core.train.controlnet eval --base models/builtin --controlnet models/ControlNet/builtin-canny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ldm_core.train import shapes
+
+CANNY_LOW, CANNY_HIGH = 100, 200
+EVAL_PROMPT = "a red square"
+
+
+@dataclass
+class ControlNetTrainOptions:
+    """One training run. `resolution` None = the base model's native size; `max_seconds` a wall-clock
+    budget (the learning-rate schedule then runs on time); `export_every` seconds between exports of the
+    folder during training (0 = only at the end)."""
+
+    base: Path
+    out: Path
+    steps: int = 20000
+    batch: int = 64
+    lr: float = 1e-4
+    warmup_steps: int = 500
+    min_lr_ratio: float = 0.1
+    resolution: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    caption_dropout: float = 0.1
+    prompt_mismatch: float = 0.3
+    max_seconds: float | None = None
+    export_every: float = 900.0
+    log_every: int = 100
+    resume: bool = False
+    eval_n: int = 200
+    allow_pickle: bool = False
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def canny_maps(images: torch.Tensor, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> torch.Tensor:
+    """Canny edge maps of (N, 3, H, W) images in [0, 1]: float32 (N, 3, H, W) in {0, 1} on the CPU."""
+    arr = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    edges = np.stack([cv2.Canny(np.ascontiguousarray(a), low, high) for a in arr])
+    return torch.from_numpy(edges).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+
+
+def lying_caption(scene: shapes.Scene, rng: random.Random) -> str:
+    """A caption with the scene's colours and sizes but other shapes and positions."""
+    objs = []
+    for o in scene.objects:
+        shape = rng.choice([s for s in shapes.SHAPES if s != o.shape])
+        pos = rng.choice([p for p in shapes.POSITIONS if p != o.position])
+        objs.append(shapes.make_object(shape, o.colour, o.size, pos))
+    return shapes.caption(shapes.Scene(scene.background, tuple(objs)), rng)
+
+
+def training_batch(seed: int, step: int, n: int, opts: ControlNetTrainOptions) -> tuple[list[shapes.Scene], list[str]]:
+    """Scenes and captions of batch `step` (a function of seed and step only)."""
+    scenes = shapes.sample_scenes(f"controlnet:{seed}:{step}", n)
+    rng = random.Random(f"controlnet-captions:{seed}:{step}")
+    captions = []
+    for s in scenes:
+        u = rng.random()
+        if u < opts.caption_dropout:
+            captions.append("")
+        elif u < opts.caption_dropout + opts.prompt_mismatch:
+            captions.append(lying_caption(s, rng))
+        else:
+            captions.append(s.caption)
+    return scenes, captions
+
+
+class TextEncoder:
+    """Batched caption encoding for training: one text-encoder call per batch for SD 1.x/2.x (the same
+    hidden states the engine's PromptEncoder gives plain captions), PromptEncoder otherwise."""
+
+    def __init__(self, model) -> None:
+        from ldm_core.prompts.encode import PromptEncoder
+        from ldm_core.train.builtin import CaptionTokenizer
+
+        self.model = model
+        self.batched = model.kind.family in ("sd1", "sd2")
+        self.tok = CaptionTokenizer(model.tokenizer) if self.batched else None
+        self.prompts = PromptEncoder(model)
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.batched:
+            ids = self.tok(texts).to(device)
+            return self.model.text_encoder(ids)[0], None
+        embeds, pooled = self.prompts.encode_batch(texts, 1)
+        return embeds, pooled
+
+
+def _lr(opts: ControlNetTrainOptions, step: int, progress: float) -> float:
+    if opts.warmup_steps and step < opts.warmup_steps:
+        return opts.lr * (step + 1) / opts.warmup_steps
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cos)
+
+
+def export(controlnet, out: Path, record: dict) -> None:
+    """Write the ControlNet as an fp16 diffusers folder with TRAINING.json, atomically."""
+    import copy
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    half = copy.deepcopy(controlnet).to("cpu", torch.float16)
+    half.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = print) -> dict:
+    """Train and export; returns the training record (steps, losses, seconds, parameters, bytes)."""
+    from diffusers import ControlNetModel, DDPMScheduler
+
+    from ldm_core.models import load_model
+
+    t0 = time.perf_counter()
+    torch.manual_seed(opts.seed)
+    dev = _device(opts.device)
+    model = load_model(opts.base, dtype=torch.float32, allow_pickle=opts.allow_pickle)
+    for m in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
+        if m is not None:
+            m.to(dev).eval().requires_grad_(False)
+    res = opts.resolution or model.native_size
+    if opts.resume and (Path(opts.out) / "config.json").is_file():
+        from ldm_core.models import load_state_dict
+
+        cfg = json.loads((Path(opts.out) / "config.json").read_text(encoding="utf-8"))
+        controlnet = ControlNetModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+        controlnet.load_state_dict(load_state_dict(Path(opts.out) / "diffusion_pytorch_model.safetensors"))
+        controlnet.float()
+        log(f"resuming from {opts.out}")
+    else:
+        controlnet = ControlNetModel.from_unet(model.unet)
+    controlnet.to(dev).train()
+    n_params = sum(p.numel() for p in controlnet.parameters())
+    log(f"ControlNet with {n_params / 1e6:.2f}M parameters on a {model.kind.family} base at {res}px, device {dev}")
+    kw = {"fused": True} if dev.type == "cuda" else {}
+    optim = torch.optim.AdamW(controlnet.parameters(), lr=opts.lr, betas=(0.9, 0.99), weight_decay=0.0, **kw)
+    text = TextEncoder(model)
+    sched = DDPMScheduler.from_config(dict(model.scheduler_config))
+    prediction = sched.config.prediction_type
+    n_train = sched.config.num_train_timesteps
+    vae = model.vae
+    scaling = vae.config.scaling_factor
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    losses: list[float] = []
+    ema = None
+    step = 0
+    last_export = time.perf_counter()
+
+    def record() -> dict:
+        return {
+            "recipe": "ldm_core.train.controlnet (canny edges -> shapes render)",
+            "options": {k: str(v) for k, v in asdict(opts).items()},
+            "base": str(opts.base),
+            "family": model.kind.family,
+            "resolution": res,
+            "steps": step,
+            "final_loss": ema,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "parameters": n_params,
+            "canny": [CANNY_LOW, CANNY_HIGH],
+            "command": command_line(),
+        }
+
+    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+    for step in range(1, opts.steps + 1):
+        elapsed = time.perf_counter() - t0
+        if opts.max_seconds is not None and elapsed > opts.max_seconds:
+            log(f"time budget reached after {step - 1} steps")
+            step -= 1
+            break
+        progress = step / opts.steps
+        if opts.max_seconds:
+            progress = max(progress, elapsed / opts.max_seconds)
+        for g in optim.param_groups:
+            g["lr"] = _lr(opts, step - 1, progress)
+        scenes, captions = training_batch(opts.seed, step, opts.batch, opts)
+        images = shapes.render(scenes, res, device=dev)
+        control = canny_maps(images).to(dev)
+        with torch.no_grad():
+            z = vae.encode(images * 2 - 1).latent_dist.sample(generator=None)
+            latents = (z - shift) * scaling
+            embeds, pooled = text(captions, dev)
+        noise = torch.randn(latents.shape, generator=gen).to(dev)
+        t = torch.randint(0, n_train, (latents.shape[0],), generator=gen).to(dev)
+        noisy = sched.add_noise(latents, noise, t)
+        target = sched.get_velocity(latents, noise, t) if prediction == "v_prediction" else noise
+        added = None
+        if model.kind.family == "sdxl":
+            time_ids = torch.tensor([[res, res, 0, 0, res, res]], device=dev, dtype=embeds.dtype)
+            added = {"text_embeds": pooled, "time_ids": time_ids.repeat(latents.shape[0], 1)}
+        with amp:
+            down, mid = controlnet(
+                noisy,
+                t,
+                encoder_hidden_states=embeds,
+                controlnet_cond=control,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            pred = model.unet(
+                noisy,
+                t,
+                encoder_hidden_states=embeds,
+                added_cond_kwargs=added,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample
+        loss = F.mse_loss(pred.float(), target.float())
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        optim.step()
+        losses.append(float(loss.detach()))
+        ema = losses[-1] if ema is None else 0.98 * ema + 0.02 * losses[-1]
+        if opts.log_every and (step % opts.log_every == 0 or step == opts.steps):
+            log(
+                f"step {step}/{opts.steps} loss {ema:.4f} lr {optim.param_groups[0]['lr']:.2e} "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
+        if opts.export_every and time.perf_counter() - last_export > opts.export_every:
+            export(controlnet.eval(), opts.out, record())
+            controlnet.train()
+            last_export = time.perf_counter()
+    controlnet.eval()
+    rec = record()
+    rec["first_loss"] = losses[0] if losses else None
+    export(controlnet, opts.out, rec)
+    weights = Path(opts.out) / "diffusion_pytorch_model.safetensors"
+    rec["bytes"] = weights.stat().st_size
+    log(f"wrote {opts.out} ({rec['bytes'] / 1e6:.1f} MB) after {step} steps, loss {ema}")
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def _edge_image(scene: shapes.Scene, size: int):
+    from PIL import Image
+
+    edges = canny_maps(shapes.render([scene], size))[0]
+    arr = (edges.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def eval_cases(n: int, size: int, kind: str = "circle", seed: int = 0) -> list[tuple[shapes.Scene, str]]:
+    """Held-out (scene whose edges are the control, prompt) pairs. "circle": a circle in the bottom right
+    (random colour, size, background, jitter) with the prompt "a red square"; "random": a random shape
+    and position with a prompt naming a random colour and another shape."""
+    rng = random.Random(f"controlnet-eval:{kind}:{seed}")
+    out = []
+    for _ in range(n):
+        bg = rng.choice(shapes.COLOUR_NAMES)
+        colour = rng.choice(
+            [c for c in shapes.COLOUR_NAMES if shapes.colour_distance(c, bg) >= shapes.MIN_COLOUR_DISTANCE]
+        )
+        size = rng.choice(tuple(shapes.SIZES))
+        if kind == "circle":
+            obj = shapes.make_object("circle", colour, size, "bottom right", rng)
+            prompt = EVAL_PROMPT
+        else:
+            obj = shapes.make_object(rng.choice(shapes.SHAPES), colour, size, rng.choice(tuple(shapes.POSITIONS)), rng)
+            want = rng.choice(["red", "blue", "green", "yellow", "purple"])
+            other = rng.choice([s for s in shapes.SHAPES if s != obj.shape])
+            prompt = f"a {want} {other}"
+        out.append((shapes.Scene(bg, (obj,)), prompt))
+    return out
+
+
+def _prompt_colour(prompt: str) -> str:
+    return next(c for c in shapes.COLOUR_NAMES if f" {c} " in f" {prompt} ")
+
+
+def evaluate(
+    base: Path,
+    controlnet: Path,
+    *,
+    n: int = 200,
+    device: str = "auto",
+    steps: int = 20,
+    sampler: str = "Euler a",
+    cfg_scale: float = 5.0,
+    seed: int = 0,
+    sheet: Path | None = None,
+    size: int | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Generate the held-out cases through the engine with the ControlNet extension (as users run it) and
+    score them with the shapes analyser. Returns rates and per-case results."""
+    from ldm_core.config import EngineConfig
+    from ldm_core.engine import Engine
+    from ldm_core.extensions import REPO_EXTENSIONS_DIR, ExtensionManager
+    from ldm_core.requests import GenerationRequest
+    from ldm_core.train.analyser import analyse
+
+    controlnet = Path(controlnet)
+    cfg = EngineConfig(
+        builtin_model_dir=Path(base),
+        ckpt_dirs=(),
+        controlnet_dirs=(controlnet.parent,),
+        device=device,
+        save_images=False,
+        preview_every=0,
+    )
+    engine = Engine(cfg)
+    manager = ExtensionManager([REPO_EXTENSIONS_DIR], config=cfg)
+    manager.load(engine)
+    rec = manager.get("controlnet")
+    if rec.status != "loaded":
+        raise RuntimeError(f"the ControlNet extension is {rec.status}: {rec.message}")
+    model = engine.load_checkpoint(None)
+    size = size or model.native_size
+    report: dict = {
+        "controlnet": str(controlnet),
+        "base": str(base),
+        "steps": steps,
+        "sampler": sampler,
+        "cfg_scale": cfg_scale,
+        "n": n,
+    }
+    images = []
+    for kind in ("circle", "random"):
+        cases = eval_cases(n, size, kind, seed)
+        results = []
+        for i, (scene, prompt) in enumerate(cases):
+            control = _edge_image(scene, size)
+            unit = {"enabled": True, "module": "none", "model": controlnet.name, "image": control, "weight": 1.0}
+            req = GenerationRequest.build(
+                prompt=prompt,
+                steps=steps,
+                sampler_name=sampler,
+                cfg_scale=cfg_scale,
+                seed=seed * 100000 + i,
+                width=size,
+                height=size,
+                save_images=False,
+                alwayson_scripts={"controlnet": {"args": [unit]}},
+            )
+            img = engine.generate(req).images[0]
+            a = analyse(img)
+            top = a.objects[0] if a.objects else None
+            want = scene.objects[0]
+            colour = _prompt_colour(prompt)
+            shape_ok = top is not None and top.shape == want.shape
+            pos_ok = top is not None and top.position == want.position
+            colour_ok = top is not None and top.colour == colour
+            results.append(
+                {
+                    "prompt": prompt,
+                    "want": [want.shape, want.position, colour],
+                    "got": [top.shape, top.position, top.colour] if top else None,
+                    "ok": shape_ok and pos_ok and colour_ok,
+                    "shape": shape_ok,
+                    "position": pos_ok,
+                    "colour": colour_ok,
+                }
+            )
+            if kind == "circle" and len(images) < 40:
+                images += [control, img]
+        m = len(results)
+        report[kind] = {
+            "success": sum(r["ok"] for r in results) / m,
+            "shape": sum(r["shape"] for r in results) / m,
+            "position": sum(r["position"] for r in results) / m,
+            "colour": sum(r["colour"] for r in results) / m,
+            "cases": results,
+        }
+        log(
+            f"{kind}: success {report[kind]['success']:.1%} (shape {report[kind]['shape']:.1%}, position "
+            f"{report[kind]['position']:.1%}, colour {report[kind]['colour']:.1%}) over {m} held-out cases"
+        )
+    if sheet is not None and images:
+        _sheet(images, Path(sheet))
+    return report
+
+
+def _sheet(images: list, path: Path, cols: int = 10) -> None:
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // cols)
+    canvas = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        canvas.paste(im, ((i % cols) * w, (i // cols) * h))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ldm_core.train.controlnet", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    d = ControlNetTrainOptions(base=Path("."), out=Path("."))
+    t = sub.add_parser("train", help="train a canny ControlNet on the shapes world, then evaluate it")
+    t.add_argument("--base", type=Path, default=Path("models/builtin"))
+    t.add_argument("--out", type=Path, default=Path("models/ControlNet/builtin-canny"))
+    for name in ("steps", "batch", "warmup_steps", "seed", "log_every", "eval_n"):
+        t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "caption_dropout", "prompt_mismatch", "export_every", "min_lr_ratio"):
+        t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    t.add_argument("--resolution", type=int, default=None)
+    t.add_argument("--max-seconds", type=float, default=None)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--resume", action="store_true", help="start from the weights already in --out")
+    t.add_argument("--report", type=Path, default=None, help="write the evaluation report JSON here")
+    e = sub.add_parser("eval", help="measure a trained ControlNet on held-out edge maps")
+    e.add_argument("--base", type=Path, default=Path("models/builtin"))
+    e.add_argument("--controlnet", type=Path, default=Path("models/ControlNet/builtin-canny"))
+    e.add_argument("--n", type=int, default=200)
+    e.add_argument("--steps", type=int, default=20)
+    e.add_argument("--sampler", default="Euler a")
+    e.add_argument("--cfg-scale", type=float, default=5.0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--report", type=Path, default=None)
+    e.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (control map, output) PNG")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.command == "train":
+        opts = ControlNetTrainOptions(
+            **{k: v for k, v in vars(a).items() if k in ControlNetTrainOptions.__dataclass_fields__}
+        )
+        rec = train_controlnet(opts)
+        report = None
+        if opts.eval_n > 0:
+            report = evaluate(
+                opts.base,
+                opts.out,
+                n=opts.eval_n,
+                device=opts.device,
+                sheet=Path(opts.out).with_name(Path(opts.out).name + "-eval.png"),
+            )
+            summary = {k: report[k]["success"] for k in ("circle", "random")}
+            rec["eval"] = summary
+            info = json.loads((Path(opts.out) / "TRAINING.json").read_text(encoding="utf-8"))
+            info["eval"] = summary
+            (Path(opts.out) / "TRAINING.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
+        if a.report is not None and report is not None:
+            a.report.write_text(json.dumps(report, indent=2), encoding="utf-8")
+        print(json.dumps({k: v for k, v in rec.items() if k != "options"}, indent=2, default=str))
+        return 0
+    report = evaluate(
+        a.base,
+        a.controlnet,
+        n=a.n,
+        device=a.device,
+        steps=a.steps,
+        sampler=a.sampler,
+        cfg_scale=a.cfg_scale,
+        sheet=a.sheet,
+    )
+    if a.report is not None:
+        a.report.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    print(json.dumps({k: {m: v for m, v in report[k].items() if m != "cases"} for k in ("circle", "random")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,443 @@
+"""The ControlNet extension on tiny random models: both single-file layouts (original `control_model.*` SD1
+and SDXL, diffusers keys) and diffusers folders load exactly, change the output through the engine, respect
+guidance start/end, control modes, several units, family checks, preprocessors, A1111's API unit fields
+and the infotext round trip; and the ControlNet trainer on a tiny model."""
+
+from __future__ import annotations
+
+import base64
+import importlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from ldm_core.config import EngineConfig
+from ldm_core.engine import Engine
+from ldm_core.extensions import REPO_EXTENSIONS_DIR, ExtensionManager
+from ldm_core.infotext import build_infotext, parse_infotext
+from ldm_core.pipeline.loop import StepState
+from ldm_core.requests import GenerationRequest, Img2ImgRequest, RequestError
+
+torch.set_num_threads(1)
+SIZE = 64
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def tiny_controlnet(unet_dir: Path, seed: int = 5):
+    """A ControlNet copied from a tiny UNet, with random (not zero) output convolutions so it acts."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(unet_dir)
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet)
+    with torch.no_grad():
+        for m in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+            m.weight.normal_(0, 0.3)
+            m.bias.normal_(0, 0.1)
+    return cn.eval()
+
+
+def to_original_layout(cn) -> dict[str, torch.Tensor]:
+    """A diffusers ControlNet in the original `control_model.*` key layout, mapped with the project's own
+    UNet key tables (an implementation independent of the diffusers converter the extension uses)."""
+    from ldm_core.models.single_file import UNetLayout
+
+    sd = cn.state_dict()
+    body = {k: v for k, v in sd.items() if not k.startswith("controlnet_")}
+    out, unmatched = UNetLayout.from_config(dict(cn.config)).key_map().convert(body, to_diffusers=False)
+    assert not unmatched, unmatched[:5]
+    nb = len(cn.controlnet_cond_embedding.blocks)
+    for k, v in sd.items():
+        if k.startswith("controlnet_cond_embedding."):
+            rest = k[len("controlnet_cond_embedding.") :]
+            if rest.startswith("conv_in."):
+                out["input_hint_block.0." + rest[len("conv_in.") :]] = v
+            elif rest.startswith("conv_out."):
+                out[f"input_hint_block.{2 * (nb + 1)}." + rest[len("conv_out.") :]] = v
+            else:
+                _, i, p = rest.split(".", 2)
+                out[f"input_hint_block.{2 * (int(i) + 1)}.{p}"] = v
+        elif k.startswith("controlnet_down_blocks."):
+            _, i, p = k.split(".", 2)
+            out[f"zero_convs.{i}.0.{p}"] = v
+        elif k.startswith("controlnet_mid_block."):
+            out["middle_block_out.0." + k.split(".", 1)[1]] = v
+    return {"control_model." + k: v.contiguous() for k, v in out.items()}
+
+
+def square_outline(size: int = SIZE, box=(18, 30, 50, 58)) -> Image.Image:
+    img = Image.new("RGB", (size, size))
+    ImageDraw.Draw(img).rectangle(box, outline=(255, 255, 255), width=2)
+    return img
+
+
+def b64(im: Image.Image) -> str:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def arr(im: Image.Image) -> np.ndarray:
+    return np.asarray(im).astype(np.int16)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_models):
+    """An engine with tiny SD1, SD2 and SDXL models and tiny ControlNets in every layout, the extension loaded."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("cn")
+    ckpt = root / "models" / "Stable-diffusion"
+    cnd = root / "models" / "ControlNet"
+    ckpt.mkdir(parents=True)
+    cnd.mkdir(parents=True)
+    nets = {}
+    for fam in ("sd1", "sdxl"):
+        (ckpt / f"tiny-{fam}").symlink_to(tiny_models[fam]["diffusers"], target_is_directory=True)
+        cn = tiny_controlnet(tiny_models[fam]["diffusers"] / "unet")
+        nets[fam] = cn
+        save_file(to_original_layout(cn), str(cnd / f"cn-{fam}-orig.safetensors"))
+        save_file({k: v.contiguous() for k, v in cn.state_dict().items()}, str(cnd / f"cn-{fam}-keys.safetensors"))
+        cn.save_pretrained(str(cnd / f"cn-{fam}-folder"))
+    (ckpt / "tiny-sd2").symlink_to(tiny_models["sd2_v"]["diffusers"], target_is_directory=True)
+    cfg = EngineConfig.from_data_dir(root, builtin_model_dir=None, save_images=False, preview_every=0)
+    engine = Engine(cfg)
+    manager = ExtensionManager([REPO_EXTENSIONS_DIR], config=cfg, state_file=root / "extensions.json")
+    manager.load(engine)
+    assert manager.get("controlnet").status == "loaded", manager.get("controlnet").message
+    return {"engine": engine, "manager": manager, "root": root, "nets": nets, "cnd": cnd}
+
+
+def cn_module(name: str):
+    return importlib.import_module(f"ldm_ext_controlnet.{name}")
+
+
+def req(model: str, units: list[dict] | None = None, **kw) -> GenerationRequest:
+    base = dict(
+        prompt="a red circle",
+        negative_prompt="blue",
+        steps=3,
+        width=SIZE,
+        height=SIZE,
+        seed=7,
+        sampler_name="Euler a",
+        model=model,
+        save_images=False,
+    )
+    base.update(kw)
+    if units is not None:
+        base["alwayson_scripts"] = {"controlnet": {"args": units}}
+    return GenerationRequest.build(**base)
+
+
+def unit(model: str, **kw) -> dict:
+    u = {"enabled": True, "module": "none", "model": model, "image": square_outline()}
+    u.update(kw)
+    return u
+
+
+# ---------------------------------------------------------------------------------------------- loading
+@pytest.mark.parametrize("fam", ["sd1", "sdxl"])
+@pytest.mark.parametrize("layout", ["orig", "keys", "folder"])
+def test_every_layout_loads_exactly(setup, fam, layout):
+    cm = cn_module("control_models")
+    entry = next(e for e in cm.scan([setup["cnd"]]) if e.name == f"cn-{fam}-{layout}")
+    model = setup["engine"].load_checkpoint(f"tiny-{fam}")
+    loaded = cm.load_controlnet(entry, dict(model.unet.config))
+    want = setup["nets"][fam].state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    for key in ("block_out_channels", "attention_head_dim", "transformer_layers_per_block", "addition_embed_type"):
+        assert loaded.config[key] == setup["nets"][fam].config[key] or list(loaded.config[key]) == list(
+            setup["nets"][fam].config[key]
+        )
+    assert cm.family_of(loaded.config) == fam
+
+
+# ---------------------------------------------------------------------------------------------- engine
+@pytest.mark.parametrize(("fam", "layout"), [("sd1", "orig"), ("sdxl", "orig"), ("sdxl", "folder")])
+def test_controlnet_changes_output_and_respects_guidance_window(setup, fam, layout):
+    engine = setup["engine"]
+    name = f"cn-{fam}-{layout}"
+    base = engine.generate(req(f"tiny-{fam}")).images[0]
+    full = engine.generate(req(f"tiny-{fam}", [unit(name)])).images[0]
+    # 3 steps at fractions 0, 1/3, 2/3: a window [0.9, 1] never acts, [0, 0.2] acts at the first step only
+    never = engine.generate(req(f"tiny-{fam}", [unit(name, guidance_start=0.9, guidance_end=1.0)])).images[0]
+    first = engine.generate(req(f"tiny-{fam}", [unit(name, guidance_start=0.0, guidance_end=0.2)])).images[0]
+    off = engine.generate(req(f"tiny-{fam}", [unit(name, enabled=False)])).images[0]
+    d_full = np.abs(arr(full) - arr(base)).mean()
+    assert d_full > 1.0
+    assert np.array_equal(arr(never), arr(base))
+    assert np.array_equal(arr(off), arr(base))
+    d_first = np.abs(arr(first) - arr(base)).mean()
+    assert 0 < d_first and not np.array_equal(arr(first), arr(full))
+    # weight 0 is no control; a smaller weight is closer to no control
+    zero = engine.generate(req(f"tiny-{fam}", [unit(name, weight=0.0)])).images[0]
+    assert np.array_equal(arr(zero), arr(base))
+
+
+def test_two_units_chain_and_img2img_uses_the_init_image(setup):
+    engine = setup["engine"]
+    one = engine.generate(req("tiny-sd1", [unit("cn-sd1-orig")])).images[0]
+    two = engine.generate(
+        req("tiny-sd1", [unit("cn-sd1-orig"), unit("cn-sd1-keys", image=square_outline(box=(5, 5, 20, 20)))])
+    ).images[0]
+    assert np.abs(arr(one) - arr(two)).mean() > 0.5
+    init = square_outline()
+    kw = dict(
+        prompt="x",
+        steps=3,
+        width=SIZE,
+        height=SIZE,
+        seed=3,
+        model="tiny-sd1",
+        save_images=False,
+        init_images=[init],
+        denoising_strength=0.9,
+    )
+    plain = engine.generate(Img2ImgRequest.build(**kw)).images[0]
+    controlled = engine.generate(
+        Img2ImgRequest.build(
+            **kw, alwayson_scripts={"controlnet": {"args": [{"enabled": True, "model": "cn-sd1-orig"}]}}
+        )
+    ).images[0]
+    assert np.abs(arr(plain) - arr(controlled)).mean() > 0.5
+
+
+def test_family_mismatch_and_missing_things_fail_before_denoising(setup):
+    engine = setup["engine"]
+    with pytest.raises(RequestError) as e:
+        engine.generate(req("tiny-sd1", [unit("cn-sdxl-orig")]))
+    assert "SDXL" in str(e.value) and "SD 1.x" in str(e.value) and e.value.field.endswith(".model")
+    with pytest.raises(RequestError) as e:
+        engine.generate(req("tiny-sd2", [unit("cn-sd1-folder")]))
+    assert "SD 2.x" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        engine.generate(req("tiny-sd1", [unit("no-such-net")]))
+    assert "not found" in str(e.value) and "cn-sd1-orig" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        engine.generate(req("tiny-sd1", [unit("cn-sd1-orig", image=None)]))
+    assert "no image" in str(e.value)
+    with pytest.raises(RequestError) as e:
+        engine.generate(req("tiny-sd1", [unit("cn-sd1-orig", module="no-such-module")]))
+    assert e.value.field.endswith(".module")
+
+
+def _provider(setup, mode: str):
+    engine, manager = setup["engine"], setup["manager"]
+    model = engine.load_checkpoint("tiny-sd1")
+    r = req("tiny-sd1", [unit("cn-sd1-orig", control_mode=mode, weight=0.5)])
+    hooks = manager.hooks_for(engine, r, model)
+    (provider,) = hooks.unet_inputs
+    torch.manual_seed(0)
+    b = 1
+    x = torch.randn(2 * b, 4, SIZE // 8, SIZE // 8)
+    ctx = torch.randn(2 * b, 77, model.unet.config.cross_attention_dim)
+    step = StepState(0, 3, torch.tensor(500), x, ctx, None, b, True, [1.0])
+    with torch.inference_mode():
+        return provider(step)
+
+
+def test_control_modes(setup):
+    bal = _provider(setup, "Balanced")
+    prompt = _provider(setup, "My prompt is more important")
+    control = _provider(setup, 2)  # A1111's index for "ControlNet is more important"
+    down_b, mid_b = bal["down_block_additional_residuals"], bal["mid_block_additional_residual"]
+    n = len(down_b) + 1
+    # balanced: both CFG halves get control; prompt mode: residual k scaled by 0.825**(12-k)
+    assert down_b[0][:1].abs().sum() > 0 and down_b[0][1:].abs().sum() > 0
+    for k, (p, q) in enumerate(
+        zip(
+            (*prompt["down_block_additional_residuals"], prompt["mid_block_additional_residual"]),
+            (*down_b, mid_b),
+            strict=True,
+        )
+    ):
+        torch.testing.assert_close(p, q * 0.825 ** (12 - k), rtol=1e-4, atol=1e-6)
+    assert n == 7
+    # controlnet mode: the unconditional half gets nothing, the conditional half as in prompt mode
+    for p, c in zip(prompt["down_block_additional_residuals"], control["down_block_additional_residuals"], strict=True):
+        assert c[:1].abs().sum() == 0
+        torch.testing.assert_close(c[1:], p[1:], rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessors
+def test_preprocessors_and_pixel_perfect(setup):
+    pre = setup["manager"].preprocessors
+    img = Image.new("RGB", (128, 96), (250, 250, 250))
+    ImageDraw.Draw(img).rectangle((40, 30, 90, 70), fill=(20, 20, 20))
+    edges = np.asarray(pre["canny"](img, 96))
+    assert edges.shape == (96, 128, 3) and set(np.unique(edges)) == {0, 255}
+    assert edges[30, 40:91, 0].max() == 255 and edges[50, 60, 0] == 0 and edges[5, 5, 0] == 0
+    thr = np.asarray(pre["threshold"](img, 96))
+    assert thr[50, 60, 0] == 0 and thr[5, 5, 0] == 255
+    inv = np.asarray(pre["invert (from white bg & black line)"](img, 96))
+    assert inv[50, 60, 0] == 235 and inv[5, 5, 0] == 5
+    scr = np.asarray(pre["scribble_xdog"](img, 96))
+    assert scr.max() == 255 and scr[5, 5, 0] == 0
+    assert pre["none"](img, 32).size == img.size
+    main = cn_module("main")
+    assert main.pixel_perfect_resolution(Image.new("RGB", (512, 512)), 64, 64, "Crop and Resize") == 64
+    wide = Image.new("RGB", (100, 200))
+    assert main.pixel_perfect_resolution(wide, 64, 64, "Crop and Resize") == 64
+    assert main.pixel_perfect_resolution(wide, 64, 64, "Resize and Fill") == 32
+    thin = Image.new("RGB", (512, 512))
+    ImageDraw.Draw(thin).line((0, 256, 511, 256), fill=(255, 255, 255), width=1)
+    small = np.asarray(main.fit_map(thin, 64, 64, "Just Resize"))
+    assert set(np.unique(small)) == {0, 255} and small[32, :, 0].min() == 255
+
+
+# ---------------------------------------------------------------------------------------------- API fields, infotext
+def test_a1111_unit_fields(setup):
+    from ldm_core.extension_api import parse_units
+
+    units = cn_module("units")
+    raw = {
+        "args": [
+            {
+                "enabled": True,
+                "module": "canny",
+                "model": "cn-sd1-orig [12345678]",
+                "weight": 0.5,
+                "image": "data:image/png;base64," + b64(square_outline()),
+                "resize_mode": 2,
+                "processor_res": 64,
+                "threshold_a": 50,
+                "threshold_b": 150,
+                "guidance_start": 0.1,
+                "guidance_end": 0.9,
+                "pixel_perfect": True,
+                "control_mode": 2,
+                "low_vram": False,
+                "hr_option": "Both",
+            },
+            {
+                "input_image": {"image": b64(square_outline()), "mask": None},
+                "resize_mode": "Inner Fit (Scale to Fit)",
+                "control_mode": "My prompt is more important",
+                "model": None,
+            },
+        ]
+    }
+    u0, u1 = parse_units(units.ControlNetUnit, raw, name="controlnet", max_units=3)
+    assert (u0.resize_mode, u0.control_mode, u0.processor_res, u0.pixel_perfect) == (
+        "Resize and Fill",
+        "ControlNet is more important",
+        64,
+        True,
+    )
+    assert u0.image.size == (SIZE, SIZE) and u1.image.size == (SIZE, SIZE)
+    assert (u1.resize_mode, u1.control_mode, u1.model, u1.has_model) == (
+        "Crop and Resize",
+        "My prompt is more important",
+        "None",
+        False,
+    )
+    with pytest.raises(RequestError) as e:
+        parse_units(units.ControlNetUnit, {"args": [{"control_mode": 7}]}, name="controlnet", max_units=3)
+    assert e.value.field == "alwayson_scripts.controlnet.args[0].control_mode"
+    with pytest.raises(RequestError) as e:
+        parse_units(units.ControlNetUnit, {"args": [{"image": "not base64 at all"}]}, name="controlnet")
+    assert e.value.field.endswith("args[0].image")
+    with pytest.raises(RequestError):
+        parse_units(units.ControlNetUnit, {"args": [{}, {}, {}, {}]}, name="controlnet", max_units=3)
+
+
+def test_infotext_round_trip(setup):
+    manager = setup["manager"]
+    r = req(
+        "tiny-sd1",
+        [
+            unit("cn-sd1-orig", module="canny", weight=0.75, guidance_end=0.5, pixel_perfect=True),
+            {"enabled": False},
+            unit("cn-sd1-folder", control_mode=1),
+        ],
+    )
+    params = manager.infotext_params(r)
+    assert set(params) == {"ControlNet 0", "ControlNet 2"}
+    assert params["ControlNet 0"].startswith("Module: canny, Model: cn-sd1-orig [")
+    assert "Weight: 0.75" in params["ControlNet 0"] and "Threshold A: 100, Threshold B: 200" in params["ControlNet 0"]
+    assert "Control Mode: My prompt is more important" in params["ControlNet 2"]
+    text = build_infotext("a red circle", "", {"Steps": 3, "Seed": 7, **params, "Version": "x"})
+    assert 'ControlNet 0: "Module: canny' in text
+    back = manager.args_from_infotext(parse_infotext(text))
+    u0, u1, u2 = back["controlnet"]["args"]
+    assert u1 == {"enabled": False}
+    assert (u0["module"], u0["weight"], u0["guidance_end"], u0["pixel_perfect"]) == ("canny", 0.75, 0.5, True)
+    assert u0["model"].startswith("cn-sd1-orig [") and u2["control_mode"] == "My prompt is more important"
+    # what was read back is a valid request again (the model name with its hash resolves)
+    again = manager.infotext_params(req("tiny-sd1", [{**u0, "image": square_outline()}]))
+    assert again["ControlNet 0"] == params["ControlNet 0"]
+
+
+def test_ui_section_and_routes(setup):
+    manager = setup["manager"]
+    (sec,) = [s for s in manager.ui_sections("txt2img") if s.name == "controlnet"]
+    names = [f.name for f in sec.fields]
+    assert names[:5] == ["enabled", "module", "model", "weight", "image"] and sec.units == 3
+    model_field = next(f for f in sec.fields if f.name == "model")
+    assert "cn-sd1-orig" in model_field.current_choices()
+    assert next(f for f in sec.fields if f.name == "enabled").default is False
+    args = sec.args_from_values([f.default for f in sec.fields] * 3)
+    assert len(args["args"]) == 3 and args["args"][0]["control_mode"] == "Balanced"
+    routes = {r.path: r for _, r in manager.api_routes()}
+    assert "cn-sd1-orig" in routes["/controlnet/model_list"].handler(None)["model_list"]
+    out = routes["/controlnet/detect"].handler(
+        {
+            "controlnet_module": "canny",
+            "controlnet_input_images": [b64(square_outline())],
+            "controlnet_processor_res": 64,
+        }
+    )
+    assert len(out["images"]) == 1
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models):
+    from ldm_core.models import load_model
+    from ldm_core.prompts.encode import PromptEncoder
+    from ldm_core.train import controlnet as trainer
+
+    base = tiny_models["sd1"]["diffusers"]
+    # the batched caption encoder gives what the engine's prompt encoder gives
+    model = load_model(base)
+    enc = trainer.TextEncoder(model)
+    caps = ["a red circle in the bottom right", ""]
+    got, _ = enc(caps, torch.device("cpu"))
+    want = torch.cat([PromptEncoder(model).encode(c, 1).embeds for c in caps])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+    out = tmp_path / "models" / "ControlNet" / "tiny-canny"
+    opts = trainer.ControlNetTrainOptions(
+        base=base,
+        out=out,
+        steps=3,
+        batch=2,
+        warmup_steps=1,
+        device="cpu",
+        resolution=SIZE,
+        export_every=0,
+        log_every=1,
+        eval_n=0,
+    )
+    logs: list[str] = []
+    rec = trainer.train_controlnet(opts, log=logs.append)
+    assert rec["steps"] == 3 and np.isfinite(rec["final_loss"]) and rec["bytes"] > 0
+    assert (out / "config.json").is_file() and (out / "TRAINING.json").is_file()
+    opts.resume, opts.steps = True, 1
+    assert trainer.train_controlnet(opts, log=logs.append)["steps"] == 1
+    scenes, captions = trainer.training_batch(
+        0, 5, 8, trainer.ControlNetTrainOptions(base=base, out=out, caption_dropout=0.0, prompt_mismatch=1.0)
+    )
+    assert all(c != s.caption for c, s in zip(captions, scenes, strict=True))
+    edges = trainer.canny_maps(__import__("ldm_core.train.shapes", fromlist=["render"]).render(scenes[:2], SIZE))
+    assert edges.shape == (2, 3, SIZE, SIZE) and edges.max() == 1.0
+    # the evaluation runs end to end through the engine and the extension (2 cases, 2 steps)
+    report = trainer.evaluate(base, out, n=2, device="cpu", steps=2, size=SIZE, log=logs.append)
+    assert set(report) >= {"circle", "random"} and 0.0 <= report["circle"]["success"] <= 1.0
+    assert len(report["circle"]["cases"]) == 2
