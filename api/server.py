@@ -15,9 +15,11 @@ import uvicorn
 
 from ldm_core import __version__
 from ldm_core.config import EngineConfig
+from ldm_core.extensions import ExtensionPolicy, load_extensions
 from ldm_core.service import Service
 
 from . import install, parse_auth
+from .extensions_api import install_extension_routes
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7861)
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     p.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (all interfaces)")
+    p.add_argument("--disable-all-extensions", action="store_true", help="load no extension")
+    p.add_argument("--enable-insecure-extension-access", action="store_true",
+                   help="allow installing/updating/removing extensions even when listening beyond localhost")
     p.add_argument(
         "--data-dir", default=".", help="folder with models/, embeddings/, outputs/ (A1111 layout)"
     )
@@ -77,6 +82,10 @@ def _auth(args: argparse.Namespace) -> list[tuple[str, str]] | None:
     return parse_auth(",".join(p for p in parts if p))
 
 
+def host_name(args: argparse.Namespace) -> str:
+    return "0.0.0.0" if args.listen else args.host
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
@@ -87,8 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         description="A1111-compatible /sdapi/v1 and the native /api/v1 jobs API",
     )
     flags = {k: v for k, v in vars(args).items() if k not in ("api_auth",)}
+    manager = load_extensions(
+        service.engine, service.config, disable_all=args.disable_all_extensions,
+        policy=ExtensionPolicy(listen=args.listen, share=False, server_name=host_name(args),
+                               allow_insecure=args.enable_insecure_extension_access),
+    )
     install(app, service, auth=_auth(args), flags=flags, max_body_bytes=int(args.max_body_mb * 2**20))
-    host = "0.0.0.0" if args.listen else args.host
+    install_extension_routes(app, service, manager)
+    host = host_name(args)
     try:
         uvicorn.run(app, host=host, port=args.port, log_level=args.log_level.lower(), access_log=False)
     finally:

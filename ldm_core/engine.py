@@ -157,6 +157,8 @@ class Engine:
         )
         self.styles = StyleStore(config.data_dir / "styles.csv")
         self.hooks_factories: list[Any] = []  # extensions: callables (engine, request, model) -> Hooks parts
+        self.infotext_providers: list[Any] = []  # extensions: (request, model) -> {infotext key: value}
+        self.postprocessors: list[Any] = []  # extensions: (request, images, engine, model) -> images
         self._cache: OrderedDict[Path, _Placed] = OrderedDict()
         self._vae_cache: OrderedDict[tuple, Any] = OrderedDict()
         self._current: Path | None = None
@@ -381,6 +383,8 @@ class Engine:
                 )
                 ctx.progress.update(job_no=n, step=0)
                 batch_imgs, stopped = self._run_batch(job, seeds, subseeds)
+                for post in self.postprocessors:
+                    batch_imgs = post(request, batch_imgs, self, model)
                 extra = {**(hires["params"] if hires else {}), **lora_params, **encoder.infotext_params()}
                 for i, im in enumerate(batch_imgs):
                     sub = subseeds[i] if subseeds else None
@@ -760,6 +764,8 @@ class Engine:
                 p["Mask mode"] = "Inpaint not masked"
         if request.emphasis != "Original":
             p["Emphasis"] = request.emphasis
+        for provider in self.infotext_providers:
+            p.update(provider(request, model) or {})
         p["Version"] = f"ldm_core-{__version__}"
         return p
 

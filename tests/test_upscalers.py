@@ -140,8 +140,6 @@ def test_pickled_upscaler_refused_unless_allowed(upscaler_dir: Path):
     assert out.size == (32, 32)
 
 
-@pytest.mark.xfail(reason="models.loading._unwrap keeps only a 'state_dict' nesting; Real-ESRGAN .pth "
-                          "files nest their weights under 'params_ema' / 'params'", strict=False)
 def test_real_esrgan_style_nested_pth_loads_when_allowed(tmp_path: Path):
     d = tmp_path / "RealESRGAN"
     d.mkdir()
