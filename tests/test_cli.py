@@ -1,0 +1,48 @@
+"""The command line: txt2img/img2img/inpaint write PNGs with their infotext; bad input exits 2 naming the field."""
+
+from __future__ import annotations
+
+import shutil
+
+from PIL import Image
+
+from ldm_core.cli import main
+from ldm_core.outputs import read_image_info
+
+
+def _data_dir(tmp_path, tiny_models):
+    ckpt = tmp_path / "data" / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True)
+    shutil.copy(tiny_models["sd1"]["single_file"], ckpt / "tiny.safetensors")
+    return tmp_path / "data"
+
+
+def test_txt2img_img2img_inpaint(tmp_path, tiny_models, capsys):
+    data = _data_dir(tmp_path, tiny_models)
+    out = tmp_path / "out"
+    common = ["--data-dir", str(data), "--steps", "2", "--width", "64", "--height", "64", "--seed", "3",
+              "--out", str(out)]
+    assert main(["txt2img", "--prompt", "a red circle", "--sampler", "DPM++ 2M", *common]) == 0
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 1 and pngs[0].name.endswith("-3.png")
+    params, manifest, _ = read_image_info(Image.open(pngs[0]))
+    assert params.startswith("a red circle\n") and "Sampler: DPM++ 2M" in params and "Seed: 3" in params
+    init = tmp_path / "init.png"
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(init)
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 64), 255).save(mask)
+    assert main(["img2img", "--init-image", str(init), "--denoising-strength", "0.5", *common]) == 0
+    assert main(["inpaint", "--init-image", str(init), "--mask", str(mask), *common]) == 0
+    assert {p.parent.parent.name for p in out.rglob("*.png")} == {"txt2img", "img2img", "inpaint"}
+
+
+def test_bad_input_names_the_field(tmp_path, tiny_models, capsys):
+    data = _data_dir(tmp_path, tiny_models)
+    assert main(["txt2img", "--data-dir", str(data), "--width", "65", "--out", str(tmp_path / "o")]) == 2
+    assert "width" in capsys.readouterr().err
+    assert main(["txt2img", "--data-dir", str(data), "--sampler", "Nope", "--width", "64", "--height", "64",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "sampler_name" in capsys.readouterr().err
+    missing = tmp_path / "missing.png"
+    assert main(["img2img", "--data-dir", str(data), "--init-image", str(missing), "--out", str(tmp_path / "o")]) == 2
+    assert "init_image" in capsys.readouterr().err
