@@ -1,0 +1,75 @@
+"""The txt2img tab: prompts and sampling controls, plus Hires. fix once the engine has an upscaler
+registry."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from ldm_core.requests import MAX_SIDE
+
+from .common import UiContext, hires_upscalers
+from .widgets import GenerationTab, TopBar, build_generation_tab
+
+
+def _hires_section(ctx: UiContext, tab: GenerationTab) -> None:
+    upscalers = hires_upscalers(ctx.engine)
+    if not upscalers:
+        return
+    with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hires"):
+        enable = gr.Checkbox(False, label="Enable Hires. fix", elem_id="txt2img_enable_hr")
+        with gr.Row():
+            upscaler = gr.Dropdown(
+                upscalers,
+                value=upscalers[0],
+                label="Upscaler",
+                allow_custom_value=True,
+                elem_id="txt2img_hr_upscaler",
+            )
+            hr_steps = gr.Slider(
+                0,
+                150,
+                value=0,
+                step=1,
+                label="Hires steps (0: same as sampling steps)",
+                elem_id="txt2img_hires_steps",
+            )
+            denoise = gr.Slider(
+                0.0,
+                1.0,
+                value=0.7,
+                step=0.01,
+                label="Denoising strength",
+                elem_id="txt2img_denoising_strength",
+            )
+        with gr.Row():
+            scale = gr.Slider(1.0, 4.0, value=2.0, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+            rx = gr.Slider(
+                0,
+                MAX_SIDE,
+                value=0,
+                step=8,
+                label="Resize width to (0: use Upscale by)",
+                elem_id="txt2img_hr_resize_x",
+            )
+            ry = gr.Slider(
+                0,
+                MAX_SIDE,
+                value=0,
+                step=8,
+                label="Resize height to (0: use Upscale by)",
+                elem_id="txt2img_hr_resize_y",
+            )
+    tab.fields.update(
+        enable_hr=enable,
+        hr_upscaler=upscaler,
+        hr_second_pass_steps=hr_steps,
+        denoising_strength=denoise,
+        hr_scale=scale,
+        hr_resize_x=rx,
+        hr_resize_y=ry,
+    )
+
+
+def build(ctx: UiContext, top: TopBar) -> GenerationTab:
+    """The txt2img tab (call inside a gr.Tab)."""
+    return build_generation_tab(ctx, top, "txt2img", extra_section=lambda tab: _hires_section(ctx, tab))
