@@ -124,6 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="move weights to the GPU layer by layer (sequential offload; slowest, least memory)",
     )
+    ext = p.add_argument_group("extensions")
+    ext.add_argument("--disable-all-extensions", action="store_true", help="start without loading any extension")
+    ext.add_argument(
+        "--enable-insecure-extension-access",
+        action="store_true",
+        help="allow installing/updating/removing extensions even with --listen/--share (off by default)",
+    )
+    ext.add_argument(
+        "--install-extension",
+        metavar="URL[@REF]",
+        default=None,
+        help="clone an extension from git (pinned to the commit), print it, and exit; its code is not run",
+    )
     p.add_argument(
         "--log-level",
         default="info",
@@ -309,6 +322,11 @@ def install_api(app, service, args: argparse.Namespace) -> bool:
     auth = parse_auth(args.api_auth) if args.api_auth else None
     flags = {k: v for k, v in vars(args).items() if k not in ("api_auth", "gradio_auth")}
     install(app, service, auth=auth, flags=flags)
+    manager = getattr(service, "extensions", None)
+    if manager is not None:
+        from api.extensions_api import install_extension_routes
+
+        install_extension_routes(app, service, manager)
     return True
 
 
@@ -418,6 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     from ldm_core.service import Service
     from ui.settings_store import SettingsStore
 
+    if args.install_extension:
+        from ldm_core.extensions_cli import main as extensions_main
+
+        return extensions_main(["--data-dir", str(args.data_dir), "install", args.install_extension])
+
     try:
         auth = ui_auth(args)
         if args.api_auth:
@@ -431,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
     for line in security_warnings(args, bool(auth)):
         print(line, flush=True)
     service = Service(config)
+    from ldm_core.extensions import ExtensionPolicy, load_extensions
+
+    service.extensions = load_extensions(
+        service.engine,
+        service.config,
+        disable_all=args.disable_all_extensions,
+        policy=ExtensionPolicy.from_flags(args),
+    )
     load_initial_model(service, initial_model_name(args, settings.get("sd_model_checkpoint")))
     app = create_app(args, service, settings, auth=auth, locked=locked)
     return serve(app, args, service)

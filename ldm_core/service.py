@@ -23,6 +23,7 @@ class Service:
     def __init__(self, config: EngineConfig, *, engine: Engine | None = None, max_queued: int = 64):
         self.engine = engine or Engine(config)
         self.queue = JobQueue(max_queued=max_queued)
+        self.extensions = None  # the ExtensionManager, once the launcher has loaded extensions
 
     @property
     def config(self) -> EngineConfig:
