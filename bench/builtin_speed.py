@@ -1,0 +1,96 @@
+"""Speed of the built-in model on the CPU: median seconds for one image at the native resolution, 20 steps,
+the default sampler (Euler a), CFG 7, through diffusers' StableDiffusionPipeline, text encoding and VAE
+decode included.
+
+    python bench/builtin_speed.py                 # the shipped model (models/builtin)
+    python bench/builtin_speed.py --random        # an untrained model of the same architecture
+    python bench/builtin_speed.py --model DIR --runs 7 --threads 2
+
+Speed does not depend on weight values, so `--random` measures the architecture before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+
+def _random_model(folder: Path, preset: str) -> Path:
+    from ldm_core.train import builtin
+
+    spec = builtin.PRESETS[preset]
+    vae, te, unet = builtin.build_vae(spec), builtin.build_text_encoder(spec), builtin.build_unet(spec)
+    builtin.export_folder(folder, spec, vae.state_dict(), te.state_dict(), unet.state_dict(), 1.0)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ldm_core.train.builtin import DEFAULT_OUT
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=DEFAULT_OUT)
+    ap.add_argument(
+        "--random", action="store_true", help="benchmark an untrained model of the builtin preset"
+    )
+    ap.add_argument("--preset", default="builtin")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=7.0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = _random_model(Path(tmp) / "m", a.preset) if a.random else a.model
+        t = time.perf_counter()
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(model),
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - t
+        res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+        def one(seed: int) -> float:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                pipe(
+                    "a red circle on a white background",
+                    num_inference_steps=a.steps,
+                    guidance_scale=a.cfg,
+                    height=res,
+                    width=res,
+                    generator=torch.Generator().manual_seed(seed),
+                )
+            return time.perf_counter() - t0
+
+        warm = one(0)
+        times = [one(1 + i) for i in range(a.runs)]
+    print(
+        f"model: {'random ' + a.preset if a.random else model}  ({res}x{res}, Euler a, {a.steps} steps, "
+        f"CFG {a.cfg}, CPU, {torch.get_num_threads()} threads)"
+    )
+    print(f"load {load_s:.2f} s, first image {warm:.3f} s")
+    print(f"runs: {', '.join(f'{x:.3f}' for x in times)}")
+    print(f"median seconds per image: {statistics.median(times):.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,522 @@
+"""Evaluation harness of the built-in model: fixed held-out prompts and seeds, images generated with
+diffusers' StableDiffusion pipelines (Euler a, 20 steps, CFG 7 by default) from a model folder, scored by
+the deterministic analyser (`analyser.analyse`).
+
+Tests (each a key of the report):
+- single: one-object prompts naming shape, colour, position and background -> accuracy of each;
+- double: two-object prompts -> share of images where both (shape, colour) pairs are found;
+- negative: "a circle" with and without the negative prompt "red, blue, green" -> share of red/blue/green;
+- img2img: a clean render re-generated with another prompt at strength 0.3 (the analyser must still find
+  the source object) and 0.9 (it must find the new prompt's object);
+- inpaint: "a blue star" painted into an empty quadrant mask -> share with a blue star inside the mask;
+- vae: mean PSNR of VAE reconstructions of held-out renders.
+
+Scenes and prompts come from named random streams ("eval-single", ...) that training never uses, and
+generation seeds start at 1,000,000 (training draws its noise from hashed per-step seeds).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm_core.train import shapes
+from ldm_core.train.analyser import Analysis, analyse
+
+SEED_BASE = 1_000_000
+NEGATIVE_PROMPT = "red, blue, green"
+NEGATIVE_COLOURS = ("red", "blue", "green")
+TESTS = ("single", "double", "negative", "img2img", "inpaint", "vae")
+
+#: Quality bars from the issue (report key -> minimum, or maximum for the negative ratio).
+BARS = {
+    "single.shape_colour": 0.90,
+    "single.background": 0.90,
+    "single.position": 0.80,
+    "double.both_right": 0.50,
+    "inpaint.blue_star_in_mask": 0.80,
+    "vae.psnr_db": 30.0,
+}
+
+
+@dataclass
+class EvalOptions:
+    """`n` single-object prompts; double/negative use n/2, img2img/inpaint n/4 (at least 4 each)."""
+
+    model: Path
+    n: int = 200
+    device: str = "auto"
+    steps: int = 20
+    cfg: float = 7.0
+    batch: int = 16
+    save_images: Path | None = None
+    only: tuple[str, ...] | None = None
+    vae_images: int = 256
+
+
+# ----------------------------------------------------------------------------------------- prompts
+def single_prompt(obj: shapes.ShapeObject, background: str, rng: random.Random) -> str:
+    """A prompt naming shape, colour, position and background (canonical words, varied order)."""
+    pos = rng.choice(shapes.POSITION_PHRASES[obj.position][:3])
+    noun = f"{obj.colour} {obj.shape}"
+    art = "an" if noun[0] in "aeiou" else "a"
+    bg_art = "an" if background[0] in "aeiou" else "a"
+    return rng.choice(
+        (
+            f"{art} {noun} {pos} on {bg_art} {background} background",
+            f"{art} {noun} {pos}, {background} background",
+            f"{background} background with {art} {noun} {pos}",
+            f"{noun}, {shapes.POSITION_TAGS[obj.position][0]}, {background} background",
+        )
+    )
+
+
+def double_prompt(a: shapes.ShapeObject, b: shapes.ShapeObject, background: str, rng: random.Random) -> str:
+    na, nb = f"{a.colour} {a.shape}", f"{b.colour} {b.shape}"
+    art_a = "an" if na[0] in "aeiou" else "a"
+    art_b = "an" if nb[0] in "aeiou" else "a"
+    bg_art = "an" if background[0] in "aeiou" else "a"
+    return rng.choice(
+        (
+            f"{art_a} {na} and {art_b} {nb}",
+            f"{art_a} {na} and {art_b} {nb} on {bg_art} {background} background",
+            f"{na}, {nb}, {background} background",
+        )
+    )
+
+
+def eval_scenes(stream: str, n: int, n_objects: int) -> list[shapes.Scene]:
+    """`n` scenes from a named eval stream (never used in training)."""
+    rng = random.Random(f"ldm-eval:{stream}")
+    return [shapes.sample_scene(rng, n_objects) for _ in range(n)]
+
+
+# ----------------------------------------------------------------------------------------- pipelines
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_pipelines(model: Path, device: torch.device):
+    """(txt2img, img2img, inpaint) diffusers pipelines sharing one set of weights, Euler a scheduler."""
+    from diffusers import (
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+    )
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(model),
+        local_files_only=True,
+        torch_dtype=dtype,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    comps = {k: v for k, v in pipe.components.items()}
+    comps["requires_safety_checker"] = False
+    i2i = StableDiffusionImg2ImgPipeline(**comps)
+    inp = StableDiffusionInpaintPipeline(**comps)
+    for p in (i2i, inp):
+        p.set_progress_bar_config(disable=True)
+    return pipe, i2i, inp
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def _batched(fn, items: list, batch: int) -> list:
+    out = []
+    for i in range(0, len(items), batch):
+        out.extend(fn(items[i : i + batch]))
+    return out
+
+
+def _sheet(images: list[Image.Image], path: Path, cols: int = 10) -> None:
+    if not images:
+        return
+    w, h = images[0].size
+    rows = (len(images) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (w + 2), rows * (h + 2)), (255, 255, 255))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * (w + 2), (i // cols) * (h + 2)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+
+
+def _obj_dict(a: Analysis) -> dict:
+    return {
+        "background": a.background,
+        "objects": [{"shape": o.shape, "colour": o.colour, "position": o.position, "size": o.size} for o in a.objects],
+    }
+
+
+# ----------------------------------------------------------------------------------------- tests
+class Evaluator:
+    """Holds the pipelines and options; one method per test, each returning its report section."""
+
+    def __init__(self, opts: EvalOptions, pipes=None):
+        self.o = opts
+        self.dev = _device(opts.device)
+        self.pipe, self.i2i, self.inp = pipes if pipes is not None else load_pipelines(opts.model, self.dev)
+        self.res = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def _save(self, name: str, images: list[Image.Image]) -> None:
+        if self.o.save_images is not None:
+            _sheet(images[:100], Path(self.o.save_images) / f"{name}.png")
+
+    def txt2img(self, prompts: list[str], seeds: list[int], negative: list[str] | None = None) -> list[Image.Image]:
+        def run(idx):
+            return self.pipe(
+                prompt=[prompts[i] for i in idx],
+                negative_prompt=[negative[i] for i in idx] if negative else None,
+                num_inference_steps=self.o.steps,
+                guidance_scale=self.o.cfg,
+                height=self.res,
+                width=self.res,
+                generator=_generators([seeds[i] for i in idx]),
+            ).images
+
+        return _batched(run, list(range(len(prompts))), self.o.batch)
+
+    def single(self) -> dict:
+        n = self.o.n
+        rng = random.Random("ldm-eval:single-prompts")
+        scenes = eval_scenes("single", n, 1)
+        prompts = [single_prompt(s.objects[0], s.background, rng) for s in scenes]
+        seeds = [SEED_BASE + i for i in range(n)]
+        images = self.txt2img(prompts, seeds)
+        self._save("single", images)
+        keys = ("shape", "colour", "shape_colour", "background", "position", "size", "one_object", "found")
+        hits = {k: 0 for k in keys}
+        items = []
+        for s, p, seed, im in zip(scenes, prompts, seeds, images, strict=True):
+            a = analyse(im)
+            want = s.objects[0]
+            got = a.objects[0] if a.objects else None
+            r = {
+                "found": got is not None,
+                "one_object": len(a.objects) == 1,
+                "background": a.background == s.background,
+                "shape": bool(got and got.shape == want.shape),
+                "colour": bool(got and got.colour == want.colour),
+                "position": bool(got and got.position == want.position),
+                "size": bool(got and got.size == want.size),
+            }
+            r["shape_colour"] = r["shape"] and r["colour"]
+            for k in keys:
+                hits[k] += int(r[k])
+            items.append(
+                {
+                    "prompt": p,
+                    "seed": seed,
+                    "want": {
+                        "shape": want.shape,
+                        "colour": want.colour,
+                        "position": want.position,
+                        "background": s.background,
+                    },
+                    "got": _obj_dict(a),
+                    **r,
+                }
+            )
+        out = {k: hits[k] / n for k in keys}
+        out["n"] = n
+        out["items"] = items
+        return out
+
+    def double(self) -> dict:
+        n = max(4, self.o.n // 2)
+        rng = random.Random("ldm-eval:double-prompts")
+        scenes = eval_scenes("double", n, 2)
+        prompts = [double_prompt(s.objects[0], s.objects[1], s.background, rng) for s in scenes]
+        seeds = [SEED_BASE + 100_000 + i for i in range(n)]
+        images = self.txt2img(prompts, seeds)
+        self._save("double", images)
+        both = one = 0
+        items = []
+        for s, p, seed, im in zip(scenes, prompts, seeds, images, strict=True):
+            a = analyse(im)
+            pool = list(a.objects)
+            found = 0
+            for want in s.objects:
+                m = next((o for o in pool if o.shape == want.shape and o.colour == want.colour), None)
+                if m is not None:
+                    pool.remove(m)
+                    found += 1
+            both += int(found == 2)
+            one += int(found >= 1)
+            items.append({"prompt": p, "seed": seed, "found": found, "got": _obj_dict(a)})
+        return {"n": n, "both_right": both / n, "at_least_one_right": one / n, "items": items}
+
+    def negative(self) -> dict:
+        n = max(4, self.o.n // 2)
+        seeds = [SEED_BASE + 200_000 + i for i in range(n)]
+        prompts = ["a circle"] * n
+        plain = self.txt2img(prompts, seeds)
+        neg = self.txt2img(prompts, seeds, [NEGATIVE_PROMPT] * n)
+        self._save("negative_without", plain)
+        self._save("negative_with", neg)
+
+        def shares(images):
+            cols = []
+            circles = []
+            for im in images:
+                a = analyse(im)
+                if a.objects:
+                    cols.append(a.objects[0].colour)
+                c = a.find(shape="circle")
+                if c is not None:
+                    circles.append(c.colour)
+            in_set = sum(c in NEGATIVE_COLOURS for c in circles)
+            return {
+                "circles": len(circles),
+                "share": in_set / max(1, len(circles)),
+                "share_of_all_objects": sum(c in NEGATIVE_COLOURS for c in cols) / max(1, len(cols)),
+                "colours": {c: cols.count(c) for c in sorted(set(cols))},
+            }
+
+        without, with_ = shares(plain), shares(neg)
+        ratio = with_["share"] / without["share"] if without["share"] > 0 else float("nan")
+        return {
+            "n": n,
+            "prompt": "a circle",
+            "negative_prompt": NEGATIVE_PROMPT,
+            "without": without,
+            "with": with_,
+            "share_without": without["share"],
+            "share_with": with_["share"],
+            "ratio": ratio,
+        }
+
+    def img2img(self) -> dict:
+        n = max(4, self.o.n // 4)
+        rng = random.Random("ldm-eval:img2img")
+        scenes = eval_scenes("img2img", n, 1)
+        sources = [shapes.to_pil(t) for t in shapes.render(scenes, self.res)]
+        prompts = []
+        for s in scenes:
+            o = s.objects[0]
+            shape = rng.choice([x for x in shapes.SHAPES if x != o.shape])
+            colour = rng.choice(
+                [
+                    c
+                    for c in shapes.COLOUR_NAMES
+                    if c != o.colour and shapes.colour_distance(c, s.background) >= shapes.MIN_COLOUR_DISTANCE
+                ]
+            )
+            prompts.append(
+                (
+                    shape,
+                    colour,
+                    single_prompt(shapes.make_object(shape, colour, o.size, o.position), s.background, rng),
+                )
+            )
+        seeds = [SEED_BASE + 300_000 + i for i in range(n)]
+        result = {"n": n}
+        for strength in (0.3, 0.9):
+
+            def run(idx, strength=strength):
+                return self.i2i(
+                    prompt=[prompts[i][2] for i in idx],
+                    image=[sources[i] for i in idx],
+                    strength=strength,
+                    num_inference_steps=self.o.steps,
+                    guidance_scale=self.o.cfg,
+                    generator=_generators([seeds[i] for i in idx]),
+                ).images
+
+            images = _batched(run, list(range(n)), self.o.batch)
+            self._save(f"img2img_{strength}", images)
+            keep = follow = 0
+            for s, (shape, colour, _), im in zip(scenes, prompts, images, strict=True):
+                a = analyse(im)
+                o = s.objects[0]
+                got = a.objects[0] if a.objects else None
+                keep += int(bool(got and (got.shape, got.colour, got.position) == (o.shape, o.colour, o.position)))
+                follow += int(bool(got and (got.shape, got.colour) == (shape, colour)))
+            result[f"keep_layout_at_{strength}"] = keep / n
+            result[f"follow_prompt_at_{strength}"] = follow / n
+        return result
+
+    def inpaint(self) -> dict:
+        n = max(4, self.o.n // 4)
+        rng = random.Random("ldm-eval:inpaint")
+        cases = []
+        while len(cases) < n:
+            s = shapes.sample_scene(rng, 1)
+            if shapes.colour_distance(s.background, "blue") < 120 or (
+                s.objects[0].colour,
+                s.objects[0].shape,
+            ) == ("blue", "star"):
+                continue
+            o = s.objects[0]
+            # the quadrant farthest from the object
+            quads = [(0, 0), (1, 0), (0, 1), (1, 1)]
+            qx, qy = max(quads, key=lambda q: (q[0] * 0.5 + 0.25 - o.cx) ** 2 + (q[1] * 0.5 + 0.25 - o.cy) ** 2)
+            cases.append((s, qx, qy))
+        r = self.res
+        half = r // 2
+        sources, masks = [], []
+        for s, qx, qy in cases:
+            sources.append(shapes.to_pil(shapes.render([s], r)[0]))
+            m = np.zeros((r, r), np.uint8)
+            m[qy * half : (qy + 1) * half, qx * half : (qx + 1) * half] = 255
+            masks.append(Image.fromarray(m, "L"))
+        seeds = [SEED_BASE + 400_000 + i for i in range(n)]
+
+        def run(idx):
+            return self.inp(
+                prompt=["a blue star"] * len(idx),
+                image=[sources[i] for i in idx],
+                mask_image=[masks[i] for i in idx],
+                height=r,
+                width=r,
+                num_inference_steps=self.o.steps,
+                guidance_scale=self.o.cfg,
+                generator=_generators([seeds[i] for i in idx]),
+            ).images
+
+        images = _batched(run, list(range(n)), self.o.batch)
+        self._save("inpaint", images)
+        hit = kept = 0
+        for (s, qx, qy), im in zip(cases, images, strict=True):
+            a = analyse(im)
+            star = next(
+                (
+                    o
+                    for o in a.objects
+                    if o.shape == "star"
+                    and o.colour == "blue"
+                    and qx * 0.5 <= o.cx < qx * 0.5 + 0.5
+                    and qy * 0.5 <= o.cy < qy * 0.5 + 0.5
+                ),
+                None,
+            )
+            hit += int(star is not None)
+            src = s.objects[0]
+            kept += int(a.find(shape=src.shape, colour=src.colour) is not None)
+        return {
+            "n": n,
+            "prompt": "a blue star",
+            "blue_star_in_mask": hit / n,
+            "original_object_kept": kept / n,
+        }
+
+    def vae(self) -> dict:
+        from ldm_core.train.builtin import psnr
+
+        n = self.o.vae_images
+        images = shapes.render(shapes.sample_scenes("heldout-vae", n), self.res)
+        vae = self.pipe.vae
+        vals = []
+        with torch.no_grad():
+            for i in range(0, n, 64):
+                x = images[i : i + 64].to(self.dev, vae.dtype)
+                rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample
+                vals.append(psnr(rec.float() * 0.5 + 0.5, x.float()).cpu())
+        v = torch.cat(vals)
+        return {
+            "n": n,
+            "psnr_db": float(v.mean()),
+            "psnr_db_min": float(v.min()),
+            "psnr_db_median": float(v.median()),
+        }
+
+
+def _bar_checks(rep: dict) -> dict:
+    out = {}
+    for key, need in BARS.items():
+        sec, name = key.split(".")
+        if sec in rep and name in rep[sec]:
+            out[key] = {"value": rep[sec][name], "need": f">= {need}", "pass": rep[sec][name] >= need}
+    if "negative" in rep:
+        r = rep["negative"]["ratio"]
+        out["negative.ratio"] = {"value": r, "need": "< 0.333", "pass": bool(r == r and r < 1 / 3)}
+    return out
+
+
+def evaluate(opts: EvalOptions, pipes=None) -> dict:
+    """Run the tests in `opts.only` (default all) and return the report dict (JSON-friendly)."""
+    ev = Evaluator(opts, pipes)
+    rep: dict = {
+        "model": str(opts.model),
+        "steps": opts.steps,
+        "cfg": opts.cfg,
+        "sampler": "Euler a",
+        "device": str(ev.dev),
+        "resolution": ev.res,
+    }
+    t0 = time.monotonic()
+    for name in opts.only or TESTS:
+        if name not in TESTS:
+            raise ValueError(f"unknown test {name!r}; choose from {', '.join(TESTS)}")
+        t = time.monotonic()
+        rep[name] = getattr(ev, name)()
+        rep[name]["seconds"] = round(time.monotonic() - t, 1)
+    rep["seconds"] = round(time.monotonic() - t0, 1)
+    rep["bars"] = _bar_checks(rep)
+    return rep
+
+
+def format_report(rep: dict) -> str:
+    """A short human-readable summary of `evaluate`'s report."""
+    lines = [
+        f"model {rep['model']} ({rep['resolution']}px, {rep['sampler']}, {rep['steps']} steps, "
+        f"CFG {rep['cfg']}, {rep['device']})"
+    ]
+    if "single" in rep:
+        s = rep["single"]
+        lines.append(
+            f"single-object (n={s['n']}): shape {s['shape']:.1%}  colour {s['colour']:.1%}  shape+colour "
+            f"{s['shape_colour']:.1%}  background {s['background']:.1%}  position {s['position']:.1%}  "
+            f"size {s['size']:.1%}  exactly one object {s['one_object']:.1%}"
+        )
+    if "double" in rep:
+        d = rep["double"]
+        lines.append(
+            f"two-object (n={d['n']}): both right {d['both_right']:.1%}  at least one {d['at_least_one_right']:.1%}"
+        )
+    if "negative" in rep:
+        g = rep["negative"]
+        lines.append(
+            f"negative prompt '{g['negative_prompt']}' on '{g['prompt']}' (n={g['n']}): share of red/blue/"
+            f"green circles {g['share_without']:.1%} without -> {g['share_with']:.1%} with "
+            f"(ratio {g['ratio']:.2f})"
+        )
+    if "img2img" in rep:
+        i = rep["img2img"]
+        lines.append(
+            f"img2img (n={i['n']}): strength 0.3 keeps layout {i['keep_layout_at_0.3']:.1%} "
+            f"(follows new prompt {i['follow_prompt_at_0.3']:.1%}); strength 0.9 follows new prompt "
+            f"{i['follow_prompt_at_0.9']:.1%} (keeps {i['keep_layout_at_0.9']:.1%})"
+        )
+    if "inpaint" in rep:
+        p = rep["inpaint"]
+        lines.append(
+            f"inpaint 'a blue star' (n={p['n']}): in mask {p['blue_star_in_mask']:.1%}, original "
+            f"object kept {p['original_object_kept']:.1%}"
+        )
+    if "vae" in rep:
+        v = rep["vae"]
+        lines.append(
+            f"VAE PSNR on {v['n']} held-out renders: mean {v['psnr_db']:.2f} dB (median "
+            f"{v['psnr_db_median']:.2f}, min {v['psnr_db_min']:.2f})"
+        )
+    for k, b in rep.get("bars", {}).items():
+        lines.append(f"  bar {k}: {b['value']:.3f} (need {b['need']}) {'PASS' if b['pass'] else 'FAIL'}")
+    lines.append(f"total {rep['seconds']:.0f} s")
+    return "\n".join(lines)
