@@ -27,7 +27,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-from tiny_models import build_all, build_tiny_vae  # noqa: E402
+from tiny_models import build_all, build_tiny_vae, tiny_loaded_model  # noqa: E402
 
 #: File names of the tiny single files inside `models_dir`'s models/Stable-diffusion.
 MODELS_DIR_FILES = {
@@ -67,3 +67,19 @@ def models_dir(tmp_path_factory, tiny_models) -> Path:
     build_tiny_vae(root / "models" / "VAE" / "tiny-vae.safetensors")
     (root / "models" / "Lora").mkdir(parents=True, exist_ok=True)
     return root
+
+
+@pytest.fixture(scope="module")
+def sd1():
+    """Tiny SD1 components as a LoadedModel-like object (prompt encoding, LoRA and embedding tests)."""
+    return tiny_loaded_model("sd1")
+
+
+@pytest.fixture(scope="module")
+def sd2():
+    return tiny_loaded_model("sd2_v")
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return tiny_loaded_model("sdxl")

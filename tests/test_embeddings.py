@@ -6,40 +6,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from tiny_models import tiny_components
 
 from ldm_core.prompts.embeddings import EmbeddingLibrary, parse_embedding
 from ldm_core.prompts.encode import PromptEncoder, tokenize_weighted
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def as_model(name: str) -> SimpleNamespace:
-    c = tiny_components(name)
-    keys = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    return SimpleNamespace(kind=SimpleNamespace(family=name.split("_")[0]), **{k: c.get(k) for k in keys})
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return as_model("sd1")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return as_model("sdxl")
 
 
 def token_vectors(encoder, tokenizer, text: str) -> torch.Tensor:

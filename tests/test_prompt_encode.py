@@ -4,47 +4,13 @@ prompt schedule (editing, alternation, AND, negative prompt)."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-from tiny_models import tiny_components
 
 from ldm_core.prompts.encode import CHUNK, PromptEncoder, count_tokens, tokenize_weighted
 from ldm_core.prompts.schedule import PromptSchedule
 
 WORD = "cat"  # one CLIP token
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def as_model(name: str) -> SimpleNamespace:
-    """A LoadedModel-like object (the fields PromptEncoder reads) from tests/tiny_models.py components."""
-    c = tiny_components(name)
-    keys = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
-    return SimpleNamespace(kind=SimpleNamespace(family=name.split("_")[0]), **{k: c.get(k) for k in keys})
-
-
-@pytest.fixture(scope="module")
-def sd1():
-    return as_model("sd1")
-
-
-@pytest.fixture(scope="module")
-def sd2():
-    return as_model("sd2_v")
-
-
-@pytest.fixture(scope="module")
-def sdxl():
-    return as_model("sdxl")
 
 
 def words(n: int, word: str = WORD) -> str:

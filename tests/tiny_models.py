@@ -171,3 +171,12 @@ def build_all(out_dir: Path, seed: int = SEED) -> dict[str, dict[str, Path]]:
 if __name__ == "__main__":
     for name, paths in build_all(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_models")).items():
         print(name, paths["diffusers"], paths["single_file"])
+
+
+def tiny_loaded_model(name: str):
+    """A LoadedModel-like object (the fields PromptEncoder and LoRA code read) from `tiny_components(name)`."""
+    from types import SimpleNamespace
+
+    c = tiny_components(name)
+    keys = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+    return SimpleNamespace(kind=SimpleNamespace(family=family_of(name)), **{k: c.get(k) for k in keys})

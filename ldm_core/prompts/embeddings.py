@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import scan_named_files
 from ..models.hashes import HashCache, file_sha256
 
 log = logging.getLogger(__name__)
@@ -149,17 +150,7 @@ class EmbeddingLibrary:
 
     def refresh(self) -> None:
         """Rescan the folders."""
-        files: dict[str, Path] = {}
-        for d in self.dirs:
-            if not d.is_dir():
-                continue
-            for p in sorted(d.rglob("*")):
-                if p.suffix.lower() not in EMBEDDING_SUFFIXES or p.name.startswith(".") or not p.is_file():
-                    continue
-                if p.stem in files:
-                    log.warning("embedding %s ignored: %s has the same name", p, files[p.stem])
-                    continue
-                files[p.stem] = p
+        files = scan_named_files(self.dirs, EMBEDDING_SUFFIXES, "embedding")
         with self._lock:
             self._files = files
 

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import scan_named_files
 from ..models.hashes import HashCache, file_sha256
 from ..requests import RequestError
 from .parser import ExtraNetworkCall
@@ -490,17 +491,7 @@ class NetworkLibrary:
     # ---- listing --------------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Rescan the folders."""
-        files: dict[str, Path] = {}
-        for d in self.dirs:
-            if not d.is_dir():
-                continue
-            for p in sorted(d.rglob("*")):
-                if p.suffix.lower() not in LORA_SUFFIXES or p.name.startswith(".") or not p.is_file():
-                    continue
-                if p.stem in files:
-                    log.warning("LoRA %s ignored: %s has the same name", p, files[p.stem])
-                    continue
-                files[p.stem] = p
+        files = scan_named_files(self.dirs, LORA_SUFFIXES, "LoRA")
         with self._lock:
             self._files = files
 
