@@ -74,7 +74,7 @@ def _add_builtin(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checkpoint-every", type=float, default=d.checkpoint_every, help="seconds")
     p.add_argument("--export-every", type=float, default=d.export_every, help="seconds")
-    p.add_argument("--num-workers", type=int, default=None, help="data workers (default 4 on CUDA, 0 on CPU)")
+    p.add_argument("--num-workers", type=int, default=None, help="data workers (default 6 on CUDA, 0 on CPU)")
     p.add_argument("--data", type=Path, default=None, help="folder of images + same-name .txt captions")
     p.add_argument("--init", type=Path, default=None, help="start from this diffusers folder (fine-tune)")
     p.add_argument(

@@ -2,11 +2,12 @@
 UNet2DConditionModel with cross-attention) trained from scratch on the shapes world, saved as a standard
 diffusers folder.
 
-Phases: (1) the VAE on rendered images (L1 + MSE + image-gradient L1 + a tiny KL), then its latent
-scaling factor is measured; (2) with the VAE frozen, the text encoder and the UNet together
-(v-prediction, caption dropout for classifier-free guidance, EMA of both). Data are rendered on the fly
-on the training device; batch k of a run is a function of (seed, phase, k) only, so a resumed run sees
-the same data as an uninterrupted one.
+Phases: (1) the VAE on rendered images (L1 + MSE + a tiny KL; posterior started narrow), then its latent
+scaling factor is measured (1 / std of the latents); (2) with the encoder frozen, the text encoder and
+the UNet together (v-prediction, caption dropout for classifier-free guidance, EMA of both, extra loss
+weight on the latent cells the objects cover), while the decoder alone keeps fine-tuning every few steps
+(the latent space does not move). Data are rendered on the fly on the training device; batch k of a run
+is a function of (seed, phase, k) only, so a resumed run sees the same data as an uninterrupted one.
 
 Time budget: with `max_seconds` each phase's learning-rate schedule (warmup, then cosine) runs on
 progress = max(steps done / steps planned, time used / time budgeted), so a run stopped by the clock
@@ -59,8 +60,12 @@ class ModelSpec:
     unet_layers: int = 1
     unet_head_dim: int = 32
     unet_groups: int = 8  # 8-24 channels per group (SD: 10-40)
-    beta_schedule: str = "linear"
-    beta_start: float = 0.0001
+    # SD's scaled_linear family with a larger beta_end: SD's 0.012 leaves sqrt(alpha_bar) = 0.068 of the
+    # image at t = T (x8 for a colour spread over all 64 latent cells of an 8x8 latent); 0.02 leaves 0.015,
+    # keeps SD-like noise levels mid-way (SNR 1.06 at t = 300, SD 1.44: img2img at 0.3 keeps the layout)
+    # and a moderate sigma_max (66) for Karras-type schedules.
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.00085
     beta_end: float = 0.02
     prediction_type: str = "v_prediction"
     timestep_spacing: str = "trailing"
@@ -297,12 +302,12 @@ class TrainOptions:
     seed: int = 0
     device: str = "cpu"
     preset: str = "builtin"
-    vae_steps: int = 6000
-    unet_steps: int = 8000
-    vae_batch: int = 64
-    unet_batch: int = 128
+    vae_steps: int = 20000  # upper bounds: with max_seconds the clock usually ends each phase
+    unet_steps: int = 20000
+    vae_batch: int = 256
+    unet_batch: int = 512
     vae_lr: float = 2e-3
-    unet_lr: float = 5e-4
+    unet_lr: float = 6e-4
     warmup_steps: int = 200
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
@@ -311,17 +316,17 @@ class TrainOptions:
     decoder_lr: float = 4e-4  # decoder fine-tuning during the UNet phase (encoder frozen)
     decoder_every: int = 4  # UNet steps per decoder step; 0 turns decoder fine-tuning off
     decoder_batch: int = 128
-    object_weight: float = 4.0  # extra UNet loss weight on latent cells covered by objects
+    object_weight: float = 3.0  # extra UNet loss weight on latent cells covered by objects
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     max_seconds: float | None = None
     vae_seconds: float | None = None  # default: vae_share of max_seconds
-    vae_share: float = 0.36
+    vae_share: float = 0.35
     reserve_seconds: float = 12.0  # kept free at the end of max_seconds for the final export
     sitting_steps: int | None = None  # at most this many optimizer steps in this invocation
     checkpoint_every: float = 90.0
     export_every: float = 120.0
-    num_workers: int | None = None  # data workers; default 4 on CUDA, 0 on CPU
+    num_workers: int | None = None  # data workers; default 6 on CUDA, 0 on CPU
     data: Path | None = None  # folder of images + .txt captions instead of the shapes world
     init: Path | None = None  # start from this diffusers folder (VAE frozen, TE + UNet fine-tuned)
     progress_bar: bool = True
@@ -553,9 +558,9 @@ def load_folder_state(folder: Path) -> tuple[dict, dict, dict, float]:
     from transformers import CLIPTextModel
 
     folder = Path(folder)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, torch_dtype=torch.float32)
-    te = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, torch_dtype=torch.float32)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, dtype=torch.float32)
     return vae.state_dict(), te.state_dict(), unet.state_dict(), float(vae.config.scaling_factor)
 
 
@@ -717,7 +722,7 @@ class Trainer:
 
     def _loader(self, phase: str, batch: int, start: int, with_tokens: bool):
         ds = ShapesBatches(self.o.seed, phase, batch, start, self.tokenizer if with_tokens else None)
-        nw = self.o.num_workers if self.o.num_workers is not None else (4 if self.dev.type == "cuda" else 0)
+        nw = self.o.num_workers if self.o.num_workers is not None else (6 if self.dev.type == "cuda" else 0)
         if nw > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked
         if nw == 0:

@@ -118,7 +118,7 @@ def load_pipelines(model: Path, device: torch.device):
     pipe = StableDiffusionPipeline.from_pretrained(
         str(model),
         local_files_only=True,
-        torch_dtype=dtype,
+        dtype=dtype,
         safety_checker=None,
         requires_safety_checker=False,
     )
@@ -334,7 +334,7 @@ class Evaluator:
                     prompt=[prompts[i][2] for i in idx],
                     image=[sources[i] for i in idx],
                     strength=strength,
-                    num_inference_steps=self.o.steps,
+                    num_inference_steps=max(self.o.steps, 4),  # >= 1 denoising step at strength 0.3
                     guidance_scale=self.o.cfg,
                     generator=_generators([seeds[i] for i in idx]),
                 ).images
