@@ -12,15 +12,23 @@ from collections.abc import Sequence
 from .base import Evaluation, SamplerContext, ancestral_split, to_d
 
 
+def _churn(x, sigma: float, steps: int, ctx: SamplerContext):
+    """Karras et al.'s churn: raise the noise level from sigma to sigma_hat by adding fresh noise (none before
+    the first evaluation, when x is not known yet). Returns (x, sigma_hat)."""
+    sigma_hat = ctx.churn(sigma, steps)
+    if x is not None and sigma_hat > sigma:
+        x = x + ctx.noise(x) * ctx.s_noise * math.sqrt(sigma_hat**2 - sigma**2)
+    return x, sigma_hat
+
+
 def heun(sigmas: Sequence[float], ctx: SamplerContext) -> Evaluation:
     """Heun's second-order method with churn: Karras et al. 2022, "Elucidating the Design Space of
     Diffusion-Based Generative Models", arXiv:2206.00364, Algorithm 2."""
     steps = len(sigmas) - 1
     x = None
     for i in range(steps):
-        sigma_hat, sigma_next = ctx.churn(sigmas[i], steps), sigmas[i + 1]
-        if x is not None and sigma_hat > sigmas[i]:
-            x = x + ctx.noise(x) * ctx.s_noise * math.sqrt(sigma_hat**2 - sigmas[i] ** 2)
+        x, sigma_hat = _churn(x, sigmas[i], steps, ctx)
+        sigma_next = sigmas[i + 1]
         x, denoised = yield x, sigma_hat
         d = to_d(x, sigma_hat, denoised)
         if sigma_next == 0.0:
@@ -47,9 +55,8 @@ def dpm2(sigmas: Sequence[float], ctx: SamplerContext) -> Evaluation:
     steps = len(sigmas) - 1
     x = None
     for i in range(steps):
-        sigma_hat, sigma_next = ctx.churn(sigmas[i], steps), sigmas[i + 1]
-        if x is not None and sigma_hat > sigmas[i]:
-            x = x + ctx.noise(x) * ctx.s_noise * math.sqrt(sigma_hat**2 - sigmas[i] ** 2)
+        x, sigma_hat = _churn(x, sigmas[i], steps, ctx)
+        sigma_next = sigmas[i + 1]
         x, denoised = yield x, sigma_hat
         d = to_d(x, sigma_hat, denoised)
         if sigma_next == 0.0:
