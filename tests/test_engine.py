@@ -339,3 +339,15 @@ def test_no_network_during_load_and_generation(tmp_path, tiny_models, monkeypatc
     monkeypatch.setattr(socket, "create_connection", refuse)
     engine = make_engine(tmp_path, {"x": tiny_models["sdxl"]["single_file"]})
     engine.generate(req(steps=2))
+
+
+def test_sd_upscale_with_the_real_engine(sd1_engine):
+    """SD upscale end to end on the tiny model: upscale x2, img2img tile by tile, blend to the target size."""
+    from ldm_core.pipeline.sd_upscale import sd_upscale
+
+    init = Image.new("RGB", (64, 64), (40, 160, 90))
+    base = {**req().model_dump(exclude={"mode", "denoising_strength", "width", "height"})}
+    r = Img2ImgRequest.build(**base, init_images=[init], denoising_strength=0.3, width=64, height=64)
+    res = sd_upscale(r, sd1_engine.generate, sd1_engine.upscalers, upscaler="Lanczos", scale=2.0, overlap=16)
+    assert res.images[0].size == (128, 128)
+    assert res.tiles > 1
