@@ -14,8 +14,8 @@ from PIL import Image, ImageFilter, ImageOps
 def resize_image(image: Image.Image, width: int, height: int, mode: str) -> Image.Image:
     """Resize to width x height by one of A1111's resize modes:
     "Just resize" stretches; "Crop and resize" scales to cover then centre-crops; "Resize and fill" scales to
-    fit and fills the bars by stretching the edge pixels; "Just resize (latent upscale)" is resized in latent
-    space by the caller, so here it stretches like "Just resize"."""
+    fit and fills the bars by stretching the edge pixels; "Just resize (latent upscale)" is accepted but, for
+    now, stretches in pixel space exactly like "Just resize" (no latent-space resize yet)."""
     image = image.convert("RGB")
     if mode in ("Just resize", "Just resize (latent upscale)"):
         return image.resize((width, height), Image.LANCZOS)
