@@ -159,6 +159,19 @@ def test_mask_features_separate_the_shapes():
     assert feats["triangle"]["top_share"] < 0.3 and feats["diamond"]["top_share"] > 0.45
 
 
+def test_analyser_names_hearts_and_no_world_shape_as_one():
+    from ldm_core.train.lora import render_hearts, sample_hearts
+
+    hearts = sample_hearts("analyser-test", 40)
+    got = [analyse(im) for im in render_hearts(hearts, 64)]
+    assert all(len(a.objects) == 1 and a.objects[0].shape == "heart" for a in got)
+    pairs = list(zip(got, hearts, strict=True))
+    assert all(a.objects[0].colour == h.colour and a.objects[0].position == h.position for a, h in pairs)
+    assert sum(a.objects[0].size == h.size for a, h in pairs) >= 36
+    scenes = shapes.sample_scenes("analyser-not-heart", 200, n_objects=1)
+    assert not any(o.shape == "heart" for im in shapes.render(scenes, 64) for o in analyse(im).objects)
+
+
 def test_empty_image_has_no_objects():
     img = torch.ones(3, 64, 64) * torch.tensor([0.5, 0.5, 0.5]).view(3, 1, 1)
     a = analyse(img)

@@ -209,6 +209,18 @@ def _run_lora(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def _add_refine(p: argparse.ArgumentParser) -> None:
+    from ldm_core.train.refine import add_arguments
+
+    add_arguments(p)
+
+
+def _run_refine(a: argparse.Namespace) -> int:
+    from ldm_core.train.refine import run
+
+    return run(a)
+
+
 #: name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "builtin": (
@@ -218,6 +230,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     ),
     "eval": ("score a model folder on held-out prompts with the image analyser", _add_eval, _run_eval),
     "data": ("write sample renders of the shapes world with captions", _add_data, _run_data),
+    "refine": (
+        "continue a built-in model on a CPU: text-encoder pre-training, latent cache, UNet, decoder",
+        _add_refine,
+        _run_refine,
+    ),
     "lora": ("train a LoRA on images + .txt captions, written in the kohya format", _add_lora, _run_lora),
 }
 

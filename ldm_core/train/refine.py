@@ -1,0 +1,456 @@
+"""`python -m ldm_core.train refine`: continue training a built-in model folder on a CPU, in sittings.
+
+Where `builtin` trains everything end to end (right on a GPU), this recipe spends a small CPU budget where
+it buys most, in four resumable phases:
+
+1. **text**: the text encoder is pre-trained to read captions (`text_pretrain`: attribute heads on its
+   pooled state), then frozen for the rest — SD's own recipe keeps CLIP frozen too.
+2. **cache**: N scenes of the shapes world are rendered and encoded once by the (frozen) VAE encoder; the
+   posterior mean/std and the objects' coverage per latent cell are kept (fp16, ~1 KB a scene). Encoding
+   64x64 images costs more than a UNet step on 8x8 latents, so every UNet step after this is ~2x cheaper;
+   each scene gets a fresh caption, noise and timestep every time it is drawn.
+3. **unet**: the UNet (started from the folder's) learns from the cache with the frozen text encoder,
+   object-weighted v/epsilon loss, caption dropout, EMA.
+4. **decoder**: the VAE decoder alone is fine-tuned on fresh renders (L1 + MSE); the encoder, hence the
+   latent space the UNet learned, does not move.
+
+Checkpoints go to --work-dir after each phase and every few minutes; the same command resumes. The folder
+written to --out keeps the input folder's architecture, schedule and scaling factor, and its TRAINING.json
+appends this sitting to the input's history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ldm_core.train import shapes, text_pretrain
+from ldm_core.train.builtin import (
+    EMA,
+    CaptionTokenizer,
+    _named_shadow,
+    _save_atomic,
+    build_scheduler,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    command_line,
+    diffusion_target,
+    export_folder,
+    heldout_renders,
+    load_folder_state,
+    lr_at,
+    spec_from_folder,
+    vae_psnr,
+)
+
+PHASES = ("text", "cache", "unet", "decoder", "done")
+
+
+@dataclass
+class RefineOptions:
+    init: Path
+    out: Path
+    work_dir: Path
+    seed: int = 0
+    text_steps: int = 800
+    text_batch: int = 256
+    text_lr: float = 1e-3
+    cache_scenes: int = 60000
+    cache_batch: int = 256
+    unet_steps: int = 6000  # planned; --unet-seconds usually ends the phase first (cosine on the clock)
+    unet_seconds: float | None = None
+    unet_batch: int = 128
+    unet_lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.05
+    ema_decay: float = 0.998
+    caption_dropout: float = 0.1
+    object_weight: float = 3.0
+    decoder_steps: int = 400
+    decoder_seconds: float | None = None
+    decoder_batch: int = 32
+    decoder_lr: float = 5e-5
+    decoder_warmup: int = 25
+    checkpoint_every: float = 300.0
+    threads: int | None = None
+    command: str = ""
+
+    def to_json(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+@dataclass
+class _Progress:
+    phase: str = "text"
+    text_step: int = 0
+    text_accuracy: dict = field(default_factory=dict)
+    text_seconds: float = 0.0
+    cache_done: int = 0
+    cache_seconds: float = 0.0
+    unet_step: int = 0
+    unet_progress: float = 0.0
+    unet_seconds: float = 0.0
+    unet_loss: float | None = None
+    decoder_step: int = 0
+    decoder_seconds: float = 0.0
+    decoder_loss: float | None = None
+    vae_psnr_before: float | None = None
+    vae_psnr_after: float | None = None
+    decoder_kept: bool = True
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Refiner:
+    def __init__(self, o: RefineOptions):
+        self.o = o
+        if o.threads:
+            torch.set_num_threads(o.threads)
+        self.work = Path(o.work_dir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.spec = spec_from_folder(o.init)
+        self.base_record = json.loads((Path(o.init) / "TRAINING.json").read_text(encoding="utf-8"))
+        vae_sd, te_sd, unet_sd, sf = load_folder_state(o.init)
+        self.sf = sf
+        self.vae, self.te, self.unet = build_vae(self.spec), build_text_encoder(self.spec), build_unet(self.spec)
+        self.vae.load_state_dict(vae_sd)
+        self.te.load_state_dict(te_sd, strict=False)
+        self.unet.load_state_dict(unet_sd)
+        self.tokenizer = CaptionTokenizer()
+        self.p = _Progress()
+        self.heads: text_pretrain.AttributeHeads | None = None
+        self.unet_opt = torch.optim.AdamW(self.unet.parameters(), lr=o.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
+        self.ema = EMA(list(self.unet.parameters()), o.ema_decay)
+        self.dec_params = list(self.vae.post_quant_conv.parameters()) + list(self.vae.decoder.parameters())
+        self.dec_opt = torch.optim.AdamW(self.dec_params, lr=o.decoder_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        self.cache: dict[str, torch.Tensor] | None = None
+        self._resume()
+
+    # -- checkpoints
+    @property
+    def ckpt_path(self) -> Path:
+        return self.work / "refine.pt"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.work / "latent-cache.pt"
+
+    def save(self) -> None:
+        _save_atomic(
+            {
+                "progress": asdict(self.p),
+                "vae": self.vae.state_dict(),
+                "te": self.te.state_dict(),
+                "heads": self.heads.state_dict() if self.heads is not None else None,
+                "unet": self.unet.state_dict(),
+                "unet_opt": self.unet_opt.state_dict(),
+                "ema": self.ema.state_dict(),
+                "dec_opt": self.dec_opt.state_dict(),
+            },
+            self.ckpt_path,
+        )
+
+    def _resume(self) -> None:
+        if not self.ckpt_path.exists():
+            return
+        ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        self.p = _Progress(**ck["progress"])
+        self.vae.load_state_dict(ck["vae"])
+        self.te.load_state_dict(ck["te"])
+        if ck["heads"] is not None:
+            self.heads = text_pretrain.AttributeHeads(self.te.config.hidden_size)
+            self.heads.load_state_dict(ck["heads"])
+        self.unet.load_state_dict(ck["unet"])
+        self.unet_opt.load_state_dict(ck["unet_opt"])
+        self.ema.load(ck["ema"])
+        self.dec_opt.load_state_dict(ck["dec_opt"])
+        _log(f"resumed {self.ckpt_path}: phase {self.p.phase}")
+
+    # -- phase 1
+    def run_text(self) -> None:
+        o, t0 = self.o, time.monotonic()
+        self.te.requires_grad_(True)
+        self.heads, step = text_pretrain.pretrain_text_encoder(
+            self.te,
+            self.tokenizer,
+            steps=o.text_steps,
+            batch=o.text_batch,
+            lr=o.text_lr,
+            seed=o.seed,
+            heads=self.heads,
+            start_step=self.p.text_step,
+            log=_log,
+        )
+        self.p.text_step = step
+        self.p.text_seconds += time.monotonic() - t0
+        self.p.text_accuracy = text_pretrain.evaluate(self.te, self.heads, self.tokenizer, n=2048)
+        _log(f"text encoder held-out head accuracy {self.p.text_accuracy}")
+        self.p.phase = "cache"
+        self.save()
+
+    # -- phase 2
+    def cache_scenes(self) -> list[shapes.Scene]:
+        return shapes.sample_scenes(f"refine-cache:{self.o.seed}", self.o.cache_scenes)
+
+    @torch.no_grad()
+    def run_cache(self) -> None:
+        o, t0 = self.o, time.monotonic()
+        scenes = self.cache_scenes()
+        n, lat = len(scenes), self.spec.resolution // 8
+        if self.cache_path.exists():
+            cache = torch.load(self.cache_path, map_location="cpu", weights_only=True)
+        else:
+            cache = {
+                "mean": torch.zeros(n, self.spec.latent_channels, lat, lat, dtype=torch.float16),
+                "std": torch.zeros(n, self.spec.latent_channels, lat, lat, dtype=torch.float16),
+                "cover": torch.zeros(n, 1, lat, lat, dtype=torch.float16),
+            }
+        self.vae.eval()
+        last = time.monotonic()
+        i = self.p.cache_done
+        while i < n:
+            chunk = scenes[i : i + o.cache_batch]
+            ims, cover = shapes.render_packed(shapes.pack_scenes(chunk), self.spec.resolution, with_coverage=True)
+            post = self.vae.encode(ims * 2 - 1).latent_dist
+            j = i + len(chunk)
+            cache["mean"][i:j] = post.mean.half()
+            cache["std"][i:j] = post.std.half()
+            cache["cover"][i:j] = F.adaptive_avg_pool2d(cover.float(), lat).half()
+            i = j
+            if time.monotonic() - last > 60 or i >= n:
+                last = time.monotonic()
+                self.p.cache_done = i
+                _save_atomic(cache, self.cache_path)
+                self.save()
+                _log(f"cache {i}/{n} scenes encoded")
+        self.p.cache_seconds += time.monotonic() - t0
+        self.p.phase = "unet"
+        self.save()
+
+    # -- phase 3
+    def run_unet(self) -> None:
+        o, p = self.o, self.p
+        cache = torch.load(self.cache_path, map_location="cpu", weights_only=True)
+        scenes = self.cache_scenes()
+        n = len(scenes)
+        self.te.eval().requires_grad_(False)
+        self.vae.eval().requires_grad_(False)
+        self.unet.train()
+        sched = build_scheduler(self.spec)
+        ab = sched.alphas_cumprod.float()
+        with torch.no_grad():
+            empty = self.te(self.tokenizer([""]))[0]
+        budget = None if o.unet_seconds is None else max(0.0, o.unet_seconds - p.unet_seconds)
+        t0 = last_log = last_ck = time.monotonic()
+        sec0, prog0 = p.unet_seconds, p.unet_progress
+        smooth = p.unet_loss
+        while p.unet_progress < 1.0:
+            step = p.unet_step
+            rng = random.Random(f"refine-unet:{o.seed}:{step}")
+            idx = torch.tensor([rng.randrange(n) for _ in range(o.unet_batch)])
+            caps = [shapes.caption(scenes[k], rng) for k in idx.tolist()]
+            gen = torch.Generator().manual_seed(rng.getrandbits(62))
+            with torch.no_grad():
+                cond = self.te(self.tokenizer(caps))[0]
+            drop = torch.rand(len(caps), generator=gen) < o.caption_dropout
+            cond = torch.where(drop.view(-1, 1, 1), empty.expand_as(cond), cond)
+            mean, std = cache["mean"][idx].float(), cache["std"][idx].float()
+            lat = (mean + std * torch.randn(mean.shape, generator=gen)) * self.sf
+            noise = torch.randn(lat.shape, generator=gen)
+            t = torch.randint(0, self.spec.num_train_timesteps, (len(caps),), generator=gen)
+            x_t, target = diffusion_target(lat, noise, ab[t], self.spec.prediction_type)
+            lr = lr_at(o.unet_lr, step, p.unet_progress, o.warmup_steps, o.min_lr_ratio)
+            for g in self.unet_opt.param_groups:
+                g["lr"] = lr
+            pred = self.unet(x_t, t, cond).sample
+            err = (pred - target).pow(2)
+            if o.object_weight > 0:
+                c = F.max_pool2d(cache["cover"][idx].float(), 3, stride=1, padding=1)
+                err = err * (1.0 + o.object_weight * c)
+            loss = err.mean()
+            self.unet_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+            self.unet_opt.step()
+            self.ema.update(step)
+            p.unet_step += 1
+            lv = float(loss.detach())
+            smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
+            p.unet_loss = smooth
+            now = time.monotonic()
+            p.unet_seconds = sec0 + (now - t0)
+            prog = p.unet_step / max(1, o.unet_steps)
+            if budget is not None:
+                prog = max(prog, prog0 + (now - t0) / max(budget, 1e-9) * (1 - prog0))
+            p.unet_progress = min(1.0, prog)
+            if now - last_log > 30:
+                last_log = now
+                _log(f"unet step {p.unet_step} progress {p.unet_progress:.3f} loss {smooth:.4f} lr {lr:.2e}")
+            if now - last_ck > o.checkpoint_every:
+                last_ck = now
+                self.save()
+        p.phase = "decoder"
+        self.save()
+
+    # -- phase 4
+    def run_decoder(self) -> None:
+        o, p = self.o, self.p
+        held = heldout_renders(256, self.spec.resolution)
+        self.vae.eval()
+        if p.vae_psnr_before is None:
+            p.vae_psnr_before = vae_psnr(self.vae, held, torch.device("cpu"))
+            _log(f"VAE held-out PSNR before decoder tuning {p.vae_psnr_before:.2f} dB")
+        before = {k: v.detach().clone() for k, v in self.vae.state_dict().items()}
+        self.vae.encoder.requires_grad_(False)
+        self.vae.quant_conv.requires_grad_(False)
+        for q in self.dec_params:
+            q.requires_grad_(True)
+        budget = None if o.decoder_seconds is None else max(0.0, o.decoder_seconds - p.decoder_seconds)
+        t0 = last_log = last_ck = time.monotonic()
+        sec0 = p.decoder_seconds
+        smooth = p.decoder_loss
+        while p.decoder_step < o.decoder_steps:
+            now = time.monotonic()
+            if budget is not None and now - t0 > budget:
+                break
+            step = p.decoder_step
+            scenes = shapes.sample_scenes(f"refine-decoder:{o.seed}:{step}", o.decoder_batch)
+            ims = shapes.render(scenes, self.spec.resolution)
+            with torch.no_grad():
+                raw = self.vae.encode(ims * 2 - 1).latent_dist.mean
+            frac = step / max(1, o.decoder_steps)
+            if budget is not None:
+                frac = max(frac, (now - t0) / max(budget, 1e-9))
+            warm = min(1.0, (step + 1) / max(1, o.decoder_warmup))
+            lr = o.decoder_lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            for g in self.dec_opt.param_groups:
+                g["lr"] = lr
+            self.vae.decoder.train()
+            rec = self.vae.decode(raw).sample
+            tgt = ims * 2 - 1
+            loss = (rec - tgt).abs().mean() + (rec - tgt).pow(2).mean()
+            self.dec_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.dec_params, 1.0)
+            self.dec_opt.step()
+            p.decoder_step += 1
+            lv = float(loss.detach())
+            smooth = lv if smooth is None else 0.95 * smooth + 0.05 * lv
+            p.decoder_loss = smooth
+            p.decoder_seconds = sec0 + (time.monotonic() - t0)
+            if time.monotonic() - last_log > 30:
+                last_log = time.monotonic()
+                _log(f"decoder step {p.decoder_step} loss {smooth:.4f} lr {lr:.2e}")
+            if time.monotonic() - last_ck > o.checkpoint_every:
+                last_ck = time.monotonic()
+                self.save()
+        self.vae.eval()
+        p.vae_psnr_after = vae_psnr(self.vae, held, torch.device("cpu"))
+        _log(f"VAE held-out PSNR after decoder tuning {p.vae_psnr_after:.2f} dB")
+        if p.vae_psnr_after < p.vae_psnr_before:  # never ship a worse decoder than the one we started from
+            self.vae.load_state_dict(before)
+            p.decoder_kept = False
+            _log("decoder tuning lowered the PSNR: the previous decoder is kept")
+        p.phase = "done"
+        self.save()
+
+    # -- output
+    def export(self) -> dict:
+        rec = {
+            "command": self.o.command,
+            "recipe": "refine (ldm_core/train/refine.py) on top of the folder below",
+            "init": str(self.o.init),
+            "options": self.o.to_json(),
+            "progress": asdict(self.p),
+            "torch": torch.__version__,
+            "device": "cpu",
+            "threads": torch.get_num_threads(),
+            "spec": self.base_record["spec"],
+            "scaling_factor": self.sf,
+            "history": [*self.base_record.get("history", []), _strip(self.base_record)],
+        }
+        export_folder(
+            Path(self.o.out),
+            self.spec,
+            {k: v.detach().cpu() for k, v in self.vae.state_dict().items()},
+            {k: v.detach().cpu() for k, v in self.te.state_dict().items()},
+            _named_shadow(self.unet, self.ema),
+            self.sf,
+            extra_files={"TRAINING.json": json.dumps(rec, indent=2) + "\n"},
+        )
+        _log(f"wrote {self.o.out}")
+        return rec
+
+    def run(self) -> dict:
+        if self.p.phase == "text":
+            self.run_text()
+        if self.p.phase == "cache":
+            self.run_cache()
+        if self.p.phase == "unet":
+            self.run_unet()
+        if self.p.phase == "decoder":
+            self.run_decoder()
+        return self.export()
+
+
+def _strip(record: dict) -> dict:
+    """A previous TRAINING.json without its own history (that is carried separately)."""
+    return {k: v for k, v in record.items() if k != "history"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = RefineOptions(init=Path("."), out=Path("."), work_dir=Path("."))
+    p.add_argument("--init", type=Path, required=True, help="diffusers folder written by `builtin` or `refine`")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--work-dir", type=Path, required=True, help="checkpoints and the latent cache; resumed")
+    p.add_argument("--seed", type=int, default=d.seed)
+    for name in (
+        "text_steps",
+        "text_batch",
+        "cache_scenes",
+        "cache_batch",
+        "unet_steps",
+        "unet_batch",
+        "warmup_steps",
+        "decoder_steps",
+        "decoder_warmup",
+        "decoder_batch",
+        "threads",
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in (
+        "text_lr",
+        "unet_lr",
+        "unet_seconds",
+        "min_lr_ratio",
+        "ema_decay",
+        "caption_dropout",
+        "object_weight",
+        "decoder_seconds",
+        "decoder_lr",
+        "checkpoint_every",
+    ):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+
+
+def run(a: argparse.Namespace) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    fields = RefineOptions.__dataclass_fields__
+    opts = RefineOptions(**{k: getattr(a, k) for k in fields if k != "command" and hasattr(a, k)})
+    opts.command = command_line()
+    rec = Refiner(opts).run()
+    print(json.dumps(rec["progress"], indent=2))
+    return 0

@@ -1,0 +1,131 @@
+"""The CPU refinement recipe (`python -m ldm_core.train refine`): caption read-outs for the text encoder's
+pre-training, and a reduced end-to-end run over all four phases on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from ldm_core.train import builtin, shapes, text_pretrain  # noqa: E402
+from ldm_core.train.builtin import CaptionTokenizer, TrainOptions, train_builtin  # noqa: E402
+
+
+def _scene(bg: str, *objs: tuple[str, str, str, str]) -> shapes.Scene:
+    return shapes.Scene(bg, tuple(shapes.make_object(s, c, z, p) for s, c, z, p in objs))
+
+
+def test_caption_mentions_only_what_the_caption_says():
+    sc = _scene("blue", ("circle", "red", "small", "top left"))
+    bg, (m,) = text_pretrain.caption_mentions(sc, "a red circle on a blue background")
+    assert bg == "blue" and (m.shape, m.colour, m.position, m.size) == ("circle", "red", "unspecified", "unspecified")
+    bg, (m,) = text_pretrain.caption_mentions(sc, "tiny round dot, upper left")
+    assert bg == "unspecified" and (m.shape, m.colour, m.position, m.size) == (
+        "circle",
+        "unspecified",
+        "top left",
+        "small",
+    )
+    two = _scene("white", ("star", "green", "medium", "left"), ("square", "black", "small", "right"))
+    bg, ms = text_pretrain.caption_mentions(two, "a green five-pointed star and a black box")
+    assert bg == "unspecified" and [(m.shape, m.colour) for m in ms] == [("star", "green"), ("square", "black")]
+
+
+def test_targets_bind_colour_to_shape():
+    a = _scene("white", ("circle", "red", "small", "left"), ("square", "blue", "small", "right"))
+    b = _scene("white", ("circle", "blue", "small", "left"), ("square", "red", "small", "right"))
+    ta = text_pretrain.caption_targets(a, "a red circle and a blue square")
+    tb = text_pretrain.caption_targets(b, "a blue circle and a red square")
+    assert int(ta["count"]) == 1 and int(ta["shape_colour"].sum()) == 2
+    assert not torch.equal(ta["shape_colour"], tb["shape_colour"])  # same words, different binding
+    # the colour words alone would give the same multi-hot over colours: binding is what differs
+    assert torch.equal(ta["colour_position"].sum(0), tb["colour_position"].sum(0))
+
+
+def test_trimmed_ids_give_the_same_pooled_state_as_77_tokens():
+    tok = CaptionTokenizer()
+    te = builtin.build_text_encoder(builtin.PRESETS["tiny"]).eval()
+    ids = tok(["a red circle", "small green star in the top left corner, white background"])
+    short = text_pretrain.trim_padding(ids, tok.eos)
+    assert short.shape[1] < 30
+    with torch.no_grad():
+        full, cut = te(ids), te(short)
+    assert torch.allclose(full.pooler_output, cut.pooler_output, atol=1e-5)
+    assert torch.allclose(full.last_hidden_state[:, : short.shape[1]], cut.last_hidden_state, atol=1e-5)
+
+
+def test_text_pretraining_learns_to_read_captions():
+    tok = CaptionTokenizer()
+    torch.manual_seed(0)
+    te = builtin.build_text_encoder(builtin.PRESETS["tiny"])
+    start = {k: v.clone() for k, v in te.state_dict().items()}
+    heads, step = text_pretrain.pretrain_text_encoder(te, tok, steps=40, batch=64, lr=3e-3, log=lambda m: None)
+    assert step == 40
+    ids, tg = text_pretrain._batch("heldout-test", 0, 256, tok)
+    with torch.no_grad():
+        losses = text_pretrain.head_losses(heads(te(ids).pooler_output), tg)
+    fresh = text_pretrain.AttributeHeads(te.config.hidden_size)
+    te2 = builtin.build_text_encoder(builtin.PRESETS["tiny"])
+    with torch.no_grad():
+        before = text_pretrain.head_losses(fresh(te2(ids).pooler_output), tg)
+    assert sum(losses.values()) < 0.7 * sum(before.values())
+    moved = [k for k, v in te.state_dict().items() if "layers" in k and not torch.equal(v, start[k])]
+    assert moved  # the encoder itself learns, not only the heads
+    acc = text_pretrain.evaluate(te, heads, tok, n=64)
+    assert set(acc) == set(text_pretrain.HEADS) and all(0.0 <= v <= 1.0 for v in acc.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refine")
+    opts = TrainOptions(
+        out=root / "base",
+        work_dir=root / "base-work",
+        preset="tiny",
+        device="cpu",
+        vae_steps=2,
+        unet_steps=2,
+        vae_batch=4,
+        unet_batch=4,
+        warmup_steps=1,
+        progress_bar=False,
+        latent_samples=16,
+        num_workers=0,
+        command="pytest",
+    )
+    train_builtin(opts)
+    return root
+
+
+def test_reduced_refine_run_writes_a_folder_with_its_history(tiny_folder):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm_core.train.__main__ import main
+
+    out, work = tiny_folder / "refined", tiny_folder / "refine-work"
+    args = ["refine", "--init", str(tiny_folder / "base"), "--out", str(out), "--work-dir", str(work)]
+    args += ["--text-steps", "2", "--text-batch", "8", "--cache-scenes", "24", "--cache-batch", "16"]
+    args += ["--unet-steps", "3", "--unet-batch", "4", "--decoder-steps", "2", "--decoder-batch", "2"]
+    assert main(args) == 0
+    info = json.loads((out / "TRAINING.json").read_text())
+    p = info["progress"]
+    assert p["phase"] == "done" and p["text_step"] == 2 and p["cache_done"] == 24 and p["unet_step"] == 3
+    assert p["decoder_step"] == 2 and p["vae_psnr_before"] is not None
+    if not p["decoder_kept"]:  # a worse decoder is never shipped
+        assert p["vae_psnr_after"] < p["vae_psnr_before"]
+    assert info["history"][-1]["command"] == "pytest" and info["spec"]["text_hidden"] == 32
+    cache = torch.load(work / "latent-cache.pt", weights_only=True)
+    assert cache["mean"].shape == (24, 4, 8, 8) and cache["mean"].abs().sum() > 0
+    assert float(cache["cover"].max()) > 0.5  # objects fill whole latent cells somewhere
+    base_unet = (tiny_folder / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != base_unet
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a red circle", num_inference_steps=2).images[0].size == (64, 64)
+    # the same command again resumes a finished run: nothing is trained twice
+    assert main(args) == 0
+    assert json.loads((out / "TRAINING.json").read_text())["progress"]["unet_step"] == 3
