@@ -18,6 +18,7 @@ import gradio as gr
 
 from ldm_core.requests import MAX_SIDE, RequestError
 
+from . import extension_sections
 from .common import (
     UiContext,
     build_request,
@@ -81,6 +82,7 @@ class GenerationTab:
     results: ResultsPanel | None = None
     image: Any = None  # the init image (img2img) or the editor (inpaint)
     defaults: dict[Any, Callable[[], Any]] = field(default_factory=dict)  # set on each page load
+    extensions: list[Any] = field(default_factory=list)  # extension_sections.BoundSection accordions
 
 
 #: Hover titles of the icon buttons, by label (set on the page by app.py's script).
@@ -403,6 +405,7 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
     res = tab.results
     assert res is not None and tab.generate is not None
     inputs = {c for n, c in tab.fields.items() if not n.startswith("_")} | {top.checkpoint, top.vae}
+    inputs |= set(extension_sections.input_components(tab.extensions))
     outputs = [
         res.progress,
         res.preview,
@@ -419,9 +422,17 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
         values["model"] = data.get(top.checkpoint)
         values["vae"] = data.get(top.vae)
         try:
+            manager = getattr(ctx.service, "extensions", None)
+            if tab.extensions:
+                active = extension_sections.active_section_names(manager)
+                scripts = extension_sections.alwayson_scripts(tab.extensions, data, active)
+                if scripts:
+                    values["alwayson_scripts"] = scripts
             request = build_request(tab.mode, values)
+            if manager is not None and request.alwayson_scripts:
+                manager.validate_request(request)  # a bad extension value fails here, before queueing
             job = ctx.service.submit(request)
-        except (RequestError, RuntimeError) as exc:
+        except (RequestError, RuntimeError, ValueError) as exc:
             yield {res.progress: error_html(readable_error(exc))}
             raise gr.Error(readable_error(exc), print_exception=False) from None
         t0 = time.monotonic()
@@ -553,6 +564,7 @@ def build_generation_tab(
             buttons = build_sampling_controls(ctx, tab)
             if extra_section is not None:
                 extra_section(tab)
+            tab.extensions = extension_sections.build_sections(ctx, mode)
         with gr.Column(scale=1, min_width=360, elem_classes=["ldm-results"]):
             tab.results = build_results(ctx, mode)
     wire_generation(ctx, tab, top)
