@@ -463,6 +463,11 @@ def test_trainer_writes_a_kohya_lora_that_loads_and_changes_the_output(tiny_mode
         assert not torch.allclose(unet_out(model), base_out)
         assert not torch.allclose(PromptEncoder(model).encode("a red heart").embeds, base_cond)
     assert_identical(model, snap)
+    # the evaluation goes through the engine's <lora:...> path with and without the tag
+    from ldm_core.train.lora import evaluate_heart_lora
+
+    rep = evaluate_heart_lora(base, out, n=2, steps=2)
+    assert rep["n"] == 2 and set(rep["with"]) == set(rep["without"]) == {"heart", "heart_right_colour"}
 
 
 @pytest.mark.parametrize("name", ["sd2_v", "sdxl"])

@@ -209,6 +209,18 @@ def _run_lora(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def _add_lora_eval(p: argparse.ArgumentParser) -> None:
+    from ldm_core.train.lora import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _run_lora_eval(a: argparse.Namespace) -> int:
+    from ldm_core.train.lora import run_eval
+
+    return run_eval(a)
+
+
 def _add_refine(p: argparse.ArgumentParser) -> None:
     from ldm_core.train.refine import add_arguments
 
@@ -236,6 +248,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _run_refine,
     ),
     "lora": ("train a LoRA on images + .txt captions, written in the kohya format", _add_lora, _run_lora),
+    "lora-eval": (
+        "does <lora:heart:1> bring hearts in? analyser counts with and without the tag",
+        _add_lora_eval,
+        _run_lora_eval,
+    ),
 }
 
 

@@ -42,8 +42,16 @@ log = logging.getLogger(__name__)
 #: scikit-image sample images kept out of training, used only to measure PSNR.
 HELD_OUT = ("coffee.png", "camera.png", "rocket.jpg")
 #: left out entirely: near-duplicates of other images, motion-blurred or not photographs of anything.
-EXCLUDED = ("motorcycle_right.png", "motorcycle_disp.npz", "clock_motion.png", "no_time_for_that_tiny.gif",
-            "chessboard_GRAY.png", "multipage.tif", "multipage_rgb.tif", "lfw_subset.npy")
+EXCLUDED = (
+    "motorcycle_right.png",
+    "motorcycle_disp.npz",
+    "clock_motion.png",
+    "no_time_for_that_tiny.gif",
+    "chessboard_GRAY.png",
+    "multipage.tif",
+    "multipage_rgb.tif",
+    "lfw_subset.npy",
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
@@ -60,8 +68,9 @@ def build_model(spec: UpscalerSpec) -> torch.nn.Module:
     """A fresh spandrel `Compact` (SRVGGNetCompact) module with PReLU activations, RGB in and out."""
     from spandrel.architectures.Compact import Compact
 
-    return Compact(num_in_ch=3, num_out_ch=3, num_feat=spec.num_feat, num_conv=spec.num_conv,
-                   upscale=spec.scale, act_type="prelu")
+    return Compact(
+        num_in_ch=3, num_out_ch=3, num_feat=spec.num_feat, num_conv=spec.num_conv, upscale=spec.scale, act_type="prelu"
+    )
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -169,7 +178,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
-    arr = (x.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
+    arr = x.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     buf.seek(0)
@@ -189,8 +198,7 @@ def degrade(hr: torch.Tensor, scale: int, rng: np.random.Generator, *, light: bo
         if light and rng.random() < 0.2:
             img = _gaussian_blur(img, float(rng.uniform(0.2, 0.7)))
         if not light or rng.random() < 0.7:
-            lr = F.interpolate(img, scale_factor=1 / scale, mode="bicubic", antialias=True,
-                               align_corners=False)
+            lr = F.interpolate(img, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
         else:
             lr = F.avg_pool2d(img, scale)
         if light and rng.random() < 0.15:
@@ -213,8 +221,13 @@ def psnr(a: np.ndarray, b: np.ndarray, border: int = 4) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, images: Sequence[np.ndarray], scale: int, device: torch.device,
-             dtype: torch.dtype = torch.float32) -> dict:
+def evaluate(
+    model: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    scale: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """Mean PSNR (dB) of the model and of Lanczos on `images`, each bicubic-downscaled by `scale` (PIL)."""
     was_training = model.training
     model.eval()
@@ -230,15 +243,26 @@ def evaluate(model: torch.nn.Module, images: Sequence[np.ndarray], scale: int, d
         lanczos.append(psnr(base, hr))
     model.train(was_training)
     o, lz = float(np.mean(ours)), float(np.mean(lanczos))
-    return {"psnr": o, "psnr_lanczos": lz, "gain_db": o - lz,
-            "per_image": list(zip(ours, lanczos, strict=True))}
+    return {"psnr": o, "psnr_lanczos": lz, "gain_db": o - lz, "per_image": list(zip(ours, lanczos, strict=True))}
 
 
 # ---- training -----------------------------------------------------------------------------------------
-def train(train_images: Sequence[np.ndarray], held_out: Sequence[np.ndarray], *, spec: UpscalerSpec,
-          steps: int, batch: int = 16, patch: int = 96, lr: float = 1e-3, device: str = "cpu", seed: int = 0,
-          max_minutes: float | None = None, eval_every: int = 250, init: Path | None = None,
-          log_fn: Callable[[str], None] = print) -> tuple[torch.nn.Module, dict]:
+def train(
+    train_images: Sequence[np.ndarray],
+    held_out: Sequence[np.ndarray],
+    *,
+    spec: UpscalerSpec,
+    steps: int,
+    batch: int = 16,
+    patch: int = 96,
+    lr: float = 1e-3,
+    device: str = "cpu",
+    seed: int = 0,
+    max_minutes: float | None = None,
+    eval_every: int = 250,
+    init: Path | None = None,
+    log_fn: Callable[[str], None] = print,
+) -> tuple[torch.nn.Module, dict]:
     """Train a Compact x`spec.scale` network with L1 loss, Adam and a cosine learning-rate decay.
     `patch` is the HR crop size in px (a multiple of the scale). Stops after `steps` or `max_minutes`
     (the decay follows whichever budget runs out first). `init`: start from these weights (same spec).
@@ -281,8 +305,7 @@ def train(train_images: Sequence[np.ndarray], held_out: Sequence[np.ndarray], *,
             log_fn(f"step {step}/{steps} loss {running:.4f} lr {cur_lr:.2e} {minutes:.1f} min")
         if held_out and eval_every and step % eval_every == 0 and step < steps:
             r = evaluate(model, held_out, spec.scale, dev)
-            log_fn(f"  held-out PSNR {r['psnr']:.2f} dB vs Lanczos {r['psnr_lanczos']:.2f} dB "
-                   f"({r['gain_db']:+.2f} dB)")
+            log_fn(f"  held-out PSNR {r['psnr']:.2f} dB vs Lanczos {r['psnr_lanczos']:.2f} dB ({r['gain_db']:+.2f} dB)")
         if limit is not None and time.monotonic() - start >= limit:
             log_fn(f"time limit reached after {step} steps")
             break
@@ -296,8 +319,13 @@ def save_upscaler(model: torch.nn.Module, path: Path, spec: UpscalerSpec, meta: 
     from safetensors.torch import save_file
 
     sd = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in model.state_dict().items()}
-    info = {"architecture": "Compact", "scale": str(spec.scale), "num_feat": str(spec.num_feat),
-            "num_conv": str(spec.num_conv), "trainer": "ldm_core.train.upscaler"}
+    info = {
+        "architecture": "Compact",
+        "scale": str(spec.scale),
+        "num_feat": str(spec.num_feat),
+        "num_conv": str(spec.num_conv),
+        "trainer": "ldm_core.train.upscaler",
+    }
     for k, v in (meta or {}).items():
         info[k] = v if isinstance(v, str) else json.dumps(v)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,24 +372,38 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         return 0
     spec = UpscalerSpec(scale=args.scale, num_feat=args.num_feat, num_conv=args.num_conv)
-    model, result = train(train_imgs, held, spec=spec, steps=args.steps, batch=args.batch, patch=args.patch,
-                          lr=args.lr, device=args.device, seed=args.seed, max_minutes=args.max_minutes,
-                          eval_every=args.eval_every, init=args.init, log_fn=lambda s: print(s, flush=True))
-    meta = {"steps": result.get("steps"), "held_out": list(HELD_OUT),
-            "init": args.init.name if args.init else None}
+    model, result = train(
+        train_imgs,
+        held,
+        spec=spec,
+        steps=args.steps,
+        batch=args.batch,
+        patch=args.patch,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        max_minutes=args.max_minutes,
+        eval_every=args.eval_every,
+        init=args.init,
+        log_fn=lambda s: print(s, flush=True),
+    )
+    meta = {"steps": result.get("steps"), "held_out": list(HELD_OUT), "init": args.init.name if args.init else None}
     if "psnr" in result:
         meta.update(psnr_db=round(result["psnr"], 3), psnr_lanczos_db=round(result["psnr_lanczos"], 3))
     save_upscaler(model, args.out, spec, meta)
     if "psnr" in result:
-        print(f"held-out PSNR {result['psnr']:.2f} dB vs Lanczos {result['psnr_lanczos']:.2f} dB "
-              f"({result['gain_db']:+.2f} dB) after {result['steps']} steps, {result['minutes']:.1f} min")
+        print(
+            f"held-out PSNR {result['psnr']:.2f} dB vs Lanczos {result['psnr_lanczos']:.2f} dB "
+            f"({result['gain_db']:+.2f} dB) after {result['steps']} steps, {result['minutes']:.1f} min"
+        )
     print(f"saved {args.out} ({args.out.stat().st_size / 1e3:.0f} kB)")
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ldm_core.train.upscaler",
-                                     description="train the built-in Compact x2 upscaler")
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm_core.train.upscaler", description="train the built-in Compact x2 upscaler"
+    )
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
