@@ -108,6 +108,7 @@ class _Progress:
     vae_psnr_before: float | None = None
     vae_psnr_after: float | None = None
     decoder_kept: bool = True
+    sittings: list = field(default_factory=list)  # one entry per invocation: command, phase and step at start
 
 
 def _log(msg: str) -> None:
@@ -395,6 +396,9 @@ class Refiner:
         return rec
 
     def run(self) -> dict:
+        self.p.sittings.append(
+            {"command": self.o.command, "phase": self.p.phase, "unet_step": self.p.unet_step, "start": time.time()}
+        )
         if self.p.phase == "text":
             self.run_text()
         if self.p.phase == "cache":
