@@ -12,28 +12,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tiny_models import tiny_train_options as _tiny_opts  # noqa: E402
+
 from ldm_core.train import builtin, shapes  # noqa: E402
-from ldm_core.train.builtin import PhaseClock, TrainOptions, lr_at, train_builtin  # noqa: E402
-
-
-def _tiny_opts(tmp_path, name: str, **kw) -> TrainOptions:
-    base = dict(
-        out=tmp_path / name / "out",
-        work_dir=tmp_path / name / "work",
-        preset="tiny",
-        device="cpu",
-        vae_steps=2,
-        unet_steps=3,
-        vae_batch=4,
-        unet_batch=4,
-        warmup_steps=2,
-        progress_bar=False,
-        latent_samples=16,
-        num_workers=0,
-        command="pytest",
-    )
-    base.update(kw)
-    return TrainOptions(**base)
+from ldm_core.train.builtin import PhaseClock, lr_at, train_builtin  # noqa: E402
 
 
 def test_caption_tokenizer_matches_the_clip_tokenizer():

@@ -11,8 +11,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tiny_models import tiny_train_options  # noqa: E402
+
 from ldm_core.train import builtin, shapes, text_pretrain  # noqa: E402
-from ldm_core.train.builtin import CaptionTokenizer, TrainOptions, train_builtin  # noqa: E402
+from ldm_core.train.builtin import CaptionTokenizer, train_builtin  # noqa: E402
 
 
 def _scene(bg: str, *objs: tuple[str, str, str, str]) -> shapes.Scene:
@@ -82,22 +84,7 @@ def test_text_pretraining_learns_to_read_captions():
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("refine")
-    opts = TrainOptions(
-        out=root / "base",
-        work_dir=root / "base-work",
-        preset="tiny",
-        device="cpu",
-        vae_steps=2,
-        unet_steps=2,
-        vae_batch=4,
-        unet_batch=4,
-        warmup_steps=1,
-        progress_bar=False,
-        latent_samples=16,
-        num_workers=0,
-        command="pytest",
-    )
-    train_builtin(opts)
+    train_builtin(tiny_train_options(root, "base", unet_steps=2, warmup_steps=1))
     return root
 
 
@@ -107,7 +94,7 @@ def test_reduced_refine_run_writes_a_folder_with_its_history(tiny_folder):
     from ldm_core.train.__main__ import main
 
     out, work = tiny_folder / "refined", tiny_folder / "refine-work"
-    args = ["refine", "--init", str(tiny_folder / "base"), "--out", str(out), "--work-dir", str(work)]
+    args = ["refine", "--init", str(tiny_folder / "base" / "out"), "--out", str(out), "--work-dir", str(work)]
     args += ["--text-steps", "2", "--text-batch", "8", "--cache-scenes", "24", "--cache-batch", "16"]
     args += ["--unet-steps", "3", "--unet-batch", "4", "--decoder-steps", "2", "--decoder-batch", "2"]
     assert main(args) == 0
@@ -121,7 +108,7 @@ def test_reduced_refine_run_writes_a_folder_with_its_history(tiny_folder):
     cache = torch.load(work / "latent-cache.pt", weights_only=True)
     assert cache["mean"].shape == (24, 4, 8, 8) and cache["mean"].abs().sum() > 0
     assert float(cache["cover"].max()) > 0.5  # objects fill whole latent cells somewhere
-    base_unet = (tiny_folder / "base" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    base_unet = (tiny_folder / "base" / "out" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != base_unet
     pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

@@ -115,9 +115,7 @@ def tiny_components(name: str, seed: int = SEED) -> dict:
         }
         cls = CLIPTextModelWithProjection if key == "text_encoder_2" else CLIPTextModel
         torch.manual_seed(seed + 2 + i)
-        comps[key] = cls(
-            CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
-        ).eval()
+        comps[key] = cls(CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})).eval()
         comps["tokenizer" if i == 0 else "tokenizer_2"] = load_shipped_tokenizer(tok_names[i])
     comps["scheduler_config"] = shipped_config(variant, "scheduler")
     return comps
@@ -128,9 +126,7 @@ def save_diffusers_folder(comps: dict, variant: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_index.json").write_text(json.dumps(shipped_config(variant, "model_index"), indent=2))
     (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(comps["scheduler_config"], indent=2)
-    )
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(comps["scheduler_config"], indent=2))
     for key in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         if comps.get(key) is not None:
             comps[key].save_pretrained(folder / key)
@@ -180,3 +176,26 @@ def tiny_loaded_model(name: str):
     c = tiny_components(name)
     keys = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     return SimpleNamespace(kind=SimpleNamespace(family=family_of(name)), **{k: c.get(k) for k in keys})
+
+
+def tiny_train_options(tmp_path, name: str, **kw):
+    """Options of a reduced built-in training run (tiny preset, a few steps) under tmp_path/name."""
+    from ldm_core.train.builtin import TrainOptions
+
+    base = dict(
+        out=tmp_path / name / "out",
+        work_dir=tmp_path / name / "work",
+        preset="tiny",
+        device="cpu",
+        vae_steps=2,
+        unet_steps=3,
+        vae_batch=4,
+        unet_batch=4,
+        warmup_steps=2,
+        progress_bar=False,
+        latent_samples=16,
+        num_workers=0,
+        command="pytest",
+    )
+    base.update(kw)
+    return TrainOptions(**base)

@@ -38,6 +38,7 @@ from ldm_core.train import shapes, text_pretrain
 from ldm_core.train.builtin import (
     EMA,
     CaptionTokenizer,
+    PhaseClock,
     _named_shadow,
     _save_atomic,
     build_scheduler,
@@ -256,7 +257,8 @@ class Refiner:
             empty = self.te(self.tokenizer([""]))[0]
         budget = None if o.unet_seconds is None else max(0.0, o.unet_seconds - p.unet_seconds)
         t0 = last_log = last_ck = time.monotonic()
-        sec0, prog0 = p.unet_seconds, p.unet_progress
+        sec0 = p.unet_seconds
+        clock = PhaseClock(o.unet_steps, p.unet_step, p.unet_progress, budget)
         smooth = p.unet_loss
         while p.unet_progress < 1.0:
             step = p.unet_step
@@ -293,10 +295,7 @@ class Refiner:
             p.unet_loss = smooth
             now = time.monotonic()
             p.unet_seconds = sec0 + (now - t0)
-            prog = p.unet_step / max(1, o.unet_steps)
-            if budget is not None:
-                prog = max(prog, prog0 + (now - t0) / max(budget, 1e-9) * (1 - prog0))
-            p.unet_progress = min(1.0, prog)
+            p.unet_progress = clock.progress(p.unet_step)
             if now - last_log > 30:
                 last_log = now
                 _log(f"unet step {p.unet_step} progress {p.unet_progress:.3f} loss {smooth:.4f} lr {lr:.2e}")
