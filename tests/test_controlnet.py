@@ -437,6 +437,37 @@ def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models
     assert all(c != s.caption for c, s in zip(captions, scenes, strict=True))
     edges = trainer.canny_maps(__import__("ldm_core.train.shapes", fromlist=["render"]).render(scenes[:2], SIZE))
     assert edges.shape == (2, 3, SIZE, SIZE) and edges.max() == 1.0
+    # from a latent cache in a work dir: the cached control maps are the renders' Canny maps, and a second
+    # sitting resumes from the checkpoint there (steps continue, nothing starts over)
+    work = tmp_path / "work"
+    copts = trainer.ControlNetTrainOptions(
+        base=base,
+        out=tmp_path / "cached",
+        steps=2,
+        batch=2,
+        warmup_steps=1,
+        device="cpu",
+        resolution=SIZE,
+        export_every=0,
+        log_every=1,
+        eval_n=0,
+        work_dir=work,
+        cache_scenes=5,
+        cache_batch=2,
+    )
+    assert trainer.train_controlnet(copts, log=logs.append)["steps"] == 2
+    cache = torch.load(work / "controlnet-cache.pt", weights_only=True)
+    assert cache["done"] == 5 and cache["mean"].shape[0] == 5 and (cache["std"] > 0).all()
+    cached = trainer.cached_control(cache, torch.tensor([3, 0]))
+    scenes5 = trainer.cache_scenes(copts)
+    from ldm_core.train import shapes
+
+    want = trainer.canny_maps(shapes.render([scenes5[3], scenes5[0]], SIZE))
+    assert cached.max() == 1.0 and torch.equal(cached, want)
+    copts.steps = 4
+    logs.clear()
+    assert trainer.train_controlnet(copts, log=logs.append)["steps"] == 4
+    assert any("at step 2" in m for m in logs) and sum(m.startswith("step ") for m in logs) == 2
     # the evaluation runs end to end through the engine and the extension (2 cases, 2 steps)
     report = trainer.evaluate(base, out, n=2, device="cpu", steps=2, size=SIZE, log=logs.append)
     assert set(report) >= {"circle", "random"} and 0.0 <= report["circle"]["success"] <= 1.0

@@ -12,6 +12,12 @@ with probability `prompt_mismatch` they describe the same colours with other sha
 edges, not the text, decide shape and position), and with `caption_dropout` they are empty (so the
 ControlNet works under classifier-free guidance).
 
+On a CPU, rendering and VAE-encoding every batch costs more than the ControlNet step itself, so with
+`cache_scenes` > 0 a fixed set of scenes is rendered and encoded once (latent mean and std, fp16, and the
+Canny map as packed bits: ~1 KB per 64 px scene) into `work_dir`, and each step samples its batch from the
+cache (a fresh latent sample, fresh captions). With `work_dir`, training also writes a resumable checkpoint
+(fp32 weights, optimiser, step, seconds spent) there and picks it up when run again with the same options.
+
 Output: a diffusers ControlNet folder (config.json + fp16 diffusion_pytorch_model.safetensors + TRAINING.json)
 which the extension finds in models/ControlNet. Evaluation (`evaluate`): held-out edge maps of a circle in
 the bottom right with the prompt "a red square"; success = the analyser's largest object is a red circle
@@ -42,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.train import shapes
+from ldm_core.train.builtin import _save_atomic
 
 CANNY_LOW, CANNY_HIGH = 100, 200
 EVAL_PROMPT = "a red square"
@@ -71,6 +78,10 @@ class ControlNetTrainOptions:
     resume: bool = False
     eval_n: int = 200
     allow_pickle: bool = False
+    work_dir: Path | None = None
+    cache_scenes: int = 0
+    cache_batch: int = 256
+    checkpoint_every: float = 300.0
 
 
 def _device(name: str) -> torch.device:
@@ -96,10 +107,8 @@ def lying_caption(scene: shapes.Scene, rng: random.Random) -> str:
     return shapes.caption(shapes.Scene(scene.background, tuple(objs)), rng)
 
 
-def training_batch(seed: int, step: int, n: int, opts: ControlNetTrainOptions) -> tuple[list[shapes.Scene], list[str]]:
-    """Scenes and captions of batch `step` (a function of seed and step only)."""
-    scenes = shapes.sample_scenes(f"controlnet:{seed}:{step}", n)
-    rng = random.Random(f"controlnet-captions:{seed}:{step}")
+def training_captions(scenes: Sequence[shapes.Scene], rng: random.Random, opts: ControlNetTrainOptions) -> list[str]:
+    """One training caption per scene: empty (caption dropout), lying (prompt mismatch) or the scene's own."""
     captions = []
     for s in scenes:
         u = rng.random()
@@ -109,7 +118,57 @@ def training_batch(seed: int, step: int, n: int, opts: ControlNetTrainOptions) -
             captions.append(lying_caption(s, rng))
         else:
             captions.append(s.caption)
-    return scenes, captions
+    return captions
+
+
+def training_batch(seed: int, step: int, n: int, opts: ControlNetTrainOptions) -> tuple[list[shapes.Scene], list[str]]:
+    """Scenes and captions of batch `step` (a function of seed and step only)."""
+    scenes = shapes.sample_scenes(f"controlnet:{seed}:{step}", n)
+    rng = random.Random(f"controlnet-captions:{seed}:{step}")
+    return scenes, training_captions(scenes, rng, opts)
+
+
+def cache_scenes(opts: ControlNetTrainOptions) -> list[shapes.Scene]:
+    return shapes.sample_scenes(f"controlnet-cache:{opts.seed}", opts.cache_scenes)
+
+
+@torch.no_grad()
+def build_cache(vae, scenes: list[shapes.Scene], res: int, path: Path, batch: int, log: Callable[[str], None]) -> dict:
+    """Render `scenes` once at `res`, keep the VAE posterior (mean, std; fp16) and the Canny map (packed
+    bits) of each; resumable: a partial cache at `path` is continued (saved about once a minute)."""
+    n = len(scenes)
+    cache = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+    if cache is None or int(cache["n"]) != n or int(cache["res"]) != res:
+        cache = {"n": n, "res": res, "done": 0, "mean": None, "std": None, "edges": None}
+    done, t0, last = int(cache["done"]), time.monotonic(), time.monotonic()
+    dev = next(vae.parameters()).device
+    while done < n:
+        chunk = scenes[done : done + batch]
+        images = shapes.render(chunk, res, device=dev)
+        edges = canny_maps(images)[:, 0].bool().numpy()
+        post = vae.encode(images * 2 - 1).latent_dist
+        if cache["mean"] is None:
+            shape = (n, *post.mean.shape[1:])
+            cache["mean"] = torch.zeros(shape, dtype=torch.float16)
+            cache["std"] = torch.zeros(shape, dtype=torch.float16)
+            cache["edges"] = torch.zeros((n, res, (res + 7) // 8), dtype=torch.uint8)
+        j = done + len(chunk)
+        cache["mean"][done:j] = post.mean.half().cpu()
+        cache["std"][done:j] = post.std.half().cpu()
+        cache["edges"][done:j] = torch.from_numpy(np.packbits(edges, axis=-1))
+        done = cache["done"] = j
+        if time.monotonic() - last > 60 or done >= n:
+            last = time.monotonic()
+            _save_atomic(cache, path)
+            log(f"cache {done}/{n} scenes rendered and encoded ({time.monotonic() - t0:.0f}s)")
+    return cache
+
+
+def cached_control(cache: dict, idx: torch.Tensor) -> torch.Tensor:
+    """The Canny maps of cache rows `idx` as float32 (B, 3, res, res) in {0, 1}, like `canny_maps`."""
+    res = int(cache["res"])
+    bits = np.unpackbits(cache["edges"][idx].numpy(), axis=-1)[..., :res]
+    return torch.from_numpy(bits).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
 class TextEncoder:
@@ -167,7 +226,6 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
 
     from ldm_core.models import load_model
 
-    t0 = time.perf_counter()
     torch.manual_seed(opts.seed)
     dev = _device(opts.device)
     model = load_model(opts.base, dtype=torch.float32, allow_pickle=opts.allow_pickle)
@@ -175,7 +233,14 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         if m is not None:
             m.to(dev).eval().requires_grad_(False)
     res = opts.resolution or model.native_size
-    if opts.resume and (Path(opts.out) / "config.json").is_file():
+    work = Path(opts.work_dir) if opts.work_dir is not None else None
+    ckpt_path = work / "controlnet-train.pt" if work is not None else None
+    ckpt = None
+    if work is not None:
+        work.mkdir(parents=True, exist_ok=True)
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if opts.resume and ckpt is None and (Path(opts.out) / "config.json").is_file():
         from ldm_core.models import load_state_dict
 
         cfg = json.loads((Path(opts.out) / "config.json").read_text(encoding="utf-8"))
@@ -185,6 +250,8 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         log(f"resuming from {opts.out}")
     else:
         controlnet = ControlNetModel.from_unet(model.unet)
+    if ckpt is not None:
+        controlnet.load_state_dict(ckpt["controlnet"])
     controlnet.to(dev).train()
     n_params = sum(p.numel() for p in controlnet.parameters())
     log(f"ControlNet with {n_params / 1e6:.2f}M parameters on a {model.kind.family} base at {res}px, device {dev}")
@@ -198,10 +265,27 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     amp = torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
+    cache = scenes_all = None
+    if opts.cache_scenes > 0:
+        if work is None:
+            raise ValueError("cache_scenes needs a work_dir to keep the cache in")
+        scenes_all = cache_scenes(opts)
+        cache = build_cache(vae, scenes_all, res, work / "controlnet-cache.pt", opts.cache_batch, log)
     losses: list[float] = []
     ema = None
     step = 0
-    last_export = time.perf_counter()
+    spent = 0.0  # seconds of earlier sittings (from the checkpoint)
+    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+    if ckpt is not None:
+        optim.load_state_dict(ckpt["optim"])
+        step, ema, spent = int(ckpt["step"]), ckpt["ema"], float(ckpt["seconds"])
+        gen.set_state(ckpt["gen"])
+        log(f"resuming from {ckpt_path} at step {step} ({spent:.0f}s spent)")
+    t_train = time.perf_counter()
+    last_export = last_ckpt = time.perf_counter()
+
+    def seconds() -> float:
+        return spent + time.perf_counter() - t_train
 
     def record() -> dict:
         return {
@@ -212,30 +296,41 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
             "resolution": res,
             "steps": step,
             "final_loss": ema,
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(seconds(), 1),
             "parameters": n_params,
             "canny": [CANNY_LOW, CANNY_HIGH],
             "command": command_line(),
         }
 
-    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
-    for step in range(1, opts.steps + 1):
-        elapsed = time.perf_counter() - t0
-        if opts.max_seconds is not None and elapsed > opts.max_seconds:
-            log(f"time budget reached after {step - 1} steps")
-            step -= 1
+    def checkpoint() -> None:
+        state = {"controlnet": controlnet.state_dict(), "optim": optim.state_dict(), "step": step, "ema": ema}
+        _save_atomic({**state, "seconds": seconds(), "gen": gen.get_state()}, ckpt_path)
+
+    while step < opts.steps:
+        if opts.max_seconds is not None and seconds() > opts.max_seconds:
+            log(f"time budget reached after {step} steps")
             break
+        step += 1
         progress = step / opts.steps
         if opts.max_seconds:
-            progress = max(progress, elapsed / opts.max_seconds)
+            progress = max(progress, seconds() / opts.max_seconds)
         for g in optim.param_groups:
             g["lr"] = _lr(opts, step - 1, progress)
-        scenes, captions = training_batch(opts.seed, step, opts.batch, opts)
-        images = shapes.render(scenes, res, device=dev)
-        control = canny_maps(images).to(dev)
+        if cache is None:
+            scenes, captions = training_batch(opts.seed, step, opts.batch, opts)
+            images = shapes.render(scenes, res, device=dev)
+            control = canny_maps(images).to(dev)
+            with torch.no_grad():
+                z = vae.encode(images * 2 - 1).latent_dist.sample(generator=None)
+        else:
+            rng = random.Random(f"controlnet-cached:{opts.seed}:{step}")
+            idx = torch.tensor([rng.randrange(len(scenes_all)) for _ in range(opts.batch)])
+            captions = training_captions([scenes_all[k] for k in idx.tolist()], rng, opts)
+            control = cached_control(cache, idx).to(dev)
+            mean, std = cache["mean"][idx].float(), cache["std"][idx].float()
+            z = (mean + std * torch.randn(mean.shape, generator=gen)).to(dev)
+        latents = (z - shift) * scaling
         with torch.no_grad():
-            z = vae.encode(images * 2 - 1).latent_dist.sample(generator=None)
-            latents = (z - shift) * scaling
             embeds, pooled = text(captions, dev)
         noise = torch.randn(latents.shape, generator=gen).to(dev)
         t = torch.randint(0, n_train, (latents.shape[0],), generator=gen).to(dev)
@@ -270,14 +365,16 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         losses.append(float(loss.detach()))
         ema = losses[-1] if ema is None else 0.98 * ema + 0.02 * losses[-1]
         if opts.log_every and (step % opts.log_every == 0 or step == opts.steps):
-            log(
-                f"step {step}/{opts.steps} loss {ema:.4f} lr {optim.param_groups[0]['lr']:.2e} "
-                f"({time.perf_counter() - t0:.0f}s)"
-            )
+            log(f"step {step}/{opts.steps} loss {ema:.4f} lr {optim.param_groups[0]['lr']:.2e} ({seconds():.0f}s)")
+        if ckpt_path is not None and time.perf_counter() - last_ckpt > opts.checkpoint_every:
+            checkpoint()
+            last_ckpt = time.perf_counter()
         if opts.export_every and time.perf_counter() - last_export > opts.export_every:
             export(controlnet.eval(), opts.out, record())
             controlnet.train()
             last_export = time.perf_counter()
+    if ckpt_path is not None:
+        checkpoint()
     controlnet.eval()
     rec = record()
     rec["first_loss"] = losses[0] if losses else None
@@ -458,14 +555,17 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a canny ControlNet on the shapes world, then evaluate it")
     t.add_argument("--base", type=Path, default=Path("models/builtin"))
     t.add_argument("--out", type=Path, default=Path("models/ControlNet/builtin-canny"))
-    for name in ("steps", "batch", "warmup_steps", "seed", "log_every", "eval_n"):
+    for name in ("steps", "batch", "warmup_steps", "seed", "log_every", "eval_n", "cache_scenes", "cache_batch"):
         t.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "caption_dropout", "prompt_mismatch", "export_every", "min_lr_ratio"):
+    for name in ("lr", "caption_dropout", "prompt_mismatch", "export_every", "min_lr_ratio", "checkpoint_every"):
         t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     t.add_argument("--resolution", type=int, default=None)
     t.add_argument("--max-seconds", type=float, default=None)
     t.add_argument("--device", default="auto")
     t.add_argument("--resume", action="store_true", help="start from the weights already in --out")
+    t.add_argument(
+        "--work-dir", type=Path, default=None, help="resumable checkpoints and the latent cache (outside the repo)"
+    )
     t.add_argument("--report", type=Path, default=None, help="write the evaluation report JSON here")
     e = sub.add_parser("eval", help="measure a trained ControlNet on held-out edge maps")
     e.add_argument("--base", type=Path, default=Path("models/builtin"))
