@@ -383,6 +383,14 @@ def test_ui_section_and_routes(setup):
     model_field = next(f for f in sec.fields if f.name == "model")
     assert "cn-sd1-orig" in model_field.current_choices()
     assert next(f for f in sec.fields if f.name == "enabled").default is False
+    # every slider can show its default, and the preprocessor resolution can be set to the usual 512
+    for f in sec.fields:
+        if f.kind == "slider":
+            k = (f.default - f.minimum) / (f.step or 1)
+            assert abs(k - round(k)) < 1e-6, f.name
+    res = next(f for f in sec.fields if f.name == "processor_res")
+    k = (512 - res.minimum) / (res.step or 1)
+    assert abs(k - round(k)) < 1e-6 and res.minimum <= 512 <= res.maximum
     args = sec.args_from_values([f.default for f in sec.fields] * 3)
     assert len(args["args"]) == 3 and args["args"][0]["control_mode"] == "Balanced"
     routes = {r.path: r for _, r in manager.api_routes()}

@@ -86,7 +86,7 @@ class ControlNetUnit(UnitParams):
         "Crop and Resize", json_schema_extra={"ui": "radio", "label": "Resize mode"}
     )
     processor_res: int = Field(
-        -1, ge=-1, le=2048, json_schema_extra={"label": "Preprocessor resolution (-1 = 512)", "step": 8}
+        -1, ge=-1, le=2048, json_schema_extra={"label": "Preprocessor resolution (-1 = 512)"}
     )
     threshold_a: float = Field(-1.0, json_schema_extra={"label": "Threshold A (-1 = default)"})
     threshold_b: float = Field(-1.0, json_schema_extra={"label": "Threshold B (-1 = default)"})
