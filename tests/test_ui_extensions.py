@@ -287,6 +287,14 @@ def test_section_builds_components_and_sends_args_from_values():
     data[bound.components[0]] = True
     assert xs.alwayson_scripts([bound], data, active={"other"}) == {}
     assert "allkinds" in xs.alwayson_scripts([bound], data, active={"allkinds"})
+    # infotext read back (names match case-insensitively): unit 0 as read, fields it does not name and unit 1
+    # back to defaults (off); images keep what they show; a section not named is left alone
+    comps = bound.components
+    ups = xs.section_updates([bound], {"AllKinds": {"args": [{"enabled": True, "weight": 0.25, "choice": "a"}]}})
+    assert (ups[comps[0]], ups[comps[1]], ups[comps[5]], ups[comps[3]]) == (True, 0.25, "a", "hi")
+    assert ups[comps[9]] is False and comps[8] not in ups and comps[17] not in ups
+    assert xs.section_updates([bound], {"other": {"args": []}}) == {}
+    assert xs.restorable_components([bound]) == [c for c in comps if c not in (comps[8], comps[17])]
     # gradio's other image values
     assert xs.image_value({"background": Image.new("RGBA", (4, 4)), "composite": None}).mode == "RGB"
     assert xs.image_value(np.ones((2, 2, 3), dtype=np.float32)).getpixel((0, 0)) == (255, 255, 255)
@@ -339,5 +347,24 @@ def test_full_app_shows_the_controlnet_accordion_and_sends_its_args(tmp_path, co
         with pytest.raises(gr.Error, match="alwayson_scripts.controlnet"):
             list(fn.fn(data))
         assert len(ctx.engine.requests) == n
+        # pasting infotext with a ControlNet unit fills that unit's fields back in (and the form's fields)
+        cn1 = (
+            "Module: canny, Model: None, Weight: 0.5, Resize Mode: Just Resize, Processor Res: 512, Threshold A: 100, "
+            "Threshold B: 200, Guidance Start: 0, Guidance End: 0.8, Pixel Perfect: False, Control Mode: Balanced"
+        )
+        text = f'a fox\nSteps: 2, Sampler: Euler a, CFG scale: 7, Seed: 3, Size: 64x64, ControlNet 1: "{cn1}"'
+        paste = next(f for f in web.blocks.fns.values() if any(t[0] == t2i.fields["_paste"]._id for t in f.targets))
+        out = paste.fn(text, None, None)
+        assert set(out) <= set(paste.outputs) and out[t2i.fields["steps"]] == 2
+        k = len(bound.section.fields)
+        u1 = {f.name: out[bound.components[k + i]] for i, f in enumerate(bound.section.fields) if f.kind != "image"}
+        assert (u1["enabled"], u1["weight"], u1["guidance_end"], u1["processor_res"]) == (True, 0.5, 0.8, 512)
+        assert (u1["module"], u1["resize_mode"]) == ("canny", "Just Resize")
+        assert out[bound.components[names.index("enabled")]] is False  # unit 0 is not in the text
+        assert bound.components[names.index("image")] not in out
+        # PNG Info's "Send to txt2img" sets the same components
+        button = ids["pnginfo_send_txt2img"]
+        send = next(f for f in web.blocks.fns.values() if any(t[0] == button._id for t in f.targets))
+        assert set(xs.restorable_components([bound])) <= set(send.outputs)
     finally:
         ctx.service.shutdown()

@@ -16,7 +16,6 @@ from .common import (
     UiContext,
     checkpoint_titles,
     current_checkpoint_title,
-    fields_from_text,
     native_size,
     open_gallery_image,
     pick,
@@ -24,7 +23,7 @@ from .common import (
     size_after_switch,
     vae_titles,
 )
-from .widgets import ICON_REFRESH, TOOLTIPS, GenerationTab, TopBar, field_updates, value_components
+from .widgets import ICON_REFRESH, TOOLTIPS, GenerationTab, TopBar, infotext_updates, value_components
 
 TITLE = "ldm web UI"
 
@@ -170,7 +169,7 @@ def wire_send_to(
     """ "Send to" buttons of every result panel and of PNG Info."""
 
     def fill(target: GenerationTab, text: str | None, image=None) -> dict:
-        out = field_updates(target, fields_from_text(text, ctx.engine)) if text else {}
+        out = infotext_updates(ctx, target, text) if text else {}
         if image is not None and target.image is not None:
             out[target.image] = (
                 {"background": image, "layers": [], "composite": image} if target.mode == "inpaint" else image

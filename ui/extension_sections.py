@@ -7,6 +7,9 @@ extension manager validates and applies them the same way. A section none of who
 out (an absent entry and a disabled unit do the same), and so is one whose extension was disabled after the
 page was built (the manager would refuse its arguments).
 
+Pasting infotext (the paste button, PNG Info's and the result panels' "Send to") fills the sections back in
+from the keys the extensions wrote (`ExtensionManager.args_from_infotext`): `restore_updates`.
+
 The functions here are plain so the tests call them without a browser.
 """
 
@@ -23,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from ldm_core.extension_api import UIField, UISection
+from ldm_core.infotext import parse_infotext
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +259,43 @@ def alwayson_scripts(bound: list[BoundSection], data: dict[Any, Any], active: se
 def input_components(bound: list[BoundSection]) -> list[Any]:
     """Every component whose value the Generate handler needs."""
     return [c for b in bound for c in b.components]
+
+
+# ---- infotext -> component values ----------------------------------------------------------------------
+def restorable_components(bound: list[BoundSection]) -> list[Any]:
+    """The components infotext can set (every field but images: infotext holds no pictures)."""
+    return [c for b in bound for f, c in zip(b.fields, b.components, strict=True) if f.kind != "image"]
+
+
+def section_updates(bound: list[BoundSection], scripts: dict[str, Any]) -> dict[Any, Any]:
+    """{component: value} from `alwayson_scripts` read back from infotext. For each section named there unit k
+    gets unit k's values (a field the unit does not name gets its default; units past the list get defaults,
+    i.e. off); image fields keep what they show. Sections not named are left as they are."""
+    by_name = {str(k).casefold(): v for k, v in scripts.items()}
+    out: dict[Any, Any] = {}
+    for b in bound:
+        entry = by_name.get(b.section.name.casefold())
+        if entry is None:
+            continue
+        units = entry.get("args", []) if isinstance(entry, dict) else entry
+        units = [units] if isinstance(units, dict) else list(units or [])
+        n = len(b.section.fields)
+        for k in range(max(1, b.section.units)):
+            unit = units[k] if k < len(units) and isinstance(units[k], dict) else {}
+            for i, f in enumerate(b.section.fields):
+                if f.kind != "image":
+                    out[b.components[k * n + i]] = unit.get(f.name, f.default)
+    return out
+
+
+def restore_updates(manager: Any, bound: list[BoundSection], text: str) -> dict[Any, Any]:
+    """`section_updates` for raw infotext, through the extensions that wrote it ({} without a manager or
+    sections, or when reading fails: a paste must never break on an extension)."""
+    if manager is None or not bound or not text:
+        return {}
+    try:
+        scripts = manager.args_from_infotext(parse_infotext(text))
+    except Exception as exc:
+        log.warning("extension fields from infotext: %s", exc)
+        return {}
+    return section_updates(bound, scripts)

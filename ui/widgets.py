@@ -390,8 +390,20 @@ def field_updates(tab: GenerationTab, values: dict[str, Any]) -> dict[Any, Any]:
 
 
 def value_components(tab: GenerationTab) -> list[Any]:
-    """The components that carry request values (the outputs of a "fill the form" handler)."""
-    return [c for n, c in tab.fields.items() if not n.startswith("_")]
+    """The components that carry request values, extension fields infotext can set included (the outputs
+    of a "fill the form" handler)."""
+    return [c for n, c in tab.fields.items() if not n.startswith("_")] + extension_sections.restorable_components(
+        tab.extensions
+    )
+
+
+def infotext_updates(ctx: UiContext, tab: GenerationTab, text: str) -> dict[Any, Any]:
+    """{component: value} for raw infotext: the form's fields and the extension sections' units."""
+    manager = getattr(ctx.service, "extensions", None)
+    return {
+        **field_updates(tab, fields_from_text(text, ctx.engine)),
+        **extension_sections.restore_updates(manager, tab.extensions, text),
+    }
 
 
 def form_values(fields: dict[str, Any], data: dict) -> dict[str, Any]:
@@ -512,7 +524,7 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
                 "Nothing to paste: put generation parameters in the prompt box, or generate first",
                 print_exception=False,
             )
-        return field_updates(tab, fields_from_text(source, ctx.engine))
+        return infotext_updates(ctx, tab, source)
 
     tab.fields["_paste"].click(
         paste, [tab.fields["prompt"], res.record, res.selected], value_components(tab), queue=False
