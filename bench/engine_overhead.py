@@ -22,8 +22,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from ldm_core.config import BUILTIN_MODEL_DIR, EngineConfig  # noqa: E402
-from ldm_core.engine import Engine  # noqa: E402
+from ldm_core.config import BUILTIN_MODEL_DIR  # noqa: E402
+from ldm_core.engine import scratch_engine  # noqa: E402
 from ldm_core.requests import GenerationRequest  # noqa: E402
 
 
@@ -45,11 +45,12 @@ def main() -> None:
             from tiny_models import build_all
 
             folder = build_all(Path(tmp.name))["sd1"]["diffusers"]
-    cfg = EngineConfig.from_data_dir(
-        tmp.name, ckpt_dirs=(folder.parent,), builtin_model_dir=None, save_images=False, preview_every=0
-    )
-    engine = Engine(cfg)
-    model = engine.load_checkpoint(folder.name)
+    with scratch_engine(folder) as (engine, model):
+        measure(args, engine, model, folder)
+
+
+def measure(args: argparse.Namespace, engine, model, folder: Path) -> None:
+    """Median seconds per image of the engine and of diffusers' pipeline on the same weights, interleaved."""
     size = args.size or model.native_size
     prompt, negative = "a red circle on a blue background", "green"
     req = GenerationRequest.build(

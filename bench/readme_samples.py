@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 from PIL import Image, ImageDraw  # noqa: E402
 
-from ldm_core.config import BUILTIN_MODEL_DIR, EngineConfig  # noqa: E402
-from ldm_core.engine import Engine  # noqa: E402
+from ldm_core.config import BUILTIN_MODEL_DIR  # noqa: E402
+from ldm_core.engine import scratch_engine  # noqa: E402
 from ldm_core.requests import GenerationRequest  # noqa: E402
 
 PROMPTS: tuple[tuple[str, str, int], ...] = (
@@ -49,12 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = EngineConfig.from_data_dir(
-            tmp, ckpt_dirs=(a.model.parent,), builtin_model_dir=None, save_images=False, preview_every=0
-        )
-        engine = Engine(cfg)
-        model = engine.load_checkpoint(a.model.name)
+    with scratch_engine(a.model) as (engine, model):
         size = model.native_size
         tiles = []
         for prompt, negative, seed in PROMPTS:

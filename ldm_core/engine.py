@@ -12,9 +12,11 @@ import contextlib
 import gc
 import logging
 import platform
+import tempfile
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,9 +145,7 @@ class Engine:
         self.models = ModelRegistry(
             config.ckpt_dirs, config.vae_dirs, config.builtin_model_dir, hash_cache=self.hash_cache
         )
-        self.networks = NetworkLibrary(
-            config.lora_dirs, allow_pickle=config.allow_pickle, hash_cache=self.hash_cache
-        )
+        self.networks = NetworkLibrary(config.lora_dirs, allow_pickle=config.allow_pickle, hash_cache=self.hash_cache)
         self.embeddings = EmbeddingLibrary(
             config.embeddings_dirs, allow_pickle=config.allow_pickle, hash_cache=self.hash_cache
         )
@@ -238,9 +238,7 @@ class Engine:
                 self._cache.popitem(last=False)
                 self._free_memory()
             vae_cfg = model.vae.config
-            previewer = LatentPreviewer(
-                model.vae, vae_cfg.scaling_factor, getattr(vae_cfg, "shift_factor", 0) or 0
-            )
+            previewer = LatentPreviewer(model.vae, vae_cfg.scaling_factor, getattr(vae_cfg, "shift_factor", 0) or 0)
             self._cache[entry.path] = _Placed(model, previewer)
             self._current = entry.path
             log.info(
@@ -377,9 +375,7 @@ class Engine:
                     break
                 seeds = [seed + n * request.batch_size + i for i in range(request.batch_size)]
                 subseeds = (
-                    [subseed + n * request.batch_size + i for i in range(request.batch_size)]
-                    if subseed >= 0
-                    else []
+                    [subseed + n * request.batch_size + i for i in range(request.batch_size)] if subseed >= 0 else []
                 )
                 ctx.progress.update(job_no=n, step=0)
                 batch_imgs, stopped = self._run_batch(job, seeds, subseeds)
@@ -445,8 +441,7 @@ class Engine:
         if not is_latent_mode(up) and up not in self.upscalers.names():
             raise RequestError(
                 "hr_upscaler",
-                f"unknown upscaler {up!r}; choose one of: "
-                + ", ".join(latent_modes() + self.upscalers.names()),
+                f"unknown upscaler {up!r}; choose one of: " + ", ".join(latent_modes() + self.upscalers.names()),
             )
         hr_sampler, hr_sched = sampler, schedule_type
         if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
@@ -581,8 +576,7 @@ class Engine:
             with self._on_device(vae):
                 first = self.decode(vae, latents)
             big = [
-                self.upscalers.upscale(im, hr["upscaler"], size=(tw, th), cancel=job.ctx.cancel.check)
-                for im in first
+                self.upscalers.upscale(im, hr["upscaler"], size=(tw, th), cancel=job.ctx.cancel.check) for im in first
             ]
             z = self._encode_images(vae, big)
         noise, gens = batch_noise((z.shape[1], th // factor, tw // factor), seeds)
@@ -647,11 +641,7 @@ class Engine:
             user_steps = steps
         else:
             timesteps = img2img_timesteps(sched, steps, strength, dev)
-            latents = (
-                sched.add_noise(init_latents, noise, timesteps[:1].repeat(b))
-                if len(timesteps)
-                else init_latents
-            )
+            latents = sched.add_noise(init_latents, noise, timesteps[:1].repeat(b)) if len(timesteps) else init_latents
             user_steps = max(1, int(steps * strength))
         if unet_concat is None and model.kind.inpaint:
             # an inpainting model outside inpainting: everything masked, nothing known
@@ -806,6 +796,25 @@ class Engine:
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
         }
+
+
+@contextlib.contextmanager
+def scratch_engine(model: str | Path, **config: Any) -> Iterator[tuple[Engine, LoadedModel]]:
+    """An engine over one model (a diffusers folder or a single file) in a throw-away data folder, with that
+    model loaded and nothing saved: what evaluations and benchmarks run through, so they measure the path
+    users take. `config` overrides EngineConfig fields (device, lora_dirs, controlnet_dirs, ...)."""
+    model = Path(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = EngineConfig.from_data_dir(
+            tmp,
+            ckpt_dirs=(model.parent,),
+            builtin_model_dir=None,
+            save_images=False,
+            preview_every=0,
+            **config,
+        )
+        engine = Engine(cfg)
+        yield engine, engine.load_checkpoint(model.name)
 
 
 def _num(v: float) -> int | float:

@@ -441,28 +441,23 @@ def evaluate(
 ) -> dict:
     """Generate the held-out cases through the engine with the ControlNet extension (as users run it) and
     score them with the shapes analyser. Returns rates and per-case results."""
-    from ldm_core.config import EngineConfig
-    from ldm_core.engine import Engine
+    from ldm_core.engine import scratch_engine
     from ldm_core.extensions import REPO_EXTENSIONS_DIR, ExtensionManager
+
+    controlnet = Path(controlnet)
+    with scratch_engine(base, device=device, controlnet_dirs=(controlnet.parent,)) as (engine, model):
+        manager = ExtensionManager([REPO_EXTENSIONS_DIR], config=engine.config)
+        manager.load(engine)
+        rec = manager.get("controlnet")
+        if rec.status != "loaded":
+            raise RuntimeError(f"the ControlNet extension is {rec.status}: {rec.message}")
+        return _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log)
+
+
+def _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log) -> dict:
     from ldm_core.requests import GenerationRequest
     from ldm_core.train.analyser import analyse
 
-    controlnet = Path(controlnet)
-    cfg = EngineConfig(
-        builtin_model_dir=Path(base),
-        ckpt_dirs=(),
-        controlnet_dirs=(controlnet.parent,),
-        device=device,
-        save_images=False,
-        preview_every=0,
-    )
-    engine = Engine(cfg)
-    manager = ExtensionManager([REPO_EXTENSIONS_DIR], config=cfg)
-    manager.load(engine)
-    rec = manager.get("controlnet")
-    if rec.status != "loaded":
-        raise RuntimeError(f"the ControlNet extension is {rec.status}: {rec.message}")
-    model = engine.load_checkpoint(None)
     size = size or model.native_size
     report: dict = {
         "controlnet": str(controlnet),

@@ -476,10 +476,7 @@ def evaluate_heart_lora(
     """Does `<lora:NAME:weight>` bring hearts in? For `n` held-out prompts "a {colour} heart on a {bg}
     background" (fixed seeds), generate through the engine with and without the tag and count the images
     where the project's analyser finds a heart, and a heart of the asked colour."""
-    import tempfile
-
-    from ldm_core.config import EngineConfig
-    from ldm_core.engine import Engine
+    from ldm_core.engine import scratch_engine
     from ldm_core.requests import GenerationRequest
     from ldm_core.train.analyser import analyse
 
@@ -487,17 +484,7 @@ def evaluate_heart_lora(
     cases = sample_hearts("heldout-eval", n)
     out: dict = {"base": str(base), "lora": str(lora), "n": n, "steps": steps, "cfg_scale": cfg_scale}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = EngineConfig.from_data_dir(
-            tmp,
-            ckpt_dirs=(base.parent,),
-            builtin_model_dir=None,
-            lora_dirs=(lora.parent,),
-            save_images=False,
-            preview_every=0,
-        )
-        engine = Engine(cfg)
-        model = engine.load_checkpoint(base.name)
+    with scratch_engine(base, lora_dirs=(lora.parent,)) as (engine, model):
         for label, tag in (("without", ""), ("with", f" <lora:{lora.stem}:{weight:g}>")):
             hearts = right_colour = 0
             for i, s in enumerate(cases):
