@@ -6,6 +6,7 @@ and the infotext round trip; and the ControlNet trainer on a tiny model."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import io
 from pathlib import Path
@@ -410,6 +411,7 @@ def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models
     from ldm_core.models import load_model
     from ldm_core.prompts.encode import PromptEncoder
     from ldm_core.train import controlnet as trainer
+    from ldm_core.train import shapes
 
     base = tiny_models["sd1"]["diffusers"]
     # the batched caption encoder gives what the engine's prompt encoder gives
@@ -443,33 +445,19 @@ def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models
         0, 5, 8, trainer.ControlNetTrainOptions(base=base, out=out, caption_dropout=0.0, prompt_mismatch=1.0)
     )
     assert all(c != s.caption for c, s in zip(captions, scenes, strict=True))
-    edges = trainer.canny_maps(__import__("ldm_core.train.shapes", fromlist=["render"]).render(scenes[:2], SIZE))
+    edges = trainer.canny_maps(shapes.render(scenes[:2], SIZE))
     assert edges.shape == (2, 3, SIZE, SIZE) and edges.max() == 1.0
     # from a latent cache in a work dir: the cached control maps are the renders' Canny maps, and a second
     # sitting resumes from the checkpoint there (steps continue, nothing starts over)
     work = tmp_path / "work"
-    copts = trainer.ControlNetTrainOptions(
-        base=base,
-        out=tmp_path / "cached",
-        steps=2,
-        batch=2,
-        warmup_steps=1,
-        device="cpu",
-        resolution=SIZE,
-        export_every=0,
-        log_every=1,
-        eval_n=0,
-        work_dir=work,
-        cache_scenes=5,
-        cache_batch=2,
+    copts = dataclasses.replace(
+        opts, out=tmp_path / "cached", resume=False, steps=2, work_dir=work, cache_scenes=5, cache_batch=2
     )
     assert trainer.train_controlnet(copts, log=logs.append)["steps"] == 2
     cache = torch.load(work / "controlnet-cache.pt", weights_only=True)
     assert cache["done"] == 5 and cache["mean"].shape[0] == 5 and (cache["std"] > 0).all()
     cached = trainer.cached_control(cache, torch.tensor([3, 0]))
     scenes5 = trainer.cache_scenes(copts)
-    from ldm_core.train import shapes
-
     want = trainer.canny_maps(shapes.render([scenes5[3], scenes5[0]], SIZE))
     assert cached.max() == 1.0 and torch.equal(cached, want)
     copts.steps = 4
