@@ -116,3 +116,32 @@ def test_reduced_refine_run_writes_a_folder_with_its_history(tiny_folder):
     # the same command again resumes a finished run: nothing is trained twice
     assert main(args) == 0
     assert json.loads((out / "TRAINING.json").read_text())["progress"]["unet_step"] == 3
+
+
+def test_decoder_only_polish_leaves_text_encoder_unet_and_encoder_alone(tiny_folder):
+    from safetensors.torch import load_file
+
+    from ldm_core.train.__main__ import main
+
+    base = tiny_folder / "base" / "out"
+    out, work = tiny_folder / "polished", tiny_folder / "polish-work"
+    args = ["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--phases", "decoder"]
+    args += ["--decoder-steps", "3", "--decoder-batch", "2", "--decoder-lr", "1e-3", "--decoder-warmup", "1"]
+    assert main(args) == 0
+    p = json.loads((out / "TRAINING.json").read_text())["progress"]
+    assert p["phase"] == "done" and p["decoder_step"] == 3 and p["text_step"] == 0 and p["unet_step"] == 0
+    assert not (work / "latent-cache.pt").exists()
+
+    def tensors(folder, part):
+        (f,) = (folder / part).glob("*.safetensors")
+        return load_file(str(f))
+
+    for part in ("unet", "text_encoder"):
+        a, b = tensors(base, part), tensors(out, part)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    a, b = tensors(base, "vae"), tensors(out, "vae")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("encoder.", "quant_conv.")))
+    if p["decoder_kept"]:
+        assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
+    with pytest.raises(ValueError, match="include cache"):
+        main(["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--phases", "unet,decoder"])

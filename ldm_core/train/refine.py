@@ -14,6 +14,9 @@ it buys most, in four resumable phases:
 4. **decoder**: the VAE decoder alone is fine-tuned on fresh renders (L1 + MSE); the encoder, hence the
    latent space the UNet learned, does not move.
 
+`--phases` picks which of them run (e.g. `--phases decoder` polishes only the decoder of a folder and leaves
+its text encoder and UNet as they are); a skipped phase changes nothing. The UNet phase needs the cache.
+
 Checkpoints go to --work-dir after each phase and every few minutes; the same command resumes. The folder
 written to --out keeps the input folder's architecture, schedule and scaling factor, and its TRAINING.json
 appends this sitting to the input's history.
@@ -85,7 +88,16 @@ class RefineOptions:
     decoder_warmup: int = 25
     checkpoint_every: float = 300.0
     threads: int | None = None
+    phases: tuple[str, ...] = PHASES[:-1]
     command: str = ""
+
+    def __post_init__(self) -> None:
+        self.phases = tuple(self.phases)
+        unknown = [ph for ph in self.phases if ph not in PHASES[:-1]]
+        if unknown:
+            raise ValueError(f"phases: unknown {unknown}; choose from {', '.join(PHASES[:-1])}")
+        if "unet" in self.phases and "cache" not in self.phases:
+            raise ValueError("phases: the unet phase trains from the latent cache; include cache")
 
     def to_json(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -398,14 +410,14 @@ class Refiner:
         self.p.sittings.append(
             {"command": self.o.command, "phase": self.p.phase, "unet_step": self.p.unet_step, "start": time.time()}
         )
-        if self.p.phase == "text":
-            self.run_text()
-        if self.p.phase == "cache":
-            self.run_cache()
-        if self.p.phase == "unet":
-            self.run_unet()
-        if self.p.phase == "decoder":
-            self.run_decoder()
+        runners = {"text": self.run_text, "cache": self.run_cache, "unet": self.run_unet, "decoder": self.run_decoder}
+        for name, fn in runners.items():
+            if self.p.phase != name:
+                continue
+            if name in self.o.phases:
+                fn()  # each ends by moving p.phase on and saving
+            else:
+                self.p.phase = PHASES[PHASES.index(name) + 1]
         return self.export()
 
 
@@ -447,6 +459,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint_every",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument(
+        "--phases",
+        type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
+        default=d.phases,
+        help=f"comma-separated phases to run, in this order: {','.join(PHASES[:-1])} (default: all)",
+    )
 
 
 def run(a: argparse.Namespace) -> int:
