@@ -360,12 +360,21 @@ class PhaseClock:
 WARMUP_FRACTION = 0.03  # warmup also ends once this share of a phase's progress is reached
 
 
-def lr_at(base: float, step: int, progress: float, warmup: int, min_ratio: float) -> float:
-    """Linear warmup over `warmup` steps (or WARMUP_FRACTION of the progress, whichever ends first), then
-    cosine from `base` to `base * min_ratio` over progress."""
-    w = min(1.0, max((step + 1) / max(1, warmup), progress / WARMUP_FRACTION))
+def warmup_cosine(
+    base: float, step: int, progress: float, warmup: int, min_ratio: float, warmup_fraction: float | None = None
+) -> float:
+    """Linear warmup over `warmup` steps (or, given `warmup_fraction`, until that share of the progress is
+    reached, whichever ends first) times a cosine from `base` to `base * min_ratio` over progress (0..1)."""
+    w = (step + 1) / max(1, warmup)
+    if warmup_fraction:
+        w = max(w, progress / warmup_fraction)
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return base * w * (min_ratio + (1 - min_ratio) * cos)
+    return base * min(1.0, w) * (min_ratio + (1 - min_ratio) * cos)
+
+
+def lr_at(base: float, step: int, progress: float, warmup: int, min_ratio: float) -> float:
+    """The phases' learning rate: `warmup_cosine` whose warmup also ends at WARMUP_FRACTION of the progress."""
+    return warmup_cosine(base, step, progress, warmup, min_ratio, WARMUP_FRACTION)
 
 
 class EMA:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -56,6 +55,7 @@ from ldm_core.train.builtin import (
     lr_at,
     spec_from_folder,
     vae_psnr,
+    warmup_cosine,
 )
 
 PHASES = ("text", "cache", "unet", "decoder", "done")
@@ -346,8 +346,7 @@ class Refiner:
             frac = step / max(1, o.decoder_steps)
             if budget is not None:
                 frac = max(frac, (now - t0) / max(budget, 1e-9))
-            warm = min(1.0, (step + 1) / max(1, o.decoder_warmup))
-            lr = o.decoder_lr * warm * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+            lr = warmup_cosine(o.decoder_lr, step, frac, o.decoder_warmup, 0.0)
             for g in self.dec_opt.param_groups:
                 g["lr"] = lr
             self.vae.decoder.train()

@@ -15,7 +15,6 @@ the drawn value (the caption "a circle" says nothing about its colour).
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.train import shapes
+from ldm_core.train.builtin import warmup_cosine
 
 _UNSPEC = "unspecified"
 SHAPE_VALUES = (*shapes.SHAPES, _UNSPEC)
@@ -193,8 +193,7 @@ def pretrain_text_encoder(
     while step < steps:
         if max_seconds is not None and time.monotonic() - t0 > max_seconds:
             break
-        w = min(1.0, (step + 1) / max(1, warmup))
-        cur = lr * w * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        cur = warmup_cosine(lr, step, step / steps, warmup, 0.05)
         for g in opt.param_groups:
             g["lr"] = cur
         ids, tg = _batch(f"train-text:{seed}", step, batch, tokenizer)
