@@ -18,6 +18,7 @@ seconds of the UNet phase and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -440,6 +441,30 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of two (N, 3, H, W) batches in [0, 1]."""
     mse = (a.float().clamp(0, 1) - b.float().clamp(0, 1)).pow(2).flatten(1).mean(1)
     return 10 * torch.log10(1.0 / mse.clamp(min=1e-10))
+
+
+def decoder_step(
+    vae,
+    params: list[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    raw: torch.Tensor,
+    ims: torch.Tensor,
+    lr: float,
+    amp=None,
+) -> torch.Tensor:
+    """One step of decoder-only fine-tuning: decode the (unscaled) latents `raw`, L1 + MSE against `ims`
+    (in [0, 1]), clip the decoder's gradient norm to 1, step `opt` at `lr`. Returns the loss (detached)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with amp if amp is not None else contextlib.nullcontext():
+        rec = vae.decode(raw).sample
+    rec, tgt = rec.float(), ims * 2 - 1
+    loss = (rec - tgt).abs().mean() + (rec - tgt).pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    return loss.detach()
 
 
 def _autocast(dev: torch.device, mode: str = "auto"):
@@ -945,17 +970,9 @@ class Trainer:
         o = self.o
         k = min(o.decoder_batch, raw.shape[0])
         lr = lr_at(o.decoder_lr, step, progress, o.warmup_steps, o.min_lr_ratio)
-        for g in self.dec_opt.param_groups:
-            g["lr"] = lr
-        with _autocast(self.dev, o.autocast):
-            rec = self.vae.decode(raw[:k]).sample
-        rec, tgt = rec.float(), ims[:k] * 2 - 1
-        loss = (rec - tgt).abs().mean() + (rec - tgt).pow(2).mean()
-        self.dec_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.dec_params, 1.0)
-        self.dec_opt.step()
-        return loss.detach()
+        return decoder_step(
+            self.vae, self.dec_params, self.dec_opt, raw[:k], ims[:k], lr, _autocast(self.dev, o.autocast)
+        )
 
     # -- output
     def record(self, final: bool) -> dict:

@@ -48,6 +48,7 @@ from ldm_core.train.builtin import (
     build_unet,
     build_vae,
     command_line,
+    decoder_step,
     diffusion_target,
     export_folder,
     heldout_renders,
@@ -347,16 +348,8 @@ class Refiner:
             if budget is not None:
                 frac = max(frac, (now - t0) / max(budget, 1e-9))
             lr = warmup_cosine(o.decoder_lr, step, frac, o.decoder_warmup, 0.0)
-            for g in self.dec_opt.param_groups:
-                g["lr"] = lr
             self.vae.decoder.train()
-            rec = self.vae.decode(raw).sample
-            tgt = ims * 2 - 1
-            loss = (rec - tgt).abs().mean() + (rec - tgt).pow(2).mean()
-            self.dec_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.dec_params, 1.0)
-            self.dec_opt.step()
+            loss = decoder_step(self.vae, self.dec_params, self.dec_opt, raw, ims, lr)
             p.decoder_step += 1
             lv = float(loss.detach())
             smooth = lv if smooth is None else 0.95 * smooth + 0.05 * lv
