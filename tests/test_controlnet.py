@@ -464,6 +464,14 @@ def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models
     logs.clear()
     assert trainer.train_controlnet(copts, log=logs.append)["steps"] == 4
     assert any("at step 2" in m for m in logs) and sum(m.startswith("step ") for m in logs) == 2
+    # a cache made for another seed (other scenes) is rebuilt, not reused
+    logs.clear()
+    other = dataclasses.replace(copts, seed=1, work_dir=tmp_path / "work-seed1", steps=1)
+    (tmp_path / "work-seed1").mkdir()
+    (tmp_path / "work-seed1" / "controlnet-cache.pt").write_bytes((work / "controlnet-cache.pt").read_bytes())
+    trainer.train_controlnet(other, log=logs.append)
+    assert any(m.startswith("cache 5/5") for m in logs)
+    assert torch.load(tmp_path / "work-seed1" / "controlnet-cache.pt", weights_only=True)["seed"] == 1
     # the evaluation runs end to end through the engine and the extension (2 cases, 2 steps)
     report = trainer.evaluate(base, out, n=2, device="cpu", steps=2, size=SIZE, log=logs.append)
     assert set(report) >= {"circle", "random"} and 0.0 <= report["circle"]["success"] <= 1.0

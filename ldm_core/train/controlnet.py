@@ -14,7 +14,7 @@ ControlNet works under classifier-free guidance).
 
 On a CPU, rendering and VAE-encoding every batch costs more than the ControlNet step itself, so with
 `cache_scenes` > 0 a fixed set of scenes is rendered and encoded once (latent mean and std, fp16, and the
-Canny map as packed bits: ~1 KB per 64 px scene) into `work_dir`, and each step samples its batch from the
+Canny map as packed bits: ~1.5 KB per 64 px scene) into `work_dir`, and each step samples its batch from the
 cache (a fresh latent sample, fresh captions). With `work_dir`, training also writes a resumable checkpoint
 (fp32 weights, optimiser, step, seconds spent) there and picks it up when run again with the same options.
 
@@ -133,13 +133,16 @@ def cache_scenes(opts: ControlNetTrainOptions) -> list[shapes.Scene]:
 
 
 @torch.no_grad()
-def build_cache(vae, scenes: list[shapes.Scene], res: int, path: Path, batch: int, log: Callable[[str], None]) -> dict:
+def build_cache(
+    vae, scenes: list[shapes.Scene], res: int, path: Path, batch: int, log: Callable[[str], None], seed: int = 0
+) -> dict:
     """Render `scenes` once at `res`, keep the VAE posterior (mean, std; fp16) and the Canny map (packed
-    bits) of each; resumable: a partial cache at `path` is continued (saved about once a minute)."""
+    bits) of each; resumable: a partial cache at `path` for the same (seed, count, size) is continued (saved
+    about once a minute), any other is rebuilt."""
     n = len(scenes)
     cache = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-    if cache is None or int(cache["n"]) != n or int(cache["res"]) != res:
-        cache = {"n": n, "res": res, "done": 0, "mean": None, "std": None, "edges": None}
+    if cache is None or [int(cache.get("seed", -1)), int(cache["n"]), int(cache["res"])] != [seed, n, res]:
+        cache = {"seed": seed, "n": n, "res": res, "done": 0, "mean": None, "std": None, "edges": None}
     done, t0, last = int(cache["done"]), time.monotonic(), time.monotonic()
     dev = next(vae.parameters()).device
     while done < n:
@@ -270,7 +273,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         if work is None:
             raise ValueError("cache_scenes needs a work_dir to keep the cache in")
         scenes_all = cache_scenes(opts)
-        cache = build_cache(vae, scenes_all, res, work / "controlnet-cache.pt", opts.cache_batch, log)
+        cache = build_cache(vae, scenes_all, res, work / "controlnet-cache.pt", opts.cache_batch, log, opts.seed)
     losses: list[float] = []
     ema = None
     step = 0
