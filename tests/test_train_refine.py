@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -116,6 +118,13 @@ def test_reduced_refine_run_writes_a_folder_with_its_history(tiny_folder):
     # the same command again resumes a finished run: nothing is trained twice
     assert main(args) == 0
     assert json.loads((out / "TRAINING.json").read_text())["progress"]["unet_step"] == 3
+    # a later sitting gives the finished run a new UNet cycle; that command again trains nothing more
+    cycle = args + ["--unet-cycle", "1", "--unet-steps", "2"]
+    for _ in range(2):
+        assert main(cycle) == 0
+        p = json.loads((out / "TRAINING.json").read_text())["progress"]
+        assert p["phase"] == "done" and p["unet_step"] == 5 and p["unet_cycle"] == 1
+        assert p["unet_cycle_start"]["1"][0] == 3 and p["decoder_step"] == 2 and p["text_step"] == 2
 
 
 def test_decoder_only_polish_leaves_text_encoder_unet_and_encoder_alone(tiny_folder):
@@ -145,3 +154,38 @@ def test_decoder_only_polish_leaves_text_encoder_unet_and_encoder_alone(tiny_fol
         assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
     with pytest.raises(ValueError, match="include cache"):
         main(["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--phases", "unet,decoder"])
+
+
+def test_edge_weight_marks_object_rims_only():
+    from ldm_core.train.builtin import edge_weight
+
+    scene = shapes.Scene("white", (shapes.make_object("square", "red", "large", "centre"),))
+    _, cover = shapes.render_packed(shapes.pack_scenes([scene]), 64, with_coverage=True)
+    w = edge_weight(cover, 4.0)
+    assert w.shape == cover.shape and float(w.max()) > 4.0
+    assert float(w[0, 0, 0, 0]) == 1.0 and float(w[0, 0, 32, 32]) == 1.0  # background corner, square's middle
+    rim = (cover > 0.05) & (cover < 0.95)
+    assert bool((w[rim] > 1.0).all())
+
+
+def test_decoder_step_with_uniform_weight_is_the_plain_loss():
+    from ldm_core.train.builtin import decoder_step
+
+    class Dec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 3, 1)
+
+        def decode(self, z):
+            return types.SimpleNamespace(sample=self.conv(F.interpolate(z, scale_factor=8)))
+
+    torch.manual_seed(0)
+    raw, ims = torch.randn(2, 4, 8, 8), torch.rand(2, 3, 64, 64)
+    losses = []
+    for kw in ({}, {"weight": torch.full((2, 1, 64, 64), 3.0)}, {"grad_weight": 0.5}):
+        torch.manual_seed(1)
+        dec = Dec()
+        opt = torch.optim.SGD(dec.parameters(), lr=0.0)
+        losses.append(float(decoder_step(dec, list(dec.parameters()), opt, raw, ims, 0.0, **kw)))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert losses[2] > losses[0]  # the gradient term adds to it

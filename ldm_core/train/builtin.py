@@ -451,20 +451,38 @@ def decoder_step(
     ims: torch.Tensor,
     lr: float,
     amp=None,
+    weight: torch.Tensor | None = None,
+    grad_weight: float = 0.0,
 ) -> torch.Tensor:
     """One step of decoder-only fine-tuning: decode the (unscaled) latents `raw`, L1 + MSE against `ims`
-    (in [0, 1]), clip the decoder's gradient norm to 1, step `opt` at `lr`. Returns the loss (detached)."""
+    (in [0, 1]) — per pixel weighted by `weight` (N, 1, H, W) when given, normalised by its mean — plus
+    `grad_weight` times the image-gradient L1; clip the decoder's gradient norm to 1, step `opt` at `lr`.
+    Returns the loss (detached)."""
     for g in opt.param_groups:
         g["lr"] = lr
     with amp if amp is not None else contextlib.nullcontext():
         rec = vae.decode(raw).sample
     rec, tgt = rec.float(), ims * 2 - 1
-    loss = (rec - tgt).abs().mean() + (rec - tgt).pow(2).mean()
+    if weight is None:
+        loss = (rec - tgt).abs().mean() + (rec - tgt).pow(2).mean()
+    else:
+        d = rec - tgt
+        loss = (weight * (d.abs() + d.pow(2))).mean() / weight.mean()
+    if grad_weight:
+        loss = loss + grad_weight * _grad_l1(rec, tgt)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     return loss.detach()
+
+
+def edge_weight(coverage: torch.Tensor, strength: float, width: int = 5) -> torch.Tensor:
+    """Per-pixel loss weight 1 + `strength` near object edges: where the renders' object coverage
+    (N, 1, H, W) is partial (antialiased boundary), widened by a `width` max-pool. Thin parts of a shape
+    (a star's points) are few pixels, so an unweighted loss lets a decoder round them off."""
+    rim = (coverage * (1 - coverage) * 4).float()
+    return 1.0 + strength * F.max_pool2d(rim, width, stride=1, padding=width // 2)
 
 
 def _autocast(dev: torch.device, mode: str = "auto"):

@@ -50,6 +50,7 @@ from ldm_core.train.builtin import (
     command_line,
     decoder_step,
     diffusion_target,
+    edge_weight,
     export_folder,
     heldout_renders,
     load_folder_state,
@@ -87,6 +88,9 @@ class RefineOptions:
     decoder_batch: int = 32
     decoder_lr: float = 5e-5
     decoder_warmup: int = 25
+    decoder_edge_weight: float = 0.0  # extra loss weight on object edges (see builtin.edge_weight)
+    decoder_grad_weight: float = 0.0  # image-gradient L1 in the decoder loss
+    unet_cycle: int = 0  # raise it to run the UNet phase again: a new cosine cycle of --unet-seconds more
     checkpoint_every: float = 300.0
     threads: int | None = None
     phases: tuple[str, ...] = PHASES[:-1]
@@ -116,6 +120,8 @@ class _Progress:
     unet_progress: float = 0.0
     unet_seconds: float = 0.0
     unet_loss: float | None = None
+    unet_cycle: int = 0
+    unet_cycle_start: dict = field(default_factory=dict)  # cycle -> [unet_step, unet_seconds] when it began
     decoder_step: int = 0
     decoder_seconds: float = 0.0
     decoder_loss: float | None = None
@@ -268,10 +274,12 @@ class Refiner:
         ab = sched.alphas_cumprod.float()
         with torch.no_grad():
             empty = self.te(self.tokenizer([""]))[0]
-        budget = None if o.unet_seconds is None else max(0.0, o.unet_seconds - p.unet_seconds)
+        spent0 = p.unet_cycle_start.get(str(p.unet_cycle), [0, 0.0])[1]  # seconds before this cycle
+        budget = None if o.unet_seconds is None else max(0.0, o.unet_seconds - (p.unet_seconds - spent0))
         t0 = last_log = last_ck = time.monotonic()
         sec0 = p.unet_seconds
-        clock = PhaseClock(o.unet_steps, p.unet_step, p.unet_progress, budget)
+        step0 = p.unet_cycle_start.get(str(p.unet_cycle), [0, 0.0])[0]
+        clock = PhaseClock(o.unet_steps, p.unet_step - step0, p.unet_progress, budget)
         smooth = p.unet_loss
         while p.unet_progress < 1.0:
             step = p.unet_step
@@ -288,7 +296,7 @@ class Refiner:
             noise = torch.randn(lat.shape, generator=gen)
             t = torch.randint(0, self.spec.num_train_timesteps, (len(caps),), generator=gen)
             x_t, target = diffusion_target(lat, noise, ab[t], self.spec.prediction_type)
-            lr = lr_at(o.unet_lr, step, p.unet_progress, o.warmup_steps, o.min_lr_ratio)
+            lr = lr_at(o.unet_lr, step - step0, p.unet_progress, o.warmup_steps, o.min_lr_ratio)
             for g in self.unet_opt.param_groups:
                 g["lr"] = lr
             pred = self.unet(x_t, t, cond).sample
@@ -308,7 +316,7 @@ class Refiner:
             p.unet_loss = smooth
             now = time.monotonic()
             p.unet_seconds = sec0 + (now - t0)
-            p.unet_progress = clock.progress(p.unet_step)
+            p.unet_progress = clock.progress(p.unet_step - step0)
             if now - last_log > 30:
                 last_log = now
                 _log(f"unet step {p.unet_step} progress {p.unet_progress:.3f} loss {smooth:.4f} lr {lr:.2e}")
@@ -341,7 +349,8 @@ class Refiner:
                 break
             step = p.decoder_step
             scenes = shapes.sample_scenes(f"refine-decoder:{o.seed}:{step}", o.decoder_batch)
-            ims = shapes.render(scenes, self.spec.resolution)
+            ims, cover = shapes.render_packed(shapes.pack_scenes(scenes), self.spec.resolution, with_coverage=True)
+            weight = edge_weight(cover, o.decoder_edge_weight) if o.decoder_edge_weight > 0 else None
             with torch.no_grad():
                 raw = self.vae.encode(ims * 2 - 1).latent_dist.mean
             frac = step / max(1, o.decoder_steps)
@@ -349,7 +358,9 @@ class Refiner:
                 frac = max(frac, (now - t0) / max(budget, 1e-9))
             lr = warmup_cosine(o.decoder_lr, step, frac, o.decoder_warmup, 0.0)
             self.vae.decoder.train()
-            loss = decoder_step(self.vae, self.dec_params, self.dec_opt, raw, ims, lr)
+            loss = decoder_step(
+                self.vae, self.dec_params, self.dec_opt, raw, ims, lr, weight=weight, grad_weight=o.decoder_grad_weight
+            )
             p.decoder_step += 1
             lv = float(loss.detach())
             smooth = lv if smooth is None else 0.95 * smooth + 0.05 * lv
@@ -398,10 +409,26 @@ class Refiner:
         _log(f"wrote {self.o.out}")
         return rec
 
+    def start_unet_cycle(self) -> None:
+        """Train the UNet again, from where it is, for a new warmup + cosine cycle of --unet-seconds (or
+        --unet-steps): the way to give a finished run more time in a later sitting. Later phases that were
+        done (the decoder) run again only as far as their own budget allows."""
+        p = self.p
+        if PHASES.index(p.phase) < PHASES.index("unet"):
+            raise ValueError("unet_cycle: the first cycle has not run yet; leave --unet-cycle at 0")
+        p.unet_cycle = self.o.unet_cycle
+        p.unet_cycle_start[str(p.unet_cycle)] = [p.unet_step, p.unet_seconds]
+        p.unet_progress = 0.0
+        p.phase = "unet"
+        _log(f"UNet cycle {p.unet_cycle} starts at step {p.unet_step}")
+        self.save()
+
     def run(self) -> dict:
         self.p.sittings.append(
             {"command": self.o.command, "phase": self.p.phase, "unet_step": self.p.unet_step, "start": time.time()}
         )
+        if self.o.unet_cycle > self.p.unet_cycle and "unet" in self.o.phases:
+            self.start_unet_cycle()
         runners = {"text": self.run_text, "cache": self.run_cache, "unet": self.run_unet, "decoder": self.run_decoder}
         for name, fn in runners.items():
             if self.p.phase != name:
@@ -435,6 +462,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoder_steps",
         "decoder_warmup",
         "decoder_batch",
+        "unet_cycle",
         "threads",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -448,6 +476,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "object_weight",
         "decoder_seconds",
         "decoder_lr",
+        "decoder_edge_weight",
+        "decoder_grad_weight",
         "checkpoint_every",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
