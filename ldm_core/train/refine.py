@@ -16,6 +16,7 @@ it buys most, in four resumable phases:
 
 `--phases` picks which of them run (e.g. `--phases decoder` polishes only the decoder of a folder and leaves
 its text encoder and UNet as they are); a skipped phase changes nothing. The UNet phase needs the cache.
+`--unet-cycle K` (K above the last one) gives a finished run's UNet a new warmup + cosine cycle.
 
 Checkpoints go to --work-dir after each phase and every few minutes; the same command resumes. The folder
 written to --out keeps the input folder's architecture, schedule and scaling factor, and its TRAINING.json
@@ -274,11 +275,10 @@ class Refiner:
         ab = sched.alphas_cumprod.float()
         with torch.no_grad():
             empty = self.te(self.tokenizer([""]))[0]
-        spent0 = p.unet_cycle_start.get(str(p.unet_cycle), [0, 0.0])[1]  # seconds before this cycle
+        step0, spent0 = p.unet_cycle_start.get(str(p.unet_cycle), [0, 0.0])  # where this cycle began
         budget = None if o.unet_seconds is None else max(0.0, o.unet_seconds - (p.unet_seconds - spent0))
         t0 = last_log = last_ck = time.monotonic()
         sec0 = p.unet_seconds
-        step0 = p.unet_cycle_start.get(str(p.unet_cycle), [0, 0.0])[0]
         clock = PhaseClock(o.unet_steps, p.unet_step - step0, p.unet_progress, budget)
         smooth = p.unet_loss
         while p.unet_progress < 1.0:
