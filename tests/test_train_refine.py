@@ -136,6 +136,7 @@ def test_decoder_only_polish_leaves_text_encoder_unet_and_encoder_alone(tiny_fol
     out, work = tiny_folder / "polished", tiny_folder / "polish-work"
     args = ["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--phases", "decoder"]
     args += ["--decoder-steps", "3", "--decoder-batch", "2", "--decoder-lr", "1e-3", "--decoder-warmup", "1"]
+    args += ["--decoder-edge-weight", "4", "--decoder-grad-weight", "0.5"]  # the weighted loss (default run: plain)
     assert main(args) == 0
     p = json.loads((out / "TRAINING.json").read_text())["progress"]
     assert p["phase"] == "done" and p["decoder_step"] == 3 and p["text_step"] == 0 and p["unet_step"] == 0

@@ -349,8 +349,13 @@ class Refiner:
                 break
             step = p.decoder_step
             scenes = shapes.sample_scenes(f"refine-decoder:{o.seed}:{step}", o.decoder_batch)
-            ims, cover = shapes.render_packed(shapes.pack_scenes(scenes), self.spec.resolution, with_coverage=True)
-            weight = edge_weight(cover, o.decoder_edge_weight) if o.decoder_edge_weight > 0 else None
+            weight = None
+            if o.decoder_edge_weight > 0:
+                packed = shapes.pack_scenes(scenes)
+                ims, cover = shapes.render_packed(packed, self.spec.resolution, with_coverage=True)
+                weight = edge_weight(cover, o.decoder_edge_weight)
+            else:
+                ims = shapes.render(scenes, self.spec.resolution)
             with torch.no_grad():
                 raw = self.vae.encode(ims * 2 - 1).latent_dist.mean
             frac = step / max(1, o.decoder_steps)
