@@ -129,6 +129,15 @@ class GenerationRequest(_Request):
     save_images: bool = True
     # per-extension arguments, keyed by extension name (A1111's alwayson_scripts)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
+    # -- A1111 generation fields the engine honours (issue 14) --
+    tiling: bool = False  # seamless textures: circular padding in the UNet and VAE convolutions
+    restore_faces: bool | None = None  # accepted; no face restorer offline, `info` says it was not applied
+    s_min_uncond: float = Field(0.0, ge=0.0)  # A1111's NGMS: skip every other uncond pass below this sigma
+    disable_extra_networks: bool = False  # <lora:...> tags are stripped from the prompt but not applied
+    hr_checkpoint_name: str | None = None  # hires pass checkpoint; None/""/"Use same checkpoint" = same
+    hr_scheduler: str | None = None  # hires pass schedule type; None/""/"Use same scheduler" = same
+    refiner_checkpoint: str | None = None  # continue the run with this checkpoint; None/""/"None" = off
+    refiner_switch_at: float | None = Field(None, ge=0.0, le=1.0)  # share of the run before the switch
 
     @field_validator("sampler_name")
     @classmethod
@@ -153,6 +162,7 @@ class Img2ImgRequest(GenerationRequest):
     denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
     resize_mode: ResizeMode = "Just resize"
     image_cfg_scale: float | None = None
+    initial_noise_multiplier: float = 1.0  # scales the noise the init latents get (A1111's "Noise multiplier")
 
     @field_validator("resize_mode", mode="before")
     @classmethod
@@ -174,7 +184,9 @@ class InpaintRequest(Img2ImgRequest):
 
     mode: Literal["txt2img", "img2img", "inpaint"] = "inpaint"
     mask: Image.Image
-    mask_blur: int = Field(4, ge=0, le=64)
+    mask_blur: int | None = Field(None, ge=0, le=64)  # when given, sets both axes (as in A1111)
+    mask_blur_x: int = Field(4, ge=0, le=64)  # Gaussian blur of the mask, horizontal (A1111)
+    mask_blur_y: int = Field(4, ge=0, le=64)  # and vertical
     inpainting_fill: InpaintFill = "original"
     inpaint_full_res: bool = False  # "Only masked"
     inpaint_full_res_padding: int = Field(32, ge=0, le=256)
@@ -198,6 +210,13 @@ class InpaintRequest(Img2ImgRequest):
             if alpha.getextrema() != (255, 255):
                 return alpha
         return v.convert("L")
+
+    @property
+    def mask_blur_xy(self) -> tuple[int, int]:
+        """The (horizontal, vertical) mask blur: `mask_blur` for both when given, else the two axes."""
+        if self.mask_blur is not None:
+            return self.mask_blur, self.mask_blur
+        return self.mask_blur_x, self.mask_blur_y
 
     @model_validator(mode="after")
     def _mask_size(self):
