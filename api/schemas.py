@@ -135,8 +135,6 @@ _A1111_COMMON: dict[str, Any] = {
     "send_images": (bool, Field(True, description="Return the images in the response")),
     "do_not_save_samples": (bool, False),
     "do_not_save_grid": (bool, False),
-    "restore_faces": (bool | None, Field(None, description="Accepted; no face restorer is installed")),
-    "tiling": (bool | None, Field(None, description="Accepted and ignored")),
     "override_settings": (
         dict[str, Any] | None,
         Field(
@@ -153,8 +151,6 @@ _A1111_COMMON: dict[str, Any] = {
             description='Extension arguments by extension name: {"name": {"args": [...]}}',
         ),
     ),
-    "hr_scheduler": (str | None, None),
-    "hr_checkpoint_name": (str | None, None),
     "firstphase_width": (int, 0),
     "firstphase_height": (int, 0),
     "force_task_id": (str | None, None),

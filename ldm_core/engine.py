@@ -511,7 +511,7 @@ class Engine:
             work = original
             if isinstance(request, InpaintRequest):
                 mask_img = imgs.prepare_mask(
-                    request.mask, invert=request.inpainting_mask_invert, blur=request.mask_blur
+                    request.mask, invert=request.inpainting_mask_invert, blur=request.mask_blur_xy
                 )
                 if request.inpaint_full_res:
                     box = imgs.masked_region(mask_img, request.inpaint_full_res_padding, width, height)
@@ -745,7 +745,12 @@ class Engine:
         if request.eta is not None:
             p["Eta"] = _num(request.eta)
         if isinstance(request, InpaintRequest):
-            p["Mask blur"] = request.mask_blur
+            bx, by = request.mask_blur_xy
+            if bx == by:
+                p["Mask blur"] = bx
+            else:  # A1111 has no key for this; these read back into mask_blur_x / mask_blur_y
+                p["Mask blur x"] = bx
+                p["Mask blur y"] = by
             if request.inpaint_full_res:
                 p["Inpaint area"] = "Only masked"
                 p["Masked area padding"] = request.inpaint_full_res_padding

@@ -39,13 +39,15 @@ def resize_image(image: Image.Image, width: int, height: int, mode: str) -> Imag
     raise ValueError(f"resize_mode: unknown mode {mode!r}")
 
 
-def prepare_mask(mask: Image.Image, *, invert: bool, blur: int) -> Image.Image:
-    """Greyscale mask, inverted if asked ("Inpaint not masked"), Gaussian-blurred by `blur` pixels."""
+def prepare_mask(mask: Image.Image, *, invert: bool, blur: int | tuple[int, int]) -> Image.Image:
+    """Greyscale mask, inverted if asked ("Inpaint not masked"), Gaussian-blurred with a standard deviation
+    of `blur` pixels, or (horizontal, vertical) pixels for A1111's asymmetric `mask_blur_x`/`mask_blur_y`."""
     m = mask.convert("L")
     if invert:
         m = ImageOps.invert(m)
-    if blur > 0:
-        m = m.filter(ImageFilter.GaussianBlur(blur))
+    bx, by = (blur, blur) if isinstance(blur, int) else blur
+    if bx > 0 or by > 0:
+        m = m.filter(ImageFilter.GaussianBlur((max(0, bx), max(0, by))))
     return m
 
 
