@@ -13,8 +13,11 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MAX_SIDE = 2048
-MAX_PIXELS = 2048 * 2048
+MAX_SIDE = 2048  # the UI sliders' range; servers set their own limits (api.common.ApiLimits)
+MAX_PIXELS = 2048 * 2048  # the default pixel limit of a server (--max-pixels)
+MIN_SIDE = 64
+LATENT_FACTOR = 8  # every supported VAE downsamples by 8: sizes are rounded down to a multiple of it
+MAX_TORCH_SEED = 2**64 - 1
 
 ResizeMode = Literal["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 RESIZE_MODES: tuple[str, ...] = ResizeMode.__args__  # index = A1111's integer resize_mode
@@ -97,35 +100,36 @@ class GenerationRequest(_Request):
     vae: str | None = None  # None / "Automatic" = the checkpoint's own VAE; a name from models/VAE
     sampler_name: str = "Euler a"
     scheduler: str = "Automatic"  # schedule type (A1111 >= 1.9)
-    steps: int = Field(20, ge=1, le=150)
-    cfg_scale: float = Field(7.0, ge=0.0, le=30.0)
-    width: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)  # None: model's native size
-    height: int | None = Field(None, ge=64, le=MAX_SIDE, multiple_of=8)
-    seed: int = Field(-1, ge=-1, le=2**32 - 1)  # -1 = random
-    subseed: int = Field(-1, ge=-1, le=2**32 - 1)  # variation seed
-    subseed_strength: float = Field(0.0, ge=0.0, le=1.0)
-    seed_resize_from_w: int = Field(0, ge=0, le=MAX_SIDE)  # 0 = off
-    seed_resize_from_h: int = Field(0, ge=0, le=MAX_SIDE)
-    batch_size: int = Field(1, ge=1, le=16)  # images per denoising batch
-    n_iter: int = Field(1, ge=1, le=100)  # batch count
-    eta: float | None = Field(None, ge=0.0, le=1.0)  # ancestral/DDIM noise; None = sampler default
-    s_churn: float = Field(0.0, ge=0.0, le=100.0)
-    s_tmin: float = Field(0.0, ge=0.0)
-    s_tmax: float = Field(float("inf"), ge=0.0)
-    s_noise: float = Field(1.0, ge=0.0, le=1.1)
+    steps: int = Field(20, ge=1)
+    cfg_scale: float = 7.0
+    # None: the model's native size; other sizes are rounded down to a multiple of LATENT_FACTOR (as A1111)
+    width: int | None = Field(None, ge=MIN_SIDE)
+    height: int | None = Field(None, ge=MIN_SIDE)
+    seed: int = Field(-1, le=MAX_TORCH_SEED)  # -1 (any negative) = random
+    subseed: int = Field(-1, le=MAX_TORCH_SEED)  # variation seed
+    subseed_strength: float = 0.0  # <= 0: no variation; >= 1: the variation seed's noise
+    seed_resize_from_w: int = 0  # <= 0 (A1111 sends -1) = off
+    seed_resize_from_h: int = 0
+    batch_size: int = Field(1, ge=1)  # images per denoising batch (servers cap it: see api limits)
+    n_iter: int = Field(1, ge=1)  # batch count
+    eta: float | None = None  # ancestral/DDIM noise; None = sampler default
+    s_churn: float = 0.0
+    s_tmin: float = 0.0
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0
     clip_skip: int = Field(1, ge=1, le=12)
     emphasis: Literal["Original", "No norm"] = "Original"
     # hires fix (txt2img only); used once the upscaler registry provides upscalers
     enable_hr: bool = False
-    hr_scale: float = Field(2.0, ge=1.0, le=4.0)
+    hr_scale: float = 2.0  # checked only when enable_hr (A1111 sends 0 with hires off)
     hr_upscaler: str = "Latent"
-    hr_second_pass_steps: int = Field(0, ge=0, le=150)  # 0 = same as steps
-    hr_resize_x: int = Field(0, ge=0, le=MAX_SIDE)
-    hr_resize_y: int = Field(0, ge=0, le=MAX_SIDE)
+    hr_second_pass_steps: int = 0  # 0 = same as steps
+    hr_resize_x: int = 0  # 0 = by hr_scale
+    hr_resize_y: int = 0
     hr_sampler_name: str | None = None
     hr_prompt: str | None = None
     hr_negative_prompt: str | None = None
-    denoising_strength: float = Field(0.7, ge=0.0, le=1.0)  # hires pass (txt2img) or img2img strength
+    denoising_strength: float = 0.7  # hires pass (txt2img) or img2img strength; 0..1 checked when used
     save_images: bool = True
     # per-extension arguments, keyed by extension name (A1111's alwayson_scripts)
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
@@ -146,10 +150,26 @@ class GenerationRequest(_Request):
             raise ValueError("must name a sampler")
         return v.strip()
 
+    @field_validator("width", "height")
+    @classmethod
+    def _round_down(cls, v: int | None) -> int | None:
+        # A1111 takes any size and works at size // 8 latents: round down instead of refusing
+        return None if v is None else v - v % LATENT_FACTOR
+
     @model_validator(mode="after")
-    def _pixels(self):
-        if self.width and self.height and self.width * self.height > MAX_PIXELS:
-            raise ValueError(f"width x height must be at most {MAX_PIXELS} pixels")
+    def _used_fields(self):
+        # A1111 looks at a feature's fields only when the feature is on (clients send hr_scale 0 with
+        # enable_hr false, and denoising_strength of any value for a plain txt2img)
+        if self.mode == "txt2img" and self.enable_hr:
+            if self.hr_resize_x < 0 or self.hr_resize_y < 0:
+                raise ValueError("hr_resize_x and hr_resize_y must be 0 (use hr_scale) or a size in pixels")
+            if not (self.hr_resize_x or self.hr_resize_y) and self.hr_scale <= 0:
+                raise ValueError(f"hr_scale must be above 0 when enable_hr is on; got {self.hr_scale}")
+            if self.hr_second_pass_steps < 0:
+                raise ValueError("hr_second_pass_steps must be 0 (same as steps) or more")
+        if self.mode != "txt2img" or self.enable_hr:
+            if not 0.0 <= self.denoising_strength <= 1.0:
+                raise ValueError(f"denoising_strength must be from 0 to 1; got {self.denoising_strength}")
         return self
 
 
@@ -159,7 +179,7 @@ class Img2ImgRequest(GenerationRequest):
 
     mode: Literal["txt2img", "img2img", "inpaint"] = "img2img"
     init_images: list[Image.Image] = Field(min_length=1)
-    denoising_strength: float = Field(0.75, ge=0.0, le=1.0)
+    denoising_strength: float = 0.75
     resize_mode: ResizeMode = "Just resize"
     image_cfg_scale: float | None = None
     initial_noise_multiplier: float = 1.0  # scales the noise the init latents get (A1111's "Noise multiplier")
@@ -184,12 +204,12 @@ class InpaintRequest(Img2ImgRequest):
 
     mode: Literal["txt2img", "img2img", "inpaint"] = "inpaint"
     mask: Image.Image
-    mask_blur: int | None = Field(None, ge=0, le=64)  # when given, sets both axes (as in A1111)
-    mask_blur_x: int = Field(4, ge=0, le=64)  # Gaussian blur of the mask, horizontal (A1111)
-    mask_blur_y: int = Field(4, ge=0, le=64)  # and vertical
+    mask_blur: int | None = None  # when given, sets both axes (as in A1111)
+    mask_blur_x: int = 4  # Gaussian blur of the mask, horizontal (A1111); <= 0 = none
+    mask_blur_y: int = 4  # and vertical
     inpainting_fill: InpaintFill = "original"
     inpaint_full_res: bool = False  # "Only masked"
-    inpaint_full_res_padding: int = Field(32, ge=0, le=256)
+    inpaint_full_res_padding: int = 32  # <= 0 = none
     inpainting_mask_invert: bool = False
 
     @field_validator("inpainting_fill", mode="before")
@@ -200,6 +220,11 @@ class InpaintRequest(Img2ImgRequest):
                 raise ValueError(f"must be 0..{len(INPAINT_FILLS) - 1} or one of {list(INPAINT_FILLS)}")
             return INPAINT_FILLS[v]
         return v
+
+    @field_validator("mask_blur", "mask_blur_x", "mask_blur_y", "inpaint_full_res_padding")
+    @classmethod
+    def _no_negative(cls, v: int | None) -> int | None:
+        return None if v is None else max(0, v)  # A1111 blurs/pads only for values above 0
 
     @field_validator("mask")
     @classmethod
@@ -220,11 +245,10 @@ class InpaintRequest(Img2ImgRequest):
 
     @model_validator(mode="after")
     def _mask_size(self):
-        if self.mask.size != self.init_images[0].size:
-            raise ValueError(
-                f"mask size {self.mask.size[0]}x{self.mask.size[1]} must equal the image size "
-                f"{self.init_images[0].size[0]}x{self.init_images[0].size[1]}"
-            )
+        # A1111 resizes the mask with the image; a mask of another size is stretched onto the first image
+        size = self.init_images[0].size
+        if self.mask.size != size:
+            self.__dict__["mask"] = self.mask.resize(size, Image.Resampling.LANCZOS)
         return self
 
 
