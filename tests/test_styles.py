@@ -51,9 +51,17 @@ def test_merge_rules():
 
 def test_unknown_style_names_the_choices(store):
     with pytest.raises(RequestError) as err:
-        store.apply_styles("x", "", ["Nope"])
+        store.get("Nope")
     assert err.value.field == "styles"
     assert "Nope" in err.value.message and "Cinematic, Sharp, Multi" in err.value.message
+
+
+def test_unknown_styles_are_skipped_with_a_log_line_as_in_a1111(store, caplog):
+    # A1111 clients send ["None"], [""] or Swagger's ["string"]; A1111 applies the styles it knows
+    with caplog.at_level("WARNING", logger="ldm_core.prompts.styles"):
+        got = store.apply_styles("a cat", "ugly", ["None", "", "string", "Sharp"])
+    assert got == ("a cat, sharp focus", "ugly")
+    assert "'string' is not defined" in caplog.text and "'None' is not defined" in caplog.text
 
 
 def test_save_replace_delete_round_trip(store, tmp_path):

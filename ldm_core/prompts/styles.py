@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import tempfile
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ldm_core.requests import RequestError
 
+log = logging.getLogger(__name__)
 PLACEHOLDER = "{prompt}"
 COLUMNS = ("name", "prompt", "negative_prompt")
 _NEVER_READ = (-1, -1)
@@ -126,8 +128,19 @@ class StyleStore:
             return self._style(row)
 
     def apply_styles(self, prompt: str, negative: str, names: Iterable[str]) -> tuple[str, str]:
-        """(prompt, negative) with the named styles applied in order. Unknown name -> RequestError."""
-        return apply_style_list(prompt, negative, [self.get(n) for n in names])
+        """(prompt, negative) with the named styles applied in order. A name the file does not define is
+        skipped with a log line, as A1111 does: clients send `["None"]`, `[""]` or Swagger's `["string"]`."""
+        with self._lock:
+            self._refresh()
+            rows = self._rows
+        styles = []
+        for name in names:
+            row = rows.get(str(name).strip())
+            if row is None:
+                log.warning("style %r is not defined in %s; ignored", name, self.path)
+            else:
+                styles.append(self._style(row))
+        return apply_style_list(prompt, negative, styles)
 
     # -- writing
     def save_style(self, style: PromptStyle) -> None:
