@@ -1,7 +1,8 @@
-"""The Settings tab: output folder and file-name pattern, generation defaults, preview interval, model
-folders, attention and memory options. Saved to `config.json`; what a running engine can change (outputs,
-previews, VAE tiling) applies at once through a new EngineConfig, UI defaults at the next page load, the
-rest at the next start."""
+"""The Settings tab: every option of the one options store (`ldm_core.options`, also served by
+`/sdapi/v1/options`) by section: saving, previews, UI defaults, sampler parameters, model folders, attention
+and memory. Saved to `config.json`; what a running engine can change applies at once (the next job), UI
+defaults at the next page load, the rest at the next start. The values shown are read again on every page
+load, so a change made through the API shows up after a reload."""
 
 from __future__ import annotations
 
@@ -9,15 +10,10 @@ from typing import Any
 
 import gradio as gr
 
-from .common import UiContext
-from .settings_store import SETTINGS, SETTINGS_BY_KEY, Setting, config_from_settings, live_config
+from ldm_core.options import apply_to_engine
 
-APPLIES_TEXT = {
-    "live": "now",
-    "reload": "at the next page load",
-    "model": "at the next model load",
-    "restart": "after a restart",
-}
+from .common import UiContext
+from .settings_store import APPLIES_TEXT, SETTINGS, SETTINGS_BY_KEY, Setting, effective_applies
 
 
 def apply_settings(ctx: UiContext, changes: dict[str, Any]) -> str:
@@ -26,35 +22,38 @@ def apply_settings(ctx: UiContext, changes: dict[str, Any]) -> str:
     changed = ctx.settings.update(changes)
     if not changed:
         return "No changes."
-    engine = ctx.engine
-    wanted = config_from_settings(
-        engine.config, ctx.settings.all(), locked=frozenset(ctx.flags.get("locked_fields", ()))
-    )
-    engine.config = live_config(engine.config, wanted)
+    apply_to_engine(ctx.engine, ctx.settings.all(), frozenset(ctx.flags.get("locked_fields", ())))
     by_when: dict[str, list[str]] = {}
     for key in changed:
-        by_when.setdefault(SETTINGS_BY_KEY[key].applies, []).append(key)
+        by_when.setdefault(effective_applies(SETTINGS_BY_KEY[key]), []).append(key)
     parts = [f"{', '.join(keys)}: applies {APPLIES_TEXT[when]}" for when, keys in by_when.items()]
     return "Saved. " + "; ".join(parts) + "."
 
 
-def _component(s: Setting, value: Any, choices: list[str] | None) -> Any:
+def _label(s: Setting) -> str:
+    when = effective_applies(s)
+    return f"{s.label} (stored for A1111 clients; not used here)" if when == "stored" else s.label
+
+
+def _component(ctx: UiContext, s: Setting, choices: list[str] | None) -> Any:
     eid = f"setting_{s.key}"
+    label = _label(s)
+
+    def current(key: str = s.key) -> Any:  # called on every page load: shows what the API may have changed
+        value = ctx.settings.get(key)
+        if choices and value not in choices:
+            return choices[0]
+        return "" if value is None else value
+
     if isinstance(s.default, bool):
-        return gr.Checkbox(value, label=s.label, elem_id=eid)
+        return gr.Checkbox(current, label=label, elem_id=eid)
     if choices:
-        return gr.Dropdown(
-            choices,
-            value=value if value in choices else choices[0],
-            label=s.label,
-            elem_id=eid,
-            allow_custom_value=True,
-        )
+        return gr.Dropdown(choices, value=current, label=label, elem_id=eid, allow_custom_value=True)
     if isinstance(s.default, int | float) and s.minimum is not None and s.maximum is not None:
-        return gr.Slider(s.minimum, s.maximum, value=value, step=s.step or 1, label=s.label, elem_id=eid)
+        return gr.Slider(s.minimum, s.maximum, value=current, step=s.step or 1, label=label, elem_id=eid)
     if isinstance(s.default, int | float):
-        return gr.Number(value, label=s.label, elem_id=eid)
-    return gr.Textbox(value, label=s.label, elem_id=eid)
+        return gr.Number(current, label=label, elem_id=eid, precision=0 if isinstance(s.default, int) else None)
+    return gr.Textbox(current, label=label, elem_id=eid)
 
 
 def _choices(ctx: UiContext, s: Setting) -> list[str] | None:
@@ -71,16 +70,15 @@ def _choices(ctx: UiContext, s: Setting) -> list[str] | None:
         reg = getattr(eng, "attention", None)
         names = list(reg.names()) if reg is not None and hasattr(reg, "names") else []
         return ["auto", *[n for n in names if n != "auto"]] if names else list(s.choices or ())
-    if s.key == "sd_model_checkpoint":
-        from .common import checkpoint_titles
+    if s.key == "sd_vae":
+        from .common import vae_titles
 
-        return ["", *checkpoint_titles(eng)]
+        return vae_titles(eng)
     return list(s.choices) if s.choices else None
 
 
 def build(ctx: UiContext) -> dict[str, Any]:
     """The Settings tab (call inside a gr.Tab); returns the components by setting key."""
-    values = ctx.settings.all()
     comps: dict[str, Any] = {}
     with gr.Row():
         save = gr.Button(
@@ -88,16 +86,18 @@ def build(ctx: UiContext) -> dict[str, Any]:
         )
         reload = gr.Button("Reload config.json", elem_id="settings_reload", scale=0, min_width=200, size="md")
     status = gr.HTML(
-        f"<div class='ldm-saved'>Settings file: <code>{ctx.settings.path}</code></div>",
+        f"<div class='ldm-saved'>Settings file: <code>{ctx.settings.path}</code> (the same settings as "
+        "<code>/sdapi/v1/options</code>)</div>",
         elem_id="settings_status",
     )
     sections: dict[str, list[Setting]] = {}
     for s in SETTINGS:
         sections.setdefault(s.section, []).append(s)
     for section, items in sections.items():
-        with gr.Accordion(section, open=True, elem_id=f"settings_section_{section.lower().replace(' ', '_')}"):
+        eid = f"settings_section_{section.lower().replace(' ', '_')}"
+        with gr.Accordion(section, open=True, elem_id=eid):
             for s in items:
-                comps[s.key] = _component(s, values[s.key], _choices(ctx, s))
+                comps[s.key] = _component(ctx, s, _choices(ctx, s))
     keys = list(comps)
 
     def on_save(*vals):
@@ -111,7 +111,7 @@ def build(ctx: UiContext) -> dict[str, Any]:
     def on_reload():
         ctx.settings.load()
         current = ctx.settings.all()
-        return [current[k] for k in keys]
+        return ["" if current[k] is None else current[k] for k in keys]
 
     save.click(on_save, [comps[k] for k in keys], [status], queue=False)
     reload.click(on_reload, None, [comps[k] for k in keys], queue=False)
