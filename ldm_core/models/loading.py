@@ -271,7 +271,8 @@ class LoadedModel:
     `native_size` is the training resolution in pixels (UNet sample_size x `vae_scale_factor`);
     `vae_scale_factor` is pixels per latent (8 for every SD family); `scheduler_config` is a diffusers
     scheduler config dict with the right `prediction_type`. `text_encoder_2`/`tokenizer_2` are SDXL's
-    OpenCLIP ViT-bigG pair, None otherwise.
+    OpenCLIP ViT-bigG pair, None otherwise. `force_zeros_for_empty_prompt` is the pipeline config flag of
+    that name (SDXL: true): an empty negative prompt is then conditioned on zeros, not on encoded "".
     """
 
     entry: ModelEntry
@@ -285,6 +286,7 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
     native_size: int
     vae_scale_factor: int
+    force_zeros_for_empty_prompt: bool = False
 
     @property
     def sha256(self) -> str:
@@ -456,7 +458,17 @@ def load_model(
         scheduler_config=conv.configs["scheduler"],
         native_size=int(unet.config.sample_size) * scale,
         vae_scale_factor=scale,
+        force_zeros_for_empty_prompt=zeros_for_empty_prompt(conv.configs["model_index"], kind),
     )
+
+
+def zeros_for_empty_prompt(model_index: Mapping[str, Any], kind: CheckpointKind) -> bool:
+    """The pipeline's `force_zeros_for_empty_prompt` flag from a model_index.json; when the key is absent,
+    diffusers' default for the family's pipeline (true for SDXL, which is the only family that has it)."""
+    flag = model_index.get("force_zeros_for_empty_prompt")
+    if flag is None:
+        return kind.family == "sdxl"
+    return bool(flag)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -564,6 +576,7 @@ def _load_diffusers(e: ModelEntry, dtype: torch.dtype, allow_pickle: bool) -> Lo
         te2 = component("text_encoder_2", text_model(CLIPTextModelWithProjection))
         tok2 = _folder_tokenizer(root, "tokenizer_2", names[1])
     scale = _vae_scale(vae)
+    model_index = _read_json(root / "model_index.json")
     return LoadedModel(
         entry=e,
         kind=kind,
@@ -576,6 +589,7 @@ def _load_diffusers(e: ModelEntry, dtype: torch.dtype, allow_pickle: bool) -> Lo
         scheduler_config=scheduler_config,
         native_size=int(unet.config.sample_size) * scale,
         vae_scale_factor=scale,
+        force_zeros_for_empty_prompt=zeros_for_empty_prompt(model_index, kind),
     )
 
 

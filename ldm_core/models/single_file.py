@@ -17,9 +17,18 @@ checkpoints and small test checkpoints load through the same code. Head counts c
 SD 1.x uses 8 heads per level, SD 2.x, SDXL and all text encoders use heads of width 64 (`heads_for_width`).
 
 OpenCLIP details: q/k/v are fused in `attn.in_proj_*`; `text_projection` is stored transposed
-(x @ P). SD 2.x conditions on the penultimate layer, so its diffusers text encoder has one layer fewer
-than the file (23 of 24): loading drops the last block, and exporting appends an all-zero block, which is an
-exact identity in a pre-norm residual block, so every reader gets the same features.
+(x @ P). SD 2.x conditions on OpenCLIP ViT-H's penultimate layer: it runs blocks 0-22 of 24 and then the
+final layer norm, which is what a 23-layer diffusers text encoder computes. Files hold the tower in one of
+two ways, and loading reads which one from the file (`sd2_used_blocks`):
+
+- the complete OpenCLIP tower (Stability's files, OpenCLIP itself, our own exports): all 24 blocks plus
+  `text_projection`; the last block is not used and is dropped;
+- only the blocks in use (diffusers' own conversion script writes the 23 layers of its text encoder and no
+  `text_projection`): every block is used.
+
+At ViT-H width (1024) the block count decides regardless (24 -> 23, 23 -> 23), as A1111 and diffusers do.
+Exporting appends an all-zero block (an exact identity in a pre-norm residual block) and an identity
+`text_projection`, so every reader gets the same features.
 """
 
 from __future__ import annotations
@@ -412,9 +421,26 @@ def clip_to_canonical(sd: Mapping[str, Tensor]) -> StateDict:
     return out
 
 
-def _open_clip_to_canonical(sd: Mapping[str, Tensor], drop_last: bool, projection: bool) -> StateDict:
-    """OpenCLIP text tower (prefix removed) -> transformers naming. `drop_last` removes the final block
-    (SD 2.x uses the penultimate layer); `projection` keeps `text_projection` (SDXL's pooled output)."""
+#: OpenCLIP ViT-H/14 (SD 2.x): width and blocks of the complete text tower; SD 2.x uses all but the last.
+OPEN_CLIP_H_WIDTH = 1024
+OPEN_CLIP_H_BLOCKS = 24
+
+
+def sd2_used_blocks(sd: Mapping[str, Any]) -> int:
+    """How many blocks of an SD 2.x OpenCLIP text tower (prefix removed; tensors or shapes) the model runs:
+    the penultimate layer of a complete tower (one with `text_projection`, or 24 blocks at ViT-H width),
+    else every block the file holds (a tower converted from diffusers holds only the ones in use)."""
+    blocks = _count(sd, "transformer.resblocks.")
+    width = _shape(sd, "token_embedding.weight")[1]
+    if width == OPEN_CLIP_H_WIDTH:
+        return min(blocks, OPEN_CLIP_H_BLOCKS - 1)
+    complete = "text_projection" in sd
+    return blocks - 1 if complete and blocks > 1 else blocks
+
+
+def _open_clip_to_canonical(sd: Mapping[str, Tensor], keep: int | None, projection: bool) -> StateDict:
+    """OpenCLIP text tower (prefix removed) -> transformers naming. `keep` is how many blocks to convert
+    (None: all; SD 2.x: `sd2_used_blocks`); `projection` keeps `text_projection` (SDXL's pooled output)."""
     used: set[str] = set()
 
     def take(key: str) -> Tensor:
@@ -430,7 +456,7 @@ def _open_clip_to_canonical(sd: Mapping[str, Tensor], drop_last: bool, projectio
         "text_model.final_layer_norm.bias": take("ln_final.bias"),
     }
     layers = _count(sd, "transformer.resblocks.")
-    keep = layers - 1 if drop_last else layers
+    keep = layers if keep is None else keep
     for i in range(layers):
         src = f"transformer.resblocks.{i}."
         block = {k[len(src) :]: k for k in sd if k.startswith(src)}
@@ -525,7 +551,8 @@ def _convert_text_encoder(part: StateDict, style: str, family: str) -> StateDict
         for k in _CLIP_IGNORED:
             canonical.pop(k, None)
         return canonical
-    return _open_clip_to_canonical(part, drop_last=family == "sd2", projection=family == "sdxl")
+    keep = sd2_used_blocks(part) if family == "sd2" else None
+    return _open_clip_to_canonical(part, keep=keep, projection=family == "sdxl")
 
 
 def convert_unet(sd: Mapping[str, Tensor], config: Mapping[str, Any], to_diffusers: bool) -> StateDict:

@@ -20,6 +20,11 @@ Which hidden state (A1111 and Forge agree on clip skip 1 and 2):
 
 Padding after EOS: CLIP-L encoders pad with EOS, OpenCLIP encoders (SD2, SDXL's second) with token 0.
 
+An empty negative prompt on a model whose pipeline config sets `force_zeros_for_empty_prompt` (SDXL) is
+conditioned on zeros: hidden states and pooled embedding, as A1111 (for every SDXL model) and diffusers do.
+Only the exact empty text counts (after extra-network tags are removed), per prompt-editing step; an empty
+positive prompt is still encoded.
+
 Textual-inversion embeddings (`embeddings.EmbeddingLibrary`) are used by writing their name: the name's
 tokens are replaced by the embedding's vectors. The vectors are written into the output of the text
 encoder's token-embedding layer through a forward hook that exists only during that encoder call, so the
@@ -244,7 +249,10 @@ def _apply_weights(z: torch.Tensor, w: torch.Tensor, emphasis: str) -> torch.Ten
     mean_before = z.mean(dim=(1, 2), keepdim=True)
     z = z * w.unsqueeze(-1)
     if emphasis == "Original":
-        z = z * (mean_before / z.mean(dim=(1, 2), keepdim=True))
+        mean_after = z.mean(dim=(1, 2), keepdim=True)
+        # a chunk whose mean is exactly 0 (possible after the final layer norm) stays as it is, not 0/0
+        ratio = torch.where(mean_after == 0, torch.ones_like(mean_after), mean_before / mean_after)
+        z = z * ratio
     return z
 
 
@@ -283,7 +291,9 @@ class PromptEncoder:
     SDXL text_encoder_2, tokenizer_2).
 
     `clip_skip` >= 1 (see the module docstring per family); `emphasis` one of `EMPHASIS_MODES`;
-    `embeddings` an `EmbeddingLibrary` or None; `comma_backtrack` tokens (0 disables word wrap).
+    `embeddings` an `EmbeddingLibrary` or None; `comma_backtrack` tokens (0 disables word wrap);
+    `zero_empty_negative` conditions an empty negative prompt on zeros (None: the model's
+    `force_zeros_for_empty_prompt` flag, false when it has none).
     Each distinct (text, chunk count) is encoded once per encoder object, so a prompt schedule re-encodes only
     when its text changes; make a new encoder when the model's weights change (e.g. a LoRA is applied).
     """
@@ -296,6 +306,7 @@ class PromptEncoder:
         emphasis: str = "Original",
         embeddings=None,
         comma_backtrack: int = COMMA_BACKTRACK,
+        zero_empty_negative: bool | None = None,
     ):
         if emphasis not in EMPHASIS_MODES:
             raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}; got {emphasis!r}")
@@ -304,6 +315,9 @@ class PromptEncoder:
         self.emphasis = emphasis
         self.embeddings = embeddings
         self.comma_backtrack = comma_backtrack
+        if zero_empty_negative is None:
+            zero_empty_negative = bool(getattr(model, "force_zeros_for_empty_prompt", False))
+        self.zero_empty_negative = zero_empty_negative
         self._sides: list[_Side] | None = None
         self._cache: dict[tuple[str, int], Conditioning] = {}
         self._tokens: dict[str, list[TokenChunks]] = {}
@@ -358,10 +372,15 @@ class PromptEncoder:
 
     # ---- encoding -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, text: str, n_chunks: int | None = None) -> Conditioning:
+    def encode(self, text: str, n_chunks: int | None = None, *, negative: bool = False) -> Conditioning:
         """Conditioning of `text` (emphasis syntax and BREAK allowed; no AND, no editing, no extra-network
         tags: those are resolved before). `n_chunks` pads with empty chunks to that many (never fewer
-        than the text needs)."""
+        than the text needs). `negative` marks the negative prompt: an empty one gives zeros when
+        `zero_empty_negative` is set."""
+        if negative and text == "" and self.zero_empty_negative:
+            encoded = self.encode("", n_chunks)
+            pooled = torch.zeros_like(encoded.pooled) if encoded.pooled is not None else None
+            return Conditioning(torch.zeros_like(encoded.embeds), pooled)
         n = max(n_chunks or 0, self.chunk_count(text))
         key = (text, n)
         if key not in self._cache:

@@ -35,5 +35,5 @@ class PromptSchedule:
 
     def at(self, i: int) -> tuple[Conditioning, list[tuple[Conditioning, float]]]:
         neg, parts = self.texts_at(i)
-        uncond = self.encoder.encode(neg, self.n_chunks)
+        uncond = self.encoder.encode(neg, self.n_chunks, negative=True)
         return uncond, [(self.encoder.encode(t, self.n_chunks), w) for t, w in parts]
