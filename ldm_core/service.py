@@ -12,9 +12,11 @@ from typing import Any
 
 from .config import EngineConfig
 from .engine import Engine, GenerationResult
+from .grids import GridOptions, with_batch_grid
 from .jobs import Job, JobQueue
 from .progress import JobContext
 from .requests import GenerationRequest
+from .scripts import ScriptRun, find_script
 
 
 class Service:
@@ -29,10 +31,31 @@ class Service:
     def config(self) -> EngineConfig:
         return self.engine.config
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queue a generation; returns at once. `job.result` is a GenerationResult when `job.state == 'done'`."""
+    def submit(self, request: GenerationRequest, *, grid: GridOptions | None = None) -> Job:
+        """Queue a generation; returns at once. `job.result` is a GenerationResult when `job.state == 'done'`.
+        With `grid`, a batch of several images gets A1111's grid first (and saved, per the options)."""
+        if grid is None:
+            return self.queue.submit(lambda ctx: self.engine.generate(request, ctx), kind=request.mode, request=request)
+
+        def run(ctx: JobContext) -> GenerationResult:
+            result = self.engine.generate(request, ctx)
+            return with_batch_grid(result, grid, self.config.outputs_dir, request.mode, request.prompt)
+
+        return self.queue.submit(run, kind=request.mode, request=request)
+
+    # ---- A1111 scripts (ldm_core.scripts) ----------------------------------------------------------------
+    def submit_script(
+        self, request: GenerationRequest, name: str, args: list[Any], *, grid: GridOptions | None = None
+    ) -> Job:
+        """Queue A1111 script `name` (a title, any case) with `args` in A1111's `script_args` order, as one
+        job. Unknown script or a bad argument -> RequestError before anything is queued."""
+        script = find_script(name, request.mode)
+        plan = script.prepare(self.engine, request, list(args or []))
+        options = grid or GridOptions(return_grid=True, save=False)
         return self.queue.submit(
-            lambda ctx: self.engine.generate(request, ctx), kind=request.mode, request=request
+            lambda ctx: script.run(ScriptRun(self.engine, ctx, options), request, plan),
+            kind=request.mode,
+            request=request,
         )
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
