@@ -324,7 +324,9 @@ def build_router(ctx: ApiContext) -> APIRouter:
     def sd_models():
         out = []
         for e in engine.models.checkpoints():
-            sha = e.cached_sha256()  # never hash on a listing (A1111 also shows only known hashes)
+            # never hash on a listing: the registry hashes new checkpoints in the background from startup,
+            # so `hash` (A1111's 10-digit short hash) and `sha256` are null only until a file's turn comes
+            sha = e.cached_sha256()
             out.append(
                 {
                     "title": e.title,
@@ -343,24 +345,30 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/loras")
     def loras():
+        # the engine's LoRA library as of its last scan (startup or /refresh-loras), as A1111 lists it
         return [
-            {"name": p.stem, "alias": p.stem, "path": str(p), "metadata": {}}
-            for p in _files(engine.config.lora_dirs, LORA_SUFFIXES)
+            {"name": e.name, "alias": e.alias, "path": str(e.path), "metadata": e.metadata}
+            for e in engine.networks.entries()
         ]
 
     @router.get("/embeddings")
     def embeddings():
-        loaded = {
-            p.stem: {
-                "step": None,
+        # A1111: "loaded" fit the current model's text encoders, "skipped" do not; unreadable files are left out
+        model = engine.current_model
+        lib = engine.embeddings
+        out: dict[str, dict[str, Any]] = {"loaded": {}, "skipped": {}}
+        for e in lib.entries():
+            if e.error:
+                continue
+            item = {
+                "step": e.step,
                 "sd_checkpoint": None,
-                "sd_checkpoint_name": None,
-                "shape": None,
-                "vectors": None,
+                "sd_checkpoint_name": e.checkpoint,
+                "shape": e.shape,
+                "vectors": e.vectors,
             }
-            for p in _files(engine.config.embeddings_dirs, EMBEDDING_SUFFIXES)
-        }
-        return {"loaded": loaded, "skipped": {}}
+            out["loaded" if model is None or lib.fits(e.name, model) else "skipped"][e.name] = item
+        return out
 
     @router.get("/prompt-styles")
     def prompt_styles():
@@ -417,11 +425,13 @@ def build_router(ctx: ApiContext) -> APIRouter:
         return None
 
     @router.post("/refresh-loras")
-    def refresh_loras():
-        return None  # LoRA files are listed from disk on every request
+    async def refresh_loras():
+        await in_thread(ctx, engine.networks.refresh)
+        return None
 
     @router.post("/refresh-embeddings")
-    def refresh_embeddings():
+    async def refresh_embeddings():
+        await in_thread(ctx, engine.embeddings.refresh)
         return None
 
     @router.post("/unload-checkpoint")

@@ -226,7 +226,7 @@ def create_ui(ctx: UiContext) -> WebApp:
                 i2i = img2img.build(ctx, top)
             with gr.Tab("Inpaint", id="inpaint", elem_id="tab_inpaint"):
                 inp = inpaint.build(ctx, top)
-            with gr.Tab("Extras", id="extras", elem_id="tab_extras"):
+            with gr.Tab("Upscale", id="extras", elem_id="tab_extras"):  # A1111's Extras: same ids and routes
                 ext = upscale.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
                 png = pnginfo.build(ctx)

@@ -1,4 +1,5 @@
-"""The Extras tab: upscale one image or a batch. Upscaler 1, optional upscaler 2 blended in by "visibility",
+"""The Upscale tab (A1111's "Extras": same element ids, `extras` output folder and `/sdapi/v1/extra-*`
+routes): upscale one image or a batch. Upscaler 1, optional upscaler 2 blended in by "visibility",
 resize by a factor or to a size (with optional centre crop). Lanczos and Nearest work through PIL; an engine
 upscaler registry (`engine.upscalers`, the upscale issue) adds model upscalers by name.
 
@@ -131,7 +132,7 @@ def _file_path(f: Any) -> str:
 
 
 def build(ctx: UiContext) -> dict[str, Any]:
-    """The Extras tab (call inside a gr.Tab); returns its components by name."""
+    """The Upscale tab (call inside a gr.Tab); returns its components by name."""
     names = upscaler_names(ctx)
     with gr.Row():
         with gr.Column(scale=1, min_width=360):

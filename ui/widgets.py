@@ -348,7 +348,7 @@ def build_results(ctx: UiContext, m: str) -> ResultsPanel:
         open_folder = gr.Button("Output folder", elem_id=f"{m}_open_folder", size="sm")
         send_img2img = gr.Button("→ img2img", elem_id=f"{m}_send_img2img", size="sm")
         send_inpaint = gr.Button("→ inpaint", elem_id=f"{m}_send_inpaint", size="sm")
-        send_extras = gr.Button("→ extras", elem_id=f"{m}_send_extras", size="sm")
+        send_extras = gr.Button("→ upscale", elem_id=f"{m}_send_extras", size="sm")
     infotext = gr.Textbox(
         label="Generation parameters",
         lines=3,

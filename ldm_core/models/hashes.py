@@ -2,7 +2,8 @@
 
 A1111 shows the first 10 hex digits of a checkpoint's SHA-256 as "Model hash" (LoRA and embedding hashes
 use 12). Hashing a multi-GB file takes seconds, so results live in a `HashCache` object that the model
-registry owns (optionally persisted to a JSON file); there is no module-level cache.
+registry owns (optionally persisted to a JSON file); there is no module-level cache. Two threads asking for
+the same file's digest at once (the registry's background hashing and a model load) read it only once.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class HashCache:
         self.path = Path(path) if path is not None else None
         self._lock = threading.Lock()
         self._entries: dict[str, dict] = {}
+        self._gates: dict[str, threading.Lock] = {}  # one per file being hashed: concurrent callers wait
         if self.path is not None and self.path.is_file():
             try:
                 data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -73,10 +75,16 @@ class HashCache:
         if hit:
             return hit
         key, size, mtime = self._key(p)
-        digest = _sha256_of(p)
         with self._lock:
-            self._entries[key] = {"size": size, "mtime_ns": mtime, "sha256": digest}
-            self._save_locked()
+            gate = self._gates.setdefault(key, threading.Lock())
+        with gate:
+            hit = self.cached(p)
+            if hit:
+                return hit
+            digest = _sha256_of(p)
+            with self._lock:
+                self._entries[key] = {"size": size, "mtime_ns": mtime, "sha256": digest}
+                self._save_locked()
         return digest
 
     def _save_locked(self) -> None:
@@ -111,6 +119,19 @@ def folder_sha256(folder: str | os.PathLike, cache: HashCache | None = None) -> 
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.relative_to(root).as_posix()}\t{file_sha256(p, cache)}\n".encode())
+    return h.hexdigest()
+
+
+def cached_folder_sha256(folder: str | os.PathLike, cache: HashCache) -> str | None:
+    """`folder_sha256` when every weights file's digest is already in `cache`, else None (never hashes)."""
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for p in files:
+        digest = cache.cached(p)
+        if digest is None:
+            return None
+        h.update(f"{p.relative_to(root).as_posix()}\t{digest}\n".encode())
     return h.hexdigest()
 
 

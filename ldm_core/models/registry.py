@@ -9,13 +9,18 @@ Names follow A1111 so infotexts, API clients and habits carry over:
 - diffusers folders (a `model_index.json` inside; for VAEs a `config.json` of an AutoencoderKL) use the
   folder's relative path for all three.
 
-Hashes are SHA-256 of the file (A1111 "Model hash" = first 10 hex digits), computed lazily and cached in
-the registry's `HashCache`; a diffusers folder's hash covers all its weights files (`folder_sha256`).
+Hashes are SHA-256 of the file (A1111 "Model hash" = first 10 hex digits), cached in the registry's
+`HashCache`; a diffusers folder's hash covers all its weights files (`folder_sha256`). Every scan starts a
+background thread (one at a time) that hashes the checkpoints whose digest is not cached yet, so model lists
+(the API's `/sdapi/v1/sd-models` `hash`/`sha256`, titles `file [hash]`) show hashes soon after startup
+without delaying it; until a file's turn comes its hash reads as unknown. `hash_in_background=False` turns
+this off (hashes are then computed when a model is loaded or looked up by hash).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import threading
@@ -24,10 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .hashes import HashCache, file_sha256, folder_sha256, short_hash
+from .hashes import HashCache, cached_folder_sha256, file_sha256, folder_sha256, short_hash
 from .loading import LoadedModel, load_model, load_vae  # re-exported: the registry's loaders
 
 __all__ = ["ModelEntry", "ModelRegistry", "UnknownModelError", "LoadedModel", "load_model", "load_vae"]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
@@ -79,9 +86,11 @@ class ModelEntry:
         return cls(p.stem, p.name, p, fmt, role=role, hashes=hashes)
 
     def cached_sha256(self) -> str | None:
-        """The SHA-256 if already computed (never hashes)."""
-        if self.hashes is None or self.format == "diffusers":
+        """The SHA-256 if already computed (never hashes; a diffusers folder's when all its files are)."""
+        if self.hashes is None:
             return None
+        if self.format == "diffusers":
+            return cached_folder_sha256(self.path, self.hashes)
         return self.hashes.cached(self.path)
 
     @property
@@ -166,6 +175,8 @@ class ModelRegistry:
     `ckpt_dirs` / `vae_dirs`: one folder or several (scanned recursively, in order; the first of two
     equal names wins). `builtin_dir`: the project's own diffusers folder, listed last and used when no
     other checkpoint exists. `hash_cache`: where digests are cached (in memory if None).
+    `hash_in_background`: hash uncached checkpoints in a background thread after each scan (see the module
+    docstring); `wait_for_hashes` waits for it.
     """
 
     def __init__(
@@ -175,6 +186,7 @@ class ModelRegistry:
         builtin_dir: str | os.PathLike | None = None,
         *,
         hash_cache: HashCache | None = None,
+        hash_in_background: bool = True,
     ) -> None:
         self.ckpt_dirs = _as_paths(ckpt_dirs)
         self.vae_dirs = _as_paths(vae_dirs)
@@ -183,10 +195,15 @@ class ModelRegistry:
         self._lock = threading.Lock()
         self._checkpoints: list[ModelEntry] = []
         self._vaes: list[ModelEntry] = []
+        self.hash_in_background = hash_in_background
+        self._hasher: threading.Thread | None = None
+        self._hash_again = False
+        self._hashed = threading.Event()
         self.refresh()
 
     def refresh(self) -> None:
-        """Rescan the folders (cheap: no file is read or hashed)."""
+        """Rescan the folders (cheap: no file is read or hashed here; new checkpoints are hashed in the
+        background when `hash_in_background`)."""
         ckpts = self._dedupe(
             e for d in self.ckpt_dirs for e in _scan(d, CHECKPOINT_SUFFIXES, "checkpoint", self.hashes)
         )
@@ -198,6 +215,39 @@ class ModelRegistry:
         vaes.sort(key=lambda e: e.filename.lower())
         with self._lock:
             self._checkpoints, self._vaes = ckpts, vaes
+        if self.hash_in_background:
+            self._start_hashing()
+
+    # ---- background hashing ---------------------------------------------------------------------------
+    def _start_hashing(self) -> None:
+        with self._lock:
+            self._hash_again = True
+            self._hashed.clear()
+            if self._hasher is not None:  # the running thread picks up the new scan
+                return
+            self._hasher = threading.Thread(target=self._hash_all, name="checkpoint-hashes", daemon=True)
+            thread = self._hasher
+        thread.start()
+
+    def _hash_all(self) -> None:
+        while True:
+            with self._lock:
+                if not self._hash_again:
+                    self._hasher = None
+                    self._hashed.set()
+                    return
+                self._hash_again = False
+            for e in self.checkpoints():
+                if e.cached_sha256() is not None:
+                    continue
+                try:
+                    e.sha256  # noqa: B018 - computes and caches the digest
+                except OSError as exc:  # a file removed or unreadable meanwhile: listed without a hash
+                    log.warning("cannot hash %s: %s", e.path, exc)
+
+    def wait_for_hashes(self, timeout: float | None = None) -> bool:
+        """Wait until the background hashing has caught up with the last scan; False on timeout."""
+        return self._hashed.wait(timeout) if self.hash_in_background else True
 
     @staticmethod
     def _dedupe(entries: Iterable[ModelEntry]) -> list[ModelEntry]:

@@ -197,6 +197,18 @@ class EmbeddingLibrary:
         v = emb.vectors.get(role)
         return v if v is not None and v.shape[1] == dim else None
 
+    def fits(self, name: str, model) -> bool:
+        """Whether embedding `name` has vectors for one of `model`'s text encoders (a `LoadedModel`: SD1/SD2
+        use `text_encoder`, SDXL `text_encoder` as "clip_l" and `text_encoder_2` as "clip_g")."""
+        if model.kind.family == "sdxl":
+            sides = [("clip_l", model.text_encoder), ("clip_g", model.text_encoder_2)]
+        else:
+            sides = [("", model.text_encoder)]
+        return any(
+            enc is not None and self.vectors(name, role, enc.get_input_embeddings().weight.shape[1]) is not None
+            for role, enc in sides
+        )
+
     def sha256(self, name: str) -> str:
         return file_sha256(self.path(name), self.hash_cache)
 
@@ -205,7 +217,8 @@ class EmbeddingLibrary:
         return self.sha256(name)[:TI_HASH_LEN]
 
     def entries(self, hashes: bool = False) -> list[EmbeddingEntry]:
-        """Every embedding with what can be read from it; `hashes` computes missing SHA-256s (slow once)."""
+        """Every embedding found by the last scan (`refresh`) with what can be read from it; `hashes`
+        computes missing SHA-256s (slow once)."""
         out = []
         for name in self.names():
             p = self.path(name)

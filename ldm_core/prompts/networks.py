@@ -39,6 +39,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -427,14 +428,29 @@ class ModelTargets:
 @dataclass
 class LoraEntry:
     """One network file as the UI/API lists it. `sha256` is the whole file's SHA-256 (None until hashed);
-    `family` comes from the key names/widths ("sd1", "sd2", "sdxl" or None)."""
+    `family` comes from the key names/widths ("sd1", "sd2", "sdxl" or None); `metadata` is the
+    safetensors `__metadata__` as `parse_metadata` reads it (kohya's `ss_*` training keys and others)."""
 
     name: str
     path: Path
     alias: str
     sha256: str | None = None
     family: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_metadata(meta: dict[str, str]) -> dict[str, Any]:
+    """A safetensors `__metadata__` as A1111 shows it: every value a string, except those that start with
+    "{" and parse as JSON (kohya's `ss_tag_frequency`, `ss_dataset_dirs`, ...), which become objects."""
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        out[k] = v
+        if isinstance(v, str) and v.startswith("{"):
+            try:
+                out[k] = json.loads(v)
+            except ValueError:
+                pass
+    return out
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -515,8 +531,8 @@ class NetworkLibrary:
         )
 
     def entries(self, hashes: bool = False) -> list[LoraEntry]:
-        """Every network with its alias (`ss_output_name`), family and metadata; `hashes` computes missing
-        SHA-256s (slow once per file)."""
+        """Every network found by the last scan (`refresh`) with its alias (`ss_output_name`), family and
+        metadata (`parse_metadata`); `hashes` computes missing SHA-256s (slow once per file)."""
         out = []
         for name in self.names():
             p = self.find(name)
@@ -526,10 +542,10 @@ class NetworkLibrary:
             if p.suffix.lower() == ".safetensors":
                 try:
                     shapes, meta = read_safetensors_header(p)
-                    e.metadata = meta
+                    e.metadata = parse_metadata(meta)
                     e.alias = meta.get("ss_output_name") or name
                     e.family = guess_family(shapes)
-                except (OSError, ValueError) as exc:
+                except (OSError, ValueError, struct.error) as exc:
                     log.warning("cannot read %s: %s", p, exc)
             out.append(e)
         return out
