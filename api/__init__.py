@@ -13,8 +13,10 @@ import fastapi
 from fastapi import Depends
 from fastapi.security import HTTPBasic
 
+from ldm_core.options import OptionsStore, bind_engine
+
 from . import jobs_api, sdapi
-from .common import ApiContext
+from .common import ApiContext, ApiLimits
 
 __all__ = ["install", "parse_auth"]
 
@@ -43,19 +45,30 @@ def install(
     auth: list[tuple[str, str]] | None = None,
     flags: dict | None = None,
     max_body_bytes: int = 50 * 2**20,
+    limits: ApiLimits | None = None,
+    options: OptionsStore | None = None,
 ) -> None:
     """Add `/sdapi/v1/*` and `/api/v1/*` to `app`, served by `service` (an `ldm_core.service.Service`).
 
     `auth`: HTTP Basic credentials required on every API route (None: open). `flags`: the launch flags,
-    returned by `/sdapi/v1/cmd-flags`. `max_body_bytes`: larger request bodies get 413.
+    returned by `/sdapi/v1/cmd-flags`. `max_body_bytes`: larger request bodies get 413. `limits`: the
+    protective limits (pixels, batch size) whose excess gets a 422 naming the setting. `options`: the one
+    options store, shared with the web UI's Settings tab (webui.py passes it and applies it to the engine);
+    without it the API opens `<data dir>/config.json` itself and applies its live options to the engine
+    (a launch flag's folder, e.g. --outputs-dir, still wins).
     """
     ctx = ApiContext(
         service=service,
         flags=dict(flags or {}),
         auth=list(auth) if auth else None,
         max_body_bytes=int(max_body_bytes),
+        limits=limits or ApiLimits(),
     )
-    ctx.options = sdapi.default_options(ctx)
+    if options is None:
+        options = OptionsStore(Path(service.engine.config.data_dir) / "config.json")
+        locked = {"outputs_dir"} if (flags or {}).get("outputs_dir") else set()
+        bind_engine(options, service.engine, locked)
+    ctx.options = options
     try:
         from ldm_core.prompts.styles import StyleStore
 

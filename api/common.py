@@ -1,6 +1,12 @@
 """What both API families share: the per-install context, the route class that applies auth, the body size
 limit and the error mapping, blocking work in threads, and job submission with early choice checks.
 
+Bodies: a POST body that parses as JSON is read as JSON whatever its Content-Type (missing, text/plain,
+application/x-www-form-urlencoded), as A1111 clients posting `data=json.dumps(payload)` expect.
+
+Limits (`ApiLimits`, set by server flags): a request over a protective limit gets a 422 that names the setting,
+e.g. `max_pixels` (--max-pixels) or `max_batch_size` (--max-batch-size); the queue limit gives 503.
+
 Errors: bad input (pydantic or `RequestError`) -> 422 `{"detail": [{"loc": [...], "msg": ..., "type": ...}]}`;
 a full queue -> 503; a wrong or missing password -> 401; a body over the limit -> 413; anything unexpected
 -> 500 `{"error": <type>, "detail": <message>}` (logged; the server keeps serving).
@@ -10,6 +16,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.message
+import json
 import logging
 import secrets
 import threading
@@ -26,11 +34,24 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from ldm_core.jobs import Job, QueueFull
-from ldm_core.requests import GenerationRequest, RequestError
+from ldm_core.requests import MAX_PIXELS, GenerationRequest, RequestError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 GENERATION_KINDS = ("txt2img", "img2img", "inpaint")
+
+
+DEFAULT_MAX_BATCH_SIZE = 16
+
+
+@dataclass(frozen=True)
+class ApiLimits:
+    """Protective limits of one server (A1111 has none; a shared server needs some). `max_pixels` caps
+    width x height of every image the job makes (hires target and seed-resize noise included);
+    `max_batch_size` caps images per denoising batch. The job queue's own cap gives 503 instead."""
+
+    max_pixels: int = MAX_PIXELS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
 
 
 @dataclass
@@ -42,11 +63,14 @@ class ApiContext:
     flags: dict[str, Any] = field(default_factory=dict)
     auth: list[tuple[str, str]] | None = None
     max_body_bytes: int = 50 * 2**20
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = field(default_factory=dict)  # the ldm_core.options.OptionsStore (install() sets it)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # held while a job and its override-restoring tasks are queued together (api/overrides.py)
+    queue_lock: threading.Lock = field(default_factory=threading.Lock)
     limiter: anyio.CapacityLimiter | None = None
     upscalers: Any = None  # an ldm_core.upscalers.UpscalerRegistry
     styles: Any = None  # a StyleStore
+    limits: ApiLimits = field(default_factory=ApiLimits)
 
     @property
     def engine(self):
@@ -137,6 +161,8 @@ def make_route_class(ctx: ApiContext) -> type[APIRoute]:
                 elif request.method in ("POST", "PUT", "PATCH"):
                     request = Request(request.scope, _counting_receive(request.receive, ctx.max_body_bytes))
                 try:
+                    if request.method in ("POST", "PUT", "PATCH") and not _declares_json(request):
+                        request = await _json_if_it_parses(request)
                     return await inner(request)
                 except RequestValidationError as exc:
                     return _validation_response(exc)
@@ -165,6 +191,42 @@ def make_route_class(ctx: ApiContext) -> type[APIRoute]:
             return handler
 
     return ApiRoute
+
+
+def _declares_json(request: Request) -> bool:
+    value = request.headers.get("content-type")
+    if not value:
+        return False
+    message = email.message.Message()
+    message["content-type"] = value
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+async def _json_if_it_parses(request: Request) -> Request:
+    """The request with `Content-Type: application/json` when its body parses as JSON (A1111 clients post
+    `data=json.dumps(...)` with no header, or as text/plain or form-urlencoded); otherwise unchanged."""
+    if (request.headers.get("content-type") or "").lower().startswith("multipart/"):
+        return request
+    body = await request.body()
+    if not body.strip():
+        return request
+    try:
+        json.loads(body)
+    except ValueError:  # not JSON (UnicodeDecodeError included): FastAPI answers as before
+        return request
+    headers = [(k, v) for k, v in request.scope["headers"] if k.lower() != b"content-type"]
+    scope = {**request.scope, "headers": [*headers, (b"content-type", b"application/json")]}
+    sent = False
+
+    async def replay() -> dict:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return Request(scope, replay)
 
 
 def _counting_receive(receive: Callable, limit: int) -> Callable:
@@ -221,8 +283,47 @@ def check_choices(engine, request: GenerationRequest, *, model_field: str = "mod
             ) from None
 
 
-def submit(ctx: ApiContext, request: GenerationRequest, *, model_field: str = "model") -> Job:
-    """Check the request's choices and queue it (QueueFull -> 503 through the route class)."""
+def _hires_size(request: GenerationRequest, width: int, height: int) -> tuple[int, int]:
+    """The hires fix's target size as A1111 computes it."""
+    rx, ry = request.hr_resize_x, request.hr_resize_y
+    if not rx and not ry:
+        return int(width * request.hr_scale), int(height * request.hr_scale)
+    if not ry:
+        return rx, rx * height // width
+    if not rx:
+        return ry * width // height, ry
+    return max(rx, ry * width // height), max(ry, rx * height // width)
+
+
+def check_limits(limits: ApiLimits, request: GenerationRequest) -> None:
+    """RequestError naming the field and the server setting when `request` is over a protective limit."""
+    if request.batch_size > limits.max_batch_size:
+        raise RequestError(
+            "batch_size",
+            f"{request.batch_size} is over this server's limit max_batch_size = {limits.max_batch_size} "
+            "(set with --max-batch-size); use n_iter for more images",
+        )
+    sizes = []
+    if request.width and request.height:
+        sizes.append(("width", request.width, request.height))
+        if request.mode == "txt2img" and request.enable_hr:
+            field_name = "hr_scale" if not (request.hr_resize_x or request.hr_resize_y) else "hr_resize_x"
+            sizes.append((field_name, *_hires_size(request, request.width, request.height)))
+    if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
+        sizes.append(("seed_resize_from_w", request.seed_resize_from_w, request.seed_resize_from_h))
+    for field_name, w, h in sizes:
+        if w * h > limits.max_pixels:
+            raise RequestError(
+                field_name,
+                f"{w}x{h} = {w * h} pixels is over this server's limit max_pixels = {limits.max_pixels} "
+                "(set with --max-pixels)",
+            )
+
+
+def submit(ctx: ApiContext, request: GenerationRequest, *, model_field: str = "model", grid: Any = None) -> Job:
+    """Check the request's limits and choices and queue it (QueueFull -> 503 through the route class).
+    `grid`: an ldm_core.grids.GridOptions for A1111's batch grid (None: no grid)."""
+    check_limits(ctx.limits, request)
     check_choices(ctx.engine, request, model_field=model_field)
     return ctx.service.submit(request)
 

@@ -4,14 +4,19 @@ The generation request models are derived from the engine's typed requests (`ldm
 engine field keeps its name, default and range, so the OpenAPI document shows e.g. `steps` with minimum 1 and
 maximum 150, and a new engine field appears in the API without an edit here. Images travel as base64 text.
 
-The A1111 models tolerate unknown keys and `null` for any field (meaning "default"), as A1111 clients send
-both; the native `JobRequest` is strict (an unknown key is a 422 naming it). `a1111_engine_values` /
+The A1111 models are as liberal as A1111 (whose pydantic-1 models coerce): unknown keys are ignored, `null`
+means the default, numbers and booleans may come as strings, a number with a fraction is truncated for an
+integer field and a number is taken as text for a text field. Their defaults are A1111's declared defaults
+(`A1111_TXT2IMG_DEFAULTS`, `A1111_IMG2IMG_DEFAULTS`: steps 50, 512x512, sampler_index "Euler", ...), and
+`a1111_parameters` echoes a request the way A1111 does, those defaults and types included, so typed clients
+decode it. The native `JobRequest` is strict (an unknown key is a 422 naming it). `a1111_engine_values` /
 `native_engine_values` then `build_engine_request` turn either into a validated engine request.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import typing
 from typing import Annotated, Any, Literal
 
@@ -94,21 +99,39 @@ def _engine_fields(model: type[BaseModel], skip: tuple[str, ...] = ()) -> dict[s
     return out
 
 
-class _Tolerant(BaseModel):
-    """A1111-style body: unknown keys ignored, `null` means "use the default"."""
+def _is_int_field(annotation: Any) -> bool:
+    if annotation is int:
+        return True
+    args = typing.get_args(annotation)
+    return bool(args) and int in args and all(a in (int, type(None)) for a in args)
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+class _Tolerant(BaseModel):
+    """A1111-style body: unknown keys ignored, `null` means "use the default", a number is accepted as text
+    and a float with a fraction as an integer (truncated), as A1111's pydantic-1 models do."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, coerce_numbers_to_str=True)
 
     @model_validator(mode="before")
     @classmethod
     def _nulls_mean_default(cls, data: Any) -> Any:
         if isinstance(data, dict):
             fields = cls.model_fields
-            return {
-                k: v
-                for k, v in data.items()
-                if not (v is None and k in fields and not _accepts_none(fields[k].annotation))
-            }
+            out = {}
+            for k, v in data.items():
+                info = fields.get(k)
+                if info is not None and v is None and not _accepts_none(info.annotation):
+                    continue
+                if (
+                    info is not None
+                    and isinstance(v, float)
+                    and math.isfinite(v)
+                    and not v.is_integer()
+                    and _is_int_field(info.annotation)
+                ):
+                    v = int(v)
+                out[k] = v
+            return out
         return data
 
 
@@ -128,9 +151,9 @@ _A1111_COMMON: dict[str, Any] = {
     ),
     "sampler_index": (
         str | None,
-        Field(None, description="Old name of sampler_name (used when it is unset)"),
+        Field("Euler", description="Old name of sampler_name (used when it is unset; A1111's default)"),
     ),
-    "s_tmax": (float | None, Field(None, ge=0.0, description="Sigma tmax; null or 0 = infinity")),
+    "s_tmax": (float | None, Field(None, description="Sigma tmax; null or 0 = infinity")),
     "save_images": (bool, Field(False, description="Save to the outputs folder (A1111's API default: no)")),
     "send_images": (bool, Field(True, description="Return the images in the response")),
     "do_not_save_samples": (bool, False),
@@ -142,8 +165,11 @@ _A1111_COMMON: dict[str, Any] = {
         ),
     ),
     "override_settings_restore_afterwards": (bool, True),
-    "script_name": (str | None, Field(None, description="No scripts are installed: leave empty")),
-    "script_args": (list[Any], Field(default_factory=list)),
+    "script_name": (
+        str | None,
+        Field(None, description="A1111 script title, any case (GET /sdapi/v1/scripts lists them)"),
+    ),
+    "script_args": (list[Any], Field(default_factory=list, description="The script's arguments, A1111's order")),
     "alwayson_scripts": (
         dict[str, Any],
         Field(
@@ -157,38 +183,135 @@ _A1111_COMMON: dict[str, Any] = {
     "infotext": (str | None, None),
 }
 _IMG2IMG_EXTRA: dict[str, Any] = {
-    "init_images": (list[str], Field(min_length=1, description="Base64 images, bare or data: URLs")),
+    "init_images": (list[str] | None, Field(None, description="Base64 images, bare or data: URLs")),
     "mask": (str | None, Field(None, description="Base64 mask (white = repaint); makes this an inpaint")),
-    "resize_mode": (ResizeModeIn, Field("Just resize", description=f"Index or name: {list(RESIZE_MODES)}")),
-    "inpainting_fill": (
-        InpaintFillIn,
-        Field("original", description=f"Index or name: {list(INPAINT_FILLS)}"),
-    ),
+    "resize_mode": (ResizeModeIn, Field(0, description=f"Index or name: {list(RESIZE_MODES)}")),
+    "inpainting_fill": (InpaintFillIn, Field(0, description=f"Index or name: {list(INPAINT_FILLS)}")),
     "include_init_images": (bool, Field(False, description="Echo init_images and mask in `parameters`")),
 }
 
 
+# ---- A1111's declared defaults (its processing classes' signatures plus the API's additions, A1111 1.10) ----
+# `parameters` echoes every one of these keys, with these values and types when the client did not send it.
+A1111_COMMON_DEFAULTS: dict[str, Any] = {
+    "prompt": "",
+    "negative_prompt": "",
+    "styles": None,
+    "seed": -1,
+    "subseed": -1,
+    "subseed_strength": 0,
+    "seed_resize_from_h": -1,
+    "seed_resize_from_w": -1,
+    "sampler_name": None,
+    "scheduler": None,
+    "batch_size": 1,
+    "n_iter": 1,
+    "steps": 50,
+    "cfg_scale": 7.0,
+    "width": 512,
+    "height": 512,
+    "restore_faces": None,
+    "tiling": None,
+    "do_not_save_samples": False,
+    "do_not_save_grid": False,
+    "eta": None,
+    "denoising_strength": 0.75,
+    "s_min_uncond": None,
+    "s_churn": None,
+    "s_tmax": None,
+    "s_tmin": None,
+    "s_noise": None,
+    "override_settings": None,
+    "override_settings_restore_afterwards": True,
+    "refiner_checkpoint": None,
+    "refiner_switch_at": None,
+    "disable_extra_networks": False,
+    "firstpass_image": None,
+    "comments": None,
+    "force_task_id": None,
+    "sampler_index": "Euler",
+    "script_name": None,
+    "script_args": [],
+    "send_images": True,
+    "save_images": False,
+    "alwayson_scripts": {},
+    "infotext": None,
+}
+A1111_TXT2IMG_DEFAULTS: dict[str, Any] = {
+    **A1111_COMMON_DEFAULTS,
+    "enable_hr": False,
+    "firstphase_width": 0,
+    "firstphase_height": 0,
+    "hr_scale": 2.0,
+    "hr_upscaler": None,
+    "hr_second_pass_steps": 0,
+    "hr_resize_x": 0,
+    "hr_resize_y": 0,
+    "hr_checkpoint_name": None,
+    "hr_sampler_name": None,
+    "hr_scheduler": None,
+    "hr_prompt": "",
+    "hr_negative_prompt": "",
+}
+A1111_IMG2IMG_DEFAULTS: dict[str, Any] = {
+    **A1111_COMMON_DEFAULTS,
+    "init_images": None,
+    "resize_mode": 0,
+    "image_cfg_scale": None,
+    "mask": None,
+    "mask_blur_x": 4,
+    "mask_blur_y": 4,
+    "mask_blur": None,
+    "mask_round": True,
+    "inpainting_fill": 0,
+    "inpaint_full_res": True,
+    "inpaint_full_res_padding": 0,
+    "inpainting_mask_invert": 0,
+    "initial_noise_multiplier": None,
+    "latent_mask": None,
+    "include_init_images": False,
+}
+
+
+def _with_default(annotation: Any, info: FieldInfo, value: Any) -> tuple[Any, FieldInfo]:
+    """The field with A1111's default `value` (its annotation widened to accept None when that is it)."""
+    info = copy.copy(info)
+    info.default = copy.deepcopy(value)
+    info.default_factory = None
+    if value is None and not _accepts_none(annotation):
+        annotation = annotation | None
+    return annotation, info
+
+
 def _a1111_model(
-    name: str, engine_model: type[BaseModel], extra: dict[str, Any], doc: str
+    name: str, engine_model: type[BaseModel], extra: dict[str, Any], defaults: dict[str, Any], doc: str
 ) -> type[BaseModel]:
     fields = _engine_fields(engine_model, skip=tuple(extra) + tuple(_A1111_COMMON))
     fields.update(_A1111_COMMON)
     fields.update(extra)
-    model = create_model(name, __base__=_Tolerant, __doc__=doc, **fields)
-    return model
+    for key, value in defaults.items():
+        if key in fields:
+            annotation, info = fields[key]
+            if not isinstance(info, FieldInfo):
+                info = Field(info)
+            fields[key] = _with_default(annotation, info, value)
+    return create_model(name, __base__=_Tolerant, __doc__=doc, **fields)
 
 
 StableDiffusionTxt2ImgProcessingAPI = _a1111_model(
     "StableDiffusionTxt2ImgProcessingAPI",
     GenerationRequest,
     {},
-    "A1111 txt2img request. Unknown keys are ignored; null means the default.",
+    A1111_TXT2IMG_DEFAULTS,
+    "A1111 txt2img request, with A1111's defaults. Unknown keys are ignored; null means the default.",
 )
 StableDiffusionImg2ImgProcessingAPI = _a1111_model(
     "StableDiffusionImg2ImgProcessingAPI",
     InpaintRequest,
     _IMG2IMG_EXTRA,
-    "A1111 img2img request; with `mask` it inpaints. Unknown keys are ignored; null means the default.",
+    A1111_IMG2IMG_DEFAULTS,
+    "A1111 img2img request, with A1111's defaults; with `mask` it inpaints. Unknown keys are ignored; null "
+    "means the default.",
 )
 
 JobMode = Literal["txt2img", "img2img", "inpaint"]
@@ -202,8 +325,8 @@ JobRequest = create_model(
     s_tmax=_A1111_COMMON["s_tmax"],
     init_images=(list[str], Field(default_factory=list, description="Base64 images, bare or data: URLs")),
     mask=(str | None, Field(None, description="Base64 mask (white = repaint)")),
-    resize_mode=_IMG2IMG_EXTRA["resize_mode"],
-    inpainting_fill=_IMG2IMG_EXTRA["inpainting_fill"],
+    resize_mode=(ResizeModeIn, Field("Just resize", description=f"Index or name: {list(RESIZE_MODES)}")),
+    inpainting_fill=(InpaintFillIn, Field("original", description=f"Index or name: {list(INPAINT_FILLS)}")),
 )
 
 
@@ -233,7 +356,13 @@ def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) 
     options = options or {}
     data = body.model_dump()
     set_fields = set(body.model_fields_set)
-    values = {k: v for k, v in data.items() if k in InpaintRequest.model_fields}
+    engine_fields = InpaintRequest.model_fields
+    # A1111's None defaults (styles, s_churn, hr_upscaler, ...) mean "the engine's default"
+    values = {
+        k: v
+        for k, v in data.items()
+        if k in engine_fields and (v is not None or _accepts_none(engine_fields[k].annotation))
+    }
     values["sampler_name"] = (
         data.get("sampler_name")
         or data.get("sampler_index")
@@ -253,6 +382,28 @@ def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) 
     _override(data.get("override_settings") or {}, values, options, set_fields)
     _decode_images(data, values)
     return values
+
+
+def a1111_parameters(body: BaseModel, img2img: bool) -> dict[str, Any]:
+    """`parameters` of an A1111 response: the request as A1111 echoes it. Every key A1111 declares, with its
+    default and type where the client sent nothing (`subseed_strength: 0`, `seed_resize_from_h: -1`, ...),
+    resize_mode, inpainting_fill and inpainting_mask_invert as integers, our own fields only when sent, and
+    no init images or mask unless include_init_images."""
+    defaults = A1111_IMG2IMG_DEFAULTS if img2img else A1111_TXT2IMG_DEFAULTS
+    sent = body.model_fields_set
+    out = copy.deepcopy(defaults)
+    for key, value in body.model_dump().items():
+        if key in defaults or key in sent:
+            out[key] = value
+    for key, names in (("resize_mode", RESIZE_MODES), ("inpainting_fill", INPAINT_FILLS)):
+        if isinstance(out.get(key), str) and out[key] in names:
+            out[key] = names.index(out[key])
+    if isinstance(out.get("inpainting_mask_invert"), bool):
+        out["inpainting_mask_invert"] = int(out["inpainting_mask_invert"])
+    if img2img and not out.get("include_init_images"):
+        out["init_images"] = None
+        out["mask"] = None
+    return out
 
 
 def native_engine_values(body: BaseModel) -> tuple[dict[str, Any], JobMode]:

@@ -48,6 +48,7 @@ from .schemas import (
     StableDiffusionImg2ImgProcessingAPI,
     StableDiffusionTxt2ImgProcessingAPI,
     a1111_engine_values,
+    a1111_parameters,
     build_engine_request,
 )
 
@@ -104,10 +105,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
     def _respond(job: Job, body, img2img: bool) -> dict[str, Any]:
         job.wait()
         raise_job_error(job)
-        params = body.model_dump()
-        if img2img and not params.get("include_init_images"):
-            params["init_images"] = None
-            params["mask"] = None
+        params = a1111_parameters(body, img2img)  # A1111's echo: its keys, defaults and types
         result: GenerationResult | None = job.result
         if result is None:  # cancelled before it started
             info = {"infotexts": [], "all_seeds": [], "interrupted": True, "job": job.id}

@@ -16,9 +16,11 @@ import uvicorn
 from ldm_core import __version__
 from ldm_core.config import EngineConfig
 from ldm_core.extensions import ExtensionPolicy, load_extensions
+from ldm_core.requests import MAX_PIXELS
 from ldm_core.service import Service
 
 from . import install, parse_auth
+from .common import DEFAULT_MAX_BATCH_SIZE, ApiLimits
 from .extensions_api import install_extension_routes
 
 
@@ -49,6 +51,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-queued", type=int, default=64, help="queued jobs beyond which requests get 503")
     p.add_argument("--max-body-mb", type=float, default=50.0, help="largest request body, MiB (else 413)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"largest width x height of any image a job makes, hires target included (else 422; "
+        f"default {MAX_PIXELS})",
+    )
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help=f"largest batch_size (else 422; default {DEFAULT_MAX_BATCH_SIZE}); n_iter is not capped",
+    )
     p.add_argument("--log-level", default="info")
     return p
 
@@ -101,7 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         policy=ExtensionPolicy(listen=args.listen, share=False, server_name=host_name(args),
                                allow_insecure=args.enable_insecure_extension_access),
     )
-    install(app, service, auth=_auth(args), flags=flags, max_body_bytes=int(args.max_body_mb * 2**20))
+    limits = ApiLimits(max_pixels=args.max_pixels, max_batch_size=args.max_batch_size)
+    install(
+        app, service, auth=_auth(args), flags=flags, max_body_bytes=int(args.max_body_mb * 2**20), limits=limits
+    )
     install_extension_routes(app, service, manager)
     host = host_name(args)
     try:

@@ -208,10 +208,13 @@ def test_every_endpoint_answers_with_the_a1111_shape(server):
     ):
         assert server.post(f"/sdapi/v1/{path}").status_code == 200, path
     doc = requests.get(server.url + "/openapi.json", timeout=TIMEOUT).json()
-    steps = doc["components"]["schemas"]["StableDiffusionTxt2ImgProcessingAPI"]["properties"]["steps"]
-    assert (steps["minimum"], steps["maximum"]) == (1, 150)
+    a1111 = doc["components"]["schemas"]["StableDiffusionTxt2ImgProcessingAPI"]["properties"]
+    # A1111's declared defaults; no upper range A1111 does not impose (the server's limits are settings)
+    assert a1111["steps"]["minimum"] == 1 and "maximum" not in a1111["steps"] and a1111["steps"]["default"] == 50
+    assert a1111["seed_resize_from_h"]["default"] == -1 and a1111["sampler_index"]["default"] == "Euler"
     native = doc["components"]["schemas"]["JobRequest"]["properties"]
-    assert (native["cfg_scale"]["minimum"], native["cfg_scale"]["maximum"]) == (0, 30)
+    assert (native["clip_skip"]["minimum"], native["clip_skip"]["maximum"]) == (1, 12)
+    assert native["steps"]["default"] == 20
     assert "/api/v1/jobs/{job_id}/events" in doc["paths"]
 
 
@@ -497,13 +500,16 @@ def _field_of(resp) -> str:
     ("body", "field"),
     [
         ({"steps": "many"}, "steps"),
-        ({"steps": 1000}, "steps"),
         ({"steps": 0}, "steps"),
-        ({"width": 65}, "width"),
-        ({"cfg_scale": -1}, "cfg_scale"),
+        ({"width": 32}, "width"),
+        ({"cfg_scale": "high"}, "cfg_scale"),
         ({"prompt": {"not": "text"}}, "prompt"),
-        ({"seed": 2**40}, "seed"),
-        ({"batch_size": 17}, "batch_size"),
+        ({"seed": 2**70}, "seed"),
+        ({"batch_size": 17}, "batch_size"),  # the server's max_batch_size (16 by default)
+        ({"width": 4096, "height": 4096}, "width"),  # the server's max_pixels
+        ({"enable_hr": True, "hr_scale": 64}, "hr_scale"),  # the hires target counts too
+        ({"enable_hr": True, "hr_scale": 0}, "hr_scale"),
+        ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength"),
         ({"sampler_name": "No Such Sampler"}, "sampler_name"),
         ({"override_settings": {"sd_model_checkpoint": "nope"}}, "override_settings.sd_model_checkpoint"),
         ({"script_name": "x/y/z plot"}, "script_name"),
@@ -511,6 +517,15 @@ def _field_of(resp) -> str:
 )
 def test_bad_txt2img_values_get_422_naming_the_field(server, body, field):
     assert _field_of(server.post("/sdapi/v1/txt2img", t2i(**body))) == field
+
+
+def test_protective_limits_name_their_server_setting(server):
+    msg = server.post("/sdapi/v1/txt2img", t2i(width=4096, height=4096)).json()["detail"][0]["msg"]
+    assert "max_pixels = 4194304" in msg and "--max-pixels" in msg
+    msg = server.post("/sdapi/v1/txt2img", t2i(batch_size=17)).json()["detail"][0]["msg"]
+    assert "max_batch_size = 16" in msg and "--max-batch-size" in msg
+    r = server.post("/api/v1/jobs", t2i(enable_hr=True, hr_resize_x=8192, hr_resize_y=8192))
+    assert _field_of(r) == "hr_resize_x" and "max_pixels" in r.json()["detail"][0]["msg"]
 
 
 def test_bad_input_never_500(server):
@@ -530,7 +545,8 @@ def test_bad_input_never_500(server):
     assert _field_of(server.post("/sdapi/v1/img2img", t2i(init_images=[]))) == "init_images"
     small = b64_png(Image.new("L", (32, 32)))
     init = b64_png(Image.new("RGB", (SIZE, SIZE)))
-    assert _field_of(server.post("/sdapi/v1/img2img", t2i(init_images=[init], mask=small))) == "mask"
+    # A1111 resizes the mask with the image: a mask of another size is no error
+    assert server.post("/sdapi/v1/img2img", t2i(init_images=[init], mask=small, steps=1)).status_code == 200
     assert (
         _field_of(server.post("/sdapi/v1/img2img", t2i(init_images=[init], resize_mode=9))) == "resize_mode"
     )
