@@ -33,7 +33,7 @@ from .infotext import build_infotext
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .outputs import output_folder, save_image
 from .pipeline import images as imgs
-from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, denoise
+from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
 from .pipeline.preview import LatentPreviewer
 from .progress import JobContext
 from .prompts.embeddings import EmbeddingLibrary
@@ -44,7 +44,9 @@ from .prompts.schedule import PromptSchedule
 from .prompts.styles import StyleStore
 from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .rng import batch_noise, resolve_seed
+from .samplers.sigmas import NoiseLevels, alphas_cumprod_from_config
 from .schedulers import SamplerRegistry, default_sampler_registry, img2img_timesteps
+from .seamless import circular_padding
 from .upscalers import UpscalerRegistry, is_latent_mode, latent_modes, upscale_latents
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,7 @@ class GenerationResult:
     sampler_name: str = ""
     schedule_type: str = ""
     model_name: str = ""
+    notes: list[str] = field(default_factory=list)  # what was asked but not done (A1111's "comments")
 
     def info(self, request: GenerationRequest) -> dict[str, Any]:
         """A1111's `info` object (the API returns it as a JSON string)."""
@@ -93,6 +96,9 @@ class GenerationResult:
             "infotexts": self.infotexts,
             "styles": request.styles,
             "interrupted": self.interrupted,
+            "restore_faces": bool(request.restore_faces),
+            "face_restoration_model": None,
+            "comments": "".join(f"{note}\n" for note in self.notes),
             "version": __version__,
         }
 
@@ -106,8 +112,18 @@ class _Placed:
 
 
 @dataclass
+class _Stage:
+    """A model as a pass uses it: the checkpoint, its prompt encoder and the VAE that encodes/decodes."""
+
+    model: LoadedModel
+    encoder: PromptEncoder
+    vae: Any
+
+
+@dataclass
 class _JobState:
-    """What every pass of one job shares."""
+    """What every pass of one job shares. `hires_stage` runs the hires pass (the hires checkpoint, or the
+    job's model); `refiner` takes over a pass mid-run; `extra` collects infotext keys set while sampling."""
 
     request: GenerationRequest
     model: LoadedModel
@@ -123,6 +139,13 @@ class _JobState:
     sampler: str
     schedule_type: str
     hires: dict | None
+    hires_stage: _Stage | None = None
+    refiner: _Stage | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def main(self) -> _Stage:
+        return _Stage(self.model, self.encoder, self.vae)
 
 
 class Engine:
@@ -317,6 +340,17 @@ class Engine:
         hires = None
         if request.enable_hr and request.mode == "txt2img":
             hires = self._resolve_hires(request, info.name, schedule_type)
+        hr_model = model
+        if hires is not None and hires["checkpoint"]:
+            hr_model = self._aux_model("hr_checkpoint_name", hires["checkpoint"], model)
+            hires["params"]["Hires checkpoint"] = _short_title(hr_model)
+        refiner_model = None
+        if _chosen(request.refiner_checkpoint, "None"):
+            refiner_model = self._aux_model("refiner_checkpoint", request.refiner_checkpoint, model)
+            base = hr_model if hires is not None else model  # A1111's default: the refiner runs in the hires pass
+            _check_refiner(refiner_model, base)
+            if refiner_model is base:  # A1111: refining with the model that is running is no switch
+                refiner_model = None
         native = model.native_size
         width = request.width or native
         height = request.height or native
@@ -327,6 +361,8 @@ class Engine:
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else -1
         prompt, networks = extract_extra_networks(request.prompt)
         negative, _ = extract_extra_networks(request.negative_prompt)
+        if request.disable_extra_networks:  # A1111: the tags are still removed from the prompt
+            networks = []
         hooks = Hooks()
         for factory in self.hooks_factories:
             part = factory(self, request, model)
@@ -341,6 +377,9 @@ class Engine:
             schedule_type=schedule_type,
             model_name=model.entry.name,
         )
+        if request.restore_faces:
+            result.notes.append("restore_faces: not applied (no face restoration model is available offline)")
+            log.info("restore_faces requested: not applied, no face restoration model is available offline")
         ctx.progress.update(
             job_no=0,
             job_count=request.n_iter,
@@ -349,10 +388,21 @@ class Engine:
             started_at=time.monotonic(),
             textinfo="",
         )
-        with self.networks.applied(model, networks) as lora_params:
-            encoder = PromptEncoder(
-                model, clip_skip=request.clip_skip, emphasis=request.emphasis, embeddings=self.embeddings
-            )
+        with contextlib.ExitStack() as stack:
+            lora_params = stack.enter_context(self.networks.applied(model, networks))
+            encoder = self._encoder(request, model)
+            stages = {model.entry.path: _Stage(model, encoder, vae)}
+            for aux in (hr_model, refiner_model):
+                if aux is None or aux.entry.path in stages:
+                    continue
+                if networks and aux.kind.family == model.kind.family:
+                    stack.enter_context(self.networks.applied(aux, networks))
+                elif networks:
+                    log.info("the prompt's LoRAs are not applied to %s (another model family)", aux.entry.name)
+                stages[aux.entry.path] = _Stage(aux, self._encoder(request, aux), self._vae_for(request, aux)[0])
+            vaes = {id(s.vae): s.vae for s in stages.values()}
+            unets = [s.model.unet for s in stages.values()]
+            stack.enter_context(circular_padding(*unets, *vaes.values(), enabled=request.tiling))
             job = _JobState(
                 request,
                 model,
@@ -368,6 +418,8 @@ class Engine:
                 info.name,
                 schedule_type,
                 hires,
+                hires_stage=stages[hr_model.entry.path] if hires is not None else None,
+                refiner=stages[refiner_model.entry.path] if refiner_model is not None else None,
             )
             for n in range(request.n_iter):
                 ctx.cancel.clear_skip()
@@ -381,7 +433,12 @@ class Engine:
                 batch_imgs, stopped = self._run_batch(job, seeds, subseeds)
                 for post in self.postprocessors:
                     batch_imgs = post(request, batch_imgs, self, model)
-                extra = {**(hires["params"] if hires else {}), **lora_params, **encoder.infotext_params()}
+                extra = {
+                    **(hires["params"] if hires else {}),
+                    **job.extra,
+                    **lora_params,
+                    **encoder.infotext_params(),
+                }
                 for i, im in enumerate(batch_imgs):
                     sub = subseeds[i] if subseeds else None
                     params = self._infotext_params(
@@ -421,6 +478,32 @@ class Engine:
         ctx.progress.update(job_no=request.n_iter, step=0, interrupted=result.interrupted)
         return result
 
+    def _encoder(self, request: GenerationRequest, model: LoadedModel) -> PromptEncoder:
+        return PromptEncoder(model, clip_skip=request.clip_skip, emphasis=request.emphasis, embeddings=self.embeddings)
+
+    def _aux_model(self, field_name: str, name: str, main: LoadedModel) -> LoadedModel:
+        """A second checkpoint for this job (hires checkpoint, refiner), loaded without becoming the current
+        model: `main` stays current (and cached) for the next job."""
+        with self._lock:
+            try:
+                entry = self.models.find_checkpoint(name)
+            except KeyError as exc:
+                raise RequestError(field_name, str(exc.args[0] if exc.args else exc)) from None
+            if entry.path == main.entry.path:
+                return main
+            if entry.path in self._cache:
+                return self._cache[entry.path].model
+            main_path, main_placed = self._current, self._cache.get(self._current)
+            aux = self.load_checkpoint(name)
+            if main_placed is not None:
+                self._cache[main_path] = main_placed
+                self._cache.move_to_end(main_path)
+                while len(self._cache) > max(1, self.config.model_cache_size):
+                    oldest = next(iter(self._cache))
+                    self._cache.pop(oldest)
+            self._current = main_path
+            return aux
+
     def _resolve_hires(self, request: GenerationRequest, sampler: str, schedule_type: str) -> dict:
         """Check the hires-fix settings up front and work out its target size and infotext keys."""
         w0 = request.width or 0
@@ -444,8 +527,16 @@ class Engine:
                 f"unknown upscaler {up!r}; choose one of: " + ", ".join(latent_modes() + self.upscalers.names()),
             )
         hr_sampler, hr_sched = sampler, schedule_type
-        if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
-            hr_info, hr_sched = self.samplers.resolve(request.hr_sampler_name, request.scheduler)
+        same_sampler = not _chosen(request.hr_sampler_name, "Use same sampler")
+        same_schedule = not _chosen(request.hr_scheduler, "Use same scheduler")
+        if not (same_sampler and same_schedule):
+            wanted = sampler if same_sampler else request.hr_sampler_name
+            schedule = request.scheduler if same_schedule else request.hr_scheduler
+            try:
+                hr_info, hr_sched = self.samplers.resolve(wanted, schedule)
+            except RequestError as exc:
+                name = {"sampler_name": "hr_sampler_name", "scheduler": "hr_scheduler"}.get(exc.field, exc.field)
+                raise RequestError(name, exc.message) from None
             hr_sampler = hr_info.name
         params: dict[str, Any] = {"Denoising strength": _num(request.denoising_strength)}
         if rx or ry:
@@ -457,10 +548,13 @@ class Engine:
         params["Hires upscaler"] = up
         if hr_sampler != sampler:
             params["Hires sampler"] = hr_sampler
+        if hr_sched != schedule_type:
+            params["Hires schedule type"] = hr_sched
         if request.hr_prompt and request.hr_prompt != request.prompt:
             params["Hires prompt"] = request.hr_prompt
         if request.hr_negative_prompt and request.hr_negative_prompt != request.negative_prompt:
             params["Hires negative prompt"] = request.hr_negative_prompt
+        checkpoint = request.hr_checkpoint_name if _chosen(request.hr_checkpoint_name, "Use same checkpoint") else None
         return {
             "width": tw,
             "height": th,
@@ -468,6 +562,7 @@ class Engine:
             "sampler": hr_sampler,
             "schedule_type": hr_sched,
             "steps": request.hr_second_pass_steps or request.steps,
+            "checkpoint": checkpoint,
             "params": params,
         }
 
@@ -505,8 +600,10 @@ class Engine:
         init_latents = blend = unet_concat = None
         original = mask_img = box = None
         strength = 1.0
+        noise_scale = 1.0
         if isinstance(request, Img2ImgRequest):
             strength = request.denoising_strength
+            noise_scale = request.initial_noise_multiplier
             original = request.init_images[0]
             work = original
             if isinstance(request, InpaintRequest):
@@ -542,8 +639,11 @@ class Engine:
                 else:
                     blend = InpaintBlend(init_latents, noise, lmask)
 
+        main = job.main
+        first_refiner = job.refiner if job.hires is None else None
         res = self._denoise_pass(
             job,
+            main,
             job.sampler,
             job.schedule_type,
             request.steps,
@@ -555,30 +655,36 @@ class Engine:
             job.negative,
             unet_concat,
             blend,
+            refiner=first_refiner,
+            noise_scale=noise_scale,
         )
         latents, stopped = res.latents, res.stopped
+        finished = first_refiner if res.switched else main
         if job.hires is not None and stopped is None:
-            latents, stopped = self._hires_pass(job, latents, seeds)
-        with self._on_device(vae):
-            out = self.decode(vae, latents)
+            latents, stopped, finished = self._hires_pass(job, latents, seeds)
+        with self._on_device(finished.vae):
+            out = self.decode(finished.vae, latents)
         if original is not None and mask_img is not None:
             out = [imgs.paste_back(original, im, mask_img, box) for im in out]
         return out, stopped
 
     def _hires_pass(self, job: _JobState, latents: torch.Tensor, seeds: list[int]):
-        """Hires fix: upscale the first pass (in latent space or through an image upscaler), then img2img."""
-        hr, request, vae = job.hires, job.request, job.vae
+        """Hires fix: upscale the first pass (in latent space or through an image upscaler), then img2img with
+        the hires checkpoint (if one is named) and the refiner (if one is named). Returns (latents,
+        Interrupted|None, the stage whose VAE decodes the result)."""
+        hr, request = job.hires, job.request
+        stage = job.hires_stage or job.main
         factor = job.model.vae_scale_factor
         tw, th = hr["width"], hr["height"]
         if is_latent_mode(hr["upscaler"]):
             z = upscale_latents(latents, hr["upscaler"], (th // factor, tw // factor))
         else:
-            with self._on_device(vae):
-                first = self.decode(vae, latents)
+            with self._on_device(job.vae):
+                first = self.decode(job.vae, latents)
             big = [
                 self.upscalers.upscale(im, hr["upscaler"], size=(tw, th), cancel=job.ctx.cancel.check) for im in first
             ]
-            z = self._encode_images(vae, big)
+            z = self._encode_images(stage.vae, big)
         noise, gens = batch_noise((z.shape[1], th // factor, tw // factor), seeds)
         prompt, negative = job.prompt, job.negative
         if request.hr_prompt:
@@ -587,6 +693,7 @@ class Engine:
             negative, _ = extract_extra_networks(request.hr_negative_prompt)
         res = self._denoise_pass(
             job,
+            stage,
             hr["sampler"],
             hr["schedule_type"],
             hr["steps"],
@@ -599,12 +706,14 @@ class Engine:
             None,
             None,
             size=(tw, th),
+            refiner=job.refiner,
         )
-        return res.latents, res.stopped
+        return res.latents, res.stopped, (job.refiner if res.switched else stage)
 
     def _denoise_pass(
         self,
         job: _JobState,
+        stage: _Stage,
         sampler: str,
         schedule_type: str,
         steps: int,
@@ -617,9 +726,14 @@ class Engine:
         unet_concat,
         blend,
         size: tuple[int, int] | None = None,
+        refiner: _Stage | None = None,
+        noise_scale: float = 1.0,
     ):
-        """One run of the denoising loop from noise (txt2img) or from noised init latents (img2img)."""
-        request, model, ctx = job.request, job.model, job.ctx
+        """One run of the denoising loop from noise (txt2img) or from noised init latents (img2img), with
+        `stage`'s model; with a `refiner`, the run continues with the refiner's model once the noise level
+        reaches `request.refiner_switch_at` (A1111's rule). `noise_scale` multiplies the noise the init
+        latents get (A1111's initial noise multiplier)."""
+        request, model, ctx = job.request, stage.model, job.ctx
         dev = self.policy.device
         width, height = size or (job.width, job.height)
         b = noise.shape[0]
@@ -641,35 +755,32 @@ class Engine:
             user_steps = steps
         else:
             timesteps = img2img_timesteps(sched, steps, strength, dev)
-            latents = sched.add_noise(init_latents, noise, timesteps[:1].repeat(b)) if len(timesteps) else init_latents
-            user_steps = max(1, int(steps * strength))
-        if unet_concat is None and model.kind.inpaint:
-            # an inpainting model outside inpainting: everything masked, nothing known
-            lat_c = noise.shape[1]
-            unet_concat = torch.cat(
-                [
-                    torch.ones(b, 1, *noise.shape[-2:], device=dev),
-                    torch.zeros(b, lat_c, *noise.shape[-2:], device=dev),
-                ],
-                dim=1,
+            start_noise = noise * noise_scale if noise_scale != 1.0 else noise
+            latents = (
+                sched.add_noise(init_latents, start_noise, timesteps[:1].repeat(b)) if len(timesteps) else init_latents
             )
+            user_steps = max(1, int(steps * strength))
         # prompt editing counts user steps; multi-evaluation samplers run more model calls than steps
         n_evals = max(1, len(timesteps))
-        schedule = PromptSchedule(job.encoder, prompt, negative, user_steps)
-
-        def step_of(i: int) -> int:
-            return min(user_steps - 1, i * user_steps // n_evals)
-
-        added = None
-        if model.kind.family == "sdxl":
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32, device=dev)
-
-            def added(_unused, pooled):
-                return {"text_embeds": torch.cat(pooled), "time_ids": time_ids.repeat(len(pooled), 1)}
-
-        def conditioning(i):
-            uncond, conds = schedule.at(step_of(i))
-            return (None if request.cfg_scale == 1.0 else uncond), conds
+        levels = NoiseLevels(alphas_cumprod_from_config(model.scheduler_config))
+        train_t = timesteps.detach().float().cpu().numpy()
+        sigmas = [float(s) for s in levels.t_to_sigma(train_t)]
+        conditioning, added = self._conditioning(stage, request, prompt, negative, user_steps, n_evals, width, height)
+        switch = None
+        if refiner is not None:
+            at = _switch_index(train_t, levels.num_train_timesteps, request.refiner_switch_at)
+            if at < len(timesteps):
+                r_cond, r_added = self._conditioning(
+                    refiner, request, prompt, negative, user_steps, n_evals, width, height
+                )
+                switch = ModelSwitch(
+                    at,
+                    refiner.model.unet,
+                    r_cond,
+                    r_added,
+                    _unet_concat(refiner.model, unet_concat if model.kind.inpaint else None, noise),
+                    keep_unet_inputs=refiner.model.kind.family == model.kind.family,
+                )
 
         every = max(0, self.config.preview_every)
 
@@ -683,9 +794,6 @@ class Engine:
                     log.debug("preview failed: %s", exc)
             ctx.progress.update(**upd)
 
-        with self._on_device(model.text_encoder, model.text_encoder_2):
-            for i in range(user_steps):  # encode up front so text encoders can go back to the CPU
-                schedule.at(i)
         ctx.progress.update(step=0, steps=len(timesteps))
         loop_in = LoopInputs(
             latents=latents,
@@ -695,11 +803,47 @@ class Engine:
             cfg_scale=request.cfg_scale,
             generators=gens,
             added_cond_kwargs=added,
-            unet_concat=unet_concat,
+            unet_concat=_unet_concat(model, unet_concat, noise),
             inpaint=blend,
+            s_min_uncond=request.s_min_uncond,
+            sigmas=sigmas,
+            switch=switch,
         )
-        with self._on_device(model.unet), torch.inference_mode():
-            return denoise(model.unet, loop_in, hooks=job.hooks, cancel=ctx.cancel, on_step=on_step)
+        unets = (model.unet, refiner.model.unet if switch is not None else None)
+        with self._on_device(*unets), torch.inference_mode():
+            res = denoise(model.unet, loop_in, hooks=job.hooks, cancel=ctx.cancel, on_step=on_step)
+        if res.switched and refiner is not None:
+            job.extra["Refiner"] = _short_title(refiner.model)
+            if request.refiner_switch_at is not None:
+                job.extra["Refiner switch at"] = _num(request.refiner_switch_at)
+        return res
+
+    def _conditioning(self, stage: _Stage, request, prompt, negative, user_steps, n_evals, width, height):
+        """(conditioning(i), added_cond_kwargs or None) for the loop: `stage`'s encoding of the prompt
+        schedule, encoded up front so the text encoders can go back to the CPU."""
+        model = stage.model
+        schedule = PromptSchedule(stage.encoder, prompt, negative, user_steps)
+
+        def step_of(i: int) -> int:
+            return min(user_steps - 1, i * user_steps // n_evals)
+
+        added = None
+        if model.kind.family == "sdxl":
+            time_ids = torch.tensor(
+                [[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.policy.device
+            )
+
+            def added(_unused, pooled):
+                return {"text_embeds": torch.cat(pooled), "time_ids": time_ids.repeat(len(pooled), 1)}
+
+        def conditioning(i):
+            uncond, conds = schedule.at(step_of(i))
+            return (None if request.cfg_scale == 1.0 else uncond), conds
+
+        with self._on_device(model.text_encoder, model.text_encoder_2):
+            for i in range(user_steps):
+                schedule.at(i)
+        return conditioning, added
 
     @torch.inference_mode()
     def decode(self, vae, latents: torch.Tensor) -> list[Image.Image]:
@@ -759,6 +903,12 @@ class Engine:
                 p["Mask mode"] = "Inpaint not masked"
         if request.emphasis != "Original":
             p["Emphasis"] = request.emphasis
+        if request.s_min_uncond:
+            p["NGMS"] = _num(request.s_min_uncond)
+        if request.tiling:
+            p["Tiling"] = True
+        if isinstance(request, Img2ImgRequest) and request.initial_noise_multiplier != 1.0:
+            p["Noise multiplier"] = _num(request.initial_noise_multiplier)
         for provider in self.infotext_providers:
             p.update(provider(request, model) or {})
         p["Version"] = f"ldm_core-{__version__}"
@@ -820,6 +970,56 @@ def scratch_engine(model: str | Path, **config: Any) -> Iterator[tuple[Engine, L
         )
         engine = Engine(cfg)
         yield engine, engine.load_checkpoint(model.name)
+
+
+def _chosen(value: str | None, same: str) -> bool:
+    """Whether an optional choice names something: not None, "", "None" or the `same` label."""
+    return value is not None and value.strip() not in ("", "None", "none", same)
+
+
+def _short_title(model: LoadedModel) -> str:
+    """A1111's checkpoint `short_title`, "name [10-hex hash]", as its infotext writes it."""
+    return f"{model.entry.name} [{model.short_hash}]"
+
+
+def _check_refiner(refiner: LoadedModel, base: LoadedModel) -> None:
+    """A refiner continues `base`'s latents: both must share the latent space and the prediction type."""
+    if refiner.vae.config.latent_channels != base.vae.config.latent_channels:
+        raise RequestError(
+            "refiner_checkpoint",
+            f"{refiner.entry.name} has {refiner.vae.config.latent_channels} latent channels, "
+            f"{base.entry.name} {base.vae.config.latent_channels}: a refiner must share the latent space",
+        )
+    if refiner.kind.prediction_type != base.kind.prediction_type:
+        raise RequestError(
+            "refiner_checkpoint",
+            f"{refiner.entry.name} predicts {refiner.kind.prediction_type}, {base.entry.name} "
+            f"{base.kind.prediction_type}: a refiner must use the same prediction type",
+        )
+
+
+def _switch_index(train_t: np.ndarray, num_train: int, switch_at: float | None) -> int:
+    """The first evaluation that runs on the refiner. A1111 (by noise level, its default): an evaluation's
+    completed ratio is (T - 1 - t) / T for its nearest training timestep t, and the switch happens at the
+    first evaluation whose ratio reaches `switch_at` (None: at once). len(train_t) when none does."""
+    if switch_at is None:
+        return 0
+    for i, t in enumerate(train_t):
+        if (num_train - 1 - round(float(t))) / num_train >= switch_at:
+            return i
+    return len(train_t)
+
+
+def _unet_concat(model: LoadedModel, unet_concat: torch.Tensor | None, noise: torch.Tensor):
+    """The extra UNet input channels: None for a normal model; for a 9-channel inpainting model the
+    job's mask + masked-image latents, or "everything masked, nothing known" outside inpainting."""
+    if not model.kind.inpaint:
+        return None
+    if unet_concat is not None:
+        return unet_concat
+    b, lat_c = noise.shape[0], noise.shape[1]
+    ones = torch.ones(b, 1, *noise.shape[-2:], device=noise.device)
+    return torch.cat([ones, torch.zeros(b, lat_c, *noise.shape[-2:], device=noise.device)], dim=1)
 
 
 def _num(v: float) -> int | float:

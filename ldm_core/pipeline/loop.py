@@ -5,12 +5,17 @@ classifier-free-guidance batch [uncond, cond_1..cond_k] (AND parts); ask every U
 extra UNet inputs (e.g. ControlNet residuals); run the UNet; combine with guidance (composable weights);
 let CFG hooks adjust the result; take a scheduler step; for inpainting with a normal model, put the known
 region back (noised to the next level); report progress with the predicted clean latents for previews.
+
+Two A1111 options act inside the loop: `s_min_uncond` (A1111's "NGMS": on every other evaluation whose noise
+level is below it, the unconditional pass is skipped and the step is guided by the conditional prediction
+alone) and the refiner switch (`ModelSwitch`: from a given evaluation on, the run continues with another
+checkpoint's UNet and conditioning on the same latents).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -84,6 +89,27 @@ class InpaintBlend:
 
 
 @dataclass
+class ModelSwitch:
+    """The refiner: from evaluation `at` on (0-based), the loop runs `unet` with `conditioning`,
+    `added_cond_kwargs` and `unet_concat` (same meanings as in `LoopInputs`) instead of the first model's.
+    `keep_unet_inputs=False` drops the UNet-input hooks after the switch (their residuals fit the first
+    model's architecture only)."""
+
+    at: int
+    unet: Any
+    conditioning: Callable[[int], tuple[Any, list[tuple[Any, float]]]]
+    added_cond_kwargs: Callable[[torch.Tensor | None, list[torch.Tensor]], dict] | None = None
+    unet_concat: torch.Tensor | None = None
+    keep_unet_inputs: bool = True
+
+
+def skips_uncond(index: int, sigma: float, s_min_uncond: float) -> bool:
+    """A1111's s_min_uncond rule: the unconditional pass of evaluation `index` is skipped when the noise
+    level `sigma` is below `s_min_uncond` (> 0), on odd evaluations only (alternating keeps the quality)."""
+    return s_min_uncond > 0 and index % 2 == 1 and sigma < s_min_uncond
+
+
+@dataclass
 class LoopInputs:
     """Everything one denoising run needs. `latents` are already noised to `timesteps[0]`'s level.
     `conditioning(step_index)` returns (uncond or None, [(cond, weight), ...]) as Conditioning objects.
@@ -98,6 +124,9 @@ class LoopInputs:
     added_cond_kwargs: Callable[[torch.Tensor | None, list[torch.Tensor]], dict] | None = None
     unet_concat: torch.Tensor | None = None
     inpaint: InpaintBlend | None = None
+    s_min_uncond: float = 0.0  # see `skips_uncond`; needs `sigmas`
+    sigmas: Sequence[float] | None = None  # noise level (sigma) of each evaluation
+    switch: ModelSwitch | None = None
 
 
 @dataclass
@@ -105,6 +134,7 @@ class LoopResult:
     latents: torch.Tensor  # final latents, or the latest predicted clean latents when stopped early
     steps_done: int
     stopped: Interrupted | None = None
+    switched: bool = False  # whether the run reached `LoopInputs.switch`
 
 
 def denoise(
@@ -126,36 +156,57 @@ def denoise(
     step_kwargs: dict[str, Any] = {}
     if "generator" in inspect.signature(sched.step).parameters:
         step_kwargs["generator"] = inputs.generators
+    conditioning, added_fn, concat = inputs.conditioning, inputs.added_cond_kwargs, inputs.unet_concat
+    providers = hooks.unet_inputs
+    switch, switched = inputs.switch, False
     for i, t in enumerate(inputs.timesteps):
         if cancel is not None:
             try:
                 cancel.check()
             except Interrupted as stop:
-                return LoopResult(denoised, i, stop)
-        uncond, conds = inputs.conditioning(i)
+                return LoopResult(denoised, i, stop, switched)
+        if switch is not None and not switched and i >= switch.at:
+            unet, conditioning, added_fn, concat = (
+                switch.unet,
+                switch.conditioning,
+                switch.added_cond_kwargs,
+                switch.unet_concat,
+            )
+            dtype = next(unet.parameters()).dtype
+            providers = providers if switch.keep_unet_inputs else []
+            switched = True
+        uncond, conds = conditioning(i)
         use_uncond = uncond is not None and inputs.cfg_scale != 1.0
+        skip_uncond = (
+            use_uncond and inputs.sigmas is not None and skips_uncond(i, inputs.sigmas[i], inputs.s_min_uncond)
+        )
+        if skip_uncond:
+            use_uncond = False
         groups = ([uncond] if use_uncond else []) + [c for c, _ in conds]
         weights = [w for _, w in conds]
         x = sched.scale_model_input(latents, t)
-        if inputs.unet_concat is not None:
-            x = torch.cat([x, inputs.unet_concat.to(x)], dim=1)
+        if concat is not None:
+            x = torch.cat([x, concat.to(x)], dim=1)
         x_in = torch.cat([x] * len(groups)).to(dtype)
         ctx = torch.cat([g.embeds.expand(b, -1, -1) for g in groups]).to(dtype)
         added = None
-        if inputs.added_cond_kwargs is not None:
+        if added_fn is not None:
             pooled = [g.pooled for g in groups]
-            added = inputs.added_cond_kwargs(None, pooled)
+            added = added_fn(None, pooled)
             added = {k: v.repeat_interleave(b, dim=0).to(dtype) for k, v in added.items()}
         state = StepState(i, total, t, x_in, ctx, added, b, use_uncond, weights)
         kwargs: dict[str, Any] = {}
-        for provider in hooks.unet_inputs:
+        for provider in providers:
             extra = provider(state)
             if extra:
                 _merge_unet_kwargs(kwargs, extra)
         out = unet(x_in, t, encoder_hidden_states=ctx, added_cond_kwargs=added, **kwargs).sample.float()
         parts = list(out.chunk(len(groups)))
         u = parts.pop(0) if use_uncond else None
-        if u is None:
+        if skip_uncond:
+            # A1111: the first conditional prediction stands in for the unconditional one, guidance scale 1
+            guided = parts[0] + sum(w * (p - parts[0]) for w, p in zip(weights, parts, strict=True))
+        elif u is None:
             guided = sum(w * p for w, p in zip(weights, parts, strict=True)) / max(sum(weights), 1e-8)
         else:
             guided = u + inputs.cfg_scale * sum(w * (p - u) for w, p in zip(weights, parts, strict=True))
@@ -167,12 +218,10 @@ def denoise(
         denoised = pred if pred is not None else latents
         if inputs.inpaint is not None:
             latents = _blend_known(sched, inputs.inpaint, latents, inputs.timesteps, i)
-            denoised = (
-                inputs.inpaint.init_latents * (1 - inputs.inpaint.mask) + denoised * inputs.inpaint.mask
-            )
+            denoised = inputs.inpaint.init_latents * (1 - inputs.inpaint.mask) + denoised * inputs.inpaint.mask
         if on_step is not None:
             on_step(i + 1, total, denoised)
-    return LoopResult(latents, total)
+    return LoopResult(latents, total, None, switched)
 
 
 def _blend_known(sched, blend: InpaintBlend, latents, timesteps, i) -> torch.Tensor:
