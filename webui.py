@@ -1,6 +1,7 @@
 """Start the web UI: `python webui.py [--listen] [--port 7860] [--api] ...` (see --help).
 
-Launch flags -> EngineConfig (over the settings in `<data dir>/config.json`) -> one `Service` (engine + job
+Launch flags -> EngineConfig (over the settings in `<data dir>/config.json`, the one options store that the
+Settings tab and `/sdapi/v1/options` share; a change there reaches the running engine) -> one `Service` (engine + job
 queue) -> the Gradio UI (`ui.app`) and, with --api / --nowebui, the REST API (`api.install`), both on one
 FastAPI app served by uvicorn. The browser may fetch files only from the outputs folder, its own uploads and
 Gradio's assets, never dot-files.
@@ -172,7 +173,7 @@ def ui_auth(args: argparse.Namespace) -> list[tuple[str, str]]:
 def engine_config(args: argparse.Namespace, settings_values: dict[str, Any]):
     """(EngineConfig, fields set by flags). Settings from config.json apply first; flags win."""
     from ldm_core.config import EngineConfig
-    from ui.settings_store import config_from_settings
+    from ldm_core.options import config_from_options
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     flags: dict[str, Any] = {}
@@ -196,7 +197,7 @@ def engine_config(args: argparse.Namespace, settings_values: dict[str, Any]):
     if args.no_builtin_model:
         flags["builtin_model_dir"] = None
     base = EngineConfig.from_data_dir(data_dir)
-    config = config_from_settings(base, settings_values, locked=frozenset(flags))
+    config = config_from_options(base, settings_values, locked=frozenset(flags))
     if args.ckpt and Path(args.ckpt).expanduser().exists():
         # a checkpoint file outside the checkpoint folders: offer its folder too
         folder = Path(args.ckpt).expanduser().resolve().parent
@@ -310,7 +311,7 @@ def open_share_tunnel(port: int, local_url: str) -> None:
         print(f"Could not open the --share link ({reason}); still serving locally at {local_url}", flush=True)
 
 
-def install_api(app, service, args: argparse.Namespace) -> bool:
+def install_api(app, service, args: argparse.Namespace, options=None) -> bool:
     try:
         import api
     except ImportError:
@@ -321,7 +322,7 @@ def install_api(app, service, args: argparse.Namespace) -> bool:
         return False
     auth = parse_auth(args.api_auth) if args.api_auth else None
     flags = {k: v for k, v in vars(args).items() if k not in ("api_auth", "gradio_auth")}
-    install(app, service, auth=auth, flags=flags)
+    install(app, service, auth=auth, flags=flags, options=options)
     manager = getattr(service, "extensions", None)
     if manager is not None:
         from api.extensions_api import install_extension_routes
@@ -353,7 +354,7 @@ def create_app(
         openapi_url="/openapi.json" if api_on else None,
     )
     if api_on:
-        install_api(app, service, args)
+        install_api(app, service, args, settings)
     if args.nowebui:
         return app
     import gradio as gr
@@ -433,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    from ldm_core.options import OptionsStore, bind_engine
     from ldm_core.service import Service
-    from ui.settings_store import SettingsStore
 
     if args.install_extension:
         from ldm_core.extensions_cli import main as extensions_main
@@ -449,11 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     data_dir = Path(args.data_dir).expanduser().resolve()
-    settings = SettingsStore(data_dir / "config.json")
+    settings = OptionsStore(data_dir / "config.json")
     config, locked = engine_config(args, settings.all())
     for line in security_warnings(args, bool(auth)):
         print(line, flush=True)
     service = Service(config)
+    bind_engine(settings, service.engine, locked)  # a change from the UI or the API reaches the running engine
     from ldm_core.extensions import ExtensionPolicy, load_extensions
 
     service.extensions = load_extensions(

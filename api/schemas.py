@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import typing
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from PIL import Image
@@ -33,6 +34,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from ldm_core.extras import MAX_OUTPUT_SIDE, MAX_UPSCALE
+from ldm_core.options import OPTIONS_BY_KEY, OptionError, coerce, request_values
 from ldm_core.requests import (
     INPAINT_FILLS,
     RESIZE_MODES,
@@ -332,22 +334,24 @@ JobRequest = create_model(
 
 # ---- turning a body into an engine request -------------------------------------------------------------
 def _override(
-    settings: dict[str, Any], values: dict[str, Any], options: dict[str, Any], set_fields: set[str]
+    settings: dict[str, Any], values: dict[str, Any], options: Mapping[str, Any], set_fields: set[str]
 ) -> None:
-    """Apply A1111 settings (request override_settings over saved options) to engine values."""
-    model = settings.get("sd_model_checkpoint")
-    if model:
-        values["model"] = str(model)
-    if "sd_vae" in settings or ("vae" not in set_fields and options.get("sd_vae") is not None):
-        vae = settings["sd_vae"] if "sd_vae" in settings else options["sd_vae"]
-        values["vae"] = None if vae in (None, "", "Automatic", "None") else str(vae)
-    clip = settings.get("CLIP_stop_at_last_layers")
-    if clip is None and "clip_skip" not in set_fields:
-        clip = options.get("CLIP_stop_at_last_layers")
-    if clip is not None:
-        values["clip_skip"] = clip
-    if "emphasis" in settings:
-        values["emphasis"] = settings["emphasis"]
+    """Apply A1111 options to engine values: the request's override_settings over the saved `options`
+    (`ldm_core.options.request_values` says which option fills which field and which side wins). A bad
+    override value raises RequestError naming `override_settings.<key>`; unknown and read-only keys are
+    left to the caller (api/overrides.py reports them)."""
+    clean: dict[str, Any] = {}
+    for key, value in (settings or {}).items():
+        option = OPTIONS_BY_KEY.get(key)
+        if option is None or option.readonly:
+            continue
+        try:
+            clean[key] = coerce(option, value)
+        except OptionError as exc:
+            raise RequestError(f"override_settings.{key}", exc.message) from None
+    explicit = {k for k in set_fields if values.get(k) is not None}
+    extra, _skipped = request_values(options, clean, explicit, values.get("sampler_name"))
+    values.update(extra)
 
 
 def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) -> dict[str, Any]:

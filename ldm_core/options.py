@@ -124,8 +124,8 @@ OPTIONS: tuple[Option, ...] = (
         S_SAVE,
     ),
     _o("jpeg_quality", 80, "Quality for saved JPEG images", "stored", S_CLIENTS, minimum=1, maximum=100, step=1),
-    _o("grid_save", True, "Always save image grids", "stored", S_CLIENTS),
-    _o("return_grid", True, "Show the grid in results", "stored", S_CLIENTS),
+    _o("grid_save", True, "Save the grid of a batch (when images are saved)", "live", S_SAVE),
+    _o("return_grid", True, "Return the grid of a batch with its images", "live", S_SAVE),
     _o("do_not_add_watermark", False, "Do not add a watermark (this server never adds one)", "stored", S_CLIENTS),
     # -- paths: the per-mode folders are where this server puts files (outputs/<mode>/<date>), reported only
     _o("outdir_samples", "", "Output folder (empty: <data dir>/outputs)", "live", S_PATHS),
