@@ -20,6 +20,7 @@ from ldm_core.engine import GenerationResult
 from ldm_core.extras import ExtrasParams, postprocess_text, upscale_batch
 from ldm_core.infotext import parse_infotext
 from ldm_core.jobs import Job
+from ldm_core.options import AUTOMATIC_VAES, OPTIONS_BY_KEY, OptionError, output_dirs
 from ldm_core.outputs import read_image_info
 from ldm_core.requests import RequestError
 from ldm_core.upscalers import latent_modes
@@ -35,6 +36,7 @@ from .common import (
     vae_names,
 )
 from .images import decode_image, encode_png_b64, encode_preview_b64
+from .overrides import overrides_applied, plan_overrides
 from .schemas import (
     ExtrasBase,
     ExtrasBatchImagesRequest,
@@ -57,24 +59,16 @@ EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 
 
 def default_options(ctx: ApiContext) -> dict[str, Any]:
-    """The A1111 settings the API keeps (sd_model_checkpoint is read live from the engine)."""
-    cfg = ctx.engine.config
-    return {
-        "sd_vae": "Automatic",
-        "CLIP_stop_at_last_layers": 1,
-        "emphasis": "Original",
-        "eta_noise_seed_delta": 0,
-        "samples_save": bool(cfg.save_images),
-        "samples_format": "png",
-        "samples_filename_pattern": cfg.filename_pattern,
-        "outdir_samples": "",
-        "outdir_txt2img_samples": str(Path(cfg.outputs_dir) / "txt2img"),
-        "outdir_img2img_samples": str(Path(cfg.outputs_dir) / "img2img"),
-        "live_previews_enable": cfg.preview_every > 0,
-        "show_progress_every_n_steps": cfg.preview_every,
-        "sd_checkpoint_cache": cfg.model_cache_size,
-        "sd_vae_checkpoint_cache": 1,
-    }
+    """What GET /sdapi/v1/options returns: every option of the one options store (shared with the UI's
+    Settings tab; A1111's keys and types) plus the unknown keys clients stored, with the values only the
+    server knows filled in: the current checkpoint's title and SHA256, and where each kind of output goes."""
+    engine = ctx.engine
+    opts = ctx.options.snapshot()
+    opts.update(output_dirs(engine.config.outputs_dir))
+    entry = engine.current_model_entry()
+    opts["sd_model_checkpoint"] = entry.title if entry is not None else None
+    opts["sd_checkpoint_hash"] = (entry.cached_sha256() if entry is not None else None) or ""
+    return opts
 
 
 def _files(folders, suffixes) -> list[Path]:
@@ -102,7 +96,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
             raise RequestError("init_images", "img2img needs at least one init image")
         return build_engine_request(values, mode=None if img2img else "txt2img")
 
-    def _respond(job: Job, body, img2img: bool) -> dict[str, Any]:
+    def _respond(job: Job, body, img2img: bool, warnings: list[str] | None = None) -> dict[str, Any]:
         job.wait()
         raise_job_error(job)
         params = a1111_parameters(body, img2img)  # A1111's echo: its keys, defaults and types
@@ -122,6 +116,8 @@ def build_router(ctx: ApiContext) -> APIRouter:
         info.setdefault("sd_model_hash", model_sha[:10] or None)
         info.setdefault("job_timestamp", datetime.fromtimestamp(job.created_at).strftime("%Y%m%d%H%M%S"))
         info.setdefault("is_using_inpainting_conditioning", False)
+        if warnings:  # what override_settings could not do (e.g. an unknown checkpoint: the current one ran)
+            info["warnings"] = [*info.get("warnings", []), *warnings]
         return {"images": images, "parameters": params, "info": json.dumps(jsonable_encoder(info))}
 
     async def _generate(body, img2img: bool) -> dict[str, Any]:
@@ -129,10 +125,15 @@ def build_router(ctx: ApiContext) -> APIRouter:
         model_field = "override_settings.sd_model_checkpoint" if from_override else "model"
 
         def prepare_and_submit():  # decoding images and resolving a model by hash may take a while
-            return submit(ctx, _prepare(body, img2img), model_field=model_field)
+            # -- override_settings (api/overrides.py): checked, unknown checkpoint -> current one + warning --
+            plan = plan_overrides(ctx, body.override_settings, body.override_settings_restore_afterwards)
+            request = _prepare(body.model_copy(update={"override_settings": plan.settings}), img2img)
+            with overrides_applied(ctx, plan):  # for this job only, unless restore_afterwards is false
+                job = submit(ctx, request, model_field=model_field)
+            return job, plan.warnings
 
-        job = await in_thread(ctx, prepare_and_submit)
-        return await in_thread(ctx, _respond, job, body, img2img)
+        job, warnings = await in_thread(ctx, prepare_and_submit)
+        return await in_thread(ctx, _respond, job, body, img2img, warnings)
 
     @router.post("/txt2img", response_model=ImageResponse)
     async def txt2img(body: StableDiffusionTxt2ImgProcessingAPI):  # type: ignore[valid-type]
@@ -251,40 +252,48 @@ def build_router(ctx: ApiContext) -> APIRouter:
     # ---- options and flags ---------------------------------------------------------------------------
     @router.get("/options")
     def get_options():
-        entry = engine.current_model_entry()
-        with ctx.lock:
-            opts = dict(ctx.options)
-        opts["sd_model_checkpoint"] = entry.title if entry is not None else None
-        return opts
+        return jsonable_encoder(default_options(ctx))
 
     @router.post("/options")
     async def set_options(req: dict[str, Any] = Body(...)):
+        # A1111 semantics: keys this server does not know are stored and returned (they do nothing here);
+        # a known key is checked (422 naming it and its range) and takes effect for the next job
         changes = dict(req)
-        name = changes.pop("sd_model_checkpoint", None)
-        if "CLIP_stop_at_last_layers" in changes:
-            clip = changes["CLIP_stop_at_last_layers"]
-            if isinstance(clip, bool) or not isinstance(clip, int) or not 1 <= clip <= 12:
-                raise RequestError(
-                    "CLIP_stop_at_last_layers", f"must be an integer from 1 to 12; got {clip!r}"
-                )
-        vae = changes.get("sd_vae")
-        if vae not in (None, "", "Automatic", "None"):
+        shown = default_options(ctx)
+        changes.pop("sd_checkpoint_hash", None)  # follows the model; clients post GET's answer back
+        for key in list(changes):
+            option = OPTIONS_BY_KEY.get(key)
+            if option is not None and option.readonly:
+                if changes[key] not in (None, "", shown.get(key)):
+                    raise RequestError(
+                        key,
+                        f"is set by this server ({shown.get(key)!r}: outputs go to <outdir_samples>/<mode>/<date>); "
+                        "set outdir_samples to move them",
+                    )
+                changes.pop(key)
+        try:
+            clean = ctx.options.validate(changes, allow_unknown=True)
+        except OptionError as exc:
+            raise RequestError(exc.key, exc.message) from None
+        vae = clean.get("sd_vae")
+        if vae not in (None, *AUTOMATIC_VAES):
             try:
                 engine.models.find_vae(str(vae))
             except (KeyError, LookupError, ValueError):
                 choices = ["Automatic", "None", *vae_names(engine)]
                 raise RequestError("sd_vae", f"unknown VAE {vae!r}; choose one of: {choices}") from None
+        name = clean.get("sd_model_checkpoint")
 
-        def switch():
+        def switch() -> str:
             entry = find_checkpoint(engine, str(name), "sd_model_checkpoint")
             current = engine.current_model
             if current is None or current.entry.path != entry.path:
-                ctx.service.switch_model(str(name))
+                return ctx.service.switch_model(str(name))
+            return entry.title
 
         if name:
-            await in_thread(ctx, switch)
-        with ctx.lock:
-            ctx.options.update(changes)
+            clean["sd_model_checkpoint"] = await in_thread(ctx, switch)
+        await in_thread(ctx, lambda: ctx.options.update(clean, allow_unknown=True))
         return None
 
     @router.get("/cmd-flags")
