@@ -45,6 +45,7 @@ class EngineConfig:
     cpu_noise: bool = True  # draw initial noise on the CPU so a seed gives the same image on any device
     save_images: bool = True
     filename_pattern: str = "[number]-[seed]"
+    samples_format: str = "png"  # file format of saved images: png, jpg/jpeg or webp (A1111's samples_format)
     preview_every: int = 1  # steps between live previews; 0 disables previews
     extra: dict = field(default_factory=dict)
 

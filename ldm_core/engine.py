@@ -465,6 +465,7 @@ class Engine:
                                 manifest=manifest,
                                 seed=seeds[i],
                                 pattern=self.config.filename_pattern,
+                                extension=self.config.samples_format,
                                 model_name=model.entry.name,
                                 prompt=request.prompt,
                             )

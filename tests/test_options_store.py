@@ -222,7 +222,12 @@ def test_get_and_post_options(api):
     # a server-wide option reaches the running engine at once
     assert client.post("/sdapi/v1/options", json={"samples_save": False}).status_code == 200
     assert service.engine.config.save_images is False
-    assert client.post("/sdapi/v1/options", json={"samples_save": True}).status_code == 200
+    assert client.post("/sdapi/v1/options", json={"samples_save": True, "samples_format": "jpg"}).status_code == 200
+    r = client.post("/sdapi/v1/txt2img", json=_t2i(save_images=True))
+    assert r.status_code == 200, r.text
+    saved = list((data / "outputs" / "txt2img").rglob("*.*"))
+    assert [p.suffix for p in saved] == [".jpg"]
+    assert client.post("/sdapi/v1/options", json={"samples_format": "png"}).status_code == 200
 
 
 def test_settings_tab_and_api_share_the_store(api):
