@@ -7,6 +7,7 @@ import gradio as gr
 from ldm_core.requests import RESIZE_MODES
 
 from .common import UiContext
+from .scripts import build_section as build_script_section
 from .widgets import GenerationTab, TopBar, build_generation_tab
 
 
@@ -31,4 +32,8 @@ def _inputs(tab: GenerationTab) -> None:
 
 def build(ctx: UiContext, top: TopBar) -> GenerationTab:
     """The img2img tab (call inside a gr.Tab)."""
-    return build_generation_tab(ctx, top, "img2img", inputs_section=_inputs)
+
+    def extra(tab: GenerationTab) -> None:
+        tab.scripts = build_script_section(ctx, "img2img")
+
+    return build_generation_tab(ctx, top, "img2img", inputs_section=_inputs, extra_section=extra)

@@ -8,6 +8,7 @@ import gradio as gr
 from ldm_core.requests import MAX_SIDE
 
 from .common import UiContext, hires_upscalers
+from .scripts import build_section as build_script_section
 from .widgets import GenerationTab, TopBar, build_generation_tab
 
 
@@ -72,4 +73,9 @@ def _hires_section(ctx: UiContext, tab: GenerationTab) -> None:
 
 def build(ctx: UiContext, top: TopBar) -> GenerationTab:
     """The txt2img tab (call inside a gr.Tab)."""
-    return build_generation_tab(ctx, top, "txt2img", extra_section=lambda tab: _hires_section(ctx, tab))
+
+    def extra(tab: GenerationTab) -> None:
+        _hires_section(ctx, tab)
+        tab.scripts = build_script_section(ctx, "txt2img")
+
+    return build_generation_tab(ctx, top, "txt2img", extra_section=extra)

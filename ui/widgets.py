@@ -83,6 +83,7 @@ class GenerationTab:
     image: Any = None  # the init image (img2img) or the editor (inpaint)
     defaults: dict[Any, Callable[[], Any]] = field(default_factory=dict)  # set on each page load
     extensions: list[Any] = field(default_factory=list)  # extension_sections.BoundSection accordions
+    scripts: Any = None  # ui.scripts.ScriptSection: the Script menu (A1111's scripts), when the tab has one
 
 
 #: Hover titles of the icon buttons, by label (set on the page by app.py's script).
@@ -418,6 +419,8 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
     assert res is not None and tab.generate is not None
     inputs = {c for n, c in tab.fields.items() if not n.startswith("_")} | {top.checkpoint, top.vae}
     inputs |= set(extension_sections.input_components(tab.extensions))
+    if tab.scripts is not None:
+        inputs |= set(tab.scripts.inputs())
     outputs = [
         res.progress,
         res.preview,
@@ -443,7 +446,7 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
             request = build_request(tab.mode, values)
             if manager is not None and request.alwayson_scripts:
                 manager.validate_request(request)  # a bad extension value fails here, before queueing
-            job = ctx.service.submit(request)
+            job = _submit(ctx, tab, request, data)
         except (RequestError, RuntimeError, ValueError) as exc:
             yield {res.progress: error_html(readable_error(exc))}
             raise gr.Error(readable_error(exc), print_exception=False) from None
@@ -545,6 +548,21 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
         (tab.fields["negative_prompt"], tab.fields["_neg_counter"]),
     ):
         box.change(count, [box, steps], [counter], queue=False, show_progress="hidden", trigger_mode="always_last")
+
+
+def _submit(ctx: UiContext, tab: GenerationTab, request, data: dict):
+    """Queue the request: through the chosen script (ui.scripts), else plainly; a batch of several images
+    gets A1111's grid first."""
+    from .scripts import grid_options
+
+    choice = tab.scripts.choice(data) if tab.scripts is not None else None
+    if choice is not None:
+        return ctx.service.submit_script(request, *choice, grid=grid_options(ctx))
+    if request.batch_size * request.n_iter > 1:
+        grid = grid_options(ctx)
+        if grid.return_grid or grid.save:
+            return ctx.service.submit(request, grid=grid)
+    return ctx.service.submit(request)
 
 
 def wire_reuse_seed(tab: GenerationTab, button: gr.Button) -> None:
