@@ -240,17 +240,44 @@ def test_refiner_in_img2img_across_families_and_bad_refiners(engine):
     assert exc.value.field == "refiner_checkpoint"
 
 
-def test_refiner_fields_from_the_ui_form():
-    from ui.common import build_request
+def test_refiner_and_hires_choices_from_the_ui(tmp_path):
+    from ui_fixtures import fake_context
+
+    from ui.app import create_ui
+    from ui.common import build_request, fields_from_text
 
     base = dict(prompt="a cat", steps=3, width=64, height=64, seed=1, sampler_name="Euler a", model="", vae="")
-    r = build_request("txt2img", {**base, "refiner_checkpoint": "second [abc]", "refiner_switch_at": 0.7})
-    assert (r.refiner_checkpoint, r.refiner_switch_at) == ("second [abc]", 0.7)
-    init = Image.new("RGB", (64, 64))
-    r = build_request("img2img", {**base, "init_image": init, "refiner_checkpoint": "x", "refiner_switch_at": 0.6})
-    assert (r.refiner_checkpoint, r.refiner_switch_at) == ("x", 0.6)
     r = build_request("txt2img", {**base, "refiner_checkpoint": "None", "refiner_switch_at": 0.8})
     assert r.refiner_checkpoint is None
+    ctx = fake_context(tmp_path)
+    try:
+        web = create_ui(ctx)
+        for mode in ("txt2img", "img2img"):
+            tab = web.tabs[mode]
+            assert tab.fields["refiner_checkpoint"].elem_id == f"{mode}_refiner_checkpoint"
+            assert "tiny-a.safetensors" in str(tab.fields["refiner_checkpoint"].choices)
+        t2i = web.tabs["txt2img"]
+        handler = next(f for f in web.blocks.fns.values() if f.api_name == "txt2img_generate")
+        values = {**base, "refiner_checkpoint": "tiny-a.safetensors", "refiner_switch_at": 0.6}
+        values.update(enable_hr=True, hr_scheduler="Karras", hr_checkpoint_name="Use same checkpoint")
+        data = {c: values[n] for n, c in t2i.fields.items() if n in values}
+        data[web.tabs["top"].checkpoint], data[web.tabs["top"].vae] = "tiny-b.safetensors", "Automatic"
+        list(handler.fn(data))
+        sent = ctx.engine.requests[-1]
+        assert (sent.refiner_checkpoint, sent.refiner_switch_at, sent.hr_scheduler) == (
+            "tiny-a.safetensors",
+            0.6,
+            "Karras",
+        )
+    finally:
+        ctx.service.shutdown()
+    # pasting an infotext brings the choices back
+    f = fields_from_text(
+        "x\nSteps: 4, Seed: 1, Size: 64x64, Hires schedule type: Karras, Refiner: b [0123456789], "
+        "Refiner switch at: 0.7"
+    )
+    assert (f["hr_scheduler"], f["refiner_checkpoint"], f["refiner_switch_at"]) == ("Karras", "b [0123456789]", 0.7)
+    assert fields_from_text("x\nSteps: 4, Seed: 1")["refiner_checkpoint"] == "None"
 
 
 # ---- restore_faces ---------------------------------------------------------------------------------------------

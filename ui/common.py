@@ -43,6 +43,7 @@ MASK_MODES = ("Inpaint masked", "Inpaint not masked")
 INPAINT_AREAS = ("Whole picture", "Only masked")
 AUTOMATIC_VAE = "Automatic"
 MODES = ("txt2img", "img2img", "inpaint")
+SAME_CHECKPOINT, SAME_SAMPLER, SAME_SCHEDULER = "Use same checkpoint", "Use same sampler", "Use same scheduler"
 
 
 @dataclass
@@ -243,6 +244,8 @@ def build_request(mode: str, values: dict[str, Any]) -> GenerationRequest:
         v["vae"] = None
     if not v.get("model"):
         v["model"] = None
+    if v.get("refiner_checkpoint") in ("", "None"):  # the Refiner accordion's "None"
+        v["refiner_checkpoint"] = None
     for key in (
         "seed",
         "subseed",
@@ -326,6 +329,10 @@ def fields_from_infotext(
         seed_resize_from_h=0,
         clip_skip=1,
         enable_hr=False,
+        hr_checkpoint_name=SAME_CHECKPOINT,
+        hr_sampler_name=SAME_SAMPLER,
+        hr_scheduler=SAME_SCHEDULER,
+        refiner_checkpoint="None",
     )
     ints = {
         "Steps": "steps",
@@ -348,6 +355,7 @@ def fields_from_infotext(
         "Denoising strength": "denoising_strength",
         "Hires upscale": "hr_scale",
         "Eta": "eta",
+        "Refiner switch at": "refiner_switch_at",
     }
     for key, name in ints.items():
         if key in params and _num(params[key], int) is not None:
@@ -370,6 +378,14 @@ def fields_from_infotext(
         out["enable_hr"] = True
     if "Hires upscaler" in params:
         out["hr_upscaler"] = str(params["Hires upscaler"])
+    for key, name in (
+        ("Hires checkpoint", "hr_checkpoint_name"),
+        ("Hires sampler", "hr_sampler_name"),
+        ("Hires schedule type", "hr_scheduler"),
+        ("Refiner", "refiner_checkpoint"),
+    ):
+        if params.get(key):
+            out[name] = str(params[key])
     if params.get("Masked content") in INPAINT_FILLS:
         out["inpainting_fill"] = params["Masked content"]
     if "Inpaint area" in params:

@@ -8,7 +8,7 @@ from ldm_core.requests import RESIZE_MODES
 
 from .common import UiContext
 from .scripts import build_section as build_script_section
-from .widgets import GenerationTab, TopBar, build_generation_tab
+from .widgets import GenerationTab, TopBar, build_generation_tab, build_refiner_section
 
 
 def _inputs(tab: GenerationTab) -> None:
@@ -34,6 +34,7 @@ def build(ctx: UiContext, top: TopBar) -> GenerationTab:
     """The img2img tab (call inside a gr.Tab)."""
 
     def extra(tab: GenerationTab) -> None:
+        build_refiner_section(ctx, tab)
         tab.scripts = build_script_section(ctx, "img2img")
 
     return build_generation_tab(ctx, top, "img2img", inputs_section=_inputs, extra_section=extra)

@@ -7,9 +7,18 @@ import gradio as gr
 
 from ldm_core.requests import MAX_SIDE
 
-from .common import UiContext, hires_upscalers
+from .common import (
+    SAME_CHECKPOINT,
+    SAME_SAMPLER,
+    SAME_SCHEDULER,
+    UiContext,
+    checkpoint_titles,
+    hires_upscalers,
+    sampler_names,
+    schedule_types,
+)
 from .scripts import build_section as build_script_section
-from .widgets import GenerationTab, TopBar, build_generation_tab
+from .widgets import GenerationTab, TopBar, build_generation_tab, build_refiner_section
 
 
 def _hires_section(ctx: UiContext, tab: GenerationTab) -> None:
@@ -60,7 +69,32 @@ def _hires_section(ctx: UiContext, tab: GenerationTab) -> None:
                 label="Resize height to (0: use Upscale by)",
                 elem_id="txt2img_hr_resize_y",
             )
+        with gr.Row():
+            hr_checkpoint = gr.Dropdown(
+                [SAME_CHECKPOINT, *checkpoint_titles(ctx.engine)],
+                value=SAME_CHECKPOINT,
+                label="Hires checkpoint",
+                allow_custom_value=True,
+                elem_id="txt2img_hr_checkpoint",
+            )
+            hr_sampler = gr.Dropdown(
+                [SAME_SAMPLER, *sampler_names(ctx.engine)],
+                value=SAME_SAMPLER,
+                label="Hires sampling method",
+                allow_custom_value=True,
+                elem_id="txt2img_hr_sampler",
+            )
+            hr_scheduler = gr.Dropdown(
+                [SAME_SCHEDULER, *schedule_types(ctx.engine)],
+                value=SAME_SCHEDULER,
+                label="Hires schedule type",
+                allow_custom_value=True,
+                elem_id="txt2img_hr_scheduler",
+            )
     tab.fields.update(
+        hr_checkpoint_name=hr_checkpoint,
+        hr_sampler_name=hr_sampler,
+        hr_scheduler=hr_scheduler,
         enable_hr=enable,
         hr_upscaler=upscaler,
         hr_second_pass_steps=hr_steps,
@@ -76,6 +110,7 @@ def build(ctx: UiContext, top: TopBar) -> GenerationTab:
 
     def extra(tab: GenerationTab) -> None:
         _hires_section(ctx, tab)
+        build_refiner_section(ctx, tab)
         tab.scripts = build_script_section(ctx, "txt2img")
 
     return build_generation_tab(ctx, top, "txt2img", extra_section=extra)

@@ -22,6 +22,7 @@ from . import extension_sections
 from .common import (
     UiContext,
     build_request,
+    checkpoint_titles,
     default_dims,
     error_html,
     fields_from_text,
@@ -322,6 +323,32 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
     random_seed.click(lambda: -1, None, [seed], queue=False)
     random_subseed.click(lambda: -1, None, [subseed], queue=False)
     return {"reuse_seed": reuse_seed}
+
+
+# ---- refiner (A1111's Refiner accordion) ----------------------------------------------------------------
+REFINER_NONE = "None"
+
+
+def build_refiner_section(ctx: UiContext, tab: GenerationTab) -> None:
+    """The Refiner accordion: a checkpoint that takes over the run and the share of the run before it does
+    (request fields `refiner_checkpoint`, `refiner_switch_at`; "None" = no refiner)."""
+    m = tab.mode
+
+    def choices() -> list[str]:
+        return [REFINER_NONE, *checkpoint_titles(ctx.engine)]
+
+    with gr.Accordion("Refiner", open=False, elem_id=f"{m}_refiner"):
+        with gr.Row():
+            checkpoint = gr.Dropdown(
+                choices(),
+                value=REFINER_NONE,
+                label="Checkpoint",
+                allow_custom_value=True,
+                elem_id=f"{m}_refiner_checkpoint",
+            )
+            switch_at = gr.Slider(0.01, 1.0, value=0.8, step=0.01, label="Switch at", elem_id=f"{m}_refiner_switch_at")
+    tab.fields.update(refiner_checkpoint=checkpoint, refiner_switch_at=switch_at)
+    tab.defaults[checkpoint] = lambda: gr.Dropdown(choices=choices(), value=REFINER_NONE)
 
 
 # ---- results ------------------------------------------------------------------------------------------
