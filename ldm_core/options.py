@@ -404,11 +404,13 @@ OPTIONS_BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
 AUTOMATIC_VAES = ("", "Automatic", "None")
 
 
-def request_fields() -> frozenset[str]:
-    """The engine request fields (all modes), read from the request classes so new fields count at once."""
-    from .requests import InpaintRequest
+def request_fields(mode: str | None = None) -> frozenset[str]:
+    """The engine request fields of `mode` ("txt2img", "img2img", "inpaint"; None: all modes), read from the
+    request classes so new fields count at once."""
+    from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest
 
-    return frozenset(InpaintRequest.model_fields)
+    cls = {"txt2img": GenerationRequest, "img2img": Img2ImgRequest}.get(mode or "", InpaintRequest)
+    return frozenset(cls.model_fields)
 
 
 def effective_applies(option: Option, fields: Collection[str] | None = None) -> Applies:

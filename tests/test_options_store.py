@@ -289,3 +289,31 @@ def test_unknown_checkpoint_override_falls_back_with_a_warning(api):
     assert any(w.startswith("override_settings.token_merging_ratio") for w in info["warnings"])
     r = client.post("/sdapi/v1/txt2img", json=_t2i(override_settings={"CLIP_stop_at_last_layers": 40}))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "override_settings.CLIP_stop_at_last_layers"
+
+
+def test_ui_jobs_and_settings_tab_follow_the_store(tmp_path):
+    from ui_fixtures import fake_context
+
+    from ui.app import create_ui
+
+    ctx = fake_context(tmp_path)
+    try:
+        web = create_ui(ctx)
+        # the Settings tab reads the store again on every page load (a change made through the API shows)
+        clip = web.tabs["settings"]["CLIP_stop_at_last_layers"]
+        ctx.settings.update({"CLIP_stop_at_last_layers": 2, "s_churn": 0.25}, allow_unknown=True)
+        assert callable(clip.value) or clip.load_event_to_attach is not None
+        refresh = clip.value if callable(clip.value) else clip.load_event_to_attach[0]
+        assert refresh() == 2
+        # a UI job gets the saved options its form has no control for
+        t2i = web.tabs["txt2img"]
+        fn = next(f for f in web.blocks.fns.values() if f.api_name == "txt2img_generate")
+        form = {"prompt": "a fox", "sampler_name": "Euler", "steps": 2, "width": 64, "height": 64, "seed": 3}
+        data = {comp: form[name] for name, comp in t2i.fields.items() if name in form}
+        data[web.tabs["top"].checkpoint] = "tiny-a.safetensors"
+        data[web.tabs["top"].vae] = "Automatic"
+        list(fn.fn(data))
+        request = ctx.engine.requests[-1]
+        assert request.clip_skip == 2 and request.s_churn == 0.25 and request.steps == 2
+    finally:
+        ctx.service.shutdown()

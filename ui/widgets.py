@@ -16,6 +16,7 @@ from typing import Any
 
 import gradio as gr
 
+from ldm_core.options import request_fields, request_values
 from ldm_core.requests import MAX_SIDE, RequestError
 
 from . import extension_sections
@@ -463,6 +464,11 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
         values = form_values(tab.fields, data)
         values["model"] = data.get(top.checkpoint)
         values["vae"] = data.get(top.vae)
+        # -- the options store (ldm_core.options): saved generation options (clip skip, eta, sigma params,
+        #    NGMS, ...) fill the fields this form has no control for, as they do for API requests --
+        explicit = {k for k, v in values.items() if v is not None}
+        saved, _ = request_values(ctx.settings, {}, explicit, values.get("sampler_name"), request_fields(tab.mode))
+        values.update({k: v for k, v in saved.items() if values.get(k) is None})
         try:
             manager = getattr(ctx.service, "extensions", None)
             if tab.extensions:
