@@ -287,3 +287,37 @@ def test_restore_faces_is_accepted_and_reported_as_not_applied(engine):
     assert info["restore_faces"] is True and info["face_restoration_model"] is None
     assert "restore_faces: not applied" in info["comments"]
     assert "Face restoration" not in params(res.infotexts[0])
+
+
+# ---- through the A1111 API's request models ---------------------------------------------------------------------
+def test_a1111_payloads_reach_the_engine(engine):
+    import base64
+    import io
+
+    from api.schemas import (
+        StableDiffusionImg2ImgProcessingAPI,
+        StableDiffusionTxt2ImgProcessingAPI,
+        a1111_engine_values,
+        build_engine_request,
+    )
+
+    def run(model, payload):
+        values = a1111_engine_values(model(**payload))
+        return engine.generate(build_engine_request({**values, "model": "main"}))
+
+    t2i = {"prompt": "a red circle", "steps": 4, "width": 64, "height": 64, "seed": 7, "sampler_name": "Euler"}
+    t2i.update(tiling=True, s_min_uncond=2.0, refiner_checkpoint="second", refiner_switch_at=0.5)
+    p = params(run(StableDiffusionTxt2ImgProcessingAPI, t2i).infotexts[0])
+    assert (p["Tiling"], p["NGMS"], p["Refiner switch at"]) == ("True", "2", "0.5") and p["Refiner"].startswith(
+        "second"
+    )
+
+    def b64(im: Image.Image) -> str:
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    i2i = {**t2i, "tiling": False, "init_images": [b64(Image.new("RGB", (SIZE, SIZE), (9, 99, 199)))]}
+    i2i.update(mask=b64(_square_mask()), mask_blur_x=10, mask_blur_y=0, initial_noise_multiplier=0.5)
+    p = params(run(StableDiffusionImg2ImgProcessingAPI, i2i).infotexts[0])
+    assert (p["Mask blur x"], p["Mask blur y"], p["Noise multiplier"]) == ("10", "0", "0.5")
