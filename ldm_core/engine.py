@@ -450,6 +450,7 @@ class Engine:
                     manifest = self._manifest(
                         request, model, vae_entry, schedule_type, info.name, seeds[i], sub, width, height
                     )
+                    manifest.update(_feature_manifest(request, job))
                     result.images.append(im)
                     result.infotexts.append(text)
                     result.seeds.append(seeds[i])
@@ -812,7 +813,10 @@ class Engine:
         )
         unets = (model.unet, refiner.model.unet if switch is not None else None)
         with self._on_device(*unets), torch.inference_mode():
-            res = denoise(model.unet, loop_in, hooks=job.hooks, cancel=ctx.cancel, on_step=on_step)
+            hooks = job.hooks
+            if model.kind.family != job.model.kind.family:  # UNet-input residuals fit the job's model only
+                hooks = Hooks(cfg=list(job.hooks.cfg))
+            res = denoise(model.unet, loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
         if res.switched and refiner is not None:
             job.extra["Refiner"] = _short_title(refiner.model)
             if request.refiner_switch_at is not None:
@@ -971,6 +975,26 @@ def scratch_engine(model: str | Path, **config: Any) -> Iterator[tuple[Engine, L
         )
         engine = Engine(cfg)
         yield engine, engine.load_checkpoint(model.name)
+
+
+def _feature_manifest(request: GenerationRequest, job: _JobState) -> dict[str, Any]:
+    """Manifest entries of the A1111 options that change pixels: tiling, NGMS, noise multiplier, the hires
+    checkpoint and the refiner (name, SHA-256, switch point; `used` says whether the run reached it)."""
+    out: dict[str, Any] = {"tiling": request.tiling, "s_min_uncond": request.s_min_uncond}
+    if isinstance(request, Img2ImgRequest):
+        out["initial_noise_multiplier"] = request.initial_noise_multiplier
+    if job.hires_stage is not None and job.hires_stage.model is not job.model:
+        hr = job.hires_stage.model
+        out["hires_checkpoint"] = {"name": hr.entry.name, "sha256": hr.sha256}
+    if job.refiner is not None:
+        ref = job.refiner.model
+        out["refiner"] = {
+            "name": ref.entry.name,
+            "sha256": ref.sha256,
+            "switch_at": request.refiner_switch_at,
+            "used": "Refiner" in job.extra,
+        }
+    return out
 
 
 def _chosen(value: str | None, same: str) -> bool:

@@ -215,6 +215,12 @@ def test_refiner_switch_changes_the_output_and_says_so(engine):
     p = params(refined.infotexts[0])
     assert (p["Refiner"], p["Refiner switch at"]) == (f"second [{second.short_hash}]", "0.5")
     assert engine.current_model.entry.name == "main"
+    assert refined.manifests[0]["refiner"] == {
+        "name": "second",
+        "sha256": second.sha256,
+        "switch_at": 0.5,
+        "used": True,
+    }
     # a later switch leaves more of the run to the first model
     late = gen(engine, steps=6, refiner_checkpoint="second", refiner_switch_at=0.9)
     assert differ(late, refined)
