@@ -325,6 +325,8 @@ def submit(ctx: ApiContext, request: GenerationRequest, *, model_field: str = "m
     `grid`: an ldm_core.grids.GridOptions for A1111's batch grid (None: no grid)."""
     check_limits(ctx.limits, request)
     check_choices(ctx.engine, request, model_field=model_field)
+    if grid is not None:
+        return ctx.service.submit(request, grid=grid)
     return ctx.service.submit(request)
 
 

@@ -378,11 +378,7 @@ def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) 
     for key in ("hr_sampler_name", "hr_prompt", "hr_negative_prompt"):
         if values.get(key) == "":
             values[key] = None
-    script = (data.get("script_name") or "").strip()
-    if script and script.lower() != "none":
-        raise RequestError(
-            "script_name", f"script {script!r} not found; no scripts are installed (available: [])"
-        )
+    # script_name / script_args: run by api/sdapi.py through ldm_core.scripts (not engine values)
     _override(data.get("override_settings") or {}, values, options, set_fields)
     _decode_images(data, values)
     return values

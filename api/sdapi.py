@@ -18,16 +18,20 @@ from PIL import Image
 
 from ldm_core.engine import GenerationResult
 from ldm_core.extras import ExtrasParams, postprocess_text, upscale_batch
+from ldm_core.grids import GridOptions
 from ldm_core.infotext import parse_infotext
 from ldm_core.jobs import Job
 from ldm_core.options import AUTOMATIC_VAES, OPTIONS_BY_KEY, OptionError, output_dirs
 from ldm_core.outputs import read_image_info
 from ldm_core.requests import RequestError
+from ldm_core.scripts import script_infos, script_names
 from ldm_core.upscalers import latent_modes
 
 from .common import (
     GENERATION_KINDS,
     ApiContext,
+    check_choices,
+    check_limits,
     find_checkpoint,
     in_thread,
     make_route_class,
@@ -120,6 +124,14 @@ def build_router(ctx: ApiContext) -> APIRouter:
             info["warnings"] = [*info.get("warnings", []), *warnings]
         return {"images": images, "parameters": params, "info": json.dumps(jsonable_encoder(info))}
 
+    def _grid_options(body, request) -> GridOptions:
+        """A1111: a batch's grid comes first when the option return_grid is on; it is saved when grid_save
+        is on and the request saves images and does not say do_not_save_grid."""
+        with ctx.lock:
+            options = dict(ctx.options)
+        save = bool(options.get("grid_save", True)) and request.save_images and not body.do_not_save_grid
+        return GridOptions(return_grid=bool(options.get("return_grid", True)), save=save)
+
     async def _generate(body, img2img: bool) -> dict[str, Any]:
         from_override = bool((body.override_settings or {}).get("sd_model_checkpoint"))
         model_field = "override_settings.sd_model_checkpoint" if from_override else "model"
@@ -128,8 +140,16 @@ def build_router(ctx: ApiContext) -> APIRouter:
             # -- override_settings (api/overrides.py): checked, unknown checkpoint -> current one + warning --
             plan = plan_overrides(ctx, body.override_settings, body.override_settings_restore_afterwards)
             request = _prepare(body.model_copy(update={"override_settings": plan.settings}), img2img)
+            # -- A1111 scripts and grids (ldm_core.scripts, ldm_core.grids) --
+            script = (getattr(body, "script_name", None) or "").strip()
+            grid = _grid_options(body, request)
             with overrides_applied(ctx, plan):  # for this job only, unless restore_afterwards is false
-                job = submit(ctx, request, model_field=model_field)
+                if script and script.lower() != "none":
+                    check_limits(ctx.limits, request)
+                    check_choices(engine, request, model_field=model_field)
+                    job = ctx.service.submit_script(request, script, list(body.script_args or []), grid=grid)
+                else:
+                    job = submit(ctx, request, model_field=model_field, grid=grid)
             return job, plan.warnings
 
         job, warnings = await in_thread(ctx, prepare_and_submit)
@@ -404,11 +424,11 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/scripts")
     def scripts():
-        return {"txt2img": [], "img2img": []}
+        return {"txt2img": script_names("txt2img"), "img2img": script_names("img2img")}
 
     @router.get("/script-info")
     def script_info():
-        return []
+        return jsonable_encoder(script_infos(engine))
 
     @router.get("/extensions")
     def extensions():

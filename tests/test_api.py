@@ -186,9 +186,11 @@ def test_every_endpoint_answers_with_the_a1111_shape(server):
     assert server.get("/sdapi/v1/prompt-styles").json() == [
         {"name": "sunny", "prompt": "{prompt} in the sun", "negative_prompt": "rain"}
     ]
-    for empty in ("hypernetworks", "face-restorers", "realesrgan-models", "script-info"):
+    for empty in ("hypernetworks", "face-restorers", "realesrgan-models"):
         assert server.get(f"/sdapi/v1/{empty}").json() == []
-    assert set(server.get("/sdapi/v1/scripts").json()) == {"txt2img", "img2img"}
+    scripts = server.get("/sdapi/v1/scripts").json()
+    assert set(scripts) == {"txt2img", "img2img"} and "x/y/z plot" in scripts["txt2img"]
+    assert {"name", "is_alwayson", "is_img2img", "args"} <= set(server.get("/sdapi/v1/script-info").json()[0])
     assert isinstance(server.get("/sdapi/v1/extensions").json(), list)
     assert server.get("/sdapi/v1/memory").json()["ram"]["total"] > 0
     flags = server.get("/sdapi/v1/cmd-flags").json()
@@ -512,7 +514,8 @@ def _field_of(resp) -> str:
         ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength"),
         ({"sampler_name": "No Such Sampler"}, "sampler_name"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 99}}, "override_settings.CLIP_stop_at_last_layers"),
-        ({"script_name": "x/y/z plot"}, "script_name"),
+        ({"script_name": "no such script"}, "script_name"),
+        ({"script_name": "x/y/z plot", "script_args": [1, ""]}, "script_args"),
     ],
 )
 def test_bad_txt2img_values_get_422_naming_the_field(server, body, field):

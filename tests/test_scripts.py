@@ -34,6 +34,7 @@ def service(tmp_path_factory):
     ckpt = root / "data" / "models" / "Stable-diffusion"
     ckpt.mkdir(parents=True)
     (ckpt / "tiny-sd1").symlink_to(sd1, target_is_directory=True)
+    (ckpt / "tiny-other").symlink_to(sd1, target_is_directory=True)
     cfg = EngineConfig.from_data_dir(root / "data", builtin_model_dir=None, device="cpu", preview_every=0)
     svc = Service(cfg)
     yield svc
@@ -154,6 +155,25 @@ def test_xyz_prompt_sr_sampler_and_bad_values(service):
         service.submit_script(t2i(), "x/y/z plot", xyz_args("Steps", "1, 0"))
     with pytest.raises(RequestError, match="not supported"):
         service.submit_script(t2i(), "x/y/z plot", xyz_args("UniPC Order", "1, 2"))
+
+
+def test_xyz_checkpoint_axis_and_interrupt(service):
+    res = run_script(
+        service, t2i(model="tiny-sd1"), "x/y/z plot", xyz_args("Checkpoint name", "tiny-other, tiny-sd1", "Nothing", "")
+    )
+    assert [parse_infotext(t)["Model"] for t in res.infotexts[1:]] == ["tiny-other", "tiny-sd1"]
+    # interrupt while the plot runs: the job stops after the current cell and keeps what it made
+    job = service.submit_script(t2i(steps=8), "x/y/z plot", xyz_args("Seed", "1-40"))
+    while job.progress().job_no < 2 and not job.finished:
+        job.wait(0.01)
+    assert job.progress().job_count == 40
+    service.interrupt()
+    job.wait(60)
+    r = job.result
+    made = [t for t in r.infotexts[1:] if t]
+    assert r.interrupted and 2 <= len(made) < 40
+    assert r.images[0].width == 40 * SIZE  # the grid keeps all 40 columns (unfinished ones black, as A1111)
+    assert np.asarray(r.images[-1]).max() == 0
 
 
 def test_prompt_matrix_makes_every_combination(service):
