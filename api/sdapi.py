@@ -128,7 +128,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
         """A1111: a batch's grid comes first when the option return_grid is on; it is saved when grid_save
         is on and the request saves images and does not say do_not_save_grid."""
         with ctx.lock:
-            options = dict(ctx.options)
+            options = {**dict(ctx.options), **(body.override_settings or {})}
         save = bool(options.get("grid_save", True)) and request.save_images and not body.do_not_save_grid
         return GridOptions(return_grid=bool(options.get("return_grid", True)), save=save)
 

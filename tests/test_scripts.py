@@ -286,3 +286,5 @@ def test_api_batch_returns_the_grid_first(client):
     info = json.loads(data["info"])
     assert len(data["images"]) == 3 and info["index_of_first_image"] == 1 and info["all_seeds"] == [1, 2]
     assert _decode(data["images"][0]).size == (2 * SIZE, SIZE)
+    off = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"return_grid": False}}).json()
+    assert len(off["images"]) == 2 and json.loads(off["info"])["index_of_first_image"] == 0
