@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ldm_core.engine import GenerationResult
 from ldm_core.jobs import Job
+from ldm_core.options import request_fields, request_values
 
 from .common import ApiContext, in_thread, job_error, make_route_class, submit
 from .images import encode_png_b64, encode_preview_b64
@@ -102,6 +103,11 @@ def build_router(ctx: ApiContext) -> APIRouter:
     async def create_job(body: JobRequest):  # type: ignore[valid-type]
         def prepare_and_submit():  # decoding images and resolving a model by hash may take a while
             values, mode = native_engine_values(body)
+            # saved generation options (ldm_core.options: clip skip, eta, sigma params, ...) fill the fields
+            # the job leaves unset, as they do for /sdapi/v1 and the web UI
+            explicit = {k for k in body.model_fields_set if values.get(k) is not None}
+            saved, _ = request_values(ctx.options, {}, explicit, values.get("sampler_name"), request_fields(mode))
+            values.update({k: v for k, v in saved.items() if k not in explicit})
             return submit(ctx, build_engine_request(values, mode))
 
         job = await in_thread(ctx, prepare_and_submit)

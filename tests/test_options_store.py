@@ -215,18 +215,22 @@ def test_get_and_post_options(api):
     again = client.get("/sdapi/v1/options").json()
     assert again["CLIP_stop_at_last_layers"] == 2 and again["my_extension_key"] == "x"
     assert json.loads((data / "config.json").read_text())["CLIP_stop_at_last_layers"] == 2
-    # the next job uses it, without a restart
+    # the next job uses it, without a restart (the native jobs API too)
     assert "Clip skip: 2" in _run(client)["infotexts"][0]
+    r = client.post("/api/v1/jobs", json={"prompt": "x", "steps": 1, "width": 64, "height": 64})
+    job = service.queue.get(r.json()["id"])
+    assert job.request.clip_skip == 2
+    job.wait(60)
     assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1}).status_code == 200
     assert "Clip skip" not in _run(client)["infotexts"][0]
     # a server-wide option reaches the running engine at once
     assert client.post("/sdapi/v1/options", json={"samples_save": False}).status_code == 200
     assert service.engine.config.save_images is False
     assert client.post("/sdapi/v1/options", json={"samples_save": True, "samples_format": "jpg"}).status_code == 200
+    before = set((data / "outputs").rglob("*.*"))
     r = client.post("/sdapi/v1/txt2img", json=_t2i(save_images=True))
     assert r.status_code == 200, r.text
-    saved = list((data / "outputs" / "txt2img").rglob("*.*"))
-    assert [p.suffix for p in saved] == [".jpg"]
+    assert [p.suffix for p in set((data / "outputs").rglob("*.*")) - before] == [".jpg"]
     assert client.post("/sdapi/v1/options", json={"samples_format": "png"}).status_code == 200
 
 
@@ -315,5 +319,12 @@ def test_ui_jobs_and_settings_tab_follow_the_store(tmp_path):
         list(fn.fn(data))
         request = ctx.engine.requests[-1]
         assert request.clip_skip == 2 and request.s_churn == 0.25 and request.steps == 2
+        # the VAE menu at the top is the sd_vae option: saved when picked, shown on the next page load
+        vae_title = ctx.engine.models.vaes()[0].title
+        save_vae = next(f for f in web.blocks.fns.values() if f.name == "save_vae")
+        save_vae.fn(vae_title)
+        assert ctx.settings["sd_vae"] == vae_title
+        load = next(f for f in web.blocks.fns.values() if any(t[1] == "load" for t in f.targets))
+        assert load.fn()[web.tabs["top"].vae].value == vae_title
     finally:
         ctx.service.shutdown()

@@ -162,6 +162,22 @@ def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> 
 
     top.refresh.click(refresh, [top.checkpoint, top.vae], [top.checkpoint, top.vae], queue=False)
 
+    # the VAE menu is the sd_vae option of the one options store (also GET/POST /sdapi/v1/options)
+    def save_vae(name: str | None) -> None:
+        try:
+            ctx.settings.update({"sd_vae": name or "Automatic"})
+        except (OSError, ValueError) as exc:
+            raise gr.Error(f"Could not save the VAE choice: {exc}", print_exception=False) from None
+
+    top.vae.input(save_vae, [top.vae], None, queue=False)
+
+
+def saved_vae(ctx: UiContext) -> Any:
+    """The VAE menu on a page load: the saved sd_vae when this server has it, else Automatic."""
+    vaes = vae_titles(ctx.engine)
+    value = ctx.settings.get("sd_vae")
+    return gr.Dropdown(choices=vaes, value=value if value in vaes else "Automatic")
+
 
 def wire_send_to(
     ctx: UiContext, tabs: gr.Tabs, gen: dict[str, GenerationTab], extras: dict[str, Any], png: dict[str, Any]
@@ -241,6 +257,7 @@ def create_ui(ctx: UiContext) -> WebApp:
         defaults[top.checkpoint] = lambda: gr.Dropdown(
             choices=checkpoint_titles(ctx.engine), value=current_checkpoint_title(ctx.engine)
         )
+        defaults[top.vae] = lambda: saved_vae(ctx)
         blocks.load(lambda: {c: fn() for c, fn in defaults.items()}, None, list(defaults), queue=False)
     blocks.queue(default_concurrency_limit=None, max_size=256)
     return WebApp(
