@@ -51,9 +51,7 @@ def prepare_mask(mask: Image.Image, *, invert: bool, blur: int | tuple[int, int]
     return m
 
 
-def masked_region(
-    mask: Image.Image, padding: int, width: int, height: int
-) -> tuple[int, int, int, int] | None:
+def masked_region(mask: Image.Image, padding: int, width: int, height: int) -> tuple[int, int, int, int] | None:
     """The "Only masked" crop box: the mask's bounding box grown by `padding` pixels and then widened to the
     target aspect ratio width:height, clipped to the image. None when the mask is empty."""
     box = mask.point(lambda v: 255 if v > 0 else 0).getbbox()
