@@ -163,10 +163,16 @@ _A1111_COMMON: dict[str, Any] = {
     "override_settings": (
         dict[str, Any] | None,
         Field(
-            None, description="Per-request settings: sd_model_checkpoint, sd_vae, CLIP_stop_at_last_layers"
+            None,
+            description="Any /sdapi/v1/options key for this request only (sd_model_checkpoint, sd_vae, "
+            "CLIP_stop_at_last_layers, eta_ancestral, s_min_uncond, ...); a checkpoint or VAE this server lacks "
+            "falls back to the current one with a warning in info",
         ),
     ),
-    "override_settings_restore_afterwards": (bool, True),
+    "override_settings_restore_afterwards": (
+        bool,
+        Field(True, description="false: keep override_settings afterwards (saved like POST /sdapi/v1/options)"),
+    ),
     "script_name": (
         str | None,
         Field(None, description="A1111 script title, any case (GET /sdapi/v1/scripts lists them)"),

@@ -754,7 +754,9 @@ def request_values(
                 if o.field == "vae":
                     value = None if value in (*AUTOMATIC_VAES, None) else str(value)
                 elif o.field == "model":
-                    value = str(value) if value else None
+                    if not value:
+                        continue  # empty: the current model
+                    value = str(value)
                 out[o.field] = value
             continue
         if o.maps == "eta":
