@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import types
 import typing
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
@@ -85,9 +86,12 @@ def _mentions_image(annotation: Any) -> bool:
 
 
 def _accepts_none(annotation: Any) -> bool:
+    """Whether `annotation` admits None (None, Any, or a union with one of them; not a dict of Any)."""
     if annotation is None or annotation is type(None) or annotation is Any:
         return True
-    return any(_accepts_none(a) for a in typing.get_args(annotation))
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        return any(_accepts_none(a) for a in typing.get_args(annotation))
+    return False
 
 
 def _engine_fields(model: type[BaseModel], skip: tuple[str, ...] = ()) -> dict[str, tuple[Any, FieldInfo]]:
@@ -286,6 +290,8 @@ def _with_default(annotation: Any, info: FieldInfo, value: Any) -> tuple[Any, Fi
     info = copy.copy(info)
     info.default = copy.deepcopy(value)
     info.default_factory = None
+    info._attributes_set = {k: v for k, v in info._attributes_set.items() if k != "default_factory"}
+    info._attributes_set["default"] = info.default
     if value is None and not _accepts_none(annotation):
         annotation = annotation | None
     return annotation, info
@@ -364,7 +370,7 @@ def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) 
     """Engine request values from an A1111 txt2img/img2img body (images decoded). `options` are the saved
     settings (sd_vae, CLIP_stop_at_last_layers) that apply when the request does not say otherwise."""
     options = options or {}
-    data = body.model_dump()
+    data = body.model_dump(warnings=False)
     set_fields = set(body.model_fields_set)
     engine_fields = InpaintRequest.model_fields
     # A1111's None defaults (styles, s_churn, hr_upscaler, ...) mean "the engine's default"
@@ -398,7 +404,7 @@ def a1111_parameters(body: BaseModel, img2img: bool) -> dict[str, Any]:
     defaults = A1111_IMG2IMG_DEFAULTS if img2img else A1111_TXT2IMG_DEFAULTS
     sent = body.model_fields_set
     out = copy.deepcopy(defaults)
-    for key, value in body.model_dump().items():
+    for key, value in body.model_dump(warnings=False).items():
         if key in defaults or key in sent:
             out[key] = value
     for key, names in (("resize_mode", RESIZE_MODES), ("inpainting_fill", INPAINT_FILLS)):
@@ -410,6 +416,23 @@ def a1111_parameters(body: BaseModel, img2img: bool) -> dict[str, Any]:
         out["init_images"] = None
         out["mask"] = None
     return out
+
+
+_INFO_ECHOES = ("subseed_strength", "cfg_scale", "denoising_strength", "seed_resize_from_w", "seed_resize_from_h")
+
+
+def a1111_info(info: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+    """`info` with A1111's types: where it repeats a request value (subseed_strength, cfg_scale, ...), the
+    number has the type the request echo has (A1111 copies them from the request: `subseed_strength: 0`
+    stays an integer, which typed clients decode as u32), and the keys A1111 always sends are present."""
+    for key in _INFO_ECHOES:
+        sent = parameters.get(key)
+        if key not in info:
+            info[key] = sent
+        elif isinstance(sent, int | float) and isinstance(info[key], int | float) and info[key] == sent:
+            info[key] = sent
+    info.setdefault("extra_generation_params", {})
+    return info
 
 
 def native_engine_values(body: BaseModel) -> tuple[dict[str, Any], JobMode]:

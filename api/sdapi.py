@@ -54,6 +54,7 @@ from .schemas import (
     StableDiffusionImg2ImgProcessingAPI,
     StableDiffusionTxt2ImgProcessingAPI,
     a1111_engine_values,
+    a1111_info,
     a1111_parameters,
     build_engine_request,
 )
@@ -114,7 +115,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
                 encode_png_b64(im, text, manifest)
                 for im, text, manifest in zip(result.images, result.infotexts, result.manifests, strict=False)
             ]
-        info = result.info(job.request)
+        info = a1111_info(result.info(job.request), params)  # A1111's keys and number types
         info.setdefault("index_of_first_image", 0)
         model_sha = ((result.manifests[0].get("model") or {}).get("sha256") or "") if result.manifests else ""
         info.setdefault("sd_model_hash", model_sha[:10] or None)
