@@ -86,6 +86,8 @@ def test_axis_value_syntax_follows_a1111():
     assert find_axis(5, "img2img", "X").label == "CFG Scale"  # no Hires steps in img2img
     assert find_axis("hires. sampler", "txt2img", "X").label == "Hires sampler"
     assert {"Checkpoint name", "Schedule type", "Denoising", "Clip skip", "Size"} <= {a.label for a in AXES}
+    assert [len(axes_for(m, legacy=True)) for m in ("txt2img", "img2img")] == [21, 21]
+    assert find_axis(10, "img2img", "X", legacy=True).label == "Checkpoint name"
 
 
 def test_batch_grid_layout():
@@ -278,6 +280,30 @@ def test_api_xyz_plot_with_a1111_order_args(client):
     assert len(xyz["args"]) == 16 and xyz["args"][0]["label"] == "X type" and "Seed" in xyz["args"][0]["choices"]
     margin = xyz["args"][13]
     assert (margin["label"], margin["minimum"], margin["maximum"], margin["step"]) == ("Grid margins (px)", 0, 500, 2)
+
+
+def test_api_xyz_plot_in_the_old_11_argument_layout(client):
+    # mix1009/sdwebuiapi (the webuiapi package), README.md "XYZ Plot" example: axis indexes into A1111's list
+    # before 1.1 (Checkpoint name = 10), booleans as strings, no dropdown slots
+    legacy = ["Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale", "Prompt S/R",
+              "Prompt order", "Sampler", "Checkpoint name"]  # fmt: skip
+    body = {
+        "prompt": "a cat",
+        "steps": 1,
+        "width": SIZE,
+        "height": SIZE,
+        "script_name": "X/Y/Z Plot",
+        "script_args": [
+            legacy.index("Steps"), "1,2", legacy.index("Checkpoint name"), "tiny-sd1", legacy.index("Nothing"), "",
+            "True", "False", "False", "False", 0,
+        ],
+    }  # fmt: skip
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    head = parse_infotext(json.loads(data["info"])["infotexts"][0])
+    assert len(data["images"]) == 1  # include_lone_images "False": the grid only
+    assert head["X Type"] == "Steps" and head["Y Type"] == "Checkpoint name" and head["Model"] == "tiny-sd1"
 
 
 def test_api_batch_returns_the_grid_first(client):

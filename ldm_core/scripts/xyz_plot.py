@@ -128,19 +128,49 @@ AXES: tuple[Axis, ...] = (
 )
 
 
-def axes_for(mode: str) -> list[Axis]:
-    """The axis list of the txt2img or img2img tab (A1111's `current_axis_options`)."""
+# The axis lists of A1111 before 1.1 (its `script_args` then had no dropdown slots: x_type, x_values, y_type,
+# ..., margin_size), as clients of that era (the webuiapi package's documented example) index them.
+LEGACY_LABELS = {
+    "txt2img": (
+        "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale", "Prompt S/R",
+        "Prompt order", "Sampler", "Checkpoint name", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Eta",
+        "Clip skip", "Denoising", "Hires upscaler", "VAE", "Styles",
+    ),
+    "img2img": (
+        "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "CFG Scale", "Image CFG Scale", "Prompt S/R",
+        "Prompt order", "Sampler", "Checkpoint name", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Eta",
+        "Clip skip", "Denoising", "Cond. Image Mask Weight", "VAE", "Styles",
+    ),
+}  # fmt: skip
+
+
+def axes_for(mode: str, legacy: bool = False) -> list[Axis]:
+    """The axis list of the txt2img or img2img tab (A1111's `current_axis_options`); `legacy`: the list of
+    A1111 before 1.1, for clients that send the old argument layout."""
     m = "txt2img" if mode == "txt2img" else "img2img"
-    return [a for a in AXES if m in a.modes]
+    axes = [a for a in AXES if m in a.modes]
+    if legacy:
+        return [next(a for a in axes if a.label == label) for label in LEGACY_LABELS[m]]
+    return axes
+
+
+def normalise_args(args: list[Any]) -> tuple[list[Any], bool]:
+    """(A1111 1.1+ argument list, legacy): the old 11-value layout (x_type, x_values, y_type, y_values,
+    z_type, z_values, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, margin_size) is
+    recognised by an axis type where the x dropdown list goes, and gets empty dropdown slots."""
+    if len(args) >= 3 and len(args) <= 11 and not isinstance(args[2], list | tuple) and args[2] not in (None, ""):
+        old = list(args) + [None] * (11 - len(args))
+        return [old[0], old[1], [], old[2], old[3], [], old[4], old[5], [], *old[6:11]], True
+    return list(args), False
 
 
 def _norm(label: str) -> str:
     return re.sub(r"[\s.]+", " ", label.replace(".", " ")).strip().lower()
 
 
-def find_axis(value: Any, mode: str, which: str) -> Axis:
+def find_axis(value: Any, mode: str, which: str, legacy: bool = False) -> Axis:
     """An axis by index into the mode's list, or by label (case-insensitive; "Hires. sampler" works)."""
-    axes = axes_for(mode)
+    axes = axes_for(mode, legacy)
     if isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
         i = int(value)
         if 0 <= i < len(axes):
@@ -148,11 +178,11 @@ def find_axis(value: Any, mode: str, which: str) -> Axis:
         raise RequestError(ARGS_FIELD, f"{TITLE}: {which} type index must be 0..{len(axes) - 1}; got {value!r}")
     text = str(value if value is not None else "Nothing").strip()
     if text.isdigit():
-        return find_axis(int(text), mode, which)
-    for a in axes:
+        return find_axis(int(text), mode, which, legacy)
+    for a in axes_for(mode):
         if _norm(a.label) == _norm(text):
             return a
-    names = [a.label for a in axes if a.supported]
+    names = [a.label for a in axes_for(mode) if a.supported]
     raise RequestError(ARGS_FIELD, f"{TITLE}: unknown {which} type {text!r}; choose one of {names} or an index")
 
 
@@ -404,6 +434,7 @@ def arguments(engine: Engine, mode: str) -> list[ScriptArg]:
 
 def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> XYZPlan:
     mode = script_mode(request)
+    args, legacy = normalise_args(args)
     flags = ["Draw legend", "Include Sub Images", "Include Sub Grids", "Keep -1 for seeds"]
     draw_legend, lone, sub_grids, no_fixed = (
         as_bool(arg_at(args, 9 + i, d), TITLE, 9 + i, flags[i]) for i, d in enumerate((True, False, False, False))
@@ -417,7 +448,7 @@ def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> XYZP
         base["subseed"] = resolve_seed(request.subseed)
     plans = []
     for k, which in enumerate("XYZ"):
-        axis = find_axis(arg_at(args, 3 * k, 1 if which == "X" else 0), mode, which)
+        axis = find_axis(arg_at(args, 3 * k, 1 if which == "X" else 0), mode, which, legacy)
         text = arg_at(args, 3 * k + 1, "")
         dropdown = arg_at(args, 3 * k + 2, [])
         if not axis.supported or (axis.field is not None and axis.field not in type(request).model_fields):
