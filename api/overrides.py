@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ldm_core.jobs import QueueFull
 from ldm_core.options import (
     AUTOMATIC_VAES,
     OPTIONS_BY_KEY,
@@ -142,7 +143,10 @@ def overrides_applied(ctx: ApiContext, plan: OverridePlan) -> Iterator[None]:
     with ctx.queue_lock:  # the three queue entries stay together
         queue.submit(remember, kind="task")
         yield
-        queue.submit(restore, kind="load-model")
+        try:
+            queue.submit(restore, kind="load-model")
+        except QueueFull:  # the job is queued already: answer it; the model stays until the next switch
+            log.error("override_settings: the queue is full; the model of this request stays loaded")
 
 
 def _plain_model_title(ctx: ApiContext) -> str | None:
