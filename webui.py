@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="require HTTP Basic auth on the REST API",
     )
     net.add_argument("--nowebui", action="store_true", help="serve only the REST API, no web UI (implies --api)")
+    net.add_argument(
+        "--max-pixels",
+        type=int,
+        default=2048 * 2048,
+        help="REST API: largest width x height of any image a job makes, hires target included (else 422)",
+    )
+    net.add_argument("--max-batch-size", type=int, default=16, help="REST API: largest batch_size (else 422)")
     models = p.add_argument_group("models and folders")
     models.add_argument(
         "--data-dir",
@@ -322,7 +329,10 @@ def install_api(app, service, args: argparse.Namespace, options=None) -> bool:
         return False
     auth = parse_auth(args.api_auth) if args.api_auth else None
     flags = {k: v for k, v in vars(args).items() if k not in ("api_auth", "gradio_auth")}
-    install(app, service, auth=auth, flags=flags, options=options)
+    from api.common import ApiLimits  # the protective limits A1111 lacks (a 422 names the setting)
+
+    limits = ApiLimits(max_pixels=args.max_pixels, max_batch_size=args.max_batch_size)
+    install(app, service, auth=auth, flags=flags, options=options, limits=limits)
     manager = getattr(service, "extensions", None)
     if manager is not None:
         from api.extensions_api import install_extension_routes
