@@ -1,8 +1,9 @@
 """Pydantic models of the REST API: A1111 `/sdapi/v1` request and response shapes, and the native jobs API.
 
 The generation request models are derived from the engine's typed requests (`ldm_core.requests`): every
-engine field keeps its name, default and range, so the OpenAPI document shows e.g. `steps` with minimum 1 and
-maximum 150, and a new engine field appears in the API without an edit here. Images travel as base64 text.
+engine field keeps its name, type and range (e.g. `steps` with minimum 1; no upper bounds A1111 does not impose:
+a server's limits are settings, see api/common.py), and a new engine field appears in the API without an edit
+here. Images travel as base64 text.
 
 The A1111 models are as liberal as A1111 (whose pydantic-1 models coerce): unknown keys are ignored, `null`
 means the default, numbers and booleans may come as strings, a number with a fraction is truncated for an
