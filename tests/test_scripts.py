@@ -19,7 +19,7 @@ from ldm_core.infotext import parse_infotext
 from ldm_core.outputs import read_image_info
 from ldm_core.requests import GenerationRequest, Img2ImgRequest, RequestError
 from ldm_core.scripts import find_script, script_names
-from ldm_core.scripts.xyz_plot import AXES, axes_for, find_axis, parse_axis_values, split_values
+from ldm_core.scripts.xyz_plot import AXES, axes_for, find_axis, normalise_args, parse_axis_values, split_values
 from ldm_core.service import Service
 
 SIZE = 64
@@ -86,8 +86,12 @@ def test_axis_value_syntax_follows_a1111():
     assert find_axis(5, "img2img", "X").label == "CFG Scale"  # no Hires steps in img2img
     assert find_axis("hires. sampler", "txt2img", "X").label == "Hires sampler"
     assert {"Checkpoint name", "Schedule type", "Denoising", "Clip skip", "Size"} <= {a.label for a in AXES}
-    assert [len(axes_for(m, legacy=True)) for m in ("txt2img", "img2img")] == [21, 21]
-    assert find_axis(10, "img2img", "X", legacy=True).label == "Checkpoint name"
+    # older layouts index older lists (webuiapi's documented 11-argument one, A1111 1.1-1.5's 14 arguments)
+    assert [len(axes_for(m, "v1.0")) for m in ("txt2img", "img2img")] == [21, 21]
+    assert [len(axes_for(m, "v1.2")) for m in ("txt2img", "img2img")] == [24, 23]
+    assert find_axis(10, "img2img", "X", "v1.0").label == "Checkpoint name"
+    assert find_axis(20, "txt2img", "X", "v1.2").label == "VAE" and find_axis(19, "txt2img", "X", "v1.0").label == "VAE"
+    assert normalise_args([4, "1,2", 9, "Euler", 0, "", "True", "False", "False", "False", 0])[1] == "v1.0"
 
 
 def test_batch_grid_layout():

@@ -128,49 +128,56 @@ AXES: tuple[Axis, ...] = (
 )
 
 
-# The axis lists of A1111 before 1.1 (its `script_args` then had no dropdown slots: x_type, x_values, y_type,
-# ..., margin_size), as clients of that era (the webuiapi package's documented example) index them.
+# Axis lists of older A1111 versions, for clients that send those versions' argument layouts (and so index
+# those lists): "v1.0" = 11 arguments without dropdown slots (x_type, x_values, y_type, ..., margin_size), as
+# the webuiapi package documents; "v1.2" = 14 arguments (dropdown slots, no csv_mode/raw_mode).
+_V10 = (
+    "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "{hires_steps}", "CFG Scale", "{image_cfg}",
+    "Prompt S/R", "Prompt order", "Sampler", "Checkpoint name", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise",
+    "Eta", "Clip skip", "Denoising",
+)  # fmt: skip
 LEGACY_LABELS = {
-    "txt2img": (
-        "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "Hires steps", "CFG Scale", "Prompt S/R",
-        "Prompt order", "Sampler", "Checkpoint name", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Eta",
-        "Clip skip", "Denoising", "Hires upscaler", "VAE", "Styles",
+    ("v1.0", "txt2img"): (*_V10, "Hires upscaler", "VAE", "Styles"),
+    ("v1.0", "img2img"): (*_V10, "Cond. Image Mask Weight", "VAE", "Styles"),
+    ("v1.2", "txt2img"): (
+        *_V10, "Hires upscaler", "Fallback latent upscaler sampler", "VAE", "Styles", "UniPC Order", "Face restore"
     ),
-    "img2img": (
-        "Nothing", "Seed", "Var. seed", "Var. strength", "Steps", "CFG Scale", "Image CFG Scale", "Prompt S/R",
-        "Prompt order", "Sampler", "Checkpoint name", "Sigma Churn", "Sigma min", "Sigma max", "Sigma noise", "Eta",
-        "Clip skip", "Denoising", "Cond. Image Mask Weight", "VAE", "Styles",
-    ),
+    ("v1.2", "img2img"): (*_V10, "Cond. Image Mask Weight", "VAE", "Styles", "UniPC Order", "Face restore"),
 }  # fmt: skip
+_OLD_ONLY = {"Fallback latent upscaler sampler": Axis("Fallback latent upscaler sampler", "str", modes=_T2I)}
 
 
-def axes_for(mode: str, legacy: bool = False) -> list[Axis]:
-    """The axis list of the txt2img or img2img tab (A1111's `current_axis_options`); `legacy`: the list of
-    A1111 before 1.1, for clients that send the old argument layout."""
+def axes_for(mode: str, layout: str = "current") -> list[Axis]:
+    """The axis list of the txt2img or img2img tab (A1111's `current_axis_options`); `layout` "v1.0" or
+    "v1.2": the list of that A1111 version, for clients that send its argument layout."""
     m = "txt2img" if mode == "txt2img" else "img2img"
     axes = [a for a in AXES if m in a.modes]
-    if legacy:
-        return [next(a for a in axes if a.label == label) for label in LEGACY_LABELS[m]]
-    return axes
+    if layout == "current":
+        return axes
+    by_label = {a.label: a for a in axes} | _OLD_ONLY
+    own = {"{hires_steps}": "Hires steps"} if m == "txt2img" else {"{image_cfg}": "Image CFG Scale"}
+    labels = [own.get(x, x) for x in LEGACY_LABELS[(layout, m)] if not x.startswith("{") or x in own]
+    return [by_label[label] for label in labels]
 
 
-def normalise_args(args: list[Any]) -> tuple[list[Any], bool]:
-    """(A1111 1.1+ argument list, legacy): the old 11-value layout (x_type, x_values, y_type, y_values,
-    z_type, z_values, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds, margin_size) is
-    recognised by an axis type where the x dropdown list goes, and gets empty dropdown slots."""
-    if len(args) >= 3 and len(args) <= 11 and not isinstance(args[2], list | tuple) and args[2] not in (None, ""):
+def normalise_args(args: list[Any]) -> tuple[list[Any], str]:
+    """(arguments in A1111 1.6+'s 16-value layout, the layout they came in). The old 11-value layout
+    (x_type, x_values, y_type, y_values, z_type, z_values, draw_legend, include_lone_images, include_sub_grids,
+    no_fixed_seeds, margin_size) is recognised by an axis type where the x dropdown list goes, and gets empty
+    dropdown slots; 12 to 15 values are A1111 1.1-1.5's layout."""
+    if 3 <= len(args) <= 11 and not isinstance(args[2], list | tuple) and args[2] not in (None, ""):
         old = list(args) + [None] * (11 - len(args))
-        return [old[0], old[1], [], old[2], old[3], [], old[4], old[5], [], *old[6:11]], True
-    return list(args), False
+        return [old[0], old[1], [], old[2], old[3], [], old[4], old[5], [], *old[6:11]], "v1.0"
+    return list(args), ("v1.2" if 12 <= len(args) <= 15 else "current")
 
 
 def _norm(label: str) -> str:
     return re.sub(r"[\s.]+", " ", label.replace(".", " ")).strip().lower()
 
 
-def find_axis(value: Any, mode: str, which: str, legacy: bool = False) -> Axis:
+def find_axis(value: Any, mode: str, which: str, layout: str = "current") -> Axis:
     """An axis by index into the mode's list, or by label (case-insensitive; "Hires. sampler" works)."""
-    axes = axes_for(mode, legacy)
+    axes = axes_for(mode, layout)
     if isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer():
         i = int(value)
         if 0 <= i < len(axes):
@@ -178,7 +185,7 @@ def find_axis(value: Any, mode: str, which: str, legacy: bool = False) -> Axis:
         raise RequestError(ARGS_FIELD, f"{TITLE}: {which} type index must be 0..{len(axes) - 1}; got {value!r}")
     text = str(value if value is not None else "Nothing").strip()
     if text.isdigit():
-        return find_axis(int(text), mode, which, legacy)
+        return find_axis(int(text), mode, which, layout)
     for a in axes_for(mode):
         if _norm(a.label) == _norm(text):
             return a
@@ -434,7 +441,7 @@ def arguments(engine: Engine, mode: str) -> list[ScriptArg]:
 
 def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> XYZPlan:
     mode = script_mode(request)
-    args, legacy = normalise_args(args)
+    args, layout = normalise_args(args)
     flags = ["Draw legend", "Include Sub Images", "Include Sub Grids", "Keep -1 for seeds"]
     draw_legend, lone, sub_grids, no_fixed = (
         as_bool(arg_at(args, 9 + i, d), TITLE, 9 + i, flags[i]) for i, d in enumerate((True, False, False, False))
@@ -448,7 +455,7 @@ def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> XYZP
         base["subseed"] = resolve_seed(request.subseed)
     plans = []
     for k, which in enumerate("XYZ"):
-        axis = find_axis(arg_at(args, 3 * k, 1 if which == "X" else 0), mode, which, legacy)
+        axis = find_axis(arg_at(args, 3 * k, 1 if which == "X" else 0), mode, which, layout)
         text = arg_at(args, 3 * k + 1, "")
         dropdown = arg_at(args, 3 * k + 2, [])
         if not axis.supported or (axis.field is not None and axis.field not in type(request).model_fields):
