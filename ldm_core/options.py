@@ -42,8 +42,9 @@ log = logging.getLogger(__name__)
 Applies = Literal["live", "reload", "model", "restart", "stored"]
 #: How an option fills a request field: "force" (an override wins over the request's own value; a saved value
 #: applies when the request leaves the field unset), "default" (the request's own value wins), "eta" (the
-#: sampler's eta: `eta_ddim` for DDIM, else `eta_ancestral`), "save" (`samples_save` off turns saving off).
-Maps = Literal["force", "default", "eta", "save"]
+#: sampler's eta: `eta_ddim` for DDIM, else `eta_ancestral`), "save" (`samples_save` off turns saving off),
+#: "grid" (read per request by the API's batch-grid step: `return_grid`, `grid_save`).
+Maps = Literal["force", "default", "eta", "save", "grid"]
 
 APPLIES_TEXT = {
     "live": "now (the next job)",
@@ -124,8 +125,8 @@ OPTIONS: tuple[Option, ...] = (
         S_SAVE,
     ),
     _o("jpeg_quality", 80, "Quality for saved JPEG images", "stored", S_CLIENTS, minimum=1, maximum=100, step=1),
-    _o("grid_save", True, "Save the grid of a batch (when images are saved)", "live", S_SAVE),
-    _o("return_grid", True, "Return the grid of a batch with its images", "live", S_SAVE),
+    _o("grid_save", True, "Save the grid of a batch (when images are saved)", "live", S_SAVE, maps="grid"),
+    _o("return_grid", True, "Return the grid of a batch with its images", "live", S_SAVE, maps="grid"),
     _o("do_not_add_watermark", False, "Do not add a watermark (this server never adds one)", "stored", S_CLIENTS),
     # -- paths: the per-mode folders are where this server puts files (outputs/<mode>/<date>), reported only
     _o("outdir_samples", "", "Output folder (empty: <data dir>/outputs)", "live", S_PATHS),
@@ -418,7 +419,7 @@ def effective_applies(option: Option, fields: Collection[str] | None = None) -> 
     EngineConfig field it sets exists (yet)."""
     has_field = bool(option.field) and option.field in (request_fields() if fields is None else fields)
     has_config = bool(option.config) and option.config in {f.name for f in _config_fields()}
-    if (option.field or option.config) and option.maps != "save" and not (has_field or has_config):
+    if (option.field or option.config) and option.maps not in ("save", "grid") and not (has_field or has_config):
         return "stored"
     return option.applies
 
@@ -739,10 +740,10 @@ def request_values(
             continue
         in_override = o.key in override
         value = override[o.key] if in_override else saved.get(o.key, o.default)
-        if o.maps == "save":
+        if o.maps in ("save", "grid"):
             if in_override:
-                applied.add(o.key)
-                if not value:
+                applied.add(o.key)  # "grid": the API's batch-grid step reads it for this request
+                if o.maps == "save" and not value:
                     out["save_images"] = False
             continue
         if o.field not in fields:

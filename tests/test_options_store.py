@@ -287,10 +287,12 @@ def test_unknown_checkpoint_override_falls_back_with_a_warning(api):
     client, service, store, data = api
     titles = _titles(client)
     assert client.post("/sdapi/v1/options", json={"sd_model_checkpoint": titles["tiny-a"]}).status_code == 200
-    info = _run(client, override_settings={"sd_model_checkpoint": "not-here.safetensors", "token_merging_ratio": 0.5})
+    override = {"sd_model_checkpoint": "not-here.safetensors", "token_merging_ratio": 0.5, "return_grid": False}
+    info = _run(client, override_settings=override)
     assert info["sd_model_name"] == "tiny-a"
     assert any("not-here.safetensors" in w and "tiny-a" in w for w in info["warnings"])
     assert any(w.startswith("override_settings.token_merging_ratio") for w in info["warnings"])
+    assert len(info["warnings"]) == 2  # return_grid applies to this request's grid: no warning
     r = client.post("/sdapi/v1/txt2img", json=_t2i(override_settings={"CLIP_stop_at_last_layers": 40}))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "override_settings.CLIP_stop_at_last_layers"
 
