@@ -168,8 +168,10 @@ class GenerationRequest(_Request):
             if self.hr_second_pass_steps < 0:
                 raise ValueError("hr_second_pass_steps must be 0 (same as steps) or more")
         if self.mode != "txt2img" or self.enable_hr:
-            if not 0.0 <= self.denoising_strength <= 1.0:
+            if self.denoising_strength < 0.0:
                 raise ValueError(f"denoising_strength must be from 0 to 1; got {self.denoising_strength}")
+            if self.denoising_strength > 1.0:  # A1111 runs min(strength, 0.999) of the steps: a full denoise
+                self.__dict__["denoising_strength"] = 1.0
         return self
 
 

@@ -513,7 +513,7 @@ def _field_of(resp) -> str:
         ({"width": 4096, "height": 4096}, "width"),  # the server's max_pixels
         ({"enable_hr": True, "hr_scale": 64}, "hr_scale"),  # the hires target counts too
         ({"enable_hr": True, "hr_scale": 0}, "hr_scale"),
-        ({"enable_hr": True, "denoising_strength": 1.5}, "denoising_strength"),
+        ({"enable_hr": True, "denoising_strength": -0.5}, "denoising_strength"),  # above 1 means 1 (A1111)
         ({"sampler_name": "No Such Sampler"}, "sampler_name"),
         ({"override_settings": {"CLIP_stop_at_last_layers": 99}}, "override_settings.CLIP_stop_at_last_layers"),
         ({"script_name": "no such script"}, "script_name"),

@@ -1036,6 +1036,12 @@ def test_liberal_values_mean_what_they_mean_in_a1111(server):
     assert info["seed"] == 11 and info["steps"] == 2 and (info["width"], info["height"]) == (64, 64)
     assert "in the sun" in info["infotexts"][0]  # the one known style applied, the others skipped
     assert out["parameters"]["width"] == 70  # echoed as sent, like A1111
+    # img2img: a denoising strength above 1 is a full denoise (A1111 runs min(strength, 0.999) of the steps);
+    # a mask of another size is stretched onto the image, as A1111 resizes both
+    i2i = {"init_images": [png_b64(init_image())], "mask": png_b64(mask_image(32)), "denoising_strength": 1.5}
+    i2i.update(steps=1, width=SIZE, height=SIZE)
+    info = json.loads(generation_ok(requests.post(server("/sdapi/v1/img2img"), json=i2i, timeout=TIMEOUT))["info"])
+    assert "Denoising strength: 1," in info["infotexts"][0]
 
 
 def test_parameters_echo_a1111_defaults_and_types(server):
