@@ -222,6 +222,24 @@ def test_sd_upscale_and_outpainting_through_script_name(service):
         service.submit_script(t2i(), "SD upscale", [None, 16, 1, 2])
 
 
+def test_outpainting_matched_noise_follows_the_known_pixels():
+    from ldm_core.scripts.outpainting_mk2 import matched_noise
+
+    rng = np.random.default_rng(1)
+    src = np.zeros((32, 64, 3), np.uint8)
+    src[:, :32] = rng.integers(0, 256, (32, 32, 3))  # known: random colours left; right half is new
+    mask = Image.new("L", (64, 32), 0)
+    mask.paste(255, (32, 0, 64, 32))
+    out = np.asarray(matched_noise(Image.fromarray(src), mask, 1.0, 0.5, seed=3)).astype(int)
+    assert np.array_equal(out[:, :32], src[:, :32])  # the known pixels stay
+    for c in range(3):  # the new area takes the known area's value distribution
+        assert abs(np.percentile(out[:, 32:, c], 50) - np.percentile(src[:, :32, c], 50)) < 20
+        assert out[:, 32:, c].std() > 40
+    again = np.asarray(matched_noise(Image.fromarray(src), mask, 1.0, 0.5, seed=3)).astype(int)
+    other = np.asarray(matched_noise(Image.fromarray(src), mask, 3.0, 0.5, seed=3)).astype(int)
+    assert np.array_equal(out, again) and not np.array_equal(out, other)
+
+
 def test_batch_grid_first_and_saved(service, tmp_path):
     res = service.submit(t2i(batch_size=2, n_iter=2), grid=GridOptions(return_grid=True, save=True))
     res.wait(60)

@@ -2,9 +2,13 @@
 inpaint the new area (`pipeline.outpaint`); a grid first when several images are made.
 
 `script_args` (A1111's order): info (an HTML note, any value), pixels (8..256), mask_blur (0..64),
-direction (a list of "left", "right", "up", "down"), noise_q, color_variation. The new area starts from
-colours diffused in from the image's edges; noise_q and color_variation (A1111's matched-noise fill) are
-accepted and checked but this fill does not use them.
+direction (a list of "left", "right", "up", "down"), noise_q, color_variation.
+
+As in A1111, the new area starts as noise matched to the image (`matched_noise`): random noise whose
+spectrum is shaped like the known pixels' (a lower `noise_q`, the fall-off exponent, keeps more fine
+detail), coloured by `color_variation` (0 = grey noise, 1 = independent per channel), and whose values
+follow each channel's histogram of the known pixels; the inpainting then starts from it ("original"
+masked content) and is pasted back over the unmasked original.
 """
 
 from __future__ import annotations
@@ -12,15 +16,54 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from ..engine import Engine, GenerationResult
 from ..grids import GriddedResult, append_params, with_batch_grid
-from ..pipeline.outpaint import outpaint_request
-from ..requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from ..pipeline.outpaint import outpaint_canvas
+from ..requests import MAX_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from ..rng import resolve_seed
 from .base import ARGS_FIELD, Script, ScriptArg, ScriptRun, arg_at, as_number, bad_arg, request_values
 
 TITLE = "Outpainting mk2"
 DIRECTIONS = ("left", "right", "up", "down")
 INFO = "Recommended settings: Sampling Steps: 80-100, Sampler: Euler a, Denoising strength: 0.8"
+
+
+def _match_histogram(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """`values` remapped so their distribution follows `reference`'s (rank -> reference quantile)."""
+    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable")
+    quantiles = (ranks + 0.5) / len(values)
+    return np.quantile(reference, quantiles)
+
+
+def matched_noise(
+    image: Image.Image, mask: Image.Image, noise_q: float = 1.0, color_variation: float = 0.05, seed: int = 0
+) -> Image.Image:
+    """`image` (RGB) with its masked area (mask L, 255 = new) replaced by noise that looks like the rest:
+    white noise shaped in frequency space by the known area's amplitude spectrum raised to `noise_q`, mixed
+    from grey and per-channel noise by `color_variation`, then histogram-matched per channel to the known
+    pixels. Deterministic for a `seed`."""
+    src = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    new = np.asarray(mask.convert("L")) >= 128
+    known = ~new
+    if not new.any() or not known.any():
+        return image.convert("RGB")
+    h, w, _ = src.shape
+    filled = src.copy()
+    filled[new] = src[known].mean(axis=0)  # no hard edges of black in the spectrum
+    rng = np.random.default_rng(seed)
+    grey = rng.random((h, w, 1))
+    colour = rng.random((h, w, 3))
+    noise = (1.0 - color_variation) * grey + color_variation * colour
+    out = src.copy()
+    for c in range(3):
+        amplitude = np.abs(np.fft.fft2(filled[:, :, c] - filled[:, :, c].mean()))
+        shaped = np.fft.fft2(noise[:, :, c] - noise[:, :, c].mean()) * (amplitude + 1e-8) ** noise_q
+        texture = np.real(np.fft.ifft2(shaped))
+        out[:, :, c][new] = _match_histogram(texture[new], src[:, :, c][known])
+    return Image.fromarray(np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8), "RGB")
 
 
 @dataclass
@@ -52,8 +95,8 @@ def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> Outp
     bad = [d for d in directions if d not in DIRECTIONS]
     if bad or not directions:
         raise bad_arg(TITLE, 3, "Outpainting direction", f"must be a non-empty list of {list(DIRECTIONS)}; got {raw!r}")
-    as_number(arg_at(args, 4, 1.0), TITLE, 4, "Fall-off exponent", 0.0, 4.0)
-    as_number(arg_at(args, 5, 0.05), TITLE, 5, "Color variation", 0.0, 1.0)
+    noise_q = as_number(arg_at(args, 4, 1.0), TITLE, 4, "Fall-off exponent", 0.0, 4.0)
+    color_variation = as_number(arg_at(args, 5, 0.05), TITLE, 5, "Color variation", 0.0, 1.0)
     values = request_values(request)
     fields = {
         k: v
@@ -63,11 +106,24 @@ def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> Outp
         and k not in InpaintRequest.model_fields.keys() - Img2ImgRequest.model_fields.keys()
     }
     sides = {d: pixels if d in directions else 0 for d in DIRECTIONS}
+    seed = resolve_seed(request.seed)
     try:
-        op = outpaint_request(request.init_images[0], blend=blur * 4, **sides, **fields)
+        op = outpaint_canvas(request.init_images[0], blend=blur * 4, **sides)
+        hard = Image.new("L", op.canvas.size, 255)
+        hard.paste(0, op.box)
+        canvas = matched_noise(op.canvas, hard, noise_q, color_variation, seed)
+        values = {"mask_blur": 0, **fields, "seed": seed}
+        values.update(
+            init_images=[canvas],
+            mask=op.mask,
+            inpainting_fill="original",
+            width=min(MAX_SIDE, max(64, round(canvas.width / 8) * 8)),
+            height=min(MAX_SIDE, max(64, round(canvas.height / 8) * 8)),
+        )
+        inpaint = InpaintRequest.build(**values)
     except RequestError as exc:
         raise RequestError(ARGS_FIELD, f"{TITLE}: {exc.field}: {exc.message}") from None
-    return OutpaintPlan(op, pixels, directions)
+    return OutpaintPlan(inpaint, pixels, directions)
 
 
 def run(run_: ScriptRun, request: GenerationRequest, plan: OutpaintPlan) -> GenerationResult:
