@@ -709,7 +709,10 @@ def output_dirs(outputs_dir: str | os.PathLike) -> dict[str, str]:
         "outdir_txt2img_samples": str(root / "txt2img"),
         "outdir_img2img_samples": str(root / "img2img"),
         "outdir_extras_samples": str(root / "extras"),
-        "outdir_grids": str(root / "grids"),
+        # grids (ldm_core.grids): per-mode folders, as A1111 when outdir_grids is empty
+        "outdir_grids": "",
+        "outdir_txt2img_grids": str(root / "txt2img-grids"),
+        "outdir_img2img_grids": str(root / "img2img-grids"),
     }
 
 
