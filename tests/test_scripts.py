@@ -328,6 +328,28 @@ def test_api_xyz_plot_in_the_old_11_argument_layout(client):
     assert head["X Type"] == "Steps" and head["Y Type"] == "Checkpoint name" and head["Model"] == "tiny-sd1"
 
 
+def test_api_img2img_sd_upscale_by_upscaler_index(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (SIZE, SIZE), (10, 200, 30)).save(buf, "PNG")
+    body = {
+        "init_images": [base64.b64encode(buf.getvalue()).decode()],
+        "prompt": "green",
+        "steps": 2,
+        "width": SIZE,
+        "height": SIZE,
+        "denoising_strength": 0.2,
+        "script_name": "SD upscale",
+        "script_args": [None, 32, 1, 2],  # info, overlap, upscaler_index (1 = Lanczos), scale_factor
+    }
+    r = client.post("/sdapi/v1/img2img", json=body)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert len(data["images"]) == 1 and _decode(data["images"][0]).size == (2 * SIZE, 2 * SIZE)
+    assert "SD upscale upscaler: Lanczos" in json.loads(data["info"])["infotexts"][0]
+    bad = client.post("/sdapi/v1/img2img", json={**body, "script_args": [None, 32, 99, 2]})
+    assert bad.status_code == 422 and "Upscaler" in bad.text
+
+
 def test_api_batch_returns_the_grid_first(client):
     body = {"prompt": "x", "steps": 1, "width": SIZE, "height": SIZE, "seed": 1, "batch_size": 2}
     data = client.post("/sdapi/v1/txt2img", json=body).json()
