@@ -182,6 +182,49 @@ def test_xyz_checkpoint_axis_and_interrupt(service):
     assert np.asarray(r.images[-1]).max() == 0
 
 
+def test_xyz_axes_set_their_request_fields(service):
+    from ldm_core.scripts import xyz_plot
+
+    engine = service.engine
+
+    def cells(x_type, x_values, request=None):
+        plan = xyz_plot.prepare(engine, request or t2i(enable_hr=True), xyz_args(x_type, x_values))
+        return [c for _, _, _, c in plan.cells]
+
+    assert [c.scheduler for c in cells("Schedule type", "karras, Automatic")] == ["Karras", "Automatic"]
+    assert [c.denoising_strength for c in cells("Denoising", "0.25-0.75 [3]")] == [0.25, 0.5, 0.75]
+    assert [c.clip_skip for c in cells("Clip skip", "1,2")] == [1, 2]
+    assert [(c.width, c.height) for c in cells("Size", "96x64, 64x128")] == [(96, 64), (64, 128)]
+    assert [c.subseed_strength for c in cells("Var. strength", "0, 0.5")] == [0.0, 0.5]
+    assert [c.hr_second_pass_steps for c in cells("Hires steps", "1, 3")] == [1, 3]
+    assert [c.hr_upscaler for c in cells("Hires upscaler", "Latent, Lanczos")] == ["Latent", "Lanczos"]
+    assert [c.hr_sampler_name for c in cells("Hires sampler", "DDIM")] == ["DDIM"]
+    assert [c.styles for c in cells("Styles", '"a, b"')] == [["a", "b"]]
+    assert [c.prompt for c in cells("Prompt order", "red, circle", t2i(prompt="a red circle"))] == [
+        "a red circle",
+        "a circle red",
+    ]
+    # fixed seeds: -1 becomes one concrete seed shared by every cell; "Keep -1 for seeds" leaves it random
+    fixed = xyz_plot.prepare(engine, t2i(seed=-1), xyz_args("Steps", "1,2"))
+    assert len({c.seed for _, _, _, c in fixed.cells}) == 1 and fixed.cells[0][3].seed >= 0
+    kept = xyz_plot.prepare(engine, t2i(seed=-1), xyz_args("Steps", "1,2", no_fixed_seeds=True))
+    assert {c.seed for _, _, _, c in kept.cells} == {-1}
+    with pytest.raises(RequestError, match="WIDTHxHEIGHT"):
+        cells("Size", "big")
+
+
+def test_xyz_margins_and_hires_steps(service):
+    res = run_script(
+        service,
+        t2i(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", denoising_strength=0.5),
+        "x/y/z plot",
+        xyz_args("Hires steps", "1,2", draw_legend=False, margin_size=10),
+    )
+    side = int(SIZE * 1.5)
+    assert res.images[0].size == (2 * side + 10, side)  # two hires cells, 10 px apart
+    assert [parse_infotext(t)["Hires steps"] for t in res.infotexts[1:]] == ["1", "2"]
+
+
 def test_prompt_matrix_makes_every_combination(service):
     res = run_script(service, t2i(prompt="a circle|red|big"), "Prompt matrix", [False, False, "positive", "comma", 0])
     assert res.index_of_first_image == 1 and len(res.images) == 1 + 4
