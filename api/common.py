@@ -34,24 +34,19 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from ldm_core.jobs import Job, QueueFull
-from ldm_core.requests import MAX_PIXELS, GenerationRequest, RequestError
+from ldm_core.requests import (
+    GenerationRequest,
+    RequestError,
+    RequestLimits,
+    check_limits,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 GENERATION_KINDS = ("txt2img", "img2img", "inpaint")
 
 
-DEFAULT_MAX_BATCH_SIZE = 16
-
-
-@dataclass(frozen=True)
-class ApiLimits:
-    """Protective limits of one server (A1111 has none; a shared server needs some). `max_pixels` caps
-    width x height of every image the job makes (hires target and seed-resize noise included);
-    `max_batch_size` caps images per denoising batch. The job queue's own cap gives 503 instead."""
-
-    max_pixels: int = MAX_PIXELS
-    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+ApiLimits = RequestLimits  # the server's protective limits (ldm_core.requests); the queue's cap gives 503
 
 
 @dataclass
@@ -283,47 +278,10 @@ def check_choices(engine, request: GenerationRequest, *, model_field: str = "mod
             ) from None
 
 
-def _hires_size(request: GenerationRequest, width: int, height: int) -> tuple[int, int]:
-    """The hires fix's target size as A1111 computes it."""
-    rx, ry = request.hr_resize_x, request.hr_resize_y
-    if not rx and not ry:
-        return int(width * request.hr_scale), int(height * request.hr_scale)
-    if not ry:
-        return rx, rx * height // width
-    if not rx:
-        return ry * width // height, ry
-    return max(rx, ry * width // height), max(ry, rx * height // width)
-
-
-def check_limits(limits: ApiLimits, request: GenerationRequest) -> None:
-    """RequestError naming the field and the server setting when `request` is over a protective limit."""
-    if request.batch_size > limits.max_batch_size:
-        raise RequestError(
-            "batch_size",
-            f"{request.batch_size} is over this server's limit max_batch_size = {limits.max_batch_size} "
-            "(set with --max-batch-size); use n_iter for more images",
-        )
-    sizes = []
-    if request.width and request.height:
-        sizes.append(("width", request.width, request.height))
-        if request.mode == "txt2img" and request.enable_hr:
-            field_name = "hr_scale" if not (request.hr_resize_x or request.hr_resize_y) else "hr_resize_x"
-            sizes.append((field_name, *_hires_size(request, request.width, request.height)))
-    if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
-        sizes.append(("seed_resize_from_w", request.seed_resize_from_w, request.seed_resize_from_h))
-    for field_name, w, h in sizes:
-        if w * h > limits.max_pixels:
-            raise RequestError(
-                field_name,
-                f"{w}x{h} = {w * h} pixels is over this server's limit max_pixels = {limits.max_pixels} "
-                "(set with --max-pixels)",
-            )
-
-
 def submit(ctx: ApiContext, request: GenerationRequest, *, model_field: str = "model", grid: Any = None) -> Job:
     """Check the request's limits and choices and queue it (QueueFull -> 503 through the route class).
     `grid`: an ldm_core.grids.GridOptions for A1111's batch grid (None: no grid)."""
-    check_limits(ctx.limits, request)
+    check_limits(request, ctx.limits)
     check_choices(ctx.engine, request, model_field=model_field)
     if grid is not None:
         return ctx.service.submit(request, grid=grid)

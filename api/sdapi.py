@@ -146,7 +146,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
             grid = _grid_options(body, request)
             with overrides_applied(ctx, plan):  # for this job only, unless restore_afterwards is false
                 if script and script.lower() != "none":
-                    check_limits(ctx.limits, request)
+                    check_limits(request, ctx.limits)
                     check_choices(engine, request, model_field=model_field)
                     job = ctx.service.submit_script(request, script, list(body.script_args or []), grid=grid)
                 else:

@@ -16,11 +16,11 @@ import uvicorn
 from ldm_core import __version__
 from ldm_core.config import EngineConfig
 from ldm_core.extensions import ExtensionPolicy, load_extensions
-from ldm_core.requests import MAX_PIXELS
+from ldm_core.requests import DEFAULT_MAX_BATCH_SIZE, MAX_PIXELS
 from ldm_core.service import Service
 
 from . import install, parse_auth
-from .common import DEFAULT_MAX_BATCH_SIZE, ApiLimits
+from .common import ApiLimits
 from .extensions_api import install_extension_routes
 
 

@@ -8,16 +8,18 @@ request.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-MAX_SIDE = 2048  # the UI sliders' range; servers set their own limits (api.common.ApiLimits)
-MAX_PIXELS = 2048 * 2048  # the default pixel limit of a server (--max-pixels)
+MAX_SIDE = 2048  # the UI sliders' range (the UI's max_side limit)
+MAX_PIXELS = 2048 * 2048  # the default pixel limit (--max-pixels)
+DEFAULT_MAX_BATCH_SIZE = 16  # the default batch size limit (--max-batch-size)
 MIN_SIDE = 64
 LATENT_FACTOR = 8  # every supported VAE downsamples by 8: sizes are rounded down to a multiple of it
-MAX_TORCH_SEED = 2**64 - 1
+MAX_SEED = 2**32 - 1  # seeds are 32-bit (ldm_core.rng); -1 or any negative = random
 
 ResizeMode = Literal["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 RESIZE_MODES: tuple[str, ...] = ResizeMode.__args__  # index = A1111's integer resize_mode
@@ -105,8 +107,8 @@ class GenerationRequest(_Request):
     # None: the model's native size; other sizes are rounded down to a multiple of LATENT_FACTOR (as A1111)
     width: int | None = Field(None, ge=MIN_SIDE)
     height: int | None = Field(None, ge=MIN_SIDE)
-    seed: int = Field(-1, le=MAX_TORCH_SEED)  # -1 (any negative) = random
-    subseed: int = Field(-1, le=MAX_TORCH_SEED)  # variation seed
+    seed: int = Field(-1, le=MAX_SEED)  # -1 (any negative) = random
+    subseed: int = Field(-1, le=MAX_SEED)  # variation seed
     subseed_strength: float = 0.0  # <= 0: no variation; >= 1: the variation seed's noise
     seed_resize_from_w: int = 0  # <= 0 (A1111 sends -1) = off
     seed_resize_from_h: int = 0
@@ -255,3 +257,56 @@ class InpaintRequest(Img2ImgRequest):
 
 
 AnyRequest = GenerationRequest | Img2ImgRequest | InpaintRequest
+
+
+# ---- protective limits ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RequestLimits:
+    """Protective limits of one server or UI (A1111 has none; a shared machine needs some), checked by
+    `check_limits` before a job is queued. `max_pixels` caps width x height of every image a job makes
+    (the hires target and the seed-resize noise included); `max_batch_size` caps images per denoising batch;
+    `max_side` (None: no cap) caps each side, as the UI's sliders do. `flags` name the setting in messages."""
+
+    max_pixels: int = MAX_PIXELS
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_side: int | None = None
+    where: str = "this server"
+    flags: tuple[tuple[str, str], ...] = (("max_pixels", "--max-pixels"), ("max_batch_size", "--max-batch-size"))
+
+
+def _hires_size(request: GenerationRequest, width: int, height: int) -> tuple[int, int]:
+    """The hires fix's target size as A1111 computes it."""
+    rx, ry = request.hr_resize_x, request.hr_resize_y
+    if not rx and not ry:
+        return int(width * request.hr_scale), int(height * request.hr_scale)
+    if not ry:
+        return rx, rx * height // width
+    if not rx:
+        return ry * width // height, ry
+    return max(rx, ry * width // height), max(ry, rx * height // width)
+
+
+def check_limits(request: GenerationRequest, limits: RequestLimits) -> None:
+    """RequestError naming the field and the setting when `request` is over one of `limits`."""
+    flags = dict(limits.flags)
+
+    def over(field: str, what: str, setting: str, value: int) -> RequestError:
+        how = f" (set with {flags[setting]})" if setting in flags else ""
+        return RequestError(field, f"{what} is over {limits.where}'s limit {setting} = {value}{how}")
+
+    if request.batch_size > limits.max_batch_size:
+        raise over("batch_size", str(request.batch_size), "max_batch_size", limits.max_batch_size)
+    sizes = []
+    if request.width and request.height:
+        sizes.append(("width", request.width, request.height))
+        if request.mode == "txt2img" and request.enable_hr:
+            field = "hr_scale" if not (request.hr_resize_x or request.hr_resize_y) else "hr_resize_x"
+            sizes.append((field, *_hires_size(request, request.width, request.height)))
+    if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
+        sizes.append(("seed_resize_from_w", request.seed_resize_from_w, request.seed_resize_from_h))
+    for field, w, h in sizes:
+        if limits.max_side is not None and max(w, h) > limits.max_side:
+            side = field if field != "width" or w > limits.max_side else "height"
+            raise over(side, f"{w}x{h}", "max_side", limits.max_side)
+        if w * h > limits.max_pixels:
+            raise over(field, f"{w}x{h} = {w * h} pixels", "max_pixels", limits.max_pixels)

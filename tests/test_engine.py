@@ -304,9 +304,9 @@ def test_a1111_values_are_accepted_with_a1111_meaning():
     # hires fields are not looked at with hires off
     g = GenerationRequest.build(
         width=65, height=127, seed_resize_from_h=-1, seed_resize_from_w=-1, steps=500, cfg_scale=-2, eta=3,
-        hr_scale=0, hr_resize_x=-1, denoising_strength=5, subseed_strength=2, seed=2**40,
+        hr_scale=0, hr_resize_x=-1, denoising_strength=5, subseed_strength=2, seed=-5,
     )
-    assert (g.width, g.height, g.steps, g.cfg_scale, g.seed) == (64, 120, 500, -2, 2**40)
+    assert (g.width, g.height, g.steps, g.cfg_scale, g.seed) == (64, 120, 500, -2, -5)  # any negative: random
     assert Img2ImgRequest.build(init_images=[init], denoising_strength=1.5).denoising_strength == 1.0
 
 

@@ -23,11 +23,14 @@ from ldm_core.infotext import parse_infotext
 from ldm_core.progress import ProgressState
 from ldm_core.requests import (
     INPAINT_FILLS,
+    MAX_SIDE,
     RESIZE_MODES,
     GenerationRequest,
     Img2ImgRequest,
     InpaintRequest,
     RequestError,
+    RequestLimits,
+    check_limits,
 )
 
 from .settings_store import SettingsStore
@@ -270,19 +273,28 @@ def build_request(mode: str, values: dict[str, Any]) -> GenerationRequest:
     if v.get("height") in (None, 0):
         v["height"] = None
     if mode == "txt2img":
-        return GenerationRequest.build(**v)
+        return _within_limits(GenerationRequest.build(**v))
     for key in [k for k in v if k.startswith("hr_") or k == "enable_hr"]:
         v.pop(key)
     if mode == "img2img":
         if init_image is None:
             raise RequestError("init_images", "upload an image first")
-        return Img2ImgRequest.build(init_images=[init_image], **v)
+        return _within_limits(Img2ImgRequest.build(init_images=[init_image], **v))
     image, mask = image_and_mask(editor, mask_upload)
     if mask_mode is not None:
         v["inpainting_mask_invert"] = mask_mode == MASK_MODES[1]
     if inpaint_area is not None:
         v["inpaint_full_res"] = inpaint_area == INPAINT_AREAS[1]
-    return InpaintRequest.build(init_images=[image], mask=mask, **v)
+    return _within_limits(InpaintRequest.build(init_images=[image], mask=mask, **v))
+
+
+UI_LIMITS = RequestLimits(max_side=MAX_SIDE, where="the UI", flags=())  # the sliders' range, per side
+
+
+def _within_limits(request: GenerationRequest) -> GenerationRequest:
+    """`request`, or RequestError naming the field when it is over the UI's limits (ldm_core.requests)."""
+    check_limits(request, UI_LIMITS)
+    return request
 
 
 def readable_error(exc: BaseException) -> str:
