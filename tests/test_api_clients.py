@@ -1062,3 +1062,34 @@ def test_parameters_echo_a1111_defaults_and_types(server):
     p = generation_ok(requests.post(server("/sdapi/v1/img2img"), json=i2i, timeout=TIMEOUT))["parameters"]
     assert p["resize_mode"] == 0 and p["inpainting_fill"] == 1 and p["inpainting_mask_invert"] == 0
     assert p["inpaint_full_res"] is True and p["mask_blur_x"] == 4 and p["init_images"] is None
+
+
+# Stability-AI/StableStudio, packages/stablestudio-plugin-webui/src/Utilities.ts (+ index.ts): constructPayload()
+# sends its own camelCase cfgScale (unknown to A1111) next to sampler_name/sampler_index, bare base64 from a
+# data URL, inpainting_mask_invert 1 / inpainting_fill 1; setOptions() parses the options POST as JSON;
+# getImageInfo() splits png-info's info into lines and each detail of the last line at ":"
+def test_stablestudio_webui_plugin(server):
+    headers = {"Content-Type": "application/json"}
+    options = requests.get(server("/sdapi/v1/options"), headers=headers, timeout=TIMEOUT).json()
+    assert isinstance(options, dict)
+    for path in ("embeddings", "hypernetworks", "loras"):
+        requests.get(server(f"/sdapi/v1/{path}"), headers=headers, timeout=TIMEOUT).json()
+    body = json.dumps({"sd_model_checkpoint": options["sd_model_checkpoint"]})
+    requests.post(server("/sdapi/v1/options"), data=body, headers=headers, timeout=TIMEOUT).json()
+    data = {"seed": -1, "cfgScale": 7, "width": SIZE, "height": SIZE, "sampler_name": "Euler a"}
+    data.update(sampler_index="Euler a", prompt="a cabin", negative_prompt="fog", steps=2, batch_size=1)
+    data.update(save_images=True, denoising_strength=1 - 0.35)
+    data["init_images"] = [data_url(init_image()).split(",")[1]]
+    data["mask"] = data_url(mask_image()).split(",")[1]
+    data.update(inpainting_mask_invert=1, inpainting_fill=1, inpaint_full_res=False)
+    r = requests.post(server("/sdapi/v1/img2img"), data=json.dumps(data), headers=headers, timeout=TIMEOUT)
+    image = generation_ok(r)["images"][0]
+    r = requests.post(server("/sdapi/v1/png-info"), data=json.dumps({"image": image}), headers=headers)
+    info = r.json()["info"].split("\n")
+    assert len(info) == 3 and info[1].split(":")[1].strip() == "fog"
+    details = {d.strip().split(":")[0]: d.strip().split(":")[1].strip() for d in info[2].split(",")}
+    assert details["Steps"] == "2" and details["Sampler"] == "Euler a"
+    upscale = {"seed": -1, "cfgScale": 7, "upscaling_resize_w": 128, "upscaling_resize_h": 128}
+    upscale.update(upscaler_1="Lanczos", image=data_url(init_image()).split(",")[1])
+    r = requests.post(server("/sdapi/v1/extra-single-image"), data=json.dumps(upscale), headers=headers)
+    assert r.status_code == 200 and decoded(r.json()["image"]).size == (2 * SIZE, 2 * SIZE)
