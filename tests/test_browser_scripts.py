@@ -91,6 +91,18 @@ def test_xyz_plot_from_the_ui_shows_the_grid_and_every_cell(page):
         "() => document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 1,')"
     )
     assert "Steps: 1," in page.input_value("#txt2img_infotext textarea")
+    # pasting the grid's parameters chooses the script again and fills its axes (as A1111 does)
+    thumbs.nth(0).click()
+    page.wait_for_function(
+        "() => document.querySelector('#txt2img_infotext textarea').value.includes('Script: X/Y/Z plot')"
+    )
+    fill_text(page, f"{XYZ}_4", "")
+    choose(page, "#txt2img_script", "None")
+    page.click("#txt2img_paste")
+    page.wait_for_function("() => document.querySelector('#txt2img_script input').value === 'X/Y/Z plot'")
+    page.wait_for_selector(f"{XYZ}_0", state="visible")
+    assert page.input_value(f"{XYZ}_4 textarea, {XYZ}_4 input") == "1,2"
+    assert page.input_value(f"{XYZ}_3 input") == "Steps"
     # the grid was saved (with its infotext) beside the four images
     grids = sorted((page.server.data / "outputs" / "txt2img-grids").rglob("*.png"))
     assert len(grids) == 1

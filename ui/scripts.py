@@ -16,12 +16,15 @@ from typing import Any
 import gradio as gr
 
 from ldm_core.grids import GridOptions
+from ldm_core.infotext import parse_infotext
 from ldm_core.scripts import ScriptArg, scripts_for
 
 from .common import UiContext
 
 log = logging.getLogger(__name__)
 NONE = "None"
+XYZ_TITLE = "X/Y/Z plot"
+XYZ_RESTORED = (0, 1, 3, 4, 6, 7)  # x_type, x_values, y_type, y_values, z_type, z_values
 
 
 def slug(text: str) -> str:
@@ -40,6 +43,30 @@ class ScriptSection:
     def inputs(self) -> list[Any]:
         """Every component whose value a Generate needs."""
         return [self.menu, *[c for cs in self.controls.values() for c in cs if c is not None]]
+
+    def restorable(self) -> list[Any]:
+        """The components `restore_updates` may set (outputs of a "fill the form from infotext" handler)."""
+        xyz = self.controls.get(XYZ_TITLE) or []
+        return [self.menu, *[xyz[i] for i in XYZ_RESTORED if i < len(xyz) and xyz[i] is not None]]
+
+    def restore_updates(self, text: str) -> dict[Any, Any]:
+        """{component: value} from an infotext that names a script (A1111 writes "Script: X/Y/Z plot" with
+        "X Type", "X Values", ... into the grid's infotext): that script chosen and its axes filled."""
+        try:
+            params = parse_infotext(text or "")
+        except Exception:  # an unreadable infotext restores nothing here
+            return {}
+        title = str(params.get("Script") or "")
+        if title not in self.controls:
+            return {}
+        out: dict[Any, Any] = {self.menu: title}
+        if title == XYZ_TITLE:
+            xyz = self.controls[title]
+            for k, axis in enumerate("XYZ"):
+                kind = params.get(f"{axis} Type")
+                out[xyz[3 * k]] = str(kind) if kind else "Nothing"
+                out[xyz[3 * k + 1]] = str(params.get(f"{axis} Values") or "") if kind else ""
+        return out
 
     def choice(self, data: dict) -> tuple[str, list[Any]] | None:
         """(script title, script_args) from a handler's input dict, or None when no script is chosen."""

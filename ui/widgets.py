@@ -421,8 +421,10 @@ def field_updates(tab: GenerationTab, values: dict[str, Any]) -> dict[Any, Any]:
 def value_components(tab: GenerationTab) -> list[Any]:
     """The components that carry request values, extension fields infotext can set included (the outputs
     of a "fill the form" handler)."""
-    return [c for n, c in tab.fields.items() if not n.startswith("_")] + extension_sections.restorable_components(
-        tab.extensions
+    return (
+        [c for n, c in tab.fields.items() if not n.startswith("_")]
+        + extension_sections.restorable_components(tab.extensions)
+        + (tab.scripts.restorable() if tab.scripts is not None else [])
     )
 
 
@@ -432,6 +434,7 @@ def infotext_updates(ctx: UiContext, tab: GenerationTab, text: str) -> dict[Any,
     return {
         **field_updates(tab, fields_from_text(text, ctx.engine)),
         **extension_sections.restore_updates(manager, tab.extensions, text),
+        **(tab.scripts.restore_updates(text) if tab.scripts is not None else {}),
     }
 
 
