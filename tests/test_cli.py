@@ -38,7 +38,7 @@ def test_txt2img_img2img_inpaint(tmp_path, tiny_models, capsys):
 
 def test_bad_input_names_the_field(tmp_path, tiny_models, capsys):
     data = _data_dir(tmp_path, tiny_models)
-    assert main(["txt2img", "--data-dir", str(data), "--width", "65", "--out", str(tmp_path / "o")]) == 2
+    assert main(["txt2img", "--data-dir", str(data), "--width", "32", "--out", str(tmp_path / "o")]) == 2
     assert "width" in capsys.readouterr().err
     assert main(["txt2img", "--data-dir", str(data), "--sampler", "Nope", "--width", "64", "--height", "64",
                  "--out", str(tmp_path / "o")]) == 2
