@@ -164,10 +164,10 @@ def test_xyz_prompt_sr_sampler_and_bad_values(service):
 
 
 def test_xyz_checkpoint_axis_and_interrupt(service):
-    res = run_script(
-        service, t2i(model="tiny-sd1"), "x/y/z plot", xyz_args("Checkpoint name", "tiny-other, tiny-sd1", "Nothing", "")
-    )
-    assert [parse_infotext(t)["Model"] for t in res.infotexts[1:]] == ["tiny-other", "tiny-sd1"]
+    service.switch_model("tiny-sd1")
+    res = run_script(service, t2i(), "x/y/z plot", xyz_args("Checkpoint name", "tiny-sd1, tiny-other"))
+    assert [parse_infotext(t)["Model"] for t in res.infotexts[1:]] == ["tiny-sd1", "tiny-other"]
+    assert service.engine.current_model.entry.name == "tiny-sd1"  # the model loaded before comes back
     # interrupt while the plot runs: the job stops after the current cell and keeps what it made
     job = service.submit_script(t2i(steps=8), "x/y/z plot", xyz_args("Seed", "1-40"))
     while job.progress().job_no < 2 and not job.finished:

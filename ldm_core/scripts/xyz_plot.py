@@ -520,16 +520,24 @@ def run(run_: ScriptRun, request: GenerationRequest, plan: XYZPlan) -> Generatio
     run_.total_jobs = len(plan.cells) * request.n_iter
     cells: dict[tuple[int, int, int], GenerationResult] = {}
     template: GenerationResult | None = None
-    for n, (ix, iy, iz, cell_req) in enumerate(plan.cells):
-        if run_.interrupted:
-            break
-        run_.progress_text(f"{TITLE}: {n + 1} out of {len(plan.cells)}")
-        res = run_.generate(cell_req)
-        if res.images:
-            cells[(ix, iy, iz)] = with_batch_grid(res, _CELL_GRID, run_.engine.config.outputs_dir, request.mode)
-            template = template or res
-        if res.interrupted:
-            break
+    loaded = run_.engine.current_model
+    try:
+        for n, (ix, iy, iz, cell_req) in enumerate(plan.cells):
+            if run_.interrupted:
+                break
+            run_.progress_text(f"{TITLE}: {n + 1} out of {len(plan.cells)}")
+            res = run_.generate(cell_req)
+            if res.images:
+                cells[(ix, iy, iz)] = with_batch_grid(res, _CELL_GRID, run_.engine.config.outputs_dir, request.mode)
+                template = template or res
+            if res.interrupted:
+                break
+    finally:
+        # a Checkpoint name axis leaves the model that was loaded before (A1111 reloads it too)
+        if loaded is not None and "model" in {p.axis.field for p in (plan.x, plan.y, plan.z)}:
+            current = run_.engine.current_model
+            if current is None or current.entry.path != loaded.entry.path:
+                run_.engine.load_checkpoint(loaded.entry.title)
     if template is None:
         return GriddedResult(interrupted=True)
     size = template.images[0].size
