@@ -5,13 +5,9 @@ live preview and interrupt, 20 concurrent requests, the native jobs API with SSE
 from __future__ import annotations
 
 import base64
-import io
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from api_server import decode_b64, png_b64, running_api_server
 from PIL import Image
 from tiny_models import build_tiny_vae
 
-REPO = Path(__file__).resolve().parent.parent
 AUTH = ("alice", "s3cret")
 SIZE = 64
 MAX_QUEUED = 24
@@ -47,12 +43,6 @@ class Server:
         return self.s.delete(self.url + path, timeout=kw.pop("timeout", TIMEOUT), **kw)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request):
     data = tmp_path_factory.mktemp("apidata")
@@ -61,77 +51,21 @@ def server(tmp_path_factory, request):
     (data / "models" / "Lora").mkdir(parents=True)
     (data / "models" / "Lora" / "detail.safetensors").write_bytes(b"not read by the list")
     (data / "styles.csv").write_text("name,prompt,negative_prompt\nsunny,{prompt} in the sun,rain\n")
-    log = data / "server.log"
-    port = _free_port()
-    # one torch thread: on a shared, busy CPU several OpenMP threads spin-wait and run 20x slower
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "api.server",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data),
-        "--no-builtin-model",
-        "--device",
-        "cpu",
-        "--api-auth",
-        f"{AUTH[0]}:{AUTH[1]}",
-        "--max-queued",
-        str(MAX_QUEUED),
-        "--max-body-mb",
-        str(MAX_BODY_MB),
-        "--log-level",
-        "warning",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(f"http://127.0.0.1:{port}", proc, log, data)
-    try:
-        # the tiny model is built while the server imports torch; a refresh then finds it
+
+    def prepare():  # the tiny model is built while the server imports torch; a refresh then finds it
         tiny = request.getfixturevalue("tiny_models")["sd1"]["diffusers"]
         shutil.copytree(tiny, ckpt / "tiny-a")
         shutil.copytree(tiny, ckpt / "tiny-b")
         build_tiny_vae(data / "models" / "VAE" / "tiny-vae.safetensors")
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{log.read_text()}")
-            try:
-                if srv.get("/sdapi/v1/memory", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not start:\n{log.read_text()}")
-            time.sleep(0.3)
-        assert srv.post("/sdapi/v1/refresh-checkpoints").status_code == 200
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        print(log.read_text()[-3000:])
+
+    args = ["--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--max-queued", str(MAX_QUEUED)]
+    args += ["--max-body-mb", str(MAX_BODY_MB)]
+    with running_api_server(data, args, prepare, auth=AUTH) as (url, proc, log):
+        yield Server(url, proc, log, data)
 
 
-def b64_png(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
+b64_png = png_b64
+decode = decode_b64
 
 
 def pixels(b64: str) -> np.ndarray:
@@ -273,10 +207,7 @@ def test_img2img_with_mask_inpaints(server):
     assert "Mask blur: 0" in info["infotexts"][0] and "Masked content: original" in info["infotexts"][0]
     assert r.json()["parameters"]["init_images"] is None  # not echoed unless include_init_images
     plain = server.post("/sdapi/v1/img2img", {**body, "mask": None, "denoising_strength": 0.5})
-    assert (
-        plain.status_code == 200
-        and "Denoising strength: 0.5" in json.loads(plain.json()["info"])["infotexts"][0]
-    )
+    assert plain.status_code == 200 and "Denoising strength: 0.5" in json.loads(plain.json()["info"])["infotexts"][0]
 
 
 def test_png_info_round_trips_our_infotext(server):
@@ -310,15 +241,8 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
         time.sleep(0.05)
     assert prog and prog["current_image"], prog
     assert decode(prog["current_image"]).size[0] > 0
-    assert (
-        0 < prog["progress"] < 1
-        and prog["state"]["sampling_steps"] == 150
-        and prog["state"]["job_count"] == 20
-    )
-    assert (
-        server.get("/sdapi/v1/progress", params={"skip_current_image": "true"}).json()["current_image"]
-        is None
-    )
+    assert 0 < prog["progress"] < 1 and prog["state"]["sampling_steps"] == 150 and prog["state"]["job_count"] == 20
+    assert server.get("/sdapi/v1/progress", params={"skip_current_image": "true"}).json()["current_image"] is None
     assert server.post("/sdapi/v1/interrupt").status_code == 200
     t.join(60)
     assert not t.is_alive()
@@ -333,9 +257,7 @@ def test_twenty_concurrent_txt2img_all_complete_distinct(server):
     wait_idle(server)
 
     def one(i):
-        r = requests.post(
-            server.url + "/sdapi/v1/txt2img", json=t2i(seed=100 + i, steps=1), auth=AUTH, timeout=120
-        )
+        r = requests.post(server.url + "/sdapi/v1/txt2img", json=t2i(seed=100 + i, steps=1), auth=AUTH, timeout=120)
         return i, r
 
     with ThreadPoolExecutor(20) as pool:
@@ -402,9 +324,7 @@ def test_failed_job_is_reported_and_server_keeps_serving(server):
         assert job["state"] == "failed" and job["error"]["message"]
         r = server.post("/sdapi/v1/txt2img", t2i(steps=1, override_settings={"sd_model_checkpoint": name}))
         assert r.status_code == 500 and r.json()["error"] and r.json()["detail"]
-        r = server.post(
-            "/sdapi/v1/txt2img", t2i(steps=1, override_settings={"sd_model_checkpoint": "tiny-a"})
-        )
+        r = server.post("/sdapi/v1/txt2img", t2i(steps=1, override_settings={"sd_model_checkpoint": "tiny-a"}))
         assert r.status_code == 200, r.text
     finally:
         broken.unlink()
@@ -443,9 +363,7 @@ def test_queue_full_answers_503_and_delete_cancels(server):
 def test_options_switch_the_model(server):
     titles = {m["model_name"]: m["title"] for m in server.get("/sdapi/v1/sd-models").json()}
     try:
-        r = server.post(
-            "/sdapi/v1/options", {"sd_model_checkpoint": titles["tiny-b"], "samples_format": "png"}
-        )
+        r = server.post("/sdapi/v1/options", {"sd_model_checkpoint": titles["tiny-b"], "samples_format": "png"})
         assert r.status_code == 200, r.text
         # a title gains " [hash]" once the background hashing reaches its files: compare the file part
         current = server.get("/sdapi/v1/options").json()["sd_model_checkpoint"]
@@ -534,9 +452,7 @@ def test_protective_limits_name_their_server_setting(server):
 
 
 def test_bad_input_never_500(server):
-    r = server.post(
-        "/sdapi/v1/txt2img", data=b'{"prompt": "x",', headers={"content-type": "application/json"}
-    )
+    r = server.post("/sdapi/v1/txt2img", data=b'{"prompt": "x",', headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
     r = server.post("/sdapi/v1/txt2img", t2i(sampler_name="No Such Sampler"))
     assert "Euler a" in r.json()["detail"][0]["msg"]  # the valid choices are listed
@@ -552,18 +468,11 @@ def test_bad_input_never_500(server):
     init = b64_png(Image.new("RGB", (SIZE, SIZE)))
     # A1111 resizes the mask with the image: a mask of another size is no error
     assert server.post("/sdapi/v1/img2img", t2i(init_images=[init], mask=small, steps=1)).status_code == 200
-    assert (
-        _field_of(server.post("/sdapi/v1/img2img", t2i(init_images=[init], resize_mode=9))) == "resize_mode"
-    )
+    assert _field_of(server.post("/sdapi/v1/img2img", t2i(init_images=[init], resize_mode=9))) == "resize_mode"
     assert _field_of(server.post("/api/v1/jobs", t2i(stepz=3))) == "stepz"  # the native API is strict
     assert _field_of(server.post("/api/v1/jobs", t2i(mode="inpaint"))) == "init_images"
-    assert (
-        _field_of(server.post("/sdapi/v1/options", {"sd_model_checkpoint": "nope"})) == "sd_model_checkpoint"
-    )
-    assert (
-        _field_of(server.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 99}))
-        == "CLIP_stop_at_last_layers"
-    )
+    assert _field_of(server.post("/sdapi/v1/options", {"sd_model_checkpoint": "nope"})) == "sd_model_checkpoint"
+    assert _field_of(server.post("/sdapi/v1/options", {"CLIP_stop_at_last_layers": 99})) == "CLIP_stop_at_last_layers"
     r = server.post("/sdapi/v1/options", {"sd_vae": "nope"})
     assert _field_of(r) == "sd_vae" and "tiny-vae" in r.json()["detail"][0]["msg"]
     r = server.post("/sdapi/v1/extra-single-image", {"image": init, "upscaler_1": "ESRGAN_4x"})

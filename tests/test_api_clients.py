@@ -14,12 +14,7 @@ import base64
 import copy
 import io
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -27,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from api_server import png_b64, running_api_server
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
 PAYLOADS = json.loads((Path(__file__).parent / "clients" / "a1111_test_payloads.json").read_text())
 TIMEOUT = 120
 SIZE = 64
@@ -44,60 +39,22 @@ class Server:
         return self.url + "/" + path.lstrip("/")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request):
     data = tmp_path_factory.mktemp("clientdata")
     (data / "models" / "Stable-diffusion").mkdir(parents=True)
     (data / "models" / "Lora").mkdir(parents=True)
     (data / "styles.csv").write_text("name,prompt,negative_prompt\nsunny,{prompt} in the sun,rain\n")
-    log = data / "server.log"
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "api.server", "--port", str(port), "--data-dir", str(data)]
-    cmd += ["--no-builtin-model", "--device", "cpu", "--log-level", "warning"]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    srv = Server(f"http://127.0.0.1:{port}", data)
-    try:
+
+    def prepare():
         tiny = request.getfixturevalue("tiny_models")["sd1"]["diffusers"]
         shutil.copytree(tiny, data / "models" / "Stable-diffusion" / "tiny")
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited early:\n{log.read_text()}")
-            try:
-                if requests.get(srv("/sdapi/v1/memory"), timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server did not start:\n{log.read_text()}")
-            time.sleep(0.3)
-        assert requests.post(srv("/sdapi/v1/refresh-checkpoints"), timeout=TIMEOUT).status_code == 200
-        yield srv
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        print(log.read_text()[-3000:])
+
+    with running_api_server(data, [], prepare) as (url, _proc, _log):
+        yield Server(url, data)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-def png_b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def init_image(size: int = SIZE) -> Image.Image:
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8))
