@@ -68,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="REST API: largest width x height of any image a job makes, hires target included (else 422)",
     )
     net.add_argument("--max-batch-size", type=int, default=16, help="REST API: largest batch_size (else 422)")
+    net.add_argument(
+        "--cors-allow-origins",
+        default="",
+        metavar="ORIGIN[,ORIGIN]",
+        help="REST API: other origins (e.g. http://localhost:3000) whose web pages may send POST requests; "
+        "pages of any other site are refused (403)",
+    )
     models = p.add_argument_group("models and folders")
     models.add_argument(
         "--data-dir",
@@ -332,7 +339,10 @@ def install_api(app, service, args: argparse.Namespace, options=None) -> bool:
     from api.common import ApiLimits  # the protective limits A1111 lacks (a 422 names the setting)
 
     limits = ApiLimits(max_pixels=args.max_pixels, max_batch_size=args.max_batch_size)
-    install(app, service, auth=auth, flags=flags, options=options, limits=limits)
+    from api import split_origins
+
+    origins = split_origins(args.cors_allow_origins)
+    install(app, service, auth=auth, flags=flags, options=options, limits=limits, allowed_origins=origins)
     manager = getattr(service, "extensions", None)
     if manager is not None:
         from api.extensions_api import install_extension_routes

@@ -18,7 +18,7 @@ from ldm_core.options import OptionsStore, bind_engine
 from . import jobs_api, sdapi
 from .common import ApiContext, ApiLimits
 
-__all__ = ["install", "parse_auth"]
+__all__ = ["install", "parse_auth", "split_origins"]
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
@@ -38,6 +38,11 @@ def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
     return pairs or None
 
 
+def split_origins(text: str | None) -> list[str]:
+    """The --cors-allow-origins value as a list of origins."""
+    return [o.strip() for o in (text or "").split(",") if o.strip()]
+
+
 def install(
     app: fastapi.FastAPI,
     service,
@@ -47,6 +52,7 @@ def install(
     max_body_bytes: int = 50 * 2**20,
     limits: ApiLimits | None = None,
     options: OptionsStore | None = None,
+    allowed_origins: tuple[str, ...] | list[str] = (),
 ) -> None:
     """Add `/sdapi/v1/*` and `/api/v1/*` to `app`, served by `service` (an `ldm_core.service.Service`).
 
@@ -55,7 +61,8 @@ def install(
     protective limits (pixels, batch size) whose excess gets a 422 naming the setting. `options`: the one
     options store, shared with the web UI's Settings tab (webui.py passes it and applies it to the engine);
     without it the API opens `<data dir>/config.json` itself and applies its live options to the engine
-    (a launch flag's folder, e.g. --outputs-dir, still wins).
+    (a launch flag's folder, e.g. --outputs-dir, still wins). `allowed_origins`: other sites whose pages may
+    send state-changing requests (--cors-allow-origins); pages of any other origin get 403.
     """
     ctx = ApiContext(
         service=service,
@@ -63,6 +70,7 @@ def install(
         auth=list(auth) if auth else None,
         max_body_bytes=int(max_body_bytes),
         limits=limits or ApiLimits(),
+        allowed_origins=tuple(allowed_origins),
     )
     if options is None:
         options = OptionsStore(Path(service.engine.config.data_dir) / "config.json")

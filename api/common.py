@@ -4,6 +4,13 @@ limit and the error mapping, blocking work in threads, and job submission with e
 Bodies: a POST body that parses as JSON is read as JSON whatever its Content-Type (missing, text/plain,
 application/x-www-form-urlencoded), as A1111 clients posting `data=json.dumps(payload)` expect.
 
+Origins: a state-changing request (POST, PUT, PATCH, DELETE) that carries a browser's `Origin` header for
+another site than the one it is sent to is refused with 403, so a web page the user visits cannot drive
+this server (cross-site request forgery: a page may post `text/plain` JSON without a preflight, and the
+bodies above are read whatever their content type). Python, Go, Rust and plugin clients send no `Origin`
+and are not affected; the server's own pages are same-origin. `--cors-allow-origins` lists other origins
+that may (e.g. a front-end served on another port).
+
 Limits (`ApiLimits`, set by server flags): a request over a protective limit gets a 422 that names the setting,
 e.g. `max_pixels` (--max-pixels) or `max_batch_size` (--max-batch-size); the queue limit gives 503.
 
@@ -21,6 +28,7 @@ import json
 import logging
 import secrets
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -66,6 +74,7 @@ class ApiContext:
     upscalers: Any = None  # an ldm_core.upscalers.UpscalerRegistry
     styles: Any = None  # a StyleStore
     limits: ApiLimits = field(default_factory=ApiLimits)
+    allowed_origins: tuple[str, ...] = ()  # other origins whose pages may post here (--cors-allow-origins)
 
     @property
     def engine(self):
@@ -111,9 +120,7 @@ def _authorized(header: str | None, credentials: list[tuple[str, str]]) -> bool:
     if not header or not header[:6].lower() == "basic ":
         return False
     try:
-        user, sep, password = (
-            base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-        )
+        user, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
     except (binascii.Error, ValueError, UnicodeDecodeError):
         return False
     if not sep:
@@ -147,6 +154,16 @@ def make_route_class(ctx: ApiContext) -> type[APIRoute]:
                         content={"detail": "Incorrect username or password"},
                         headers={"WWW-Authenticate": "Basic"},
                     )
+                if request.method in STATE_CHANGING and not origin_allowed(request, ctx.allowed_origins):
+                    return JSONResponse(
+                        status_code=403,
+                        content={
+                            "error": "ForeignOrigin",
+                            "detail": f"requests from pages of {request.headers.get('origin')!r} are refused "
+                            "(cross-site request forgery); start the server with --cors-allow-origins to allow "
+                            "that origin",
+                        },
+                    )
                 length = request.headers.get("content-length")
                 if length is not None:
                     if not length.strip().isdigit():
@@ -162,9 +179,7 @@ def make_route_class(ctx: ApiContext) -> type[APIRoute]:
                 except RequestValidationError as exc:
                     return _validation_response(exc)
                 except RequestError as exc:
-                    return JSONResponse(
-                        status_code=422, content={"detail": error_detail(exc.field, exc.message)}
-                    )
+                    return JSONResponse(status_code=422, content={"detail": error_detail(exc.field, exc.message)})
                 except QueueFull as exc:
                     return JSONResponse(
                         status_code=503,
@@ -179,13 +194,44 @@ def make_route_class(ctx: ApiContext) -> type[APIRoute]:
                     raise
                 except Exception as exc:  # never an HTML page or a dropped connection
                     log.exception("API error on %s", request.url.path)
-                    return JSONResponse(
-                        status_code=500, content={"error": type(exc).__name__, "detail": str(exc)}
-                    )
+                    return JSONResponse(status_code=500, content={"error": type(exc).__name__, "detail": str(exc)})
 
             return handler
 
     return ApiRoute
+
+
+STATE_CHANGING = ("POST", "PUT", "PATCH", "DELETE")
+
+
+def _origin_key(url: str) -> tuple[str, str] | None:
+    """(scheme, host:port) of an origin or URL, the port made explicit; None when it has no host."""
+    parts = urllib.parse.urlsplit(url.strip().rstrip("/"))
+    if not parts.scheme or not parts.hostname:
+        return None
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower(), 0)
+    except ValueError:
+        return None
+    return parts.scheme.lower(), f"{parts.hostname.lower()}:{port}"
+
+
+def origin_allowed(request: Request, allowed: tuple[str, ...] = ()) -> bool:
+    """True when the request has no `Origin` (non-browser clients), comes from a page of the same host and
+    port it is sent to, or from an origin in `allowed`."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    key = _origin_key(origin)
+    if key is None:  # "null" (sandboxed frames, file: pages) or garbage
+        return False
+    if key in {_origin_key(a) for a in allowed}:
+        return True
+    host = request.headers.get("host")
+    if not host:
+        return False
+    same = _origin_key(f"{key[0]}://{host}")
+    return same == key
 
 
 def _declares_json(request: Request) -> bool:
@@ -253,9 +299,7 @@ def find_checkpoint(engine, name: str, field_name: str = "model"):
     try:
         return engine.models.find_checkpoint(name)
     except (KeyError, LookupError, ValueError):
-        raise RequestError(
-            field_name, f"unknown model {name!r}; choose one of: {checkpoint_titles(engine)}"
-        ) from None
+        raise RequestError(field_name, f"unknown model {name!r}; choose one of: {checkpoint_titles(engine)}") from None
 
 
 def check_choices(engine, request: GenerationRequest, *, model_field: str = "model") -> None:

@@ -19,7 +19,7 @@ from ldm_core.extensions import ExtensionPolicy, load_extensions
 from ldm_core.requests import DEFAULT_MAX_BATCH_SIZE, MAX_PIXELS
 from ldm_core.service import Service
 
-from . import install, parse_auth
+from . import install, parse_auth, split_origins
 from .common import ApiLimits
 from .extensions_api import install_extension_routes
 
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_MAX_BATCH_SIZE,
         help=f"largest batch_size (else 422; default {DEFAULT_MAX_BATCH_SIZE}); n_iter is not capped",
+    )
+    p.add_argument(
+        "--cors-allow-origins",
+        default="",
+        metavar="ORIGIN[,ORIGIN]",
+        help="REST API: other origins (e.g. http://localhost:3000) whose web pages may send POST requests; "
+        "pages of any other site are refused (403)",
     )
     p.add_argument("--log-level", default="info")
     return p
@@ -118,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     limits = ApiLimits(max_pixels=args.max_pixels, max_batch_size=args.max_batch_size)
     install(
-        app, service, auth=_auth(args), flags=flags, max_body_bytes=int(args.max_body_mb * 2**20), limits=limits
+        app, service, auth=_auth(args), flags=flags, max_body_bytes=int(args.max_body_mb * 2**20), limits=limits,
+        allowed_origins=split_origins(args.cors_allow_origins),
     )
     install_extension_routes(app, service, manager)
     host = host_name(args)

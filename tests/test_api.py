@@ -25,6 +25,7 @@ SIZE = 64
 MAX_QUEUED = 24
 MAX_BODY_MB = 1
 TIMEOUT = 60
+FRONTEND = "http://localhost:3000"  # an origin the server is told to allow (--cors-allow-origins)
 
 
 class Server:
@@ -59,7 +60,7 @@ def server(tmp_path_factory, request):
         build_tiny_vae(data / "models" / "VAE" / "tiny-vae.safetensors")
 
     args = ["--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--max-queued", str(MAX_QUEUED)]
-    args += ["--max-body-mb", str(MAX_BODY_MB)]
+    args += ["--max-body-mb", str(MAX_BODY_MB), "--cors-allow-origins", FRONTEND]
     with running_api_server(data, args, prepare, auth=AUTH) as (url, proc, log):
         yield Server(url, proc, log, data)
 
@@ -411,6 +412,25 @@ def test_auth_refuses_a_wrong_password(server):
         assert requests.get(server.url + path, timeout=TIMEOUT).status_code == 401
     r = requests.post(server.url + "/sdapi/v1/txt2img", json=t2i(), auth=("bob", AUTH[1]), timeout=TIMEOUT)
     assert r.status_code == 401 and r.headers["www-authenticate"].lower().startswith("basic")
+
+
+def test_pages_of_other_sites_cannot_post(server):
+    """A page on another site may POST text/plain JSON without a preflight, and the API reads such bodies as
+    JSON (real clients send no content type): its browser's Origin header gets it refused instead."""
+    before = server.get("/sdapi/v1/options").json()["samples_format"]
+    body = json.dumps({"samples_format": "webp" if before != "webp" else "jpg"})
+    for origin in ("http://evil.example", "null", server.url.replace("127.0.0.1", "localhost")):
+        r = server.post("/sdapi/v1/options", data=body, headers={"Origin": origin, "Content-Type": "text/plain"})
+        assert r.status_code == 403 and "--cors-allow-origins" in r.json()["detail"], (origin, r.text)
+        r = server.post("/sdapi/v1/txt2img", data=json.dumps(t2i()), headers={"Origin": origin})
+        assert r.status_code == 403, origin
+    assert server.get("/sdapi/v1/options").json()["samples_format"] == before
+    # reading is not refused (the browser keeps a foreign page from seeing the answer)
+    assert server.get("/sdapi/v1/samplers", headers={"Origin": "http://evil.example"}).status_code == 200
+    # the server's own pages, an allowed front-end, and clients that send no Origin may post
+    for headers in ({"Origin": server.url}, {"Origin": FRONTEND + "/"}, {}):
+        r = server.post("/sdapi/v1/txt2img", data=json.dumps(t2i(steps=1)), headers=headers)
+        assert r.status_code == 200, (headers, r.text)
 
 
 def _field_of(resp) -> str:
