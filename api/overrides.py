@@ -96,7 +96,8 @@ def plan_overrides(ctx: ApiContext, raw: Mapping[str, Any] | None, restore: bool
             if saved.get(key, object()) != value:
                 _warn(plan, f"{OVERRIDE}.{key}: unknown setting; ignored")
             continue
-        if option.maps in ("save", "grid") or (option.field is not None and option.field in fields):
+        used = option.field is not None and option.field in fields and effective_applies(option) != "stored"
+        if option.maps in ("save", "grid") or used:
             continue  # applied to this job (its request, or its batch grid)
         if saved.get(key) == value:
             continue  # what the server does anyway (clients often echo GET /options)

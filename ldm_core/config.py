@@ -46,6 +46,7 @@ class EngineConfig:
     save_images: bool = True
     filename_pattern: str = "[number]-[seed]"
     samples_format: str = "png"  # file format of saved images: png, jpg/jpeg or webp (A1111's samples_format)
+    jpeg_quality: int = 80  # quality of saved jpg/webp images, 1..100 (A1111's jpeg_quality)
     preview_every: int = 1  # steps between live previews; 0 disables previews
     extra: dict = field(default_factory=dict)
 

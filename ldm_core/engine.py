@@ -43,11 +43,11 @@ from .prompts.parser import extract_extra_networks
 from .prompts.schedule import PromptSchedule
 from .prompts.styles import StyleStore
 from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
-from .rng import batch_noise, resolve_seed
+from .rng import batch_noise, resolve_seed, wrap_seed
 from .samplers.sigmas import NoiseLevels, alphas_cumprod_from_config
-from .schedulers import SamplerRegistry, default_sampler_registry, img2img_timesteps
+from .schedulers import SamplerInfo, SamplerRegistry, default_sampler_registry, img2img_steps, img2img_timesteps
 from .seamless import circular_padding
-from .upscalers import UpscalerRegistry, is_latent_mode, latent_modes, upscale_latents
+from .upscalers import UpscalerRegistry, is_latent_mode, upscale_latents
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,11 @@ class GenerationResult:
     schedule_type: str = ""
     model_name: str = ""
     notes: list[str] = field(default_factory=list)  # what was asked but not done (A1111's "comments")
+    warnings: list[str] = field(default_factory=list)  # what was done otherwise than asked (fallbacks)
 
     def info(self, request: GenerationRequest) -> dict[str, Any]:
-        """A1111's `info` object (the API returns it as a JSON string)."""
-        return {
+        """A1111's `info` object (the API returns it as a JSON string); `warnings` only when there are some."""
+        out = {
             "prompt": request.prompt,
             "all_prompts": [request.prompt] * len(self.images),
             "negative_prompt": request.negative_prompt,
@@ -101,6 +102,9 @@ class GenerationResult:
             "comments": "".join(f"{note}\n" for note in self.notes),
             "version": __version__,
         }
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
+        return out
 
 
 @dataclass
@@ -380,6 +384,16 @@ class Engine:
         if request.restore_faces:
             result.notes.append("restore_faces: not applied (no face restoration model is available offline)")
             log.info("restore_faces requested: not applied, no face restoration model is available offline")
+        if request.token_merging_ratio > 0:
+            result.notes.append(
+                f"token_merging_ratio {_num(request.token_merging_ratio)}: not applied (no token merging here)"
+            )
+            log.info("token_merging_ratio %s: not applied, no token merging here", request.token_merging_ratio)
+        if hires is not None and hires["warning"]:
+            result.warnings.append(hires["warning"])
+        job_params = {}
+        if request.eta_noise_seed_delta and _uses_step_noise(info, request.eta):
+            job_params["ENSD"] = request.eta_noise_seed_delta  # A1111: only where step noise is drawn
         ctx.progress.update(
             job_no=0,
             job_count=request.n_iter,
@@ -425,15 +439,18 @@ class Engine:
                 ctx.cancel.clear_skip()
                 if ctx.cancel.interrupted:
                     break
-                seeds = [seed + n * request.batch_size + i for i in range(request.batch_size)]
+                seeds = [wrap_seed(seed + n * request.batch_size + i) for i in range(request.batch_size)]
                 subseeds = (
-                    [subseed + n * request.batch_size + i for i in range(request.batch_size)] if subseed >= 0 else []
+                    [wrap_seed(subseed + n * request.batch_size + i) for i in range(request.batch_size)]
+                    if subseed >= 0
+                    else []
                 )
                 ctx.progress.update(job_no=n, step=0)
                 batch_imgs, stopped = self._run_batch(job, seeds, subseeds)
                 for post in self.postprocessors:
                     batch_imgs = post(request, batch_imgs, self, model)
                 extra = {
+                    **job_params,
                     **(hires["params"] if hires else {}),
                     **job.extra,
                     **lora_params,
@@ -467,6 +484,7 @@ class Engine:
                                 seed=seeds[i],
                                 pattern=self.config.filename_pattern,
                                 extension=self.config.samples_format,
+                                quality=self.config.jpeg_quality,
                                 model_name=model.entry.name,
                                 prompt=request.prompt,
                             )
@@ -522,12 +540,9 @@ class Engine:
         tw, th = max(64, int(tw) // 8 * 8), max(64, int(th) // 8 * 8)
         if tw * th > 2048 * 2048:
             raise RequestError("hr_scale", f"hires size {tw}x{th} is too large (at most 2048x2048 pixels)")
-        up = request.hr_upscaler or "Latent"
-        if not is_latent_mode(up) and up not in self.upscalers.names():
-            raise RequestError(
-                "hr_upscaler",
-                f"unknown upscaler {up!r}; choose one of: " + ", ".join(latent_modes() + self.upscalers.names()),
-            )
+        # a model upscaler this server lacks ("R-ESRGAN 4x+") falls back with a warning; garbage is refused
+        fallback = self.upscalers.fallback(request.hr_upscaler or "Latent", "hr_upscaler", latent=True)
+        up = fallback.name
         hr_sampler, hr_sched = sampler, schedule_type
         same_sampler = not _chosen(request.hr_sampler_name, "Use same sampler")
         same_schedule = not _chosen(request.hr_scheduler, "Use same scheduler")
@@ -566,6 +581,7 @@ class Engine:
             "steps": request.hr_second_pass_steps or request.steps,
             "checkpoint": checkpoint,
             "params": params,
+            "warning": fallback.warning,
         }
 
     def _encode_images(self, vae, images: list[Image.Image]) -> torch.Tensor:
@@ -596,6 +612,7 @@ class Engine:
             subseeds=subseeds or None,
             subseed_strength=request.subseed_strength,
             resize_from=resize_from,
+            noise_seed_delta=request.eta_noise_seed_delta,
         )
         noise = noise.to(dev)
 
@@ -659,6 +676,7 @@ class Engine:
             blend,
             refiner=first_refiner,
             noise_scale=noise_scale,
+            fix_steps=getattr(request, "img2img_fix_steps", False),
         )
         latents, stopped = res.latents, res.stopped
         finished = first_refiner if res.switched else main
@@ -687,7 +705,9 @@ class Engine:
                 self.upscalers.upscale(im, hr["upscaler"], size=(tw, th), cancel=job.ctx.cancel.check) for im in first
             ]
             z = self._encode_images(stage.vae, big)
-        noise, gens = batch_noise((z.shape[1], th // factor, tw // factor), seeds)
+        noise, gens = batch_noise(
+            (z.shape[1], th // factor, tw // factor), seeds, noise_seed_delta=request.eta_noise_seed_delta
+        )
         prompt, negative = job.prompt, job.negative
         if request.hr_prompt:
             prompt, _ = extract_extra_networks(request.hr_prompt)
@@ -709,6 +729,7 @@ class Engine:
             None,
             size=(tw, th),
             refiner=job.refiner,
+            fix_steps=True,  # A1111 passes the hires steps explicitly: exactly that many run
         )
         return res.latents, res.stopped, (job.refiner if res.switched else stage)
 
@@ -730,11 +751,13 @@ class Engine:
         size: tuple[int, int] | None = None,
         refiner: _Stage | None = None,
         noise_scale: float = 1.0,
+        fix_steps: bool = False,
     ):
         """One run of the denoising loop from noise (txt2img) or from noised init latents (img2img), with
         `stage`'s model; with a `refiner`, the run continues with the refiner's model once the noise level
         reaches `request.refiner_switch_at` (A1111's rule). `noise_scale` multiplies the noise the init
-        latents get (A1111's initial noise multiplier)."""
+        latents get (A1111's initial noise multiplier). From init latents, `fix_steps` runs exactly `steps`
+        over a longer schedule (A1111's img2img_fix_steps) instead of steps x strength of a `steps` one."""
         request, model, ctx = job.request, stage.model, job.ctx
         dev = self.policy.device
         width, height = size or (job.width, job.height)
@@ -750,18 +773,20 @@ class Engine:
             s_noise=request.s_noise,
             model_family=model.kind.family,
         )
-        sched.set_timesteps(steps, device=dev)
         if init_latents is None:
+            sched.set_timesteps(steps, device=dev)
             timesteps = sched.timesteps
             latents = noise * sched.init_noise_sigma
             user_steps = steps
         else:
-            timesteps = img2img_timesteps(sched, steps, strength, dev)
+            schedule_len, run = img2img_steps(steps, strength, fix_steps)
+            sched.set_timesteps(schedule_len, device=dev)
+            timesteps = img2img_timesteps(sched, schedule_len, strength, dev, run=run)
             start_noise = noise * noise_scale if noise_scale != 1.0 else noise
             latents = (
                 sched.add_noise(init_latents, start_noise, timesteps[:1].repeat(b)) if len(timesteps) else init_latents
             )
-            user_steps = max(1, int(steps * strength))
+            user_steps = max(1, run)
         # prompt editing counts user steps; multi-evaluation samplers run more model calls than steps
         n_evals = max(1, len(timesteps))
         levels = NoiseLevels(alphas_cumprod_from_config(model.scheduler_config))
@@ -834,8 +859,10 @@ class Engine:
 
         added = None
         if model.kind.family == "sdxl":
+            # original size, crop top-left (A1111's sdxl_crop_top / sdxl_crop_left options), target size
+            top, left = request.sdxl_crop_top, request.sdxl_crop_left
             time_ids = torch.tensor(
-                [[height, width, 0, 0, height, width]], dtype=torch.float32, device=self.policy.device
+                [[height, width, top, left, height, width]], dtype=torch.float32, device=self.policy.device
             )
 
             def added(_unused, pooled):
@@ -980,9 +1007,16 @@ def scratch_engine(model: str | Path, **config: Any) -> Iterator[tuple[Engine, L
 def _feature_manifest(request: GenerationRequest, job: _JobState) -> dict[str, Any]:
     """Manifest entries of the A1111 options that change pixels: tiling, NGMS, noise multiplier, the hires
     checkpoint and the refiner (name, SHA-256, switch point; `used` says whether the run reached it)."""
-    out: dict[str, Any] = {"tiling": request.tiling, "s_min_uncond": request.s_min_uncond}
+    out: dict[str, Any] = {
+        "tiling": request.tiling,
+        "s_min_uncond": request.s_min_uncond,
+        "eta_noise_seed_delta": request.eta_noise_seed_delta,
+    }
+    if job.model.kind.family == "sdxl":
+        out["sdxl_crop"] = [request.sdxl_crop_top, request.sdxl_crop_left]
     if isinstance(request, Img2ImgRequest):
         out["initial_noise_multiplier"] = request.initial_noise_multiplier
+        out["img2img_fix_steps"] = request.img2img_fix_steps
     if job.hires_stage is not None and job.hires_stage.model is not job.model:
         hr = job.hires_stage.model
         out["hires_checkpoint"] = {"name": hr.entry.name, "sha256": hr.sha256}
@@ -995,6 +1029,14 @@ def _feature_manifest(request: GenerationRequest, job: _JobState) -> dict[str, A
             "used": "Refiner" in job.extra,
         }
     return out
+
+
+def _uses_step_noise(info: SamplerInfo, eta: float | None) -> bool:
+    """Whether the sampler draws step noise, so that an eta noise seed delta changes its images: an ancestral
+    or SDE sampler (A1111's "uses_ensd" flag) unless eta is 0, or DDIM with eta above 0."""
+    if eta is not None and eta <= 0:
+        return False
+    return bool(info.options.get("uses_ensd")) or (info.name == "DDIM" and eta is not None)
 
 
 def _chosen(value: str | None, same: str) -> bool:

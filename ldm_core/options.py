@@ -124,7 +124,17 @@ OPTIONS: tuple[Option, ...] = (
         "live",
         S_SAVE,
     ),
-    _o("jpeg_quality", 80, "Quality for saved JPEG images", "stored", S_CLIENTS, minimum=1, maximum=100, step=1),
+    _o(
+        "jpeg_quality",
+        80,
+        "Quality for saved JPEG and WebP images (1-100)",
+        "live",
+        S_SAVE,
+        minimum=1,
+        maximum=100,
+        step=1,
+        config="jpeg_quality",
+    ),
     _o("grid_save", True, "Save the grid of a batch (when images are saved)", "live", S_SAVE, maps="grid"),
     _o("return_grid", True, "Return the grid of a batch with its images", "live", S_SAVE, maps="grid"),
     _o("do_not_add_watermark", False, "Do not add a watermark (this server never adds one)", "stored", S_CLIENTS),
@@ -231,12 +241,14 @@ OPTIONS: tuple[Option, ...] = (
     _o(
         "token_merging_ratio",
         0.0,
-        "Token merging ratio (not supported here)",
+        "Token merging ratio (not supported here: a job asking for it says so in its info)",
         "stored",
         S_CLIENTS,
         minimum=0.0,
         maximum=0.9,
         step=0.1,
+        field="token_merging_ratio",
+        maps="default",
     ),
     _o(
         "s_min_uncond",
@@ -642,6 +654,8 @@ def config_from_options(
         put("save_images", bool(values["samples_save"]))
     if "samples_format" in values and "samples_format" in {f.name for f in _config_fields()}:
         put("samples_format", values["samples_format"])
+    if "jpeg_quality" in values and "jpeg_quality" in {f.name for f in _config_fields()}:
+        put("jpeg_quality", int(values["jpeg_quality"]))
     if "show_progress_every_n_steps" in values or "live_previews_enable" in values:
         every = int(values.get("show_progress_every_n_steps", base.preview_every))
         put("preview_every", max(0, every) if values.get("live_previews_enable", True) else 0)
@@ -675,6 +689,7 @@ LIVE_FIELDS = frozenset(
         "filename_pattern",
         "save_images",
         "samples_format",
+        "jpeg_quality",
         "preview_every",
         "vae_tiling",
         "vae_slicing",

@@ -125,7 +125,7 @@ def _exif_bytes(infotext: str, manifest: dict | None) -> bytes:
     return data
 
 
-def _encode(image: Image.Image, fmt: str, infotext: str, manifest: dict | None) -> bytes:
+def _encode(image: Image.Image, fmt: str, infotext: str, manifest: dict | None, quality: int = 80) -> bytes:
     buf = io.BytesIO()
     if fmt == "PNG":
         info = PngImagePlugin.PngInfo()
@@ -136,7 +136,7 @@ def _encode(image: Image.Image, fmt: str, infotext: str, manifest: dict | None) 
     else:
         if fmt == "JPEG" and image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
-        options = {"quality": 95} if fmt == "JPEG" else {"quality": 95, "lossless": False}
+        options = {"quality": quality} if fmt == "JPEG" else {"quality": quality, "lossless": False}
         image.save(buf, fmt, exif=_exif_bytes(infotext, manifest), **options)
     return buf.getvalue()
 
@@ -158,6 +158,7 @@ def save_image(
     model_name: str = "",
     prompt: str = "",
     when: datetime | None = None,
+    quality: int = 80,
 ) -> Path:
     """Write `image` into `folder` (created if missing) and return the new file's path.
 
@@ -167,7 +168,7 @@ def save_image(
     temp file in `folder` and then linked to its final name, so readers never see a partial file and an
     existing file is never overwritten: when the name is taken the next number is used (or, for a pattern
     without [number], a "-1", "-2", ... suffix). Safe when several threads or processes save into one folder.
-    `extension` is png, jpg/jpeg or webp.
+    `extension` is png, jpg/jpeg or webp; `quality` (1..100) is the JPEG/WebP quality (A1111's jpeg_quality).
     """
     ext = extension.lower().lstrip(".")
     fmt = EXTENSIONS.get(ext)
@@ -176,7 +177,7 @@ def save_image(
     when = when or datetime.now()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = _encode(image, fmt, infotext, manifest)
+    data = _encode(image, fmt, infotext, manifest, quality=max(1, min(100, int(quality))))
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f".{ext}", dir=folder)
     tmp = Path(tmp_name)
     try:

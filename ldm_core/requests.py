@@ -19,7 +19,7 @@ MAX_PIXELS = 2048 * 2048  # the default pixel limit (--max-pixels)
 DEFAULT_MAX_BATCH_SIZE = 16  # the default batch size limit (--max-batch-size)
 MIN_SIDE = 64
 LATENT_FACTOR = 8  # every supported VAE downsamples by 8: sizes are rounded down to a multiple of it
-MAX_SEED = 2**32 - 1  # seeds are 32-bit (ldm_core.rng); -1 or any negative = random
+MAX_SEED = 2**64 - 1  # any seed torch's generator takes, used as given (A1111); -1 or any negative = random
 
 ResizeMode = Literal["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
 RESIZE_MODES: tuple[str, ...] = ResizeMode.__args__  # index = A1111's integer resize_mode
@@ -124,7 +124,13 @@ class GenerationRequest(_Request):
     # hires fix (txt2img only); used once the upscaler registry provides upscalers
     enable_hr: bool = False
     hr_scale: float = 2.0  # checked only when enable_hr (A1111 sends 0 with hires off)
-    hr_upscaler: str = "Latent"
+    hr_upscaler: str = Field(
+        "Latent",
+        description="A latent mode (/sdapi/v1/latent-upscale-modes; an unknown 'Latent ...' name runs 'Latent') or "
+        "an upscaler from /sdapi/v1/upscalers. A model upscaler this server does not have ('R-ESRGAN 4x+', "
+        "'4x-UltraSharp': a name with a scale or an upscaler family; nothing is downloaded) falls back to an "
+        "installed one of the same scale, else Lanczos, with a warning in info; other unknown names are refused",
+    )
     hr_second_pass_steps: int = 0  # 0 = same as steps
     hr_resize_x: int = 0  # 0 = by hr_scale
     hr_resize_y: int = 0
@@ -144,6 +150,12 @@ class GenerationRequest(_Request):
     hr_scheduler: str | None = None  # hires pass schedule type; None/""/"Use same scheduler" = same
     refiner_checkpoint: str | None = None  # continue the run with this checkpoint; None/""/"None" = off
     refiner_switch_at: float | None = Field(None, ge=0.0, le=1.0)  # share of the run before the switch
+    # -- A1111 options that act per job (the options store fills them: ldm_core.options) --
+    eta_noise_seed_delta: int = Field(0, ge=0)  # ENSD: step noise (ancestral/SDE) re-seeded with seed + delta
+    img2img_fix_steps: bool = False  # img2img runs exactly `steps` (over a longer schedule), not steps x strength
+    sdxl_crop_top: int = Field(0, ge=0)  # SDXL micro-conditioning crop coordinates (add_time_ids)
+    sdxl_crop_left: int = Field(0, ge=0)
+    token_merging_ratio: float = Field(0.0, ge=0.0, le=1.0)  # accepted; not implemented, `info` says so
 
     @field_validator("sampler_name")
     @classmethod

@@ -4,6 +4,15 @@ with that image's seed, so a seed gives the same image on any device and regardl
 Variation seeds blend the base noise with the variation seed's noise by spherical interpolation (slerp);
 "resize seed from WxH" draws the noise at the old latent size and places it in the middle of the new one,
 so a composition found at one size survives a change of size.
+
+Step noise (ancestral and SDE samplers) continues each image's generator, unless an eta noise seed delta
+(A1111's ENSD option) is given: then, as in A1111 1.6+, each image's step generator is a fresh one seeded
+with seed + delta, so the same seed and delta give the same picture as there.
+
+Seeds are any integer torch's generator takes (0 .. 2**64 - 1), used as given and shown as given (A1111
+does the same); random seeds stay below 2**32 as in A1111. torch's CPU generator itself draws from the low 32
+bits of its seed, so on CPU noise (the default, like A1111's "CPU" RNG source) seed 2**32 + 5 gives the
+picture of seed 5. Seed arithmetic past 2**64 - 1 (a batch's seed + i, seed + delta) wraps around.
 """
 
 from __future__ import annotations
@@ -12,14 +21,22 @@ import random
 
 import torch
 
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**64 - 1  # the largest seed torch.Generator.manual_seed takes
+RANDOM_SEEDS = 2**32 - 1  # random seeds are drawn below this (A1111's range for -1)
 
 
-def resolve_seed(seed: int) -> int:
-    """-1 (or any negative) means a fresh random seed; others pass through, reduced to 32 bits."""
+def resolve_seed(seed: int | None) -> int:
+    """-1 (or any negative, or None) means a fresh random seed below 2**32; others are used as given
+    (0 .. 2**64 - 1; larger ones wrap around, as `wrap_seed`)."""
     if seed is None or seed < 0:
-        return random.SystemRandom().randrange(0, MAX_SEED)
-    return int(seed) & MAX_SEED
+        return random.SystemRandom().randrange(0, RANDOM_SEEDS)
+    return wrap_seed(seed)
+
+
+def wrap_seed(seed: int) -> int:
+    """`seed` in torch's generator range: seed arithmetic (seed + batch index, seed + delta) past 2**64 - 1
+    wraps around instead of failing the job."""
+    return int(seed) % (MAX_SEED + 1)
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -38,7 +55,7 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _randn(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Generator]:
-    g = torch.Generator("cpu").manual_seed(int(seed))
+    g = torch.Generator("cpu").manual_seed(wrap_seed(seed))
     return torch.randn(shape, generator=g, dtype=torch.float32), g
 
 
@@ -91,8 +108,11 @@ def batch_noise(
     subseeds: list[int] | None = None,
     subseed_strength: float = 0.0,
     resize_from: tuple[int, int] | None = None,
+    noise_seed_delta: int = 0,
 ) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """Stacked noise (B,C,H,W) for a batch, one seed per image, and one step generator per image."""
+    """Stacked noise (B,C,H,W) for a batch, one seed per image, and one step generator per image: each
+    image's generator continued, or with a non-zero `noise_seed_delta` (A1111's ENSD) a new generator seeded
+    with the image's seed + delta."""
     noises, gens = [], []
     for i, s in enumerate(seeds):
         n, g = image_noise(
@@ -103,5 +123,10 @@ def batch_noise(
             resize_from=resize_from,
         )
         noises.append(n)
-        gens.append(g)
+        gens.append(step_generator(s, noise_seed_delta) if noise_seed_delta else g)
     return torch.stack(noises), gens
+
+
+def step_generator(seed: int, noise_seed_delta: int) -> torch.Generator:
+    """The CPU generator of an image's step noise under an eta noise seed delta: seeded with seed + delta."""
+    return torch.Generator("cpu").manual_seed(wrap_seed(int(seed) + int(noise_seed_delta)))

@@ -302,17 +302,32 @@ def default_sampler_registry() -> SamplerRegistry:
     return registry
 
 
+def img2img_steps(steps: int, strength: float, fix_steps: bool = False) -> tuple[int, int]:
+    """(schedule length, steps run) of an img2img pass asked for `steps` at denoising `strength`.
+
+    Normally the schedule has `steps` steps and its last int(steps * strength) run. With `fix_steps` (A1111's
+    option "With img2img, do exactly the amount of steps the slider specifies", and always in A1111's hires
+    pass) exactly `steps` run, over the tail of a schedule of int(steps / min(strength, 0.999)) steps, so the
+    run starts at the same noise level; strength 0 runs none."""
+    if not fix_steps:
+        return steps, min(max(int(steps * strength), 0), steps)
+    if strength <= 0:
+        return steps, 0
+    return max(steps, int(steps / min(strength, 0.999))), steps
+
+
 def img2img_timesteps(
-    scheduler: Any, steps: int, strength: float, device: str | torch.device | None = None
+    scheduler: Any, steps: int, strength: float, device: str | torch.device | None = None, run: int | None = None
 ) -> torch.Tensor:
     """The timesteps img2img runs, after `scheduler.set_timesteps(steps)`: the last int(steps * strength)
-    steps of the schedule (A1111/diffusers semantics; strength in [0, 1]). The first returned timestep is
-    the noise level to which the init latents are noised (`scheduler.add_noise(init, noise, ts[:1])`).
-    Returns an empty tensor when no step runs (strength too small): the init latents are then the result.
+    steps of the schedule, or the last `run` when given (see `img2img_steps`); A1111/diffusers semantics,
+    strength in [0, 1]. The first returned timestep is the noise level to which the init latents are noised
+    (`scheduler.add_noise(init, noise, ts[:1])`). Returns an empty tensor when no step runs (strength too
+    small): the init latents are then the result.
 
     Our sigma-space schedulers re-plan their run on the tail of the schedule (`set_begin_step`); diffusers
     schedulers get `set_begin_index(first_step * order)`, as diffusers' img2img pipelines do."""
-    run = min(max(int(steps * strength), 0), steps)
+    run = min(max(int(steps * strength), 0), steps) if run is None else min(max(run, 0), steps)
     if run == 0:
         return scheduler.timesteps[:0]
     first_step = steps - run

@@ -55,6 +55,15 @@ LATENT_MODES: dict[str, tuple[str, bool]] = {
     "Latent (nearest-exact)": ("nearest-exact", False),
 }
 
+#: Words in the names of model upscalers clients ask for by name (A1111's built-ins, which it downloads on first
+#: use: "R-ESRGAN 4x+", "ESRGAN_4x", "SwinIR 4x", "LDSR", "ScuNET GAN", "DAT x4", ...; and popular community
+#: files: "4x-UltraSharp", "4x_foolhardy_Remacri", ...). An unknown name with one of these words or a scale
+#: ("4x", "x2") names a model upscaler this server lacks: it falls back (`UpscalerRegistry.fallback`).
+_MODEL_NAME_RE = re.compile(
+    r"esrgan|swinir|scunet|ldsr|\bdat\b|\bhat\b|bsrgan|srformer|realesr|ultrasharp|ultramix|remacri|nmkd|upscal",
+    re.IGNORECASE,
+)
+
 #: An extension upscaler: (RGB image, wanted scale factor >= 0) -> upscaled image of any size; the registry
 #: then resizes it (Lanczos) to the exact target size.
 UpscaleFn = Callable[[Image.Image, float], Image.Image]
@@ -107,6 +116,15 @@ def _scale_from_name(stem: str) -> int | None:
     if not m:
         return None
     return int(m.group(1) or m.group(2))
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """What an upscaler name resolves to: `name` (the one that runs) and `warning` (None when the name was
+    found as asked)."""
+
+    name: str
+    warning: str | None = None
 
 
 @dataclass
@@ -194,6 +212,39 @@ class UpscalerRegistry:
             models = sorted((n for n, e in self._entries.items() if e.kind == "model"), key=str.lower)
             ext = [n for n, e in self._entries.items() if e.kind == "extension"]
         return basic + models + ext
+
+    def fallback(self, name: str, field: str, *, latent: bool = False) -> Fallback:
+        """Resolve an upscaler name as clients send it. A listed name (any case) is used; with `latent` (the
+        hires fix) so is a latent mode, and an unknown "Latent ..." name becomes "Latent". A name of a model
+        upscaler this server does not have ("R-ESRGAN 4x+", "4x-UltraSharp", "SwinIR_4x": A1111 downloads
+        some on first use, this server never downloads) falls back, with a warning naming `field`, to an
+        installed model upscaler of the same scale (default 4) or else to Lanczos. Anything else is a
+        RequestError(`field`) listing the choices (A1111 fails on it too)."""
+        text = (name or "").strip()
+        names = self.names()
+        choices = [*latent_modes(), *names] if latent else names
+        for n in choices:
+            if n.lower() == text.lower():
+                return Fallback(n)
+        if latent and text.lower().startswith("latent"):
+            return self._fell_back(field, text, "Latent", "a latent upscale mode")
+        scale = _scale_from_name(text)
+        if scale is None and not _MODEL_NAME_RE.search(text):
+            raise RequestError(field, f"unknown upscaler {text!r}; choose one of: " + ", ".join(choices))
+        scale = scale or 4
+        with self._lock:
+            same = sorted(
+                (n for n, e in self._entries.items() if e.kind == "model" and e.scale == scale), key=str.lower
+            )
+        if same:
+            return self._fell_back(field, text, same[0], f"the installed {scale}x model upscaler")
+        return self._fell_back(field, text, "Lanczos", f"no {scale}x model upscaler is installed")
+
+    @staticmethod
+    def _fell_back(field: str, asked: str, used: str, why: str) -> Fallback:
+        warning = f"{field}: upscaler {asked!r} is not available here (nothing is downloaded); used {used!r} ({why})"
+        log.warning("%s", warning)
+        return Fallback(used, warning)
 
     def infos(self) -> list[dict]:
         """/sdapi/v1/upscalers: {name, model_name, model_path, model_url, scale} per upscaler."""

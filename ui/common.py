@@ -360,6 +360,7 @@ def fields_from_infotext(
         "Seed resize from-2": "seed_resize_from_h",
         "Hires resize-1": "hr_resize_x",
         "Hires resize-2": "hr_resize_y",
+        "ENSD": "eta_noise_seed_delta",  # A1111 restores it as a setting; a form without the field ignores it
     }
     floats = {
         "CFG scale": "cfg_scale",

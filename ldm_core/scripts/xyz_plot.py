@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 from PIL import Image
@@ -216,6 +217,10 @@ def _num(text: str) -> float:
     return float(text.replace(" ", ""))
 
 
+def _int(text: str) -> int:
+    return int(text.replace(" ", ""))
+
+
 def _linspace(start: float, stop: float, count: int) -> list[float]:
     if count <= 1:
         return [start]
@@ -228,14 +233,15 @@ def expand_ints(values: Sequence[str]) -> list[str | int]:
     out: list[str | int] = []
     for v in values:
         if m := _RANGE_INT.fullmatch(v):
-            start, end = int(_num(m.group(1))), int(_num(m.group(2)))
-            step = int(_num(m.group(3))) if m.group(3) else 1
+            start, end = _int(m.group(1)), _int(m.group(2))  # exact: seeds go up to 2**64 - 1
+            step = _int(m.group(3)) if m.group(3) else 1
             if step == 0:
                 raise ValueError(f"range {v!r} has step 0")
             out += list(range(start, end + (1 if step > 0 else -1), step))
         elif m := _COUNT_INT.fullmatch(v):
-            start, end, count = int(_num(m.group(1))), int(_num(m.group(2))), int(m.group(3))
-            out += [int(x) for x in _linspace(start, end, count)]
+            start, end, count = _int(m.group(1)), _int(m.group(2)), int(m.group(3))
+            # evenly spaced, truncated to integers as A1111 does, in exact arithmetic (large seeds)
+            out += [int(start + Fraction((end - start) * i, max(1, count - 1))) for i in range(count)]
         else:
             out.append(v)
     return out
