@@ -146,6 +146,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+#: How upscaler names this server lacks are treated (upscaler_1/upscaler_2; hr_upscaler says the same).
+UPSCALER_FALLBACK_DOC = (
+    "A name from /sdapi/v1/upscalers. A model upscaler this server does not have (e.g. 'R-ESRGAN 4x+', "
+    "'4x-UltraSharp', 'ESRGAN_4x', 'SwinIR_4x': names with a scale or an upscaler family; nothing is "
+    "downloaded) falls back to an installed model upscaler of the same scale, else Lanczos, with a warning "
+    "(html_info for extras); any other unknown name is a 422 listing the choices"
+)
+
+
 # ---- A1111 fields that are not engine fields ------------------------------------------------------------
 _A1111_COMMON: dict[str, Any] = {
     "sampler_name": (
@@ -527,8 +536,8 @@ class ExtrasBase(_Tolerant):
     upscaling_resize_w: int = Field(512, ge=0, le=MAX_OUTPUT_SIDE, description="Pixels (resize_mode 1)")
     upscaling_resize_h: int = Field(512, ge=0, le=MAX_OUTPUT_SIDE, description="Pixels (resize_mode 1)")
     upscaling_crop: bool = True
-    upscaler_1: str = "None"
-    upscaler_2: str = "None"
+    upscaler_1: str = Field("None", description=UPSCALER_FALLBACK_DOC)
+    upscaler_2: str = Field("None", description=UPSCALER_FALLBACK_DOC)
     extras_upscaler_2_visibility: float = Field(0.0, ge=0.0, le=1.0)
     upscale_first: bool = False
 

@@ -165,12 +165,13 @@ def build_router(ctx: ApiContext) -> APIRouter:
         return await _generate(body, img2img=True)
 
     # ---- extras and png-info ---------------------------------------------------------------------------
-    def _extras_params(req: ExtrasBase) -> ExtrasParams:
-        params = ExtrasParams.from_api(req.model_dump())
-        params.validate(ctx.upscalers)  # unknown upscaler -> 422 listing the choices, before queueing
-        return params
+    def _extras_params(req: ExtrasBase) -> tuple[ExtrasParams, list[str]]:
+        # a model upscaler this server lacks falls back with a warning (in html_info); garbage -> 422
+        params, warnings = ExtrasParams.from_api(req.model_dump()).with_fallbacks(ctx.upscalers)
+        params.validate(ctx.upscalers)
+        return params, warnings
 
-    def _extras(params: ExtrasParams, sources: list[Image.Image]) -> tuple[list[str], str]:
+    def _extras(params: ExtrasParams, sources: list[Image.Image], warnings: list[str]) -> tuple[list[str], str]:
         """Upscale `sources` in queue order; base64 PNGs keeping each source's infotext, and the html_info."""
 
         def work(job_ctx):
@@ -181,25 +182,26 @@ def build_router(ctx: ApiContext) -> APIRouter:
         for src, out in zip(sources, outs, strict=True):
             infotext = read_image_info(src)[0]
             encoded.append(encode_png_b64(out, infotext) if infotext else encode_png_b64(out))
-        return encoded, postprocess_text(sources[0].size, params)
+        html = postprocess_text(sources[0].size, params)
+        return encoded, "\n".join([html, *(f"Warning: {w}" for w in warnings)]) if warnings else html
 
     @router.post("/extra-single-image", response_model=ExtrasSingleImageResponse)
     async def extra_single_image(req: ExtrasSingleImageRequest):
-        params = _extras_params(req)
+        params, warnings = _extras_params(req)
 
         def run():
-            return _extras(params, [decode_image(req.image, "image")])
+            return _extras(params, [decode_image(req.image, "image")], warnings)
 
         images, html = await in_thread(ctx, run)
         return {"html_info": html, "image": images[0]}
 
     @router.post("/extra-batch-images", response_model=ExtrasBatchImagesResponse)
     async def extra_batch_images(req: ExtrasBatchImagesRequest):
-        params = _extras_params(req)
+        params, warnings = _extras_params(req)
 
         def run():
             sources = [decode_image(f.data, f"imageList[{i}].data") for i, f in enumerate(req.imageList)]
-            return _extras(params, sources)
+            return _extras(params, sources, warnings)
 
         images, html = await in_thread(ctx, run)
         return {"html_info": html, "images": images}

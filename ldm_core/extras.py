@@ -10,7 +10,7 @@ As in A1111, upscaler_1 "None" leaves the image untouched.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,19 @@ class ExtrasParams:
             except (TypeError, ValueError):
                 raise RequestError(k, f"expected a {kind}; got {v!r}") from None
         return cls(**kw)
+
+    def with_fallbacks(self, registry: UpscalerRegistry) -> tuple[ExtrasParams, list[str]]:
+        """These params with upscaler names clients send for model upscalers this server lacks ("R-ESRGAN
+        4x+", "SwinIR_4x") replaced by what runs instead (`UpscalerRegistry.fallback`), and the warnings that
+        say so. A name that is no upscaler at all stays a RequestError naming upscaler_1 / upscaler_2."""
+        changes: dict[str, str] = {}
+        warnings: list[str] = []
+        for name in ("upscaler_1", "upscaler_2"):
+            fallback = registry.fallback(getattr(self, name), name)
+            changes[name] = fallback.name
+            if fallback.warning:
+                warnings.append(fallback.warning)
+        return replace(self, **changes), warnings
 
     def validate(self, registry: UpscalerRegistry) -> None:
         """Raise RequestError("upscaler_1"/"upscaler_2", ...) for a name the registry does not know."""

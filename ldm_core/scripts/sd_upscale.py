@@ -28,6 +28,7 @@ class UpscalePlan:
     upscaler: str
     scale: float
     overlap: int
+    warning: str | None = None  # the upscaler asked for is not here: which one ran instead
 
 
 def arguments(engine: Engine, mode: str) -> list[ScriptArg]:
@@ -44,10 +45,18 @@ def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> Upsc
     if not isinstance(request, Img2ImgRequest) or isinstance(request, InpaintRequest):
         raise RequestError(ARGS_FIELD, f"{TITLE} works on img2img requests (an init image and no mask)")
     overlap = int(as_number(arg_at(args, 1, 64), TITLE, 1, "Tile overlap", 0, 256))
-    upscaler = as_choice(arg_at(args, 2, 0), engine.upscalers.names(), TITLE, 2, "Upscaler")
+    asked = arg_at(args, 2, 0)
+    names = engine.upscalers.names()
+    warning = None
+    if isinstance(asked, str) and not asked.strip().isdigit() and asked.strip().lower() not in map(str.lower, names):
+        # a model upscaler name this server lacks ("R-ESRGAN 4x+") falls back with a warning, as for hires
+        fallback = engine.upscalers.fallback(asked, ARGS_FIELD)
+        upscaler, warning = fallback.name, fallback.warning
+    else:
+        upscaler = as_choice(asked, names, TITLE, 2, "Upscaler")
     scale = as_number(arg_at(args, 3, 2.0), TITLE, 3, "Scale Factor", 1.0, 8.0)
     fixed = rebuild(request, seed=resolve_seed(request.seed))
-    return UpscalePlan(fixed, upscaler, 1.0 if upscaler == "None" else scale, overlap)  # type: ignore[arg-type]
+    return UpscalePlan(fixed, upscaler, 1.0 if upscaler == "None" else scale, overlap, warning)  # type: ignore[arg-type]
 
 
 def run(run_: ScriptRun, request: GenerationRequest, plan: UpscalePlan) -> GenerationResult:
@@ -81,6 +90,8 @@ def run(run_: ScriptRun, request: GenerationRequest, plan: UpscalePlan) -> Gener
                     manifest=None,
                     seed=seed,
                     pattern=run_.engine.config.filename_pattern,
+                    extension=run_.engine.config.samples_format,
+                    quality=run_.engine.config.jpeg_quality,
                     prompt=req.prompt,
                 )
             )
@@ -96,6 +107,7 @@ def run(run_: ScriptRun, request: GenerationRequest, plan: UpscalePlan) -> Gener
         interrupted=out.interrupted or run_.interrupted,
         width=out.images[0].width if out.images else 0,
         height=out.images[0].height if out.images else 0,
+        warnings=[*base.warnings, *([plan.warning] if plan.warning else [])],
     )
 
 
