@@ -90,15 +90,15 @@ def test_non_checkpoints_are_named(keys, expected):
         detect_checkpoint(keys)
 
 
-def test_sdxl_refiner_is_refused(tiny_models):
+def test_sdxl_refiner_is_its_own_family(tiny_models):
+    """bigG alone, stored as the first embedder, is the SDXL refiner's layout (tests/test_sdxl_refiner.py)."""
     shapes = read_tensor_shapes(tiny_models["sdxl"]["single_file"])
     refiner = {
         k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v
         for k, v in shapes.items()
         if not k.startswith("conditioner.embedders.0.")
     }
-    with pytest.raises(UnsupportedCheckpointError, match="refiner"):
-        detect_checkpoint(refiner)
+    assert detect_checkpoint(refiner).family == "sdxl-refiner"
 
 
 def test_unet_only_files_fall_back_to_structure(tiny_models):
@@ -248,4 +248,16 @@ def test_variant_configs_differ_only_where_they_should():
     assert shipped_config("sd2", "scheduler")["prediction_type"] == "v_prediction"
     assert shipped_config("sd2-base", "scheduler")["prediction_type"] == "epsilon"
     assert shipped_config("sdxl", "vae")["scaling_factor"] == 0.13025
-    assert set(VARIANTS) == {"sd1", "sd1-inpaint", "sd2", "sd2-base", "sd2-inpaint", "sdxl", "sdxl-inpaint"}
+    refiner = shipped_config("sdxl-refiner", "unet")  # the real refiner's: 4 levels, bigG-wide context
+    assert (refiner["block_out_channels"], refiner["cross_attention_dim"]) == ([384, 768, 1536, 1536], 1280)
+    assert shipped_config("sdxl-refiner", "model_index")["requires_aesthetics_score"] is True
+    assert set(VARIANTS) == {
+        "sd1",
+        "sd1-inpaint",
+        "sd2",
+        "sd2-base",
+        "sd2-inpaint",
+        "sdxl",
+        "sdxl-inpaint",
+        "sdxl-refiner",
+    }

@@ -6,8 +6,8 @@ misplaced file gets a helpful message.
 
 What keys cannot tell, a rule decides (override it with a sidecar file, see `ldm_core.models.sidecar`):
 
-- prediction type: epsilon for SD 1.x and SDXL; for SD 2.x non-inpainting checkpoints **v-prediction**,
-  because the SD 2.0-v / 2.1 768 models (and most SD2 fine-tunes) are v-models, while the 512 "base"
+- prediction type: epsilon for SD 1.x, SDXL and the SDXL refiner; for SD 2.x non-inpainting checkpoints
+  **v-prediction**, because the SD 2.0-v / 2.1 768 models (and most SD2 fine-tunes) are v-models, while the 512 "base"
   models are epsilon and need a sidecar `{"prediction_type": "epsilon"}` (or A1111's `v2-inference.yaml`
   next to them). SD 2.x inpainting is epsilon. A checkpoint that carries a `v_pred` marker key (some
   SDXL v-pred releases do) is v-prediction whatever its family.
@@ -20,9 +20,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-Family = Literal["sd1", "sd2", "sdxl"]
+#: "sdxl-refiner" is Stability's SDXL refiner: a 4-level UNet conditioned on OpenCLIP ViT-bigG alone, whose
+#: time ids hold an aesthetic score instead of the target size (`ldm_core.prompts.time_ids`).
+Family = Literal["sd1", "sd2", "sdxl", "sdxl-refiner"]
 PredictionType = Literal["epsilon", "v_prediction"]
-FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl")
+FAMILIES: tuple[str, ...] = ("sd1", "sd2", "sdxl", "sdxl-refiner")
+#: Families with SDXL's pooled text embedding and micro-conditioning time ids (UNet `text_time` embedding).
+SDXL_FAMILIES: tuple[str, ...] = ("sdxl", "sdxl-refiner")
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction")
 
 UNET_PREFIX = "model.diffusion_model."
@@ -38,12 +42,14 @@ TEXT_ENCODER_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
         ("conditioner.embedders.0.transformer.", "hf_clip"),
         ("conditioner.embedders.1.model.", "open_clip"),
     ),
+    "sdxl-refiner": (("conditioner.embedders.0.model.", "open_clip"),),  # bigG only, stored first
 }
 
 #: Family signatures of original-layout checkpoints, tried in order: (family, key, shape test or None).
 FAMILY_KEYS: tuple[tuple[Family, str, Callable[[tuple[int, ...]], bool] | None], ...] = (
     # text encoders: the most direct evidence
     ("sdxl", "conditioner.embedders.1.model.token_embedding.weight", None),  # OpenCLIP ViT-bigG (2nd encoder)
+    ("sdxl-refiner", "conditioner.embedders.0.model.token_embedding.weight", None),  # bigG as the only encoder
     ("sd2", "cond_stage_model.model.token_embedding.weight", None),  # OpenCLIP ViT-H
     ("sd1", "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", None),  # CLIP ViT-L
     (
@@ -52,6 +58,11 @@ FAMILY_KEYS: tuple[tuple[Family, str, Callable[[tuple[int, ...]], bool] | None],
         None,
     ),  # old transformers naming
     # UNet-only evidence (files without text encoders)
+    (  # the refiner attends to bigG's 1280-wide states; the base to CLIP-L + bigG (2048)
+        "sdxl-refiner",
+        UNET_PREFIX + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+        lambda s: s[-1] == 1280,
+    ),
     ("sdxl", UNET_PREFIX + "label_emb.0.0.weight", None),  # text_time addition embedding
     ("sd2", UNET_PREFIX + "input_blocks.1.1.proj_in.weight", lambda s: len(s) == 2),  # linear projection
     ("sd2", UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight", lambda s: s[-1] == 1024),
@@ -67,7 +78,6 @@ INPAINT_IN_CHANNELS = 9
 
 #: Files that are not SD checkpoints: (what it is, key prefixes or fragments, match mode).
 NOT_A_CHECKPOINT: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("an SDXL refiner (not supported)", ("conditioner.embedders.0.model.",), "prefix"),
     (
         "an SD3/Flux-style transformer model (not SD1/SD2/SDXL)",
         (
@@ -107,7 +117,7 @@ NOT_A_CHECKPOINT: tuple[tuple[str, tuple[str, ...], str], ...] = (
 
 
 class UnsupportedCheckpointError(ValueError):
-    """The state dict is not an SD 1.x / 2.x / SDXL checkpoint this project can load."""
+    """The state dict is not an SD 1.x / 2.x / SDXL (base or refiner) checkpoint this project can load."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ class CheckpointKind:
     def config_variant(self) -> str:
         """The shipped config folder under `ldm_core/models/configs/` this kind is built from."""
         if self.inpaint:
-            return f"{self.family}-inpaint"
+            return f"{self.family}-inpaint"  # no refiner is an inpainting model (detection refuses one)
         if self.family == "sd2" and self.prediction_type == "epsilon":
             return "sd2-base"
         return self.family
@@ -133,6 +143,8 @@ class CheckpointKind:
     @property
     def pipeline_class_name(self) -> str:
         """The diffusers pipeline class that matches this kind."""
+        if self.family == "sdxl-refiner":
+            return "StableDiffusionXLImg2ImgPipeline"
         xl = "XL" if self.family == "sdxl" else ""
         return f"StableDiffusion{xl}{'Inpaint' if self.inpaint else ''}Pipeline"
 
@@ -172,10 +184,6 @@ def detect_family(state_dict_or_shapes: Mapping[str, Any]) -> Family:
             if what
             else "not a Stable Diffusion checkpoint: no UNet weights (model.diffusion_model.*) found"
         )
-    if "conditioner.embedders.0.model.token_embedding.weight" in sd and not any(
-        k.startswith("conditioner.embedders.1.") for k in sd
-    ):
-        raise UnsupportedCheckpointError("an SDXL refiner checkpoint: refiners are not supported")
     for family, key, test in FAMILY_KEYS:
         if key in sd and (test is None or test(_shape(sd[key]))):
             return family
@@ -197,6 +205,8 @@ def detect_checkpoint(state_dict_or_shapes: Mapping[str, Any]) -> CheckpointKind
             "(8 is InstructPix2Pix, 5 a depth model)"
         )
     inpaint = in_ch == INPAINT_IN_CHANNELS
+    if inpaint and family == "sdxl-refiner":
+        raise UnsupportedCheckpointError("an SDXL refiner with a 9-channel (inpainting) UNet is not supported")
     if V_PREDICTION_MARKER in sd:
         prediction: PredictionType = "v_prediction"
     elif family == "sd2" and not inpaint:
@@ -208,6 +218,7 @@ def detect_checkpoint(state_dict_or_shapes: Mapping[str, Any]) -> CheckpointKind
 
 #: Family of a diffusers folder from its UNet config, tried in order: (family, test on the config).
 DIFFUSERS_FAMILY_RULES: tuple[tuple[Family, Callable[[Mapping[str, Any]], bool]], ...] = (
+    ("sdxl-refiner", lambda c: c.get("addition_embed_type") == "text_time" and c.get("cross_attention_dim") == 1280),
     ("sdxl", lambda c: c.get("addition_embed_type") == "text_time"),
     ("sdxl", lambda c: c.get("cross_attention_dim") == 2048),
     ("sd2", lambda c: c.get("cross_attention_dim") == 1024),
@@ -218,11 +229,16 @@ DIFFUSERS_FAMILY_RULES: tuple[tuple[Family, Callable[[Mapping[str, Any]], bool]]
 
 
 def detect_diffusers(
-    unet_config: Mapping[str, Any], scheduler_config: Mapping[str, Any] | None = None
+    unet_config: Mapping[str, Any],
+    scheduler_config: Mapping[str, Any] | None = None,
+    model_index: Mapping[str, Any] | None = None,
 ) -> CheckpointKind:
     """The kind of a diffusers folder from its unet config and scheduler config (which, unlike a single
-    file, records the prediction type)."""
+    file, records the prediction type). A `model_index` that sets `requires_aesthetics_score` (the
+    refiner's pipeline flag, which small refiners of other widths carry too) makes an SDXL UNet a refiner."""
     family = next(f for f, test in DIFFUSERS_FAMILY_RULES if test(unet_config))
+    if family == "sdxl" and (model_index or {}).get("requires_aesthetics_score"):
+        family = "sdxl-refiner"
     sched = scheduler_config or {}
     prediction = sched.get("prediction_type") or "epsilon"
     if prediction not in PREDICTION_TYPES:

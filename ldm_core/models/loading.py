@@ -33,6 +33,7 @@ from .single_file import (
     convert_checkpoint,
     convert_vae,
     infer_vae_config,
+    text_encoder_slots,
 )
 
 if TYPE_CHECKING:
@@ -61,12 +62,17 @@ WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
 
 TOKENIZERS_DIR = Path(__file__).resolve().parent / "tokenizers"
 #: Shipped tokenizer variant per family and text encoder (CLIP ViT-L pads with <|endoftext|>, OpenCLIP
-#: with "!").
+#: with "!"), in the order of `single_file.text_encoder_slots` (the refiner's one is `tokenizer_2`).
 FAMILY_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "sd1": ("clip",),
     "sd2": ("clip_g",),
     "sdxl": ("clip", "clip_g"),
+    "sdxl-refiner": ("clip_g",),
 }
+
+
+def _tokenizer_name(text_encoder_name: str) -> str:
+    return text_encoder_name.replace("text_encoder", "tokenizer")
 
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
@@ -271,7 +277,8 @@ class LoadedModel:
     `native_size` is the training resolution in pixels (UNet sample_size x `vae_scale_factor`);
     `vae_scale_factor` is pixels per latent (8 for every SD family); `scheduler_config` is a diffusers
     scheduler config dict with the right `prediction_type`. `text_encoder_2`/`tokenizer_2` are SDXL's
-    OpenCLIP ViT-bigG pair, None otherwise. `force_zeros_for_empty_prompt` is the pipeline config flag of
+    OpenCLIP ViT-bigG pair, None otherwise; the SDXL refiner has only that pair (`text_encoder` and
+    `tokenizer` are None, as in its diffusers pipeline). `force_zeros_for_empty_prompt` is the pipeline config flag of
     that name (SDXL: true): an empty negative prompt is then conditioned on zeros, not on encoded "".
     """
 
@@ -299,7 +306,8 @@ class LoadedModel:
         return self.entry.short_hash
 
     def components(self) -> dict[str, Any]:
-        """The parts under the argument names of diffusers' StableDiffusion(XL)Pipeline (no scheduler)."""
+        """The parts under the argument names of diffusers' StableDiffusion(XL)(Img2Img)Pipeline (no
+        scheduler); the refiner's `text_encoder`/`tokenizer` are None."""
         out = {
             "unet": self.unet,
             "vae": self.vae,
@@ -437,24 +445,25 @@ def load_model(
             UNet2DConditionModel, conv.configs["unet"], conv.state_dicts.pop("unet"), dtype, "UNet"
         )
         vae = _build_diffusers(AutoencoderKL, conv.configs["vae"], conv.state_dicts.pop("vae"), dtype, "VAE")
-        encoders = [
-            _build_text_encoder(conv.configs[n], conv.state_dicts.pop(n), dtype, n.replace("_", " "))
-            for n in ("text_encoder", "text_encoder_2")
-            if n in conv.configs
-        ]
+        slots = [name for name, _, _ in text_encoder_slots(kind.family)]
+        texts: dict[str, Any] = {
+            n: _build_text_encoder(conv.configs[n], conv.state_dicts.pop(n), dtype, n.replace("_", " "))
+            for n in slots
+        }
     except (UnsupportedCheckpointError, LayoutError) as err:
         raise ModelFileError(e.path, str(err)) from None
-    tokenizers = [load_shipped_tokenizer(t) for t in FAMILY_TOKENIZERS[kind.family]]  # type: ignore[arg-type]
+    for n, tok in zip(slots, FAMILY_TOKENIZERS[kind.family], strict=True):
+        texts[_tokenizer_name(n)] = load_shipped_tokenizer(tok)  # type: ignore[arg-type]
     scale = _vae_scale(vae)
     return LoadedModel(
         entry=e,
         kind=kind,
         unet=unet,
         vae=vae,
-        text_encoder=encoders[0],
-        tokenizer=tokenizers[0],
-        text_encoder_2=encoders[1] if len(encoders) > 1 else None,
-        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
+        text_encoder=texts.get("text_encoder"),
+        tokenizer=texts.get("tokenizer"),
+        text_encoder_2=texts.get("text_encoder_2"),
+        tokenizer_2=texts.get("tokenizer_2"),
         scheduler_config=conv.configs["scheduler"],
         native_size=int(unet.config.sample_size) * scale,
         vae_scale_factor=scale,
@@ -464,7 +473,7 @@ def load_model(
 
 def zeros_for_empty_prompt(model_index: Mapping[str, Any], kind: CheckpointKind) -> bool:
     """The pipeline's `force_zeros_for_empty_prompt` flag from a model_index.json; when the key is absent,
-    diffusers' default for the family's pipeline (true for SDXL, which is the only family that has it)."""
+    diffusers' default for the family's pipeline (true for SDXL; the refiner's own config says false)."""
     flag = model_index.get("force_zeros_for_empty_prompt")
     if flag is None:
         return kind.family == "sdxl"
@@ -491,8 +500,12 @@ def _diffusers_kind(root: Path) -> CheckpointKind:
     unet_cfg = _read_json(root / "unet" / "config.json")
     sched_path = root / "scheduler" / "scheduler_config.json"
     sched = _read_json(sched_path) if sched_path.is_file() else {}
-    kind = detect_diffusers(unet_cfg, sched)
-    if (root / "text_encoder_2").is_dir() and kind.family != "sdxl":
+    index_path = root / "model_index.json"
+    index = _read_json(index_path) if index_path.is_file() else {}
+    kind = detect_diffusers(unet_cfg, sched, index)
+    if kind.family == "sdxl" and (root / "text_encoder_2").is_dir() and not (root / "text_encoder").is_dir():
+        kind = kind.with_overrides(family="sdxl-refiner")  # bigG alone: the refiner's layout
+    elif (root / "text_encoder_2").is_dir() and kind.family not in ("sdxl", "sdxl-refiner"):
         kind = kind.with_overrides(family="sdxl")
     return _kind_with_sidecar(root, kind)
 
@@ -568,13 +581,14 @@ def _load_diffusers(e: ModelEntry, dtype: torch.dtype, allow_pickle: bool) -> Lo
 
     unet = component("unet", diffusers_model(UNet2DConditionModel))
     vae = component("vae", diffusers_model(AutoencoderKL))
-    te = component("text_encoder", text_model(CLIPTextModel))
-    names = FAMILY_TOKENIZERS[kind.family]
-    tok = _folder_tokenizer(root, "tokenizer", names[0])
-    te2 = tok2 = None
-    if kind.family == "sdxl":
-        te2 = component("text_encoder_2", text_model(CLIPTextModelWithProjection))
-        tok2 = _folder_tokenizer(root, "tokenizer_2", names[1])
+    texts: dict[str, Any] = {}
+    classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
+    slots = [name for name, _, _ in text_encoder_slots(kind.family)]
+    for n, tok_name in zip(slots, FAMILY_TOKENIZERS[kind.family], strict=True):
+        texts[n] = component(n, text_model(classes[n]))
+        texts[_tokenizer_name(n)] = _folder_tokenizer(root, _tokenizer_name(n), tok_name)
+    te, tok = texts.get("text_encoder"), texts.get("tokenizer")
+    te2, tok2 = texts.get("text_encoder_2"), texts.get("tokenizer_2")
     scale = _vae_scale(vae)
     model_index = _read_json(root / "model_index.json")
     return LoadedModel(

@@ -7,6 +7,9 @@ An original SD checkpoint holds every component under one prefix each:
 - SD 2.x text encoder: `cond_stage_model.model.` (OpenCLIP ViT-H in OpenCLIP's own layout)
 - SDXL: `conditioner.embedders.0.transformer.` (CLIP ViT-L) and `conditioner.embedders.1.model.`
   (OpenCLIP ViT-bigG)
+- SDXL refiner: `conditioner.embedders.0.model.` (OpenCLIP ViT-bigG, its only text encoder, which diffusers
+  names `text_encoder_2`); its UNet's addition embedding takes the pooled text and 5 time ids (the
+  aesthetic score replaces the target size), not 6
 
 Key names are mapped with prefix tables built from the model's structure (number of levels, layers per
 level, which levels have attention), the same tables in both directions, so an export followed by a load
@@ -44,6 +47,7 @@ import torch
 
 from .configs import shipped_config
 from .detect import (
+    SDXL_FAMILIES,
     TEXT_ENCODER_PREFIXES,
     UNET_PREFIX,
     V_PREDICTION_MARKER,
@@ -310,7 +314,7 @@ def infer_unet_config(sd: Mapping[str, Any], family: str, pooled_dim: int | None
     """UNet2DConditionModel config fields determined by an original-layout UNet state dict (prefix removed).
 
     `pooled_dim` is the width of SDXL's pooled text embedding, needed to split the addition embedding's
-    input into pooled text and 6 size/crop time embeddings."""
+    input into pooled text and the time embeddings (6 for SDXL, 5 for the refiner)."""
     layout = UNetLayout.from_ldm(sd)
     n, lpb = layout.levels, layout.layers_per_block
     blocks = [layout.first_block(i) for i in range(n)]
@@ -346,10 +350,11 @@ def infer_unet_config(sd: Mapping[str, Any], family: str, pooled_dim: int | None
     }
     if layout.addition_embedding:
         in_dim = _shape(sd, "label_emb.0.0.weight")[1]
-        time_dim = (in_dim - pooled_dim) // 6 if pooled_dim else 256
-        if pooled_dim and (in_dim - pooled_dim) % 6:
+        n_ids = time_id_count(family)
+        time_dim = (in_dim - pooled_dim) // n_ids if pooled_dim else 256
+        if pooled_dim and (in_dim - pooled_dim) % n_ids:
             raise LayoutError(
-                f"addition embedding input {in_dim} is not pooled {pooled_dim} + 6 time embeddings"
+                f"addition embedding input {in_dim} is not pooled {pooled_dim} + {n_ids} time embeddings"
             )
         cfg.update(
             addition_embed_type="text_time",
@@ -357,6 +362,12 @@ def infer_unet_config(sd: Mapping[str, Any], family: str, pooled_dim: int | None
             addition_time_embed_dim=time_dim,
         )
     return cfg
+
+
+def time_id_count(family: str) -> int:
+    """Micro-conditioning values of an SDXL-family UNet: (orig h, orig w, crop top, crop left) then target
+    h, w (SDXL) or the aesthetic score (refiner)."""
+    return 5 if family == "sdxl-refiner" else 6
 
 
 def infer_vae_config(sd: Mapping[str, Any]) -> dict[str, Any]:
@@ -527,6 +538,15 @@ def _canonical_to_open_clip(sd: Mapping[str, Tensor], add_identity_layer: bool) 
 
 #: Component names of a loaded model, in the order of `TEXT_ENCODER_PREFIXES`.
 TEXT_ENCODER_NAMES = ("text_encoder", "text_encoder_2")
+#: Component names per family where they do not follow that order: the refiner's one encoder is diffusers'
+#: `text_encoder_2` (its pipeline has no `text_encoder`).
+_FAMILY_TEXT_ENCODER_NAMES = {"sdxl-refiner": ("text_encoder_2",)}
+
+
+def text_encoder_slots(family: str) -> list[tuple[str, str, str]]:
+    """(component name, original-layout prefix, key style) of each text encoder of `family`."""
+    names = _FAMILY_TEXT_ENCODER_NAMES.get(family, TEXT_ENCODER_NAMES)
+    return [(n, prefix, style) for n, (prefix, style) in zip(names, TEXT_ENCODER_PREFIXES[family], strict=False)]
 
 
 @dataclass
@@ -552,7 +572,7 @@ def _convert_text_encoder(part: StateDict, style: str, family: str) -> StateDict
             canonical.pop(k, None)
         return canonical
     keep = sd2_used_blocks(part) if family == "sd2" else None
-    return _open_clip_to_canonical(part, keep=keep, projection=family == "sdxl")
+    return _open_clip_to_canonical(part, keep=keep, projection=family in SDXL_FAMILIES)
 
 
 def convert_unet(sd: Mapping[str, Tensor], config: Mapping[str, Any], to_diffusers: bool) -> StateDict:
@@ -581,7 +601,7 @@ def convert_checkpoint(state_dict: Mapping[str, Tensor], kind: CheckpointKind) -
     variant = kind.config_variant
     out = ConvertedCheckpoint(kind)
     texts = {}
-    for name, (prefix, style) in zip(TEXT_ENCODER_NAMES, TEXT_ENCODER_PREFIXES[kind.family], strict=False):
+    for name, prefix, style in text_encoder_slots(kind.family):
         part = _split(state_dict, prefix)
         if not part:
             raise LayoutError(f"no {name} weights ({prefix}*) in this {kind.family} checkpoint")
@@ -630,7 +650,10 @@ def _resolve(model: Any, family: str | None) -> tuple[dict[str, Any], Checkpoint
         if comps.get("unet") is None:
             raise ValueError("export needs a unet component")
         sched = comps.get("scheduler_config") or comps.get("scheduler")
-        kind = detect_diffusers(comps["unet"].config, dict(getattr(sched, "config", sched) or {}))
+        index = dict(getattr(model, "config", None) or {})  # a pipeline's config is its model_index
+        if comps.get("text_encoder") is None and comps.get("text_encoder_2") is not None:
+            index["requires_aesthetics_score"] = True  # bigG alone: the refiner's layout
+        kind = detect_diffusers(comps["unet"].config, dict(getattr(sched, "config", sched) or {}), index)
     if family is not None:
         kind = kind.with_overrides(family=family)
     return comps, kind
@@ -638,25 +661,28 @@ def _resolve(model: Any, family: str | None) -> tuple[dict[str, Any], Checkpoint
 
 def to_original_state_dict(model: Any, *, family: str | None = None) -> StateDict:
     """The original single-file layout of a model: a `LoadedModel`, a diffusers pipeline, or a mapping with
-    "unet", "vae", "text_encoder" (and "text_encoder_2" for SDXL; optional "scheduler"/"scheduler_config"
-    for the prediction type). Tensors are shared with the model where no reshaping is needed.
+    "unet", "vae", "text_encoder" (and "text_encoder_2" for SDXL; only "text_encoder_2" for the refiner;
+    optional "scheduler"/"scheduler_config" for the prediction type). Tensors are shared with the model
+    where no reshaping is needed.
 
     Markers: a v-prediction model (other than SD 2.x, where it is the default) gets a `v_pred` key and a
     zero-terminal-SNR model a `ztsnr` key, both empty tensors.
     """
     comps, kind = _resolve(model, family)
     unet, vae = comps.get("unet"), comps.get("vae")
-    if vae is None or comps.get("text_encoder") is None:
-        raise ValueError("export needs unet, vae and text_encoder components")
-    if kind.family == "sdxl" and comps.get("text_encoder_2") is None:
-        raise ValueError("an SDXL export needs text_encoder_2")
+    slots = text_encoder_slots(kind.family)
+    if vae is None:
+        raise ValueError("export needs unet and vae components")
+    missing = [name for name, _, _ in slots if comps.get(name) is None]
+    if missing:
+        raise ValueError(f"a {kind.family} export needs {' and '.join(missing)}")
 
     out: StateDict = {}
     unet_sd = convert_unet(unet.state_dict(), unet.config, to_diffusers=False)
     out.update({UNET_PREFIX + k: v for k, v in unet_sd.items()})
     vae_sd = convert_vae(vae.state_dict(), vae.config, to_diffusers=False)
     out.update({VAE_PREFIX + k: v for k, v in vae_sd.items()})
-    for name, (prefix, style) in zip(TEXT_ENCODER_NAMES, TEXT_ENCODER_PREFIXES[kind.family], strict=False):
+    for name, prefix, style in slots:
         canonical = clip_to_canonical(comps[name].state_dict())
         if style == "hf_clip":
             canonical.pop("text_projection.weight", None)

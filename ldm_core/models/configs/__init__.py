@@ -6,7 +6,8 @@ Each folder is a diffusers layout without weights (`model_index.json`, `unet/con
 
 - `sd1` (SD 1.5), `sd1-inpaint` (SD 1.5 inpainting, 9-channel UNet)
 - `sd2` (SD 2.x 768 v-prediction), `sd2-base` (SD 2.x 512 epsilon), `sd2-inpaint`
-- `sdxl` (SDXL base 1.0), `sdxl-inpaint`
+- `sdxl` (SDXL base 1.0), `sdxl-inpaint`, `sdxl-refiner` (SDXL refiner 1.0: no `text_encoder/`, only
+  `text_encoder_2/`)
 
 Values follow the public diffusers repos of those models. Single-file loading starts from these and
 replaces every field that the checkpoint's tensor shapes determine.
@@ -20,7 +21,16 @@ from typing import Any
 
 CONFIGS_DIR = Path(__file__).resolve().parent
 
-VARIANTS: tuple[str, ...] = ("sd1", "sd1-inpaint", "sd2", "sd2-base", "sd2-inpaint", "sdxl", "sdxl-inpaint")
+VARIANTS: tuple[str, ...] = (
+    "sd1",
+    "sd1-inpaint",
+    "sd2",
+    "sd2-base",
+    "sd2-inpaint",
+    "sdxl",
+    "sdxl-inpaint",
+    "sdxl-refiner",
+)
 
 _FILES = {"model_index": "model_index.json", "scheduler": "scheduler/scheduler_config.json"}
 
