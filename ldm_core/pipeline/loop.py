@@ -98,7 +98,7 @@ class ModelSwitch:
     at: int
     unet: Any
     conditioning: Callable[[int], tuple[Any, list[tuple[Any, float]]]]
-    added_cond_kwargs: Callable[[torch.Tensor | None, list[torch.Tensor]], dict] | None = None
+    added_cond_kwargs: Callable[[bool, list[torch.Tensor]], dict] | None = None
     unet_concat: torch.Tensor | None = None
     keep_unet_inputs: bool = True
 
@@ -113,6 +113,9 @@ def skips_uncond(index: int, sigma: float, s_min_uncond: float) -> bool:
 class LoopInputs:
     """Everything one denoising run needs. `latents` are already noised to `timesteps[0]`'s level.
     `conditioning(step_index)` returns (uncond or None, [(cond, weight), ...]) as Conditioning objects.
+    `added_cond_kwargs(uncond_first, pooled)` gives the UNet's added conditioning (SDXL) of a step's groups:
+    `pooled` holds each group's pooled embedding and `uncond_first` says whether group 0 is the unconditional
+    one (the SDXL refiner conditions it on another aesthetic score).
     `unet_concat` (B,C',h,w) is concatenated to the UNet input (9-channel inpainting models)."""
 
     latents: torch.Tensor
@@ -121,7 +124,7 @@ class LoopInputs:
     conditioning: Callable[[int], tuple[Any, list[tuple[Any, float]]]]
     cfg_scale: float
     generators: list[torch.Generator] | None = None
-    added_cond_kwargs: Callable[[torch.Tensor | None, list[torch.Tensor]], dict] | None = None
+    added_cond_kwargs: Callable[[bool, list[torch.Tensor]], dict] | None = None
     unet_concat: torch.Tensor | None = None
     inpaint: InpaintBlend | None = None
     s_min_uncond: float = 0.0  # see `skips_uncond`; needs `sigmas`
@@ -192,7 +195,7 @@ def denoise(
         added = None
         if added_fn is not None:
             pooled = [g.pooled for g in groups]
-            added = added_fn(None, pooled)
+            added = added_fn(use_uncond, pooled)
             added = {k: v.repeat_interleave(b, dim=0).to(dtype) for k, v in added.items()}
         state = StepState(i, total, t, x_in, ctx, added, b, use_uncond, weights)
         kwargs: dict[str, Any] = {}

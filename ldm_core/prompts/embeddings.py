@@ -200,7 +200,7 @@ class EmbeddingLibrary:
     def fits(self, name: str, model) -> bool:
         """Whether embedding `name` has vectors for one of `model`'s text encoders (a `LoadedModel`: SD1/SD2
         use `text_encoder`, SDXL `text_encoder` as "clip_l" and `text_encoder_2` as "clip_g")."""
-        if model.kind.family == "sdxl":
+        if model.kind.family in ("sdxl", "sdxl-refiner"):  # the refiner has only the "clip_g" encoder
             sides = [("clip_l", model.text_encoder), ("clip_g", model.text_encoder_2)]
         else:
             sides = [("", model.text_encoder)]

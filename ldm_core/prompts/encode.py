@@ -1,5 +1,6 @@
-"""Prompt text -> UNet conditioning, for SD 1.x (CLIP-L), SD 2.x (OpenCLIP-H, penultimate layer) and SDXL
-(CLIP-L + OpenCLIP-bigG, pooled embedding; the size/crop conditioning is the pipeline's).
+"""Prompt text -> UNet conditioning, for SD 1.x (CLIP-L), SD 2.x (OpenCLIP-H, penultimate layer), SDXL
+(CLIP-L + OpenCLIP-bigG, pooled embedding) and the SDXL refiner (OpenCLIP-bigG alone, pooled embedding); the
+size/crop/aesthetic-score conditioning is `time_ids`'.
 
 Long prompts are cut into 75-token chunks, each wrapped in BOS/EOS and padded to 77 tokens and encoded
 separately; the chunk embeddings are concatenated along the sequence axis. `BREAK` ends the current chunk
@@ -17,6 +18,8 @@ Which hidden state (A1111 and Forge agree on clip skip 1 and 2):
   there.
 * SDXL: both encoders use the penultimate hidden state without the final norm; clip skip 1 and 2 both mean
   that, 3 and more go further back. The pooled embedding is CLIP-G's projection of chunk 0's EOS state.
+* SDXL refiner: CLIP-G alone, with SDXL's rules (diffusers' refiner pipeline encodes with `text_encoder_2`
+  only, A1111's refiner has only that embedder).
 
 Padding after EOS: CLIP-L encoders pad with EOS, OpenCLIP encoders (SD2, SDXL's second) with token 0.
 
@@ -49,8 +52,9 @@ _PLACEHOLDER = 0  # token id written where embedding vectors go (replaced before
 
 @dataclass
 class Conditioning:
-    """Text conditioning of one prompt. `embeds` is (1, 77*k, D) with D = 768 (SD1), 1024 (SD2) or 2048
-    (SDXL: CLIP-L 768 then CLIP-G 1280); `pooled` is (1, 1280) for SDXL, else None."""
+    """Text conditioning of one prompt. `embeds` is (1, 77*k, D) with D = 768 (SD1), 1024 (SD2), 2048
+    (SDXL: CLIP-L 768 then CLIP-G 1280) or 1280 (SDXL refiner: CLIP-G); `pooled` is (1, 1280) for SDXL and
+    the refiner, else None."""
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
@@ -288,7 +292,7 @@ def _encode_side(
 
 class PromptEncoder:
     """Encodes prompts for one loaded model (a `LoadedModel`: kind.family, text_encoder, tokenizer and for
-    SDXL text_encoder_2, tokenizer_2).
+    SDXL text_encoder_2, tokenizer_2; the SDXL refiner has only text_encoder_2, tokenizer_2).
 
     `clip_skip` >= 1 (see the module docstring per family); `emphasis` one of `EMPHASIS_MODES`;
     `embeddings` an `EmbeddingLibrary` or None; `comma_backtrack` tokens (0 disables word wrap);
@@ -334,6 +338,8 @@ class PromptEncoder:
                     _Side(m.text_encoder, m.tokenizer, "clip_l", m.tokenizer.eos_token_id, layer, False),
                     _Side(m.text_encoder_2, m.tokenizer_2, "clip_g", 0, layer, False),
                 ]
+            elif family == "sdxl-refiner":
+                sides = [_Side(m.text_encoder_2, m.tokenizer_2, "clip_g", 0, -max(2, self.clip_skip), False)]
             else:
                 layer = None if self.clip_skip == 1 else -self.clip_skip
                 pad = 0 if family == "sd2" else m.tokenizer.eos_token_id

@@ -151,7 +151,8 @@ def _kl_optimal(levels: NoiseLevels, n: int, **_) -> np.ndarray:
 def _align_your_steps(levels: NoiseLevels, n: int, model_family: str | None = None, **_) -> np.ndarray:
     """AYS tables, log-linearly interpolated to n+1 points (the last one is replaced by 0 in
     `make_sigmas`); mapped affinely in log sigma onto this model's [sigma_min, sigma_max]."""
-    table = np.log(np.array(AYS_SDXL if (model_family or "").lower() == "sdxl" else AYS_SD1))
+    sdxl = (model_family or "").lower() in ("sdxl", "sdxl-refiner")  # the refiner shares SDXL's schedule
+    table = np.log(np.array(AYS_SDXL if sdxl else AYS_SD1))
     lo, hi = math.log(levels.sigma_min), math.log(levels.sigma_max)
     table = lo + (table - table[-1]) * (hi - lo) / (table[0] - table[-1])
     pos = np.linspace(0, 1, len(table))
