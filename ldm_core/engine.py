@@ -31,6 +31,7 @@ from .config import EngineConfig
 from .devices import DevicePolicy, resolve_policy
 from .infotext import build_infotext
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
+from .models.detect import SDXL_FAMILIES
 from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
@@ -42,6 +43,7 @@ from .prompts.networks import NetworkLibrary
 from .prompts.parser import extract_extra_networks
 from .prompts.schedule import PromptSchedule
 from .prompts.styles import StyleStore
+from .prompts.time_ids import sdxl_added_cond
 from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .rng import batch_noise, resolve_seed, wrap_seed
 from .samplers.sigmas import NoiseLevels, alphas_cumprod_from_config
@@ -858,15 +860,19 @@ class Engine:
             return min(user_steps - 1, i * user_steps // n_evals)
 
         added = None
-        if model.kind.family == "sdxl":
-            # original size, crop top-left (A1111's sdxl_crop_top / sdxl_crop_left options), target size
-            top, left = request.sdxl_crop_top, request.sdxl_crop_left
-            time_ids = torch.tensor(
-                [[height, width, top, left, height, width]], dtype=torch.float32, device=self.policy.device
+        if model.kind.family in SDXL_FAMILIES:
+            # original size, crop top-left (A1111's sdxl_crop_top / sdxl_crop_left options), then the target
+            # size (SDXL) or the aesthetic score, high for the prompt and low for the negative (refiner)
+            added = sdxl_added_cond(
+                model.kind.family,
+                width,
+                height,
+                crop_top=request.sdxl_crop_top,
+                crop_left=request.sdxl_crop_left,
+                high_aesthetic_score=request.sdxl_refiner_high_aesthetic_score,
+                low_aesthetic_score=request.sdxl_refiner_low_aesthetic_score,
+                device=self.policy.device,
             )
-
-            def added(_unused, pooled):
-                return {"text_embeds": torch.cat(pooled), "time_ids": time_ids.repeat(len(pooled), 1)}
 
         def conditioning(i):
             uncond, conds = schedule.at(step_of(i))

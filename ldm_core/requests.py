@@ -155,6 +155,9 @@ class GenerationRequest(_Request):
     img2img_fix_steps: bool = False  # img2img runs exactly `steps` (over a longer schedule), not steps x strength
     sdxl_crop_top: int = Field(0, ge=0)  # SDXL micro-conditioning crop coordinates (add_time_ids)
     sdxl_crop_left: int = Field(0, ge=0)
+    # SDXL refiner micro-conditioning (ldm_core.prompts.time_ids): aesthetic score of the prompt / negative prompt
+    sdxl_refiner_high_aesthetic_score: float = 6.0
+    sdxl_refiner_low_aesthetic_score: float = 2.5
     token_merging_ratio: float = Field(0.0, ge=0.0, le=1.0)  # accepted; not implemented, `info` says so
 
     @field_validator("sampler_name")

@@ -5,8 +5,8 @@ refiner switch (`refiner_checkpoint`, `refiner_switch_at`, also from the UI's fo
 `restore_faces` (accepted, reported as not applied). Infotext keys are A1111's.
 
 The refiner tests use two SD1 checkpoints of different weights (the engine takes any refiner that shares
-the latent space and prediction type; SDXL refiner files are not loadable), and one SDXL base with an SD1
-refiner to show a switch across families.
+the latent space and prediction type), and one SDXL base with an SD1 refiner to show a switch across families;
+the real SDXL refiner family is tested in tests/test_sdxl_refiner.py.
 """
 
 from __future__ import annotations

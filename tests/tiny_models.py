@@ -10,6 +10,10 @@ layout (written by `ldm_core.models.save_single_file`). Fixed seeds make every b
 | sd1_inpaint | sd1-inpaint | as sd1, 9 input channels | as sd1 |
 | sd2_v | sd2 (v-prediction) | 32/64 ch, linear projection, attention on both levels | OpenCLIP style (gelu) |
 | sdxl | sdxl | 32/64 ch, attention (depth 2) on level 1 only, text_time embedding | CLIP-L + bigG style |
+| sdxl_refiner | sdxl-refiner | 32/32/64/64 ch, attention (depth 2) on levels 1-2 + mid, 5 time ids | bigG only |
+
+`sdxl_refiner` is not in `TINY_SPECS` (so `build_all` and the shared fixture stay as they are): build it with
+`build_tiny_refiner`.
 
 Widths are multiples of 32 so the real `norm_num_groups=32` works; the VAE has 4 levels (8x downscale) like
 the real one. Vocabularies keep the real 49,408 tokens so the shipped tokenizer works. Building all four
@@ -138,6 +142,61 @@ def build_tiny_model(name: str, out_dir: Path, seed: int = SEED) -> dict[str, Pa
     comps = tiny_components(name, seed)
     variant = TINY_SPECS[name][0]
     folder = save_diffusers_folder(comps, variant, out_dir / name)
+    single = save_single_file(comps, out_dir / f"{name}.safetensors")
+    return {"diffusers": folder, "single_file": single}
+
+
+#: The tiny SDXL refiner: UNet overrides of the shipped `sdxl-refiner` config (same level layout as the real
+#: one: no attention on the first and last level) and its one text encoder's overrides.
+REFINER_UNET = dict(
+    block_out_channels=[32, 32, 64, 64],
+    layers_per_block=2,
+    transformer_layers_per_block=[1, 2, 2, 2],
+    cross_attention_dim=TEXT_WIDTH,
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=TEXT_WIDTH + 5 * 8,
+)
+REFINER_TEXT = {"projection_dim": TEXT_WIDTH}
+REFINER_ADD_EMBEDDING_GAIN = 30.0  # scales the text_time embedding's input layer (see tiny_refiner_components)
+
+
+def tiny_refiner_components(seed: int = SEED + 7) -> dict:
+    """In-memory components of the tiny SDXL refiner: unet, vae, text_encoder_2, tokenizer_2 (no
+    text_encoder/tokenizer, as in the real refiner's pipeline), scheduler_config."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    variant = "sdxl-refiner"
+    unet_cfg = {**shipped_config(variant, "unet"), **REFINER_UNET}
+    unet_cfg["attention_head_dim"] = unet_attention_heads("sdxl", unet_cfg["block_out_channels"])
+    torch.manual_seed(seed)
+    comps: dict = {"unet": UNet2DConditionModel.from_config(unet_cfg).eval()}
+    with torch.no_grad():  # a random init barely reacts to the time ids; the trained refiner does
+        comps["unet"].add_embedding.linear_1.weight.mul_(REFINER_ADD_EMBEDDING_GAIN)
+    torch.manual_seed(seed + 1)
+    comps["vae"] = AutoencoderKL.from_config({**shipped_config(variant, "vae"), **VAE_TINY}).eval()
+    cfg = {
+        **shipped_config(variant, "text_encoder_2"),
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 2 * TEXT_WIDTH,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads_for_width(TEXT_WIDTH),
+        **REFINER_TEXT,
+    }
+    torch.manual_seed(seed + 2)
+    config = CLIPTextConfig.from_dict({k: v for k, v in cfg.items() if k != "architectures"})
+    comps["text_encoder_2"] = CLIPTextModelWithProjection(config).eval()
+    comps["tokenizer_2"] = load_shipped_tokenizer("clip_g")
+    comps["scheduler_config"] = shipped_config(variant, "scheduler")
+    return comps
+
+
+def build_tiny_refiner(out_dir: Path, seed: int = SEED + 7, name: str = "sdxl_refiner") -> dict[str, Path]:
+    """Build the tiny SDXL refiner as `out_dir/name/` (diffusers folder whose model_index.json has
+    `text_encoder: [null, null]`, as the real one) and `out_dir/name.safetensors` (original layout: the
+    bigG tower under `conditioner.embedders.0.model.`)."""
+    comps = tiny_refiner_components(seed)
+    folder = save_diffusers_folder(comps, "sdxl-refiner", out_dir / name)
     single = save_single_file(comps, out_dir / f"{name}.safetensors")
     return {"diffusers": folder, "single_file": single}
 
