@@ -149,6 +149,13 @@ def test_conditioning_matches_diffusers_refiner_pipeline(refiner):
     assert pos.embeds.shape == p.shape == (1, 77, 32)
     assert torch.allclose(pos.embeds, p, atol=1e-5) and torch.allclose(pos.pooled, pp, atol=1e-5)
     assert torch.allclose(neg.embeds, n, atol=1e-5) and torch.allclose(neg.pooled, npool, atol=1e-5)
+    # an empty negative prompt: zeros, as A1111 conditions every SDXL-architecture model (diffusers with
+    # force_zeros_for_empty_prompt, which the refiner's own config leaves off, zeroes a missing one)
+    empty = enc.encode("", negative=True)
+    assert not empty.embeds.any() and not empty.pooled.any() and enc.encode("").embeds.any()
+    pipe.register_to_config(force_zeros_for_empty_prompt=True)
+    _, zn, _, zpool = pipe.encode_prompt("a red circle", device="cpu", do_classifier_free_guidance=True)
+    assert torch.equal(empty.embeds, zn) and torch.equal(empty.pooled, zpool)
 
     size, crop = (96, 64), (8, 16)  # (height, width), (top, left)
     theirs, theirs_neg = pipe._get_add_time_ids(

@@ -26,7 +26,9 @@ Padding after EOS: CLIP-L encoders pad with EOS, OpenCLIP encoders (SD2, SDXL's 
 An empty negative prompt on a model whose pipeline config sets `force_zeros_for_empty_prompt` (SDXL) is
 conditioned on zeros: hidden states and pooled embedding, as A1111 (for every SDXL model) and diffusers do.
 Only the exact empty text counts (after extra-network tags are removed), per prompt-editing step; an empty
-positive prompt is still encoded.
+positive prompt is still encoded. The SDXL refiner follows A1111 here, which zeroes the empty negative prompt's
+text embeddings for every SDXL-architecture model, although the refiner's diffusers config sets
+`force_zeros_for_empty_prompt: false` (its time ids keep the low aesthetic score).
 
 Textual-inversion embeddings (`embeddings.EmbeddingLibrary`) are used by writing their name: the name's
 tokens are replaced by the embedding's vectors. The vectors are written into the output of the text
@@ -297,7 +299,7 @@ class PromptEncoder:
     `clip_skip` >= 1 (see the module docstring per family); `emphasis` one of `EMPHASIS_MODES`;
     `embeddings` an `EmbeddingLibrary` or None; `comma_backtrack` tokens (0 disables word wrap);
     `zero_empty_negative` conditions an empty negative prompt on zeros (None: the model's
-    `force_zeros_for_empty_prompt` flag, false when it has none).
+    `force_zeros_for_empty_prompt` flag, false when it has none; always for the SDXL refiner, as A1111).
     Each distinct (text, chunk count) is encoded once per encoder object, so a prompt schedule re-encodes only
     when its text changes; make a new encoder when the model's weights change (e.g. a LoRA is applied).
     """
@@ -320,7 +322,9 @@ class PromptEncoder:
         self.embeddings = embeddings
         self.comma_backtrack = comma_backtrack
         if zero_empty_negative is None:
-            zero_empty_negative = bool(getattr(model, "force_zeros_for_empty_prompt", False))
+            zero_empty_negative = bool(getattr(model, "force_zeros_for_empty_prompt", False)) or (
+                model.kind.family == "sdxl-refiner"  # A1111 zeroes it for the refiner too (see the module doc)
+            )
         self.zero_empty_negative = zero_empty_negative
         self._sides: list[_Side] | None = None
         self._cache: dict[tuple[str, int], Conditioning] = {}
