@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_KINDS = ("lora", "lyco")  # tag kinds handled here (`<lyco:...>` is the old LyCORIS extension's tag)
 LORA_HASH_LEN = 12
-FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
 _CROSS_ATTN_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 _TE_FAMILY = {768: "sd1", 1024: "sd2"}
 
