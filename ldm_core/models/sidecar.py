@@ -8,7 +8,7 @@ to the folder). Recognised content:
       {"prediction_type": "v_prediction", "family": "sd2"}
 
   `prediction_type` is "epsilon" or "v_prediction" ("eps" and "v" are accepted too); `family` is "sd1",
-  "sd2" or "sdxl". Other keys are ignored, so A1111's per-model user-metadata JSON
+  "sd2", "sdxl" or "sdxl-refiner". Other keys are ignored, so A1111's per-model user-metadata JSON
   (description, activation text, ...) is harmless.
 - an original LDM/SGM inference config, as A1111 users already keep next to SD 2.x models
   (`v2-inference-v.yaml`, ...): `model.params.parameterization: "v"` means v-prediction, its absence
