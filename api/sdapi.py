@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import APIRouter, Body
 from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 from PIL import Image
 
 from ldm_core.engine import GenerationResult
@@ -337,10 +338,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     @router.get("/schedulers")
     def schedulers():
-        return [
-            {"name": s, "label": s, "aliases": None, "default_rho": -1, "need_inner_model": False}
-            for s in engine.samplers.schedule_types()
-        ]
+        return [_schedule_entry(s) for s in engine.samplers.schedule_types()]
 
     @router.get("/upscalers")
     def upscalers():
@@ -413,6 +411,19 @@ def build_router(ctx: ApiContext) -> APIRouter:
     def hypernetworks():
         return []
 
+    @router.post("/interrogate")
+    def interrogate():
+        # A1111 captions with CLIP/BLIP or DeepBooru weights it downloads on first use; we ship none and
+        # never download, so say so instead of a bare 404
+        return JSONResponse(
+            status_code=501,
+            content={
+                "error": "NotAvailable",
+                "detail": "no interrogator is installed: CLIP/BLIP and DeepBooru weights are not shipped and "
+                "nothing is downloaded",
+            },
+        )
+
     @router.get("/face-restorers")
     def face_restorers():
         return []
@@ -475,6 +486,31 @@ def build_router(ctx: ApiContext) -> APIRouter:
         return None
 
     return router
+
+
+# A1111's schedule types: its lower-case name, default rho and whether it reads the model's own sigmas
+_SCHEDULE_FACTS = {
+    "Uniform": ("uniform", -1.0, True),
+    "Karras": ("karras", 7.0, False),
+    "Polyexponential": ("polyexponential", 1.0, False),
+    "SGM Uniform": ("sgm_uniform", -1.0, True),
+    "Simple": ("simple", -1.0, True),
+    "Normal": ("normal", -1.0, True),
+    "DDIM": ("ddim", -1.0, True),
+    "Beta": ("beta", -1.0, True),
+}
+
+
+def _schedule_entry(label: str) -> dict[str, Any]:
+    """One `/schedulers` entry in A1111's shape (name is the lower-case id, label what the UI shows)."""
+    name, rho, inner = _SCHEDULE_FACTS.get(label, (label.lower().replace(" ", "_"), -1.0, False))
+    return {
+        "name": name,
+        "label": label,
+        "aliases": ["SGMUniform"] if name == "sgm_uniform" else None,
+        "default_rho": rho,
+        "need_inner_model": inner,
+    }
 
 
 def _memory() -> dict[str, Any]:

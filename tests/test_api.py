@@ -103,7 +103,13 @@ def test_every_endpoint_answers_with_the_a1111_shape(server):
     samplers = server.get("/sdapi/v1/samplers").json()
     assert {"name", "aliases", "options"} <= set(samplers[0]) and "Euler a" in [s["name"] for s in samplers]
     schedulers = server.get("/sdapi/v1/schedulers").json()
-    assert {"name", "label"} <= set(schedulers[0]) and "Karras" in [s["label"] for s in schedulers]
+    assert {"name", "label", "aliases", "default_rho", "need_inner_model"} <= set(schedulers[0])
+    karras = next(s for s in schedulers if s["label"] == "Karras")
+    assert karras["name"] == "karras" and karras["default_rho"] == 7.0  # A1111's id; clients send it back
+    assert "sgm_uniform" in [s["name"] for s in schedulers]
+    # no interrogator weights are shipped: a clear 501, not a bare 404
+    r = server.post("/sdapi/v1/interrogate", {"image": b64_png(Image.new("RGB", (8, 8))), "model": "clip"})
+    assert r.status_code == 501 and "interrogator" in r.json()["detail"]
     assert {"None", "Lanczos", "Nearest"} <= {u["name"] for u in server.get("/sdapi/v1/upscalers").json()}
     assert {"name": "Latent"} in server.get("/sdapi/v1/latent-upscale-modes").json()
     models = server.get("/sdapi/v1/sd-models").json()
