@@ -5,6 +5,8 @@ Writes PNGs with their infotext into --out and shows a progress bar. Stable form
       [--steps 20] [--cfg-scale 7] [--seed 1] [--width 512] [--height 512] [--batch-size 1] --out DIR
   python -m ldm_core img2img --init-image FILE [--denoising-strength 0.75] ... --out DIR
   python -m ldm_core inpaint --init-image FILE --mask FILE ... --out DIR
+  python -m ldm_core batch prompts.jsonl|prompts.csv --out DIR [--model NAME] [--ray-local N | --ray-address auto]
+      [--ray-threads 1] [--window N] [--limit N]      (ldm_core.batch: resumable, writes DIR/manifest.jsonl)
 """
 
 from __future__ import annotations
@@ -24,9 +26,7 @@ from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, Request
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="")
     p.add_argument("--negative-prompt", default="")
-    p.add_argument(
-        "--model", default=None, help="checkpoint name (default: the first model found, else built-in)"
-    )
+    p.add_argument("--model", default=None, help="checkpoint name (default: the first model found, else built-in)")
     p.add_argument("--vae", default=None)
     p.add_argument("--sampler", default="Euler a")
     p.add_argument("--scheduler", default="Automatic", help="schedule type, e.g. Karras")
@@ -72,7 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=".")
     p.add_argument("--ckpt-dir", default=None)
     sub.add_parser("samplers", help="list sampler names and schedule types")
+    _batch_parser(sub)
     return parser
+
+
+def _batch_parser(sub) -> None:
+    p = sub.add_parser(
+        "batch",
+        help="run many requests from a JSONL or CSV file (resumable; fans out over a Ray pool with --ray-*)",
+        description="Each JSONL line (or CSV row under a header of field names) is one request in the A1111 "
+        "API's txt2img shape. Images go to OUT/<line>-<n>.png, a record per item to OUT/manifest.jsonl; "
+        "items already done are skipped on rerun. Exit status 1 when any line was bad or failed.",
+    )
+    p.add_argument("input", help="prompts.jsonl (one JSON object per line) or prompts.csv (header row)")
+    p.add_argument("--out", required=True, help="folder for the images and manifest.jsonl")
+    p.add_argument("--format", choices=["jsonl", "csv"], default=None, help="default: by the file's extension")
+    p.add_argument("--model", default=None, help="checkpoint for lines that name none")
+    p.add_argument("--limit", type=int, default=None, help="look at the first N requests only")
+    p.add_argument("--window", type=int, default=None, help="jobs kept submitted at once (default: 2 x workers)")
+    p.add_argument("--ray-address", default=None, help="run on a Ray cluster: auto or ray://host:port")
+    p.add_argument("--ray-local", type=int, default=0, help="start a local Ray cluster of N workers")
+    p.add_argument("--ray-threads", type=int, default=1, help="torch CPU threads per Ray worker")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--data-dir", default=".", help="folder holding models/ (A1111 layout)")
+    p.add_argument("--ckpt-dir", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt files (weights_only loading)")
 
 
 def _open_image(path: str, field: str) -> Image.Image:
@@ -119,9 +146,7 @@ def _request(args):
     )
     if args.command == "txt2img":
         return GenerationRequest.build(**values)
-    values.update(
-        init_images=[_open_image(args.init_image, "init_image")], denoising_strength=args.denoising_strength
-    )
+    values.update(init_images=[_open_image(args.init_image, "init_image")], denoising_strength=args.denoising_strength)
     if args.command == "img2img":
         return Img2ImgRequest.build(resize_mode=args.resize_mode, **values)
     return InpaintRequest.build(
@@ -172,6 +197,60 @@ def _generate(args) -> int:
     return 0
 
 
+def _batch(args) -> int:
+    from .batch import read_items, run_batch, summary
+
+    try:
+        from .service import make_service
+    except ImportError:  # TEMPORARY until the Ray pool's factory lands
+        from .service import Service
+
+        def make_service(config, *, max_queued=64, ray_address=None, ray_local=0, ray_threads=1):
+            if ray_address or ray_local:
+                raise RequestError("ray_address", "this build has no Ray pool")
+            return Service(config, max_queued=max_queued)
+
+    for name in ("limit", "window"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise RequestError(name, f"must be at least 1; got {value}")
+    if args.ray_local < 0 or args.ray_threads < 1:
+        raise RequestError("ray_local" if args.ray_local < 0 else "ray_threads", "must be a positive number")
+    source = Path(args.input)
+    if not source.is_file():
+        raise RequestError("input", f"file not found: {source}")
+    workers = args.ray_local or 1
+    window = args.window or 2 * workers
+    service = make_service(
+        _config(args),
+        max_queued=max(64, window),
+        ray_address=args.ray_address,
+        ray_local=args.ray_local,
+        ray_threads=args.ray_threads,
+    )
+    if args.window is None and args.ray_address:  # a cluster we joined: size the window by its workers
+        window = 2 * max(workers, int(getattr(service, "num_workers", 0) or 0))
+    try:
+        items = read_items(source, fmt=args.format)
+        report = run_batch(
+            service,
+            items,
+            Path(args.out),
+            window=window,
+            limit=args.limit,
+            default_model=args.model,
+            progress=not args.no_progress,
+        )
+    except ValueError as exc:  # the file as a whole is unreadable (e.g. a CSV without a prompt column)
+        if isinstance(exc, RequestError):
+            raise
+        raise RequestError("input", str(exc)) from None
+    finally:
+        service.shutdown()
+    print(summary(report), file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -192,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             for e in reg.checkpoints():
                 print(f"{e.title}\t{e.path}")
             return 0
+        if args.command == "batch":
+            return _batch(args)
         return _generate(args)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
