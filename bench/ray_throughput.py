@@ -1,0 +1,164 @@
+"""Throughput of the job service in images per second: in-process (1 torch thread), then the Ray pool with
+1 worker x 1 thread and 2 workers x 1 thread, on the built-in model (64x64, Euler a, 20 steps, CFG 7, CPU),
+the same prompts and seeds for each, warm-up excluded. Prints a table and the ratio 2-worker / 1-worker
+(issue 18's bar on a 2-core machine: >= 1.7).
+
+    python bench/ray_throughput.py                       # in-process, ray x1, ray x2; 16 timed images each
+    python bench/ray_throughput.py --images 32 --steps 20 --configs ray1,ray2,ray4
+    python bench/ray_throughput.py --json results.json   # also write the numbers as JSON
+
+Each configuration runs in its own child process (so a Ray cluster of one size is gone before the next starts
+and the in-process run gets a clean torch thread setting). In a child, every job is submitted at once (more
+than the workers can take, so the queue is never empty), after a warm-up of 2 jobs per worker that loads the
+model on every worker. `images/s` is timed images / wall seconds from the first timed submit to the last result;
+`s/image (worker)` is the median time a job spent running on its worker (started -> finished), i.e. the
+per-image compute time without queueing. Run it on a quiet machine: the 1-minute load average at the start is
+printed, and another busy process makes every number smaller.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = {"inproc": (0, "in-process"), "ray1": (1, "Ray"), "ray2": (2, "Ray"), "ray3": (3, "Ray"), "ray4": (4, "Ray")}
+PROMPTS = [
+    "a red circle on a white background",
+    "a blue square on a black background",
+    "a green triangle at the top left",
+    "a yellow star in the middle",
+]
+
+
+def _child(a: argparse.Namespace) -> dict:
+    """Run one configuration in this process; its numbers as a dict."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from ldm_core.config import EngineConfig
+    from ldm_core.requests import GenerationRequest
+    from ldm_core.service import make_service
+
+    workers, _ = CONFIGS[a.child]
+    config = EngineConfig.from_data_dir(a.data_dir, device="cpu", save_images=False, preview_every=0)
+    t0 = time.perf_counter()
+    service = make_service(config, max_queued=max(64, a.images + 8), ray_local=workers, ray_threads=a.threads)
+    start_s = time.perf_counter() - t0
+
+    def request(i: int) -> GenerationRequest:
+        return GenerationRequest.build(
+            prompt=PROMPTS[i % len(PROMPTS)], seed=1000 + i, steps=a.steps, sampler_name=a.sampler,
+            cfg_scale=7.0, width=64, height=64, save_images=False, model=a.model,
+        )  # fmt: skip
+
+    def run(n: int, offset: int) -> tuple[float, list]:
+        t = time.perf_counter()
+        jobs = [service.submit(request(offset + i)) for i in range(n)]
+        for job in jobs:
+            job.wait()
+        wall = time.perf_counter() - t
+        bad = [job.error for job in jobs if job.error is not None]
+        if bad:
+            raise RuntimeError(f"{len(bad)} job(s) failed, first: {bad[0]!r}")
+        return wall, jobs
+
+    try:
+        warm_s, _ = run(a.warmup * max(1, workers), 10_000)
+        wall, jobs = run(a.images, 0)
+    finally:
+        service.shutdown()
+    per_job = [j.finished_at - j.started_at for j in jobs if j.started_at and j.finished_at]
+    by_worker: dict[str, int] = {}
+    for job in jobs:
+        w = next((str(getattr(job, k)) for k in ("worker_id", "worker") if getattr(job, k, None) is not None), "-")
+        by_worker[w] = by_worker.get(w, 0) + 1
+    return {
+        "config": a.child,
+        "workers": workers,
+        "threads": a.threads,
+        "images": a.images,
+        "start_s": round(start_s, 2),
+        "warmup_s": round(warm_s, 2),
+        "wall_s": round(wall, 3),
+        "images_per_s": round(a.images / wall, 3),
+        "s_per_image_worker": round(statistics.median(per_job), 3) if per_job else None,
+        "jobs_by_worker": by_worker,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="inproc,ray1,ray2", help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--images", type=int, default=16, help="timed images per configuration")
+    ap.add_argument("--warmup", type=int, default=2, help="warm-up jobs per worker (not timed)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", default="Euler a")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
+    ap.add_argument("--data-dir", default=str(ROOT), help="data dir; the built-in model when it has no checkpoint")
+    ap.add_argument("--model", default=None, help="checkpoint name (default: the data dir's default model)")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print("RESULT " + json.dumps(_child(a)), flush=True)
+        return 0
+
+    names = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
+    print(
+        f"built-in model 64x64, {a.sampler}, {a.steps} steps, CFG 7, CPU; {a.images} timed images per config, "
+        f"{a.warmup} warm-up job(s) per worker; {os.cpu_count()} CPU cores; "
+        f"load average at start: {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
+    results = []
+    for name in names:
+        cmd = [sys.executable, __file__, "--child", name] + [
+            f"--{k}={v}" for k, v in (
+                ("images", a.images), ("warmup", a.warmup), ("steps", a.steps), ("sampler", a.sampler),
+                ("threads", a.threads), ("data-dir", a.data_dir),
+            )
+        ] + ([f"--model={a.model}"] if a.model else [])  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+            return 1
+        results.append(json.loads(line[len("RESULT ") :]))
+        print(f"  {name}: {results[-1]['images_per_s']:.3f} images/s", flush=True)
+
+    print()
+    print(f"{'config':<10} {'service':<11} {'workers':>7} {'threads':>7} {'images':>6} {'wall s':>8} "
+          f"{'images/s':>9} {'s/image (worker)':>17}  jobs by worker")  # fmt: skip
+    for r in results:
+        kind = CONFIGS[r["config"]][1]
+        per = f"{r['s_per_image_worker']:.3f}" if r["s_per_image_worker"] is not None else "-"
+        print(
+            f"{r['config']:<10} {kind:<11} {max(1, r['workers']):>7} {r['threads']:>7} {r['images']:>6} "
+            f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17}  {r['jobs_by_worker']}"
+        )
+    rate = {r["config"]: r["images_per_s"] for r in results}
+    if "ray1" in rate and "ray2" in rate:
+        ratio = rate["ray2"] / rate["ray1"]
+        print(f"\nratio 2 workers / 1 worker: {ratio:.2f}x (issue 18's bar: >= 1.7x)")
+    if "inproc" in rate and "ray1" in rate:
+        print(f"ratio Ray 1 worker / in-process: {rate['ray1'] / rate['inproc']:.2f}x (the pool's overhead)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
