@@ -1,6 +1,7 @@
-"""The job queue: one worker thread per engine (= per device) runs jobs first-in first-out. The web UI, the
-REST API and the CLI all submit here, so one GPU never runs two jobs at once and every client sees the same
-queue positions.
+"""The job queue: one worker thread per engine (= per device) runs jobs first-in first-out (a pool of engines,
+ldm_core.cluster, gives the queue one worker thread per replica: `workers=N` runs up to N jobs at once).
+The web UI, the REST API and the CLI all submit here, so one GPU never runs two jobs at once and every client
+sees the same queue positions.
 
 A job carries its own `JobContext` (cancel token + progress). `interrupt` on a running job stops it after the
 current step and keeps the partial result; on a queued job it cancels it. A failed job records its error and
@@ -60,21 +61,29 @@ class Job:
 
 
 class JobQueue:
-    """FIFO queue with one worker thread. `submit` returns at once; `wait` or `Job.wait` blocks."""
+    """FIFO queue with `workers` worker threads (1: one job at a time). `submit` returns at once; `wait` or
+    `Job.wait` blocks. With several workers, `current` is the longest-running job and `running()` lists all."""
 
-    def __init__(self, *, max_queued: int = 64, keep_finished: int = 256):
+    def __init__(self, *, max_queued: int = 64, keep_finished: int = 256, workers: int = 1):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1 (got {workers})")
         self.max_queued = max_queued
+        self.workers = workers
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._finished: deque[str] = deque()
         self._keep = keep_finished
         self._cv = threading.Condition()
-        self._current: Job | None = None
+        self._running: list[Job] = []
         self._stop = False
         self._counter = itertools.count(1)
         self.completed = 0
-        self._thread = threading.Thread(target=self._worker, name="ldm-job-worker", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"ldm-job-worker-{i}" if i else "ldm-job-worker", daemon=True)
+            for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     # ---- client side --------------------------------------------------------------------------------
     def submit(self, run: Callable[[JobContext], Any], *, kind: str = "generate", request: Any = None) -> Job:
@@ -87,9 +96,7 @@ class JobQueue:
             self._cv.notify_all()
         return job
 
-    def call(
-        self, run: Callable[[JobContext], Any], *, kind: str = "task", timeout: float | None = None
-    ) -> Any:
+    def call(self, run: Callable[[JobContext], Any], *, kind: str = "task", timeout: float | None = None) -> Any:
         """Submit and wait; re-raise the job's error. For short tasks that must not overlap a generation."""
         job = self.submit(run, kind=kind)
         job.wait(timeout)
@@ -104,7 +111,7 @@ class JobQueue:
     def position(self, job: Job) -> int:
         """0 = running, 1 = next, ...; -1 when finished or unknown."""
         with self._cv:
-            if job is self._current:
+            if job in self._running:
                 return 0
             try:
                 return self._queue.index(job) + 1
@@ -113,8 +120,14 @@ class JobQueue:
 
     @property
     def current(self) -> Job | None:
+        """The running job (with several workers: the one that started first); None when idle."""
         with self._cv:
-            return self._current
+            return self._running[0] if self._running else None
+
+    def running(self) -> list[Job]:
+        """Every running job, oldest first (at most `workers`)."""
+        with self._cv:
+            return list(self._running)
 
     def queued(self) -> list[Job]:
         with self._cv:
@@ -122,7 +135,7 @@ class JobQueue:
 
     def pending_count(self) -> int:
         with self._cv:
-            return len(self._queue) + (1 if self._current else 0)
+            return len(self._queue) + len(self._running)
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a queued job or interrupt a running one. False when there is no such unfinished job."""
@@ -138,18 +151,18 @@ class JobQueue:
         return True
 
     def interrupt_current(self) -> bool:
-        job = self.current
-        if job is None:
-            return False
-        job.ctx.cancel.interrupt()
-        return True
+        """Interrupt the running job (every running one, with several workers: A1111's "stop what runs")."""
+        jobs = self.running()
+        for job in jobs:
+            job.ctx.cancel.interrupt()
+        return bool(jobs)
 
     def skip_current(self) -> bool:
-        job = self.current
-        if job is None:
-            return False
-        job.ctx.cancel.skip()
-        return True
+        """Skip the running batch (of every running job, with several workers)."""
+        jobs = self.running()
+        for job in jobs:
+            job.ctx.cancel.skip()
+        return bool(jobs)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         with self._cv:
@@ -158,9 +171,11 @@ class JobQueue:
                 self._finish(job, "cancelled")
             self._queue.clear()
             self._cv.notify_all()
-        if self._current is not None:
-            self._current.ctx.cancel.interrupt()
-        self._thread.join(timeout)
+        for job in self.running():
+            job.ctx.cancel.interrupt()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # ---- worker side --------------------------------------------------------------------------------
     def _finish(self, job: Job, state: JobState) -> None:
@@ -179,7 +194,7 @@ class JobQueue:
                 if self._stop:
                     return
                 job = self._queue.popleft()
-                self._current = job
+                self._running.append(job)
                 job.state = "running"
                 job.started_at = time.time()
             try:
@@ -193,7 +208,7 @@ class JobQueue:
                 if _is_oom(exc):
                     _free_cuda()
             with self._cv:
-                self._current = None
+                self._running.remove(job)
                 self.completed += 1
                 self._finish(job, state)
                 self._cv.notify_all()

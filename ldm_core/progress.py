@@ -70,6 +70,7 @@ class ProgressState:
     preview_step: int = -1
     interrupted: bool = False
     skipped: bool = False
+    worker: str = ""  # which engine runs the job: "" in-process, a replica's host:pid in a Ray pool
 
     @property
     def fraction(self) -> float:

@@ -83,3 +83,37 @@ class Service:
 
     def shutdown(self) -> None:
         self.queue.shutdown()
+
+
+def make_service(
+    config: EngineConfig,
+    *,
+    max_queued: int = 64,
+    ray_address: str | None = None,
+    ray_local: int = 0,
+    ray_threads: int = 1,
+    min_replicas: int | None = None,
+    max_replicas: int | None = None,
+) -> Service:
+    """The service the launchers run: the in-process `Service` by default, or, with `ray_address` ("auto",
+    "ray://host:port") or `ray_local=N` (start a local Ray cluster of N workers), a `RayService` that runs each
+    job on a pool of engine replicas (Ray Serve). Both have the same interface; Ray is imported only here,
+    only when asked, and is an optional dependency (requirements-ray.txt)."""
+    if ray_local < 0:
+        raise ValueError(f"ray_local must be >= 0 (got {ray_local})")
+    if ray_threads < 1:
+        raise ValueError(f"ray_threads must be >= 1 (got {ray_threads})")
+    if not ray_address and not ray_local:
+        return Service(config, max_queued=max_queued)
+    try:
+        from .cluster import RayOptions, RayService
+    except ImportError as exc:  # ray is optional
+        raise RuntimeError(f"--ray-address/--ray-local need Ray: pip install -r requirements-ray.txt ({exc})") from exc
+    options = RayOptions(
+        address=ray_address,
+        local_workers=ray_local,
+        threads=ray_threads,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+    )
+    return RayService(config, options, max_queued=max_queued)

@@ -1,0 +1,55 @@
+"""The head's engine in a Ray pool: the model registry, listings and choices the UI and API show, and the
+"current model" they select, without loading any checkpoint on the head (the replicas load them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import Engine, GenerationResult
+from ..models.registry import ModelEntry
+from ..progress import JobContext
+from ..requests import GenerationRequest, RequestError
+
+
+@dataclass(frozen=True)
+class SelectedModel:
+    """What `HeadEngine.load_checkpoint` returns: the chosen checkpoint's entry (its weights stay unloaded)."""
+
+    entry: ModelEntry
+
+
+class HeadEngine(Engine):
+    """An `Engine` whose `load_checkpoint` only selects: the selected checkpoint is the one jobs without a
+    `model` run on (each job names it, so a replica that has it loaded gets the job). `current_model` stays
+    None on the head; `current_model_entry()` is the selection (or the default checkpoint)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._selected: ModelEntry | None = None
+
+    def load_checkpoint(self, name: str | None = None) -> SelectedModel:  # type: ignore[override]
+        with self._lock:
+            if name is None:
+                entry = self.current_model_entry()
+                if entry is None:
+                    raise RequestError("model", "no model found: put a checkpoint in models/Stable-diffusion")
+            else:
+                try:
+                    entry = self.models.find_checkpoint(name)
+                except KeyError as exc:
+                    raise RequestError("model", str(exc.args[0] if exc.args else exc)) from None
+            self._selected = entry
+            return SelectedModel(entry)
+
+    def current_model_entry(self) -> ModelEntry | None:
+        with self._lock:
+            return self._selected or self.models.default_checkpoint()
+
+    def unload(self) -> None:
+        with self._lock:
+            self._selected = None
+        super().unload()
+
+    def generate(self, request: GenerationRequest, ctx: JobContext | None = None) -> GenerationResult:
+        raise RuntimeError("the head of a Ray pool runs no generation: submit it through the service")

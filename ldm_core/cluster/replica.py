@@ -1,0 +1,157 @@
+"""The Ray Serve deployment of the pool: one `Engine` per replica (one per GPU, or CPU replicas with a few
+torch threads each), with Serve's model multiplexing so a job goes to a replica that has its checkpoint loaded.
+
+`run(job)` is a streaming method: it yields `("started", worker)`, then `("progress", fields, preview)` at
+least every `HEARTBEAT_S` seconds while the job runs (the head forwards interrupt/skip meanwhile), and ends with
+`("result", value)` or `("error", exception)`. The job's own errors are yielded, never raised, so an exception
+the head sees from the stream means the replica itself failed (it died) and the job may be retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from typing import Any
+
+import ray
+from ray import serve
+
+from ..config import EngineConfig
+from ..engine import Engine
+from ..grids import with_batch_grid
+from ..options import live_config
+from ..progress import JobContext, ProgressState
+from ..scripts import ScriptRun, find_script
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 0.2  # progress events (and cancel polls) this often, seconds
+PROGRESS_FIELDS = ("job_no", "job_count", "step", "steps", "textinfo", "preview_step", "interrupted", "skipped")
+
+
+def progress_fields(state: ProgressState) -> dict[str, Any]:
+    """The part of a progress snapshot that travels to the head (the preview goes separately, when new)."""
+    return {name: getattr(state, name) for name in PROGRESS_FIELDS}
+
+
+def replica_class(max_models: int) -> type:
+    """The deployment class, keeping up to `max_models` checkpoints per replica (the engine's model cache)."""
+
+    class EngineReplica:
+        """One engine. Serve sends it one job at a time (`max_ongoing_requests=1`)."""
+
+        def __init__(self, config: EngineConfig, threads: int, board: Any):
+            import torch
+
+            if not torch.cuda.is_available():
+                torch.set_num_threads(threads)
+            self.engine = Engine(config)
+            self.board = board
+            self.worker = f"{socket.gethostname()}:{os.getpid()}"
+            log.info("replica %s ready on %s", self.worker, self.engine.policy.device)
+
+        @serve.multiplexed(max_num_models_per_replica=max_models)
+        async def checkpoint(self, model_id: str) -> str:
+            """Load checkpoint `model_id` (a title); Serve routes jobs naming it to this replica from now on."""
+            model = await asyncio.to_thread(self.engine.load_checkpoint, model_id or None)
+            return model.entry.title
+
+        def worker_id(self) -> str:
+            return self.worker
+
+        async def run(self, job: dict[str, Any]):
+            yield ("started", self.worker)
+            ctx = JobContext()
+            task = asyncio.ensure_future(self._job(job, ctx, serve.get_multiplexed_model_id()))
+            job_id, skips_seen, last, last_preview = job["id"], 0, None, None
+            try:
+                while True:
+                    done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
+                    interrupted, skips = await self.board.poll.remote(job_id)
+                    if interrupted:
+                        ctx.cancel.interrupt()
+                    if skips > skips_seen:
+                        skips_seen = skips
+                        ctx.cancel.skip()
+                    snap = ctx.progress.snapshot()
+                    fields = progress_fields(snap)
+                    preview = snap.preview if snap.preview is not last_preview else None
+                    last_preview = snap.preview
+                    if fields != last or preview is not None or not done:
+                        yield ("progress", fields, preview)
+                        last = fields
+                    if done:
+                        break
+                yield ("result", task.result())
+            except Exception as exc:  # the job's own failure (bad request, ...): the head re-raises it
+                yield ("error", exc)
+            finally:
+                if not task.done():
+                    ctx.cancel.interrupt()
+
+        async def _job(self, job: dict[str, Any], ctx: JobContext, model_id: str) -> Any:
+            if model_id:
+                await self.checkpoint(model_id)
+            return await asyncio.to_thread(self._work, job, ctx)
+
+        def _work(self, job: dict[str, Any], ctx: JobContext) -> Any:
+            engine = self.engine
+            engine.config = live_config(engine.config, job["config"])  # the head's live options (Settings)
+            request = job["request"]
+            if job["kind"] == "script":
+                script = find_script(job["script"], request.mode)
+                plan = script.prepare(engine, request, list(job["args"]))
+                return script.run(ScriptRun(engine, ctx, job["grid"]), request, plan)
+            result = engine.generate(request, ctx)
+            grid = job.get("grid")
+            if grid is not None:
+                result = with_batch_grid(result, grid, engine.config.outputs_dir, request.mode, request.prompt)
+            return result
+
+    return EngineReplica
+
+
+def deploy(
+    config: EngineConfig,
+    *,
+    board: Any,
+    threads: int,
+    gpus: bool,
+    min_replicas: int,
+    max_replicas: int,
+    app_name: str,
+) -> Any:
+    """Run the deployment (no HTTP route: the UI and API are the front door) and return its handle."""
+    actor_options: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": threads}
+    scaling: dict[str, Any]
+    if min_replicas == max_replicas:
+        scaling = {"num_replicas": max_replicas}
+    else:
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": min_replicas,
+                "initial_replicas": max(min_replicas, 1),
+                "max_replicas": max_replicas,
+                "target_ongoing_requests": 1,
+                "upscale_delay_s": 2.0,
+                "downscale_delay_s": 120.0,
+            }
+        }
+    deployment = serve.deployment(
+        name="EngineReplica",
+        ray_actor_options=actor_options,
+        max_ongoing_requests=1,
+        health_check_period_s=2.0,
+        health_check_timeout_s=30.0,
+        graceful_shutdown_timeout_s=5.0,
+        **scaling,
+    )(replica_class(max(1, config.model_cache_size)))
+    app = deployment.bind(config, threads, board)
+    return serve.run(app, name=app_name, route_prefix=None, blocking=False)
+
+
+def is_replica_failure(exc: BaseException) -> bool:
+    """True when `exc` (raised while reading a job's stream) means the replica died or became unreachable."""
+    return isinstance(exc, ray.exceptions.RayError) and not isinstance(exc, ray.exceptions.RayTaskError)
