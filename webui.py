@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
         help="server log level (default: info)",
     )
+    from ldm_core.scaleout import add_ray_flags
+
+    add_ray_flags(p.add_argument_group("Ray pool (optional: pip install -r requirements-ray.txt; docs/scaling.md)"))
     return p
 
 
@@ -455,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from ldm_core.options import OptionsStore, bind_engine
-    from ldm_core.service import Service
+    from ldm_core.scaleout import ray_service_args
+    from ldm_core.service import make_service
 
     if args.install_extension:
         from ldm_core.extensions_cli import main as extensions_main
@@ -474,7 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     config, locked = engine_config(args, settings.all())
     for line in security_warnings(args, bool(auth)):
         print(line, flush=True)
-    service = Service(config)
+    try:
+        service = make_service(config, **ray_service_args(args))
+    except (RuntimeError, ValueError) as exc:  # Ray missing, bad pool flags
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     bind_engine(settings, service.engine, locked)  # a change from the UI or the API reaches the running engine
     from ldm_core.extensions import ExtensionPolicy, load_extensions
 

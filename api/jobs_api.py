@@ -45,16 +45,19 @@ def _progress(job: Job) -> dict[str, Any]:
         "eta": None if p.eta is None else round(p.eta, 2),
         "textinfo": p.textinfo,
         "preview_step": p.preview_step,
+        "worker": p.worker or None,
     }
 
 
 def job_summary(ctx: ApiContext, job: Job) -> dict[str, Any]:
-    """State, queue position (0 = running, None when finished), timestamps (Unix seconds), progress, error."""
+    """State, queue position (0 = running, None when finished), the worker that runs (ran) it (None
+    in-process; a Ray pool replica's host:pid), timestamps (Unix seconds), progress, error."""
     pos = ctx.service.queue.position(job)
     return {
         "id": job.id,
         "kind": job.kind,
         "state": job.state,
+        "worker": job.progress().worker or None,
         "position": None if pos < 0 else pos,
         "created_at": job.created_at,
         "started_at": job.started_at,
@@ -187,6 +190,8 @@ def build_router(ctx: ApiContext) -> APIRouter:
             jsonable_encoder(
                 {
                     "running": job_summary(ctx, current) if current is not None else None,
+                    # every running job: one per worker of a Ray pool (the same one job in-process)
+                    "running_all": [job_summary(ctx, j) for j in queue.running()],
                     "queued": [job_summary(ctx, j) for j in queue.queued()],
                     "max_queued": queue.max_queued,
                     "completed": queue.completed,

@@ -511,6 +511,7 @@ class ProgressState(BaseModel):
     job_no: int = 0
     sampling_step: int = 0
     sampling_steps: int = 0
+    worker: str | None = Field(None, description="Ray pool: the replica (host:pid) running the job; None in-process")
 
 
 class ProgressResponse(BaseModel):

@@ -250,6 +250,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
             "job_no": p.job_no,
             "sampling_step": p.step,
             "sampling_steps": p.steps,
+            "worker": p.worker or None,  # ours: the Ray pool replica running the job (None in-process)
         }
         image = None
         if not skip_current_image and p.preview is not None:

@@ -17,7 +17,8 @@ from ldm_core import __version__
 from ldm_core.config import EngineConfig
 from ldm_core.extensions import ExtensionPolicy, load_extensions
 from ldm_core.requests import DEFAULT_MAX_BATCH_SIZE, MAX_PIXELS
-from ldm_core.service import Service
+from ldm_core.scaleout import add_ray_flags, ray_service_args
+from ldm_core.service import make_service
 
 from . import install, parse_auth, split_origins
 from .common import ApiLimits
@@ -72,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pages of any other site are refused (403)",
     )
     p.add_argument("--log-level", default="info")
+    add_ray_flags(p.add_argument_group("Ray pool (optional: pip install -r requirements-ray.txt)"))
     return p
 
 
@@ -111,7 +113,7 @@ def host_name(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    service = Service(config_from_args(args), max_queued=args.max_queued)
+    service = make_service(config_from_args(args), max_queued=args.max_queued, **ray_service_args(args))
     app = fastapi.FastAPI(
         title="ldm-webui API",
         version=__version__,
