@@ -27,6 +27,12 @@ class HeadEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._selected: ModelEntry | None = None
+        self.refreshes = 0  # jobs carry it: a replica rescans its folders when the head has rescanned since
+
+    def refresh_models(self) -> None:
+        super().refresh_models()
+        with self._lock:
+            self.refreshes += 1
 
     def load_checkpoint(self, name: str | None = None) -> SelectedModel:  # type: ignore[override]
         with self._lock:

@@ -50,13 +50,21 @@ def replica_class(max_models: int) -> type:
             self.engine = Engine(config)
             self.board = board
             self.worker = f"{socket.gethostname()}:{os.getpid()}"
+            self.refreshes = 0  # the head's rescan count this replica's folders are up to date with
             log.info("replica %s ready on %s", self.worker, self.engine.policy.device)
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
         async def checkpoint(self, model_id: str) -> str:
             """Load checkpoint `model_id` (a title); Serve routes jobs naming it to this replica from now on."""
-            model = await asyncio.to_thread(self.engine.load_checkpoint, model_id or None)
+            model = await asyncio.to_thread(self._load, model_id or None)
             return model.entry.title
+
+        def _load(self, title: str | None) -> Any:
+            try:
+                self.engine.models.find_checkpoint(title) if title else None
+            except KeyError:  # a file added since this replica scanned its folders
+                self.engine.refresh_models()
+            return self.engine.load_checkpoint(title)
 
         def worker_id(self) -> str:
             return self.worker
@@ -92,6 +100,9 @@ def replica_class(max_models: int) -> type:
                     ctx.cancel.interrupt()
 
         async def _job(self, job: dict[str, Any], ctx: JobContext, model_id: str) -> Any:
+            if job.get("refreshes", 0) != self.refreshes:  # the head rescanned the model folders
+                await asyncio.to_thread(self.engine.refresh_models)
+                self.refreshes = job["refreshes"]
             if model_id:
                 await self.checkpoint(model_id)
             return await asyncio.to_thread(self._work, job, ctx)
