@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         policy=ExtensionPolicy(listen=args.listen, share=False, server_name=host_name(args),
                                allow_insecure=args.enable_insecure_extension_access),
     )
+    service.extensions = manager  # as webui.py does (a Ray pool's replicas load the same extensions)
     limits = ApiLimits(max_pixels=args.max_pixels, max_batch_size=args.max_batch_size)
     install(
         app, service, auth=_auth(args), flags=flags, max_body_bytes=int(args.max_body_mb * 2**20), limits=limits,

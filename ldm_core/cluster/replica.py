@@ -51,6 +51,7 @@ def replica_class(max_models: int) -> type:
             self.board = board
             self.worker = f"{socket.gethostname()}:{os.getpid()}"
             self.refreshes = 0  # the head's rescan count this replica's folders are up to date with
+            self.extensions: Any = None  # the ExtensionManager, once a job says the head loaded extensions
             log.info("replica %s ready on %s", self.worker, self.engine.policy.device)
 
         @serve.multiplexed(max_num_models_per_replica=max_models)
@@ -110,6 +111,11 @@ def replica_class(max_models: int) -> type:
         def _work(self, job: dict[str, Any], ctx: JobContext) -> Any:
             engine = self.engine
             engine.config = live_config(engine.config, job["config"])  # the head's live options (Settings)
+            if job.get("extensions") and self.extensions is None:
+                # the same extensions as the head (its enabled/disabled state file), hooked into this engine
+                from ..extensions import load_extensions
+
+                self.extensions = load_extensions(engine, engine.config)
             request = job["request"]
             if job["kind"] == "script":
                 script = find_script(job["script"], request.mode)

@@ -189,7 +189,13 @@ class RayService:
     def _run_remote(self, payload: dict[str, Any], model_id: str, ctx: JobContext) -> Any:
         """Run one job on the pool, following its stream; retry once when its replica dies mid-job."""
         job_id = uuid.uuid4().hex
-        payload = {**payload, "id": job_id, "config": self.engine.config, "refreshes": self.engine.refreshes}
+        payload = {
+            **payload,
+            "id": job_id,
+            "config": self.engine.config,
+            "refreshes": self.engine.refreshes,
+            "extensions": self.extensions is not None,  # the launcher loaded extensions: replicas load them too
+        }
         started_attempts = 0
         posted = {"interrupt": False}
         deadline = time.monotonic() + UNSTARTED_RETRY_S
