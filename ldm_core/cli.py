@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import EngineConfig
 from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from .scaleout import add_ray_flags, ray_service_args
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -90,9 +91,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("--model", default=None, help="checkpoint for lines that name none")
     p.add_argument("--limit", type=int, default=None, help="look at the first N requests only")
     p.add_argument("--window", type=int, default=None, help="jobs kept submitted at once (default: 2 x workers)")
-    p.add_argument("--ray-address", default=None, help="run on a Ray cluster: auto or ray://host:port")
-    p.add_argument("--ray-local", type=int, default=0, help="start a local Ray cluster of N workers")
-    p.add_argument("--ray-threads", type=int, default=1, help="torch CPU threads per Ray worker")
+    add_ray_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--data-dir", default=".", help="folder holding models/ (A1111 layout)")
     p.add_argument("--ckpt-dir", default=None)
@@ -199,37 +198,26 @@ def _generate(args) -> int:
 
 def _batch(args) -> int:
     from .batch import read_items, run_batch, summary
-
-    try:
-        from .service import make_service
-    except ImportError:  # TEMPORARY until the Ray pool's factory lands
-        from .service import Service
-
-        def make_service(config, *, max_queued=64, ray_address=None, ray_local=0, ray_threads=1):
-            if ray_address or ray_local:
-                raise RequestError("ray_address", "this build has no Ray pool")
-            return Service(config, max_queued=max_queued)
+    from .service import make_service
 
     for name in ("limit", "window"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise RequestError(name, f"must be at least 1; got {value}")
-    if args.ray_local < 0 or args.ray_threads < 1:
-        raise RequestError("ray_local" if args.ray_local < 0 else "ray_threads", "must be a positive number")
     source = Path(args.input)
     if not source.is_file():
         raise RequestError("input", f"file not found: {source}")
-    workers = args.ray_local or 1
-    window = args.window or 2 * workers
-    service = make_service(
-        _config(args),
-        max_queued=max(64, window),
-        ray_address=args.ray_address,
-        ray_local=args.ray_local,
-        ray_threads=args.ray_threads,
-    )
-    if args.window is None and args.ray_address:  # a cluster we joined: size the window by its workers
-        window = 2 * max(workers, int(getattr(service, "num_workers", 0) or 0))
+    try:
+        service = make_service(
+            _config(args),
+            max_queued=max(64, args.window or 0),
+            **ray_service_args(args),
+        )
+    except (RuntimeError, ValueError) as exc:  # Ray flags without Ray installed, no cluster at the address, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # keep every worker busy with one job in hand and one waiting (the queue runs `workers` jobs at once)
+    window = args.window or 2 * max(1, int(getattr(service.queue, "workers", 1)), args.ray_local)
     try:
         items = read_items(source, fmt=args.format)
         report = run_batch(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -15,6 +16,8 @@ from PIL import Image
 from ldm_core.batch import MANIFEST_NAME, Manifest, make_item, read_items, run_batch
 from ldm_core.cli import main
 from ldm_core.config import EngineConfig
+from ldm_core.engine import GenerationResult
+from ldm_core.jobs import JobQueue
 from ldm_core.outputs import read_image_info
 from ldm_core.requests import GenerationRequest
 from ldm_core.service import Service
@@ -39,15 +42,19 @@ def service(data_dir):
 
 
 class CountingService:
-    """The in-process service, counting the jobs a batch submits."""
+    """The in-process service, counting the jobs a batch submits and the most it had unfinished at once."""
 
     def __init__(self, inner: Service):
         self.inner = inner
         self.submitted: list[GenerationRequest] = []
+        self.jobs: list = []
+        self.most_in_flight = 0
 
     def submit(self, request):
         self.submitted.append(request)
-        return self.inner.submit(request)
+        self.jobs.append(self.inner.submit(request))
+        self.most_in_flight = max(self.most_in_flight, sum(not j.finished for j in self.jobs))
+        return self.jobs[-1]
 
 
 def _records(out):
@@ -120,6 +127,7 @@ def test_rerun_skips_done_and_redoes_partial(tmp_path, service):
     first = CountingService(service)
     report = run_batch(first, read_items(src), out, window=2, progress=False)
     assert report.ok and report.done == 4 and len(first.submitted) == 4
+    assert first.most_in_flight <= 2  # never more than the window
     seeds = {n: r["seeds"][0] for n, r in _records(out).items()}
 
     again = CountingService(service)
@@ -156,3 +164,35 @@ def test_failed_job_is_reported_and_others_complete(tmp_path, service):
     assert "sampler_name" in report.failed[0][1] and "model" in report.failed[1][1]
     assert any(m.startswith("line 2: failed: sampler_name") for m in messages)
     assert _records(tmp_path)[3]["status"] == "failed"
+
+
+class SlowService:
+    """A service of 2 workers whose jobs take 50 ms each (no engine): shows how the batch feeds a pool."""
+
+    def __init__(self):
+        self.queue = JobQueue(workers=2)
+        self.jobs: list = []
+        self.most_in_flight = 0
+
+    def submit(self, request):
+        def run(ctx):
+            time.sleep(0.05)
+            image = Image.new("RGB", (8, 8), (request.seed % 256, 0, 0))
+            return GenerationResult(images=[image], infotexts=["x"], seeds=[request.seed], subseeds=[-1])
+
+        self.jobs.append(self.queue.submit(run, request=request))
+        self.most_in_flight = max(self.most_in_flight, sum(not j.finished for j in self.jobs))
+        return self.jobs[-1]
+
+
+def test_window_keeps_the_pool_fed(tmp_path):
+    svc = SlowService()
+    try:
+        items = [make_item(i + 1, {"prompt": f"p{i}", "seed": i}) for i in range(12)]
+        t = time.perf_counter()
+        report = run_batch(svc, items, tmp_path, window=4, progress=False)
+        elapsed = time.perf_counter() - t
+    finally:
+        svc.queue.shutdown()
+    assert report.done == 12 and svc.most_in_flight == 4
+    assert elapsed < 12 * 0.05  # both workers were busy: well under the serial time
