@@ -187,63 +187,68 @@ class RayService:
         )
 
     def _run_remote(self, payload: dict[str, Any], model_id: str, ctx: JobContext) -> Any:
-        """Run one job on the pool, following its stream; retry once when its replica dies mid-job."""
+        """Run one job on the pool; send it once more when the replica running it dies mid-job. Each attempt
+        has its own id on the cancel board, and an abandoned attempt is told to stop (should its replica still
+        live), so one attempt at most completes for the head."""
         job_id = uuid.uuid4().hex
         payload = {
             **payload,
-            "id": job_id,
             "config": self.engine.config,
             "refreshes": self.engine.refreshes,
             "extensions": self.extensions is not None,  # the launcher loaded extensions: replicas load them too
         }
-        started_attempts = 0
-        posted = {"interrupt": False}
+        attempt = started_attempts = 0
         deadline = time.monotonic() + UNSTARTED_RETRY_S
-        try:
-            while True:
-                started = False
-                try:
-                    stream = self._handle.options(stream=True, multiplexed_model_id=model_id).run.remote(payload)
-                    for event in stream:
-                        kind = event[0]
-                        self._forward_cancel(job_id, ctx, posted)
-                        if kind == "started":
-                            started = True
-                            started_attempts += 1
-                            ctx.progress.update(worker=event[1], started_at=time.monotonic())
-                        elif kind == "progress":
-                            changes = dict(event[1])
-                            if event[2] is not None:
-                                changes["preview"] = event[2]
-                            ctx.progress.update(**changes)
-                        elif kind == "result":
-                            return event[1]
-                        elif kind == "error":
-                            raise event[1]
-                    raise RuntimeError("the replica's stream ended without a result")
-                except Exception as exc:
-                    if not is_replica_failure(exc):
-                        raise
-                    worker = ctx.progress.snapshot().worker or "a replica"
-                    if ctx.cancel.interrupted:
-                        raise RuntimeError(f"interrupted, and {worker} running the job was lost") from exc
-                    if started_attempts > RETRIES or (not started and time.monotonic() > deadline):
-                        raise RuntimeError(f"the job's replica failed ({worker}): {exc}") from exc
-                    log.warning("job %s: %s failed (%s); sending the job again", job_id, worker, type(exc).__name__)
-                    ctx.progress.update(worker="", textinfo="retrying on another worker")
-                    time.sleep(0.5)
-        finally:
-            self._board.forget.remote(job_id)
+        while True:
+            attempt += 1
+            key = f"{job_id}.{attempt}"
+            started: list[str] = []
+            try:
+                return self._attempt({**payload, "id": key}, model_id, ctx, started)
+            except Exception as exc:
+                if not is_replica_failure(exc):
+                    raise
+                self._board.interrupt.remote(key)  # abandoned: should that replica live on, it stops
+                worker = started[0] if started else "a replica"
+                started_attempts += bool(started)
+                if ctx.cancel.interrupted:
+                    raise RuntimeError(f"interrupted, and {worker} running the job was lost") from exc
+                if started_attempts > RETRIES or (not started and time.monotonic() > deadline):
+                    raise RuntimeError(f"the job's replica failed ({worker}): {exc}") from exc
+                log.warning("job %s: %s failed (%s); sending the job again", job_id, worker, type(exc).__name__)
+                ctx.progress.update(worker="", textinfo="retrying on another worker")
+                time.sleep(0.5)
+            finally:
+                self._board.forget.remote(key)
 
-    def _forward_cancel(self, job_id: str, ctx: JobContext, posted: dict[str, bool]) -> None:
-        """Post the job's interrupt (once) and each new skip to the board, where its replica reads them."""
-        cancel = ctx.cancel
-        if cancel.interrupted and not posted["interrupt"]:
-            self._board.interrupt.remote(job_id)
-            posted["interrupt"] = True
-        if cancel.skipped:
-            cancel.clear_skip()
-            self._board.skip.remote(job_id)
+    def _attempt(self, payload: dict[str, Any], model_id: str, ctx: JobContext, started: list[str]) -> Any:
+        """Send the job to the replica Serve picks (one with checkpoint `model_id` loaded, if any) and follow
+        its stream into `ctx`; `started` gets the worker id once the replica has taken the job."""
+        key = payload["id"]
+        interrupt_posted = False
+        stream = self._handle.options(stream=True, multiplexed_model_id=model_id).run.remote(payload)
+        for event in stream:
+            kind = event[0]
+            cancel = ctx.cancel  # interrupt (once) and each new skip go to the board, where the replica reads them
+            if cancel.interrupted and not interrupt_posted:
+                self._board.interrupt.remote(key)
+                interrupt_posted = True
+            if cancel.skipped:
+                cancel.clear_skip()
+                self._board.skip.remote(key)
+            if kind == "started":
+                started.append(event[1])
+                ctx.progress.update(worker=event[1], started_at=time.monotonic())
+            elif kind == "progress":
+                changes = dict(event[1])
+                if event[2] is not None:
+                    changes["preview"] = event[2]
+                ctx.progress.update(**changes)
+            elif kind == "result":
+                return event[1]
+            elif kind == "error":
+                raise event[1]
+        raise RuntimeError("the replica's stream ended without a result")
 
     def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
         """Queue a generation and wait for it; re-raises the job's error."""
