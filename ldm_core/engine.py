@@ -790,7 +790,8 @@ class Engine:
             )
             user_steps = max(1, run)
         # prompt editing counts user steps; multi-evaluation samplers run more model calls than steps
-        n_evals = max(1, len(timesteps))
+        # an open-ended sampler (DPM adaptive) decides its evaluations while running: plan with its estimate
+        n_evals = max(1, int(getattr(sched, "estimated_evaluations", len(timesteps))))
         levels = NoiseLevels(alphas_cumprod_from_config(model.scheduler_config))
         train_t = timesteps.detach().float().cpu().numpy()
         sigmas = [float(s) for s in levels.t_to_sigma(train_t)]
@@ -823,7 +824,7 @@ class Engine:
                     log.debug("preview failed: %s", exc)
             ctx.progress.update(**upd)
 
-        ctx.progress.update(step=0, steps=len(timesteps))
+        ctx.progress.update(step=0, steps=n_evals if len(timesteps) else 0)
         loop_in = LoopInputs(
             latents=latents,
             timesteps=timesteps,

@@ -6,6 +6,15 @@ extra UNet inputs (e.g. ControlNet residuals); run the UNet; combine with guidan
 let CFG hooks adjust the result; take a scheduler step; for inpainting with a normal model, put the known
 region back (noised to the next level); report progress with the predicted clean latents for previews.
 
+Two kinds of scheduler get more from the loop. One with `uses_uncond` (DDIM CFG++) also gets the unconditional
+prediction, `step(..., model_output_uncond=u)` (None when the step had no unconditional pass). One that is
+`open_ended` (DPM adaptive) decides its evaluations while sampling: the loop runs until the scheduler's
+`timesteps` has no next entry (it grows by one after each step) and reports the scheduler's
+`estimated_evaluations` as the total, an estimate that may change from step to step; the cancel token is
+still checked before every evaluation. Its evaluations get the conditioning of the planned evaluation (out
+of the estimate made before the run, which the caller planned the prompt schedule with) at the same share
+of the noise range, `scheduler.position(i)`.
+
 Two A1111 options act inside the loop: `s_min_uncond` (A1111's "NGMS": on every other evaluation whose noise
 level is below it, the unconditional pass is skipped and the step is guided by the conditional prediction
 alone) and the refiner switch (`ModelSwitch`: from a given evaluation on, the run continues with another
@@ -30,7 +39,7 @@ class StepState:
     image batch: group 0 is the unconditional half when `has_uncond`, then one group per AND part."""
 
     index: int  # 0-based step index
-    total: int  # steps in this run
+    total: int  # steps in this run (an estimate for an open-ended scheduler, see the module doc)
     timestep: torch.Tensor
     x_in: torch.Tensor
     encoder_hidden_states: torch.Tensor
@@ -152,7 +161,11 @@ def denoise(
     hooks = hooks or Hooks()
     sched = inputs.scheduler
     latents = inputs.latents
-    total = len(inputs.timesteps)
+    open_ended = bool(getattr(sched, "open_ended", False))
+    pass_uncond = bool(getattr(sched, "uses_uncond", False))
+    timesteps, sigmas = inputs.timesteps, inputs.sigmas
+    total = len(timesteps)
+    planned = max(1, int(sched.estimated_evaluations)) if open_ended else total
     b = latents.shape[0]
     denoised = latents
     dtype = next(unet.parameters()).dtype
@@ -162,7 +175,11 @@ def denoise(
     conditioning, added_fn, concat = inputs.conditioning, inputs.added_cond_kwargs, inputs.unet_concat
     providers = hooks.unet_inputs
     switch, switched = inputs.switch, False
-    for i, t in enumerate(inputs.timesteps):
+    i = 0
+    while i < len(timesteps):
+        t = timesteps[i]
+        if open_ended:
+            total = max(int(sched.estimated_evaluations), i + 1)
         if cancel is not None:
             try:
                 cancel.check()
@@ -178,11 +195,9 @@ def denoise(
             dtype = next(unet.parameters()).dtype
             providers = providers if switch.keep_unet_inputs else []
             switched = True
-        uncond, conds = conditioning(i)
+        uncond, conds = conditioning(min(planned - 1, int(sched.position(i) * planned)) if open_ended else i)
         use_uncond = uncond is not None and inputs.cfg_scale != 1.0
-        skip_uncond = (
-            use_uncond and inputs.sigmas is not None and skips_uncond(i, inputs.sigmas[i], inputs.s_min_uncond)
-        )
+        skip_uncond = use_uncond and sigmas is not None and skips_uncond(i, float(sigmas[i]), inputs.s_min_uncond)
         if skip_uncond:
             use_uncond = False
         groups = ([uncond] if use_uncond else []) + [c for c, _ in conds]
@@ -215,16 +230,22 @@ def denoise(
             guided = u + inputs.cfg_scale * sum(w * (p - u) for w, p in zip(weights, parts, strict=True))
         for hook in hooks.cfg:
             guided = hook(state, u, parts, guided)
+        if pass_uncond:
+            step_kwargs["model_output_uncond"] = u
         step_out = sched.step(guided, t, latents, return_dict=True, **step_kwargs)
+        if open_ended:  # the scheduler has appended its next evaluation, unless the run is complete
+            timesteps, sigmas = sched.timesteps, sched.sigmas
+            total = i + 1 if len(timesteps) <= i + 1 else max(int(sched.estimated_evaluations), i + 2)
         latents = step_out.prev_sample
         pred = getattr(step_out, "pred_original_sample", None)
         denoised = pred if pred is not None else latents
         if inputs.inpaint is not None:
-            latents = _blend_known(sched, inputs.inpaint, latents, inputs.timesteps, i)
+            latents = _blend_known(sched, inputs.inpaint, latents, timesteps, i)
             denoised = inputs.inpaint.init_latents * (1 - inputs.inpaint.mask) + denoised * inputs.inpaint.mask
         if on_step is not None:
             on_step(i + 1, total, denoised)
-    return LoopResult(latents, total, None, switched)
+        i += 1
+    return LoopResult(latents, i, None, switched)
 
 
 def _blend_known(sched, blend: InpaintBlend, latents, timesteps, i) -> torch.Tensor:

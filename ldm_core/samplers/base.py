@@ -56,7 +56,14 @@ class SamplerContext:
     `eta` scales ancestral/SDE noise (0 = deterministic), `s_noise` multiplies every noise draw, and
     `s_churn`, `s_tmin`, `s_tmax` are the "churn" of Karras et al. 2022 (Algorithm 2) for the samplers
     that use it. `noise(like)` draws standard normal noise shaped like `like` from the generator the loop
-    passed to the current `step` (zeros while the scheduler lists the evaluations)."""
+    passed to the current `step` (zeros while the scheduler lists the evaluations). `sigma_min` is the
+    model's smallest noise level.
+
+    Two fields change during a run. `denoised_uncond`: the unconditional x0 estimate at the evaluation just
+    sent (None when the loop made no unconditional pass, or the scheduler was not built with
+    `uses_uncond`), for samplers that guide differently from plain CFG (CFG++). `remaining`: an open-ended
+    algorithm's (see `open_ended`) current forecast of the evaluations it still needs, for progress; `span`:
+    the noise levels (start, end) it runs between, set before its first evaluation."""
 
     def __init__(
         self,
@@ -67,6 +74,7 @@ class SamplerContext:
         s_tmin: float = 0.0,
         s_tmax: float = math.inf,
         noise: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        sigma_min: float = 0.0,
     ):
         self.eta = float(eta)
         self.s_noise = float(s_noise)
@@ -74,6 +82,10 @@ class SamplerContext:
         self.s_tmin = float(s_tmin)
         self.s_tmax = float(s_tmax)
         self._noise = noise or torch.zeros_like
+        self.sigma_min = float(sigma_min)
+        self.denoised_uncond: torch.Tensor | None = None
+        self.remaining: int | None = None
+        self.span: tuple[float, float] | None = None
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
         return self._noise(like)
@@ -127,9 +139,13 @@ class SigmaScheduler:
 
     `base_config` is the model's diffusers scheduler config (betas, `prediction_type`, `steps_offset`);
     `schedule_type` a label of `sigmas.SIGMA_SCHEDULES`. `eta=None` takes `default_eta`.
-    `model_family` ("sd1", "sdxl") only picks the Align Your Steps table."""
+    `model_family` ("sd1", "sdxl") only picks the Align Your Steps table. `uses_uncond`: the algorithm reads
+    `SamplerContext.denoised_uncond`, so the loop passes the unconditional prediction to `step` as
+    `model_output_uncond`."""
 
     order = 1
+    #: Whether the evaluations are decided while sampling (see `open_ended.OpenEndedSigmaScheduler`).
+    open_ended = False
 
     def __init__(
         self,
@@ -145,6 +161,7 @@ class SigmaScheduler:
         s_tmax: float = math.inf,
         s_noise: float = 1.0,
         model_family: str | None = None,
+        uses_uncond: bool = False,
     ):
         prediction_type = base_config.get("prediction_type", "epsilon")
         if prediction_type not in PREDICTION_TYPES:
@@ -153,6 +170,7 @@ class SigmaScheduler:
         self.name = name
         self.schedule_type = schedule_type
         self.model_family = model_family
+        self.uses_uncond = bool(uses_uncond)
         self.levels = NoiseLevels(alphas_cumprod_from_config(base_config))
         self.ctx_options = dict(
             eta=default_eta if eta is None else float(eta),
@@ -174,6 +192,8 @@ class SigmaScheduler:
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._run: Evaluation | None = None
+        self._ctx: SamplerContext | None = None
+        self._device: str | torch.device | None = None
         self._generator: torch.Generator | list[torch.Generator] | None = None
 
     # -- diffusers interface ------------------------------------------------------------------------------
@@ -236,9 +256,7 @@ class SigmaScheduler:
             raise ValueError("SigmaScheduler starts mid-schedule through set_begin_step (img2img_timesteps)")
         self._begin_index = 0
 
-    def scale_model_input(
-        self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """The model input for the current evaluation: sample / sqrt(sigma**2 + 1)."""
         self._ensure_started(timestep)
         sigma = self._eval_sigmas[self._step_index]
@@ -251,10 +269,13 @@ class SigmaScheduler:
         sample: torch.Tensor,
         generator: torch.Generator | list[torch.Generator] | None = None,
         return_dict: bool = True,
+        model_output_uncond: torch.Tensor | None = None,
     ) -> SigmaSchedulerOutput | tuple:
         """Feed the model output at the current evaluation; `prev_sample` is the point of the next
         evaluation, or the finished sample after the last one. `generator` seeds any noise this step adds
-        (drawn on the generator's device, then moved, so CPU generators give device-independent results)."""
+        (drawn on the generator's device, then moved, so CPU generators give device-independent results).
+        `model_output_uncond`: the unconditional prediction there, for a scheduler built with `uses_uncond`
+        (ignored otherwise)."""
         self._ensure_started(timestep)
         i = self._step_index
         if i >= len(self._eval_sigmas):
@@ -262,21 +283,17 @@ class SigmaScheduler:
         sigma = self._eval_sigmas[i]
         x = sample.to(torch.float32)
         denoised = self._denoised(model_output.to(torch.float32), x, sigma)
+        self._ctx.denoised_uncond = None
+        if self.uses_uncond and model_output_uncond is not None:
+            self._ctx.denoised_uncond = self._denoised(model_output_uncond.to(torch.float32), x, sigma)
         self._generator = generator
         try:
             nxt, next_sigma = self._run.send((x, denoised))
         except StopIteration as done:
             nxt = done.value
-            if i != len(self._eval_sigmas) - 1:
-                raise RuntimeError(
-                    f"{self.name}: the run ended after {i + 1} of {len(self._eval_sigmas)} evaluations"
-                ) from None
+            self._check_end(i)
         else:
-            expected = self._eval_sigmas[i + 1] if i + 1 < len(self._eval_sigmas) else None
-            if expected is None or not math.isclose(next_sigma, expected, rel_tol=1e-9, abs_tol=1e-12):
-                raise RuntimeError(
-                    f"{self.name}: evaluation {i + 1} at sigma {next_sigma}, planned {expected}"
-                )
+            self._check_next(i, float(next_sigma))
         finally:
             self._generator = None
         self._step_index = i + 1
@@ -285,9 +302,7 @@ class SigmaScheduler:
             return (prev, denoised)
         return SigmaSchedulerOutput(prev_sample=prev, pred_original_sample=denoised)
 
-    def add_noise(
-        self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
-    ) -> torch.Tensor:
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """original + sigma * noise at the noise level of the evaluation at `timesteps` (sigma scale, like
         the loop's sample).
 
@@ -311,19 +326,42 @@ class SigmaScheduler:
     # -- internals ----------------------------------------------------------------------------------------
 
     def _context(self, noise: Callable[[torch.Tensor], torch.Tensor] | None) -> SamplerContext:
-        return SamplerContext(noise=noise, **self.ctx_options)
+        return SamplerContext(noise=noise, sigma_min=self.levels.sigma_min, **self.ctx_options)
 
     def _plan(self, schedule: np.ndarray, device) -> None:
         self._run_schedule = [float(s) for s in schedule]
-        self._eval_sigmas = _trace(self.algorithm, self._run_schedule, self._context(None))
+        self._eval_sigmas = self._planned_evaluations()
         if not self._eval_sigmas:
             raise RuntimeError(f"{self.name}: the algorithm evaluates the model nowhere")
-        t = self.levels.sigma_to_t(np.array(self._eval_sigmas))
-        self.timesteps = torch.from_numpy(t.astype(np.float32)).to(device)
-        self.sigmas = torch.tensor(self._eval_sigmas + [self._run_schedule[-1]], dtype=torch.float32)
+        self._device = device
+        self._set_tables()
         self._step_index = None
         self._begin_index = None
         self._run = None
+        self._ctx = None
+
+    def _planned_evaluations(self) -> list[float]:
+        """The noise levels of the run's evaluations, known before it starts."""
+        return _trace(self.algorithm, self._run_schedule, self._context(None))
+
+    def _set_tables(self) -> None:
+        """`timesteps` and `sigmas` from the evaluations' noise levels."""
+        t = self.levels.sigma_to_t(np.array(self._eval_sigmas))
+        self.timesteps = torch.from_numpy(t.astype(np.float32)).to(self._device)
+        self.sigmas = torch.tensor(self._eval_sigmas + [self._run_schedule[-1]], dtype=torch.float32)
+
+    def _check_next(self, i: int, next_sigma: float) -> None:
+        """After evaluation i, the algorithm asked for the next one at `next_sigma`: it must be the planned one."""
+        expected = self._eval_sigmas[i + 1] if i + 1 < len(self._eval_sigmas) else None
+        if expected is None or not math.isclose(next_sigma, expected, rel_tol=1e-9, abs_tol=1e-12):
+            raise RuntimeError(f"{self.name}: evaluation {i + 1} at sigma {next_sigma}, planned {expected}")
+
+    def _check_end(self, i: int) -> None:
+        """The algorithm finished after evaluation i: it must have been the last planned one."""
+        if i != len(self._eval_sigmas) - 1:
+            raise RuntimeError(
+                f"{self.name}: the run ended after {i + 1} of {len(self._eval_sigmas)} evaluations"
+            ) from None
 
     def _ensure_started(self, timestep) -> None:
         if self._step_index is not None:
@@ -340,12 +378,11 @@ class SigmaScheduler:
                     f"first step at timestep {t}, but this run starts at {float(self.timesteps[0])}; "
                     "start img2img through img2img_timesteps()"
                 )
-        self._run = self.algorithm(self._run_schedule, self._context(self._draw_noise))
+        self._ctx = self._context(self._draw_noise)
+        self._run = self.algorithm(self._run_schedule, self._ctx)
         _, first = next(self._run)
         if not math.isclose(first, self._eval_sigmas[0], rel_tol=1e-9, abs_tol=1e-12):
-            raise RuntimeError(
-                f"{self.name}: first evaluation at sigma {first}, planned {self._eval_sigmas[0]}"
-            )
+            raise RuntimeError(f"{self.name}: first evaluation at sigma {first}, planned {self._eval_sigmas[0]}")
         self._step_index = 0
 
     def _draw_noise(self, like: torch.Tensor) -> torch.Tensor:
