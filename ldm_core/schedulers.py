@@ -6,8 +6,9 @@ family of A1111 (Euler, DPM++ ..., Restart), DDIM, PLMS and LCM are our own sigm
 (`ldm_core.samplers`), so that every one of them works with every schedule type, `eta`, `s_noise` and
 churn the same way; UniPC is diffusers' `UniPCMultistepScheduler`.
 
-Left out (a name in the list must work): "DPM adaptive" (its step count is decided while sampling, the
-loop needs the timesteps up front) and "DDIM CFG++" (needs the unconditional prediction separately).
+Two of them need more from the loop: "DPM adaptive" decides its evaluations while sampling (an
+`OpenEndedSigmaScheduler`, `open_ended` is True), "DDIM CFG++" reads the unconditional prediction
+(`uses_uncond`); the denoising loop (`pipeline.loop.denoise`) serves both.
 
 `default_sampler_registry()` builds a fresh registry; the engine owns it and extensions `register` more.
 """
@@ -27,6 +28,8 @@ from diffusers import UniPCMultistepScheduler
 from .requests import RequestError
 from .samplers import SIGMA_SCHEDULES, SigmaScheduler
 from .samplers.base import Algorithm
+from .samplers.cfg_pp import ddim_cfg_pp
+from .samplers.dpm_adaptive import dpm_adaptive
 from .samplers.dpm_solver import dpm_fast
 from .samplers.dpm_solver_pp import (
     dpmpp_2m,
@@ -38,6 +41,7 @@ from .samplers.dpm_solver_pp import (
 )
 from .samplers.first_order import euler, euler_ancestral, lcm
 from .samplers.multistep import lms, plms
+from .samplers.open_ended import OpenEndedSigmaScheduler
 from .samplers.restart import restart
 from .samplers.second_order import dpm2, dpm2_ancestral, heun
 
@@ -174,9 +178,7 @@ class SamplerRegistry:
         for suffix, label in (("_ka", "Karras"), ("_exp", "Exponential")):  # "k_dpmpp_2m_ka"
             if key.endswith(suffix) and key[: -len(suffix)] in self._lookup:
                 return self._entries[self._lookup[key[: -len(suffix)]]][0], label
-        raise RequestError(
-            "sampler_name", f"unknown sampler '{name}'; choose one of: {', '.join(self.names())}"
-        )
+        raise RequestError("sampler_name", f"unknown sampler '{name}'; choose one of: {', '.join(self.names())}")
 
     @staticmethod
     def _schedule_label(schedule_type: str) -> str:
@@ -195,14 +197,23 @@ class SamplerRegistry:
 # -------------------------------------------------------------------------------------------------------
 
 
-def _sigma_factory(name: str, algorithm: Algorithm, default_eta: float) -> SamplerFactory:
-    return partial(_make_sigma_scheduler, name, algorithm, default_eta)
+def _sigma_factory(
+    name: str, algorithm: Algorithm, default_eta: float, kind: type[SigmaScheduler] = SigmaScheduler, **extra
+) -> SamplerFactory:
+    return partial(_make_sigma_scheduler, name, algorithm, default_eta, kind, extra)
 
 
 def _make_sigma_scheduler(
-    name: str, algorithm: Algorithm, default_eta: float, base_config: Mapping, schedule: str, options: dict
+    name: str,
+    algorithm: Algorithm,
+    default_eta: float,
+    kind: type[SigmaScheduler],
+    extra: dict,
+    base_config: Mapping,
+    schedule: str,
+    options: dict,
 ) -> SigmaScheduler:
-    return SigmaScheduler(base_config, schedule, algorithm, name=name, default_eta=default_eta, **options)
+    return kind(base_config, schedule, algorithm, name=name, default_eta=default_eta, **extra, **options)
 
 
 #: Schedule types UniPC supports through diffusers' config flags.
@@ -247,7 +258,7 @@ def _make_unipc(base_config: Mapping, schedule: str, options: dict) -> Any:
 
 class _Own(NamedTuple):
     """A built-in sigma-space sampler: label, API aliases, algorithm, default schedule, default eta,
-    supported schedule types (() = all) and A1111-style options."""
+    supported schedule types (() = all), A1111-style options, the scheduler class and its extra arguments."""
 
     name: str
     aliases: tuple[str, ...]
@@ -256,6 +267,8 @@ class _Own(NamedTuple):
     eta: float = 0.0
     schedule_types: tuple[str, ...] = ()
     options: tuple[str, ...] = ()  # flags set to "True"
+    kind: type[SigmaScheduler] = SigmaScheduler
+    extra: tuple[tuple[str, Any], ...] = ()
 
 
 _ANCESTRAL = ("uses_ensd",)  # adds noise: the seed matters beyond the starting noise
@@ -281,8 +294,11 @@ _OWN_SAMPLERS = (
     _Own("DPM2", ("k_dpm_2",), dpm2, "Karras", options=_SECOND),
     _Own("DPM2 a", ("k_dpm_2_a",), dpm2_ancestral, "Karras", 1.0, options=_SECOND + _ANCESTRAL),
     _Own("DPM fast", ("k_dpm_fast",), dpm_fast, "Exponential", schedule_types=("Exponential",)),
+    # A1111 passes eta (default 1) to DPM adaptive and flags it "uses_ensd"; it picks its own steps
+    _Own("DPM adaptive", ("k_dpm_ad",), dpm_adaptive, "Uniform", 1.0, options=_ANCESTRAL, kind=OpenEndedSigmaScheduler),
     _Own("Restart", ("restart", "k_restart"), restart, "Karras", options=_SECOND + _ANCESTRAL),
     _Own("DDIM", ("ddim",), euler_ancestral, "DDIM"),
+    _Own("DDIM CFG++", ("ddim_cfgpp",), ddim_cfg_pp, "DDIM", extra=(("uses_uncond", True),)),
     _Own("PLMS", ("plms",), plms, "DDIM"),
 )
 
@@ -295,7 +311,7 @@ def default_sampler_registry() -> SamplerRegistry:
         if own.default_schedule != "Uniform":
             options = {"scheduler": schedule_api_name(own.default_schedule), **options}
         info = SamplerInfo(own.name, own.aliases, options, own.default_schedule, own.schedule_types)
-        registry.register(info, _sigma_factory(own.name, own.algorithm, own.eta))
+        registry.register(info, _sigma_factory(own.name, own.algorithm, own.eta, own.kind, **dict(own.extra)))
     registry.register(SamplerInfo("UniPC", ("unipc",), {}, "Uniform", _UNIPC_SCHEDULES), _make_unipc)
     lcm_info = SamplerInfo("LCM", ("k_lcm", "lcm"), dict.fromkeys(_ANCESTRAL, "True"), "Uniform")
     registry.register(lcm_info, _sigma_factory("LCM", lcm, 0.0))

@@ -116,12 +116,19 @@ def make_model(kind: str, x0_of=posterior_mean):
 
 
 def denoise(scheduler, x, model, generator, timesteps=None):
-    """The engine's loop, reduced to the scheduler interface."""
+    """The engine's loop, reduced to the scheduler interface (an open-ended scheduler, DPM adaptive, grows its
+    `timesteps` while it runs)."""
     takes_generator = "generator" in inspect.signature(scheduler.step).parameters
-    for t in scheduler.timesteps if timesteps is None else timesteps:
+    timesteps = scheduler.timesteps if timesteps is None else timesteps
+    i = 0
+    while i < len(timesteps):
+        t = timesteps[i]
         out = model(scheduler.scale_model_input(x, t), t)
         kwargs = {"generator": generator} if takes_generator else {}
         x = scheduler.step(out, t, x, **kwargs).prev_sample
+        if getattr(scheduler, "open_ended", False):
+            timesteps = scheduler.timesteps
+        i += 1
     return x
 
 
@@ -161,8 +168,10 @@ A1111_LABELS = (
     "DPM2",
     "DPM2 a",
     "DPM fast",
+    "DPM adaptive",
     "Restart",
     "DDIM",
+    "DDIM CFG++",
     "PLMS",
     "UniPC",
     "LCM",
@@ -254,9 +263,9 @@ def test_explicit_schedule_wins_and_api_schedule_names():
 
 def test_unknown_sampler_names_the_field_and_lists_choices():
     with pytest.raises(RequestError) as err:
-        REGISTRY.resolve("DPM adaptive")
+        REGISTRY.resolve("DPM turbo")
     assert err.value.field == "sampler_name"
-    assert "unknown sampler 'DPM adaptive'" in err.value.message
+    assert "unknown sampler 'DPM turbo'" in err.value.message
     assert "DPM++ 2M" in err.value.message and "UniPC" in err.value.message
     with pytest.raises(RequestError) as err:
         REGISTRY.create("", "Automatic", SD)
