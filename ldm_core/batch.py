@@ -210,7 +210,7 @@ def image_count(request: GenerationRequest) -> int:
 # ---- the manifest -----------------------------------------------------------------------------------------
 def request_record(request: GenerationRequest) -> dict[str, Any]:
     """The request as JSON: the fields that differ from the defaults, plus prompt and seed always."""
-    data = request.model_dump(exclude_defaults=True, exclude={"init_images", "mask"})
+    data = request.model_dump(exclude_defaults=True, exclude={"init_images", "mask", "save_images"})
     data.setdefault("prompt", request.prompt)
     data["seed"] = request.seed
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in data.items()}
@@ -326,12 +326,13 @@ def run_batch(
     limit: int | None = None,
     default_model: str | None = None,
     progress: bool = True,
+    expected_images: int | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BatchReport:
     """Run `items` on `service` (anything with `submit(request) -> Job`), keeping up to `window` jobs queued,
     writing images and the manifest into `out_dir`. Items already done (see the module docstring) are
     skipped; `limit` caps how many input items are looked at. Bad items and failed jobs are recorded and
-    reported; the others go on."""
+    reported; the others go on. `expected_images` (see `count_images`) sizes the progress bar up front."""
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
@@ -340,7 +341,9 @@ def run_batch(
     records = manifest.records()
     report = BatchReport()
     window = max(1, window)
-    bar = tqdm(total=0, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = tqdm(
+        total=expected_images or 0, unit="img", file=sys.stderr, disable=not progress, dynamic_ncols=True, smoothing=0.1
+    )
     say = log or (lambda text: tqdm.write(text, file=sys.stderr))
     pending: list[tuple[BatchItem, GenerationRequest, Any, float]] = []
     ignored_once: set[str] = set()
@@ -411,8 +414,9 @@ def run_batch(
             request = resolve_seeds(request.model_copy(update={"save_images": False}))
             while len(pending) >= window:
                 collect(block=True)
-            bar.total += image_count(request)
-            bar.refresh()
+            if expected_images is None:
+                bar.total += image_count(request)
+                bar.refresh()
             job = _submit(service, request, lambda: collect(block=True))
             report.submitted += 1
             pending.append((item, request, job, time.time()))
@@ -423,6 +427,20 @@ def run_batch(
         report.seconds = time.perf_counter() - start
         bar.close()
     return report
+
+
+def count_images(items: Iterable[BatchItem], out_dir: Path, *, limit: int | None = None) -> int:
+    """How many images a `run_batch` over `items` into `out_dir` will make (done items left out): a first pass
+    over the input, so the progress bar knows its total without holding every request in memory."""
+    manifest = Manifest(out_dir)
+    records = manifest.records()
+    total = 0
+    for index, item in enumerate(items):
+        if limit is not None and index >= limit:
+            break
+        if item.request is not None and not manifest.is_done(item, records):
+            total += image_count(item.request)
+    return total
 
 
 def _submit(service: Any, request: GenerationRequest, wait_some: Callable[[], None]) -> Any:

@@ -197,7 +197,7 @@ def _generate(args) -> int:
 
 
 def _batch(args) -> int:
-    from .batch import read_items, run_batch, summary
+    from .batch import count_images, read_items, run_batch, summary
     from .service import make_service
 
     for name in ("limit", "window"):
@@ -219,6 +219,7 @@ def _batch(args) -> int:
     # keep every worker busy with one job in hand and one waiting (the queue runs `workers` jobs at once)
     window = args.window or 2 * max(1, int(getattr(service.queue, "workers", 1)), args.ray_local)
     try:
+        expected = count_images(read_items(source, fmt=args.format), Path(args.out), limit=args.limit)
         items = read_items(source, fmt=args.format)
         report = run_batch(
             service,
@@ -228,6 +229,7 @@ def _batch(args) -> int:
             limit=args.limit,
             default_model=args.model,
             progress=not args.no_progress,
+            expected_images=expected,
         )
     except ValueError as exc:  # the file as a whole is unreadable (e.g. a CSV without a prompt column)
         if isinstance(exc, RequestError):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_core.batch import MANIFEST_NAME, Manifest, make_item, read_items, run_batch
+from ldm_core.batch import MANIFEST_NAME, Manifest, count_images, make_item, read_items, run_batch
 from ldm_core.cli import main
 from ldm_core.config import EngineConfig
 from ldm_core.engine import GenerationResult
@@ -138,6 +138,7 @@ def test_rerun_skips_done_and_redoes_partial(tmp_path, service):
     with open(out / MANIFEST_NAME, "a") as f:
         f.write('{"line": 3, "status": "do')  # a torn last record from a crash mid-write
     src.write_text(src.read_text().replace("item 3", "item three"))  # an edited line is a new item
+    assert count_images(read_items(src), out) == 2  # what the progress bar expects
     third = CountingService(service)
     report = run_batch(third, read_items(src), out, window=2, progress=False)
     assert sorted(r.prompt for r in third.submitted) == ["item 1", "item three"]
