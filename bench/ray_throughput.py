@@ -95,6 +95,39 @@ def _child(a: argparse.Namespace) -> dict:
     }
 
 
+def head_costs(sizes: tuple[int, ...] = (64, 512, 1024), runs: int = 5) -> list[dict]:
+    """What each finished image costs the head, by size: the pickled PIL image a replica sends back (bytes over
+    the network/object store) and encoding it as a PNG with infotext (what the batch and the API do per image).
+    The test image is a smooth gradient plus mild noise, so PNG sizes are between a flat and a random image."""
+    import pickle
+
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from ldm_core.outputs import encode_png_bytes
+
+    out = []
+    rng = np.random.default_rng(0)
+    for size in sizes:
+        ramp = np.linspace(0, 255, size, dtype=np.float32)
+        base = np.stack(
+            [ramp[None, :].repeat(size, 0), ramp[:, None].repeat(size, 1), np.full((size, size), 128.0)], -1
+        )
+        pixels = np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, "RGB")
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            png = encode_png_bytes(image, "a prompt\nSteps: 20, Sampler: Euler a, Seed: 1", {"seed": 1})
+            times.append(time.perf_counter() - t)
+        out.append(
+            {"size": size, "pickled_bytes": len(pickle.dumps(image)), "png_bytes": len(png),
+             "png_encode_ms": round(1000 * statistics.median(times), 2)}
+        )  # fmt: skip
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default="inproc,ray1,ray2", help=f"comma list of {', '.join(CONFIGS)}")
@@ -105,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     ap.add_argument("--data-dir", default=str(ROOT), help="data dir; the built-in model when it has no checkpoint")
     ap.add_argument("--model", default=None, help="checkpoint name (default: the data dir's default model)")
+    ap.add_argument("--no-head-costs", action="store_true", help="skip the per-image PNG/transfer size table")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -155,8 +189,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nratio 2 workers / 1 worker: {ratio:.2f}x (issue 18's bar: >= 1.7x)")
     if "inproc" in rate and "ray1" in rate:
         print(f"ratio Ray 1 worker / in-process: {rate['ray1'] / rate['inproc']:.2f}x (the pool's overhead)")
+    costs = [] if a.no_head_costs else head_costs()
+    if costs:
+        print("\nper finished image, on the head:  size  pickled image (sent back)  PNG file  PNG encode")
+        for c in costs:
+            print(
+                f"{'':34}{c['size']:>4}² {c['pickled_bytes'] / 1024:>19.0f} KiB {c['png_bytes'] / 1024:>5.0f} KiB "
+                f"{c['png_encode_ms']:>7.1f} ms"
+            )
     if a.json:
-        Path(a.json).write_text(json.dumps({"argv": sys.argv, "results": results}, indent=2) + "\n")
+        data = {"argv": sys.argv, "results": results, "head_costs": costs}
+        Path(a.json).write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 
