@@ -417,7 +417,19 @@ def run_batch(
             if expected_images is None:
                 bar.total += image_count(request)
                 bar.refresh()
-            job = _submit(service, request, lambda: collect(block=True))
+            try:
+                job = _submit(service, request, lambda: collect(block=True))
+            except ValueError as exc:  # a request the service refuses before queueing it (RequestError)
+                message = _error_text(exc)
+                report.failed.append((item.line, message))
+                say(f"line {item.line}: failed: {message}")
+                if expected_images is not None:
+                    bar.total -= image_count(request)
+                manifest.append(
+                    {"line": item.line, "input_sha": item.input_sha, "request": request_record(request),
+                     "status": "failed", "error": message}
+                )  # fmt: skip
+                continue
             report.submitted += 1
             pending.append((item, request, job, time.time()))
             collect(block=False)

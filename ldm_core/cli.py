@@ -235,6 +235,9 @@ def _batch(args) -> int:
         if isinstance(exc, RequestError):
             raise
         raise RequestError("input", str(exc)) from None
+    except KeyboardInterrupt:
+        print("interrupted: what is done is in the manifest; run the same command again to go on", file=sys.stderr)
+        return 130
     finally:
         service.shutdown()
     print(summary(report), file=sys.stderr)

@@ -19,7 +19,7 @@ from ldm_core.config import EngineConfig
 from ldm_core.engine import GenerationResult
 from ldm_core.jobs import JobQueue
 from ldm_core.outputs import read_image_info
-from ldm_core.requests import GenerationRequest
+from ldm_core.requests import GenerationRequest, RequestError
 from ldm_core.service import Service
 
 SMALL = {"steps": 2, "width": 64, "height": 64}
@@ -152,17 +152,27 @@ def test_rerun_skips_done_and_redoes_partial(tmp_path, service):
     assert [r.prompt for r in limited.submitted] == ["item 0"]
 
 
+class RefusingService(CountingService):
+    """Refuses a request before queueing it, as a service may (RequestError at submit)."""
+
+    def submit(self, request):
+        if request.prompt == "refused":
+            raise RequestError("model", "refused at submit")
+        return super().submit(request)
+
+
 def test_failed_job_is_reported_and_others_complete(tmp_path, service):
     items = [
+        make_item(5, {"prompt": "refused", **SMALL}),
         make_item(1, {"prompt": "ok", "seed": 1, **SMALL}),
         make_item(2, {"prompt": "bad", "sampler_name": "No Such Sampler", **SMALL}),
         make_item(3, {"prompt": "ok too", "override_settings": {"sd_model_checkpoint": "missing-model"}, **SMALL}),
         make_item(4, {"prompt": "ok", "seed": 2, **SMALL}),
     ]
     messages: list[str] = []
-    report = run_batch(service, items, tmp_path, window=3, progress=False, log=messages.append)
-    assert report.done == 2 and [n for n, _ in report.failed] == [2, 3] and not report.ok
-    assert "sampler_name" in report.failed[0][1] and "model" in report.failed[1][1]
+    report = run_batch(RefusingService(service), items, tmp_path, window=3, progress=False, log=messages.append)
+    assert report.done == 2 and [n for n, _ in report.failed] == [5, 2, 3] and not report.ok
+    assert "sampler_name" in report.failed[1][1] and "model" in report.failed[2][1]
     assert any(m.startswith("line 2: failed: sampler_name") for m in messages)
     assert _records(tmp_path)[3]["status"] == "failed"
 
