@@ -181,7 +181,7 @@ def test_killing_a_worker_mid_batch_loses_and_duplicates_nothing(pool):
     before = len(pool.saved())
     seeds = list(range(300, 310))
     with ThreadPoolExecutor(4) as ex:
-        ids = list(ex.map(lambda s: pool.submit(seed=s, steps=40), seeds))
+        ids = list(ex.map(lambda s: pool.submit(seed=s, steps=25), seeds))
     victim = pool.running_on(ids[0], min_step=2)
     pid = int(victim["worker"].rsplit(":", 1)[1])
     os.kill(pid, signal.SIGKILL)

@@ -162,7 +162,7 @@ def deploy(
         max_ongoing_requests=1,
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
-        graceful_shutdown_timeout_s=5.0,
+        graceful_shutdown_timeout_s=2.0,
         **scaling,
     )(replica_class(max(1, config.model_cache_size)))
     app = deployment.bind(config, threads, board)
