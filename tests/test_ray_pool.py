@@ -58,6 +58,40 @@ def test_default_path_does_not_import_ray():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def test_job_queue_with_workers_runs_that_many_jobs_at_once():
+    """The queue a pool uses (no Ray needed): N workers run N jobs at once, each at position 0; interrupt
+    reaches every running job; the rest wait in order."""
+    import threading
+
+    from ldm_core.jobs import JobQueue
+
+    queue = JobQueue(workers=2)
+    gate = threading.Event()
+
+    def run(ctx):
+        while not ctx.cancel.interrupted and not gate.is_set():
+            time.sleep(0.01)
+        return ctx.cancel.interrupted
+
+    try:
+        jobs = [queue.submit(run) for _ in range(3)]
+        deadline = time.monotonic() + 10
+        while len(queue.running()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert [queue.position(j) for j in jobs] == [0, 0, 1] and queue.current is jobs[0]
+        assert queue.pending_count() == 3
+        assert queue.interrupt_current()
+        assert jobs[0].wait(5) and jobs[1].wait(5) and jobs[0].result is True and jobs[1].result is True
+        gate.set()
+        assert jobs[2].wait(5) and jobs[2].result is False
+    finally:
+        gate.set()
+        queue.shutdown()
+    with pytest.raises(ValueError, match="workers"):
+        JobQueue(workers=0)
+
+
 class Pool:
     def __init__(self, url: str, data: Path):
         self.url, self.data = url, data
