@@ -458,6 +458,8 @@ def progress_html(state: ProgressState) -> str:
     if state.job_count > 1:
         parts.append(f"batch {min(state.job_no + 1, state.job_count)}/{state.job_count}")
     parts.append(f"ETA {_fmt_seconds(state.eta)}")
+    if state.worker:  # a Ray pool: the replica running the job
+        parts.append(f"on {state.worker}")
     return _bar(state.fraction, " · ".join(parts), "running")
 
 
