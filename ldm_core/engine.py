@@ -1040,10 +1040,10 @@ def _feature_manifest(request: GenerationRequest, job: _JobState) -> dict[str, A
 
 def _uses_step_noise(info: SamplerInfo, eta: float | None) -> bool:
     """Whether the sampler draws step noise, so that an eta noise seed delta changes its images: an ancestral
-    or SDE sampler (A1111's "uses_ensd" flag) unless eta is 0, or DDIM with eta above 0."""
+    or SDE sampler (A1111's "uses_ensd" flag) unless eta is 0, or DDIM / DDIM CFG++ with eta above 0."""
     if eta is not None and eta <= 0:
         return False
-    return bool(info.options.get("uses_ensd")) or (info.name == "DDIM" and eta is not None)
+    return bool(info.options.get("uses_ensd")) or (info.name in ("DDIM", "DDIM CFG++") and eta is not None)
 
 
 def _chosen(value: str | None, same: str) -> bool:

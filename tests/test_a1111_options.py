@@ -71,6 +71,10 @@ def test_ensd_reseeds_the_step_noise_of_ancestral_samplers(engine):
     # eta 0 draws no step noise either
     z = engine.generate(req(sampler_name="Euler a", eta=0.0, eta_noise_seed_delta=31337))
     assert "ENSD" not in parse_infotext(z.infotexts[0])
+    # DDIM CFG++ with eta above 0 draws step noise like DDIM: ENSD changes it and is written
+    c0 = engine.generate(req(sampler_name="DDIM CFG++", eta=0.5))
+    c1 = engine.generate(req(sampler_name="DDIM CFG++", eta=0.5, eta_noise_seed_delta=31337))
+    assert not same(c0, c1) and parse_infotext(c1.infotexts[0])["ENSD"] == "31337"
 
 
 def test_ensd_round_trips_and_comes_from_the_options_store():
