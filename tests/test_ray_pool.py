@@ -211,6 +211,23 @@ def test_interrupt_reaches_the_worker(pool):
 
 
 @needs_ray
+def test_skip_reaches_the_worker(pool):
+    job_id = pool.submit(steps=60, n_iter=2, seed=70)
+    pool.running_on(job_id)
+    assert pool.post("/sdapi/v1/skip").status_code == 200
+    full = pool.submit(steps=60, n_iter=2, seed=70)
+    skipped, unskipped = pool.wait([job_id, full], images=True)
+    assert skipped["state"] == "done" and not skipped["result"]["interrupted"]
+    assert skipped["result"]["seeds"] == [70, 71]
+    first, second = (
+        np.asarray(decode_b64(j["result"]["images"][i]).convert("RGB")) for j, i in ((skipped, 0), (skipped, 1))
+    )
+    ref_first, ref_second = (np.asarray(decode_b64(unskipped["result"]["images"][i]).convert("RGB")) for i in (0, 1))
+    assert not np.array_equal(first, ref_first)  # the first batch was cut short on its replica
+    assert np.array_equal(second, ref_second)  # the next batch ran in full
+
+
+@needs_ray
 def test_killing_a_worker_mid_batch_loses_and_duplicates_nothing(pool):
     before = len(pool.saved())
     seeds = list(range(300, 310))
