@@ -103,6 +103,12 @@ def make_service(
         raise ValueError(f"ray_local must be >= 0 (got {ray_local})")
     if ray_threads < 1:
         raise ValueError(f"ray_threads must be >= 1 (got {ray_threads})")
+    if ray_address and ray_local:
+        raise ValueError("give either ray_address (join a cluster) or ray_local (start one), not both")
+    if min_replicas is not None and min_replicas < 0:
+        raise ValueError(f"min_replicas must be >= 0 (got {min_replicas})")
+    if max_replicas is not None and (max_replicas < 1 or max_replicas < (min_replicas or 0)):
+        raise ValueError(f"max_replicas must be >= 1 and >= min_replicas (got {max_replicas})")
     if not ray_address and not ray_local:
         return Service(config, max_queued=max_queued)
     try:

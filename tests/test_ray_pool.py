@@ -58,6 +58,22 @@ def test_default_path_does_not_import_ray():
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
+def test_bad_pool_flags_are_refused_naming_them(tmp_path):
+    from ldm_core.config import EngineConfig
+    from ldm_core.service import make_service
+
+    cfg = EngineConfig.from_data_dir(tmp_path, device="cpu", builtin_model_dir=None)
+    for kwargs, name in (
+        ({"ray_address": "auto", "ray_local": 2}, "ray_address"),
+        ({"ray_local": -1}, "ray_local"),
+        ({"ray_local": 2, "ray_threads": 0}, "ray_threads"),
+        ({"ray_local": 2, "min_replicas": -1}, "min_replicas"),
+        ({"ray_local": 2, "min_replicas": 3, "max_replicas": 2}, "max_replicas"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            make_service(cfg, **kwargs)
+
+
 def test_job_queue_with_workers_runs_that_many_jobs_at_once():
     """The queue a pool uses (no Ray needed): N workers run N jobs at once, each at position 0; interrupt
     reaches every running job; the rest wait in order."""

@@ -118,8 +118,8 @@ class RayService:
         self.engine = HeadEngine(config)
         self.extensions = None
         self.options = options
-        self.shape = start_cluster(options)
         try:
+            self.shape = start_cluster(options)
             serve.start(proxy_location="Disabled")  # no Serve HTTP: the UI and the API are the one front door
             self._board = CancelBoard.remote()
             self._handle = deploy(
