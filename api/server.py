@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import fastapi
@@ -113,7 +114,11 @@ def host_name(args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    service = make_service(config_from_args(args), max_queued=args.max_queued, **ray_service_args(args))
+    try:
+        service = make_service(config_from_args(args), max_queued=args.max_queued, **ray_service_args(args))
+    except (RuntimeError, ValueError) as exc:  # Ray missing, bad pool flags
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     app = fastapi.FastAPI(
         title="ldm-webui API",
         version=__version__,
