@@ -88,6 +88,7 @@ def start_cluster(options: RayOptions) -> PoolShape:
         else:
             env["OMP_NUM_THREADS"] = str(options.threads)
         ray.init(
+            address="local",  # a new cluster of our own, even when another one runs on this machine
             num_cpus=workers * options.threads if not gpu_count else None,
             num_gpus=gpu_count,
             include_dashboard=False,
