@@ -12,8 +12,9 @@ and the in-process run gets a clean torch thread setting). In a child, every job
 than the workers can take, so the queue is never empty), after a warm-up of 2 jobs per worker that loads the
 model on every worker. `images/s` is timed images / wall seconds from the first timed submit to the last result;
 `s/image (worker)` is the median time a job spent running on its worker (started -> finished), i.e. the
-per-image compute time without queueing. Run it on a quiet machine: the 1-minute load average at the start is
-printed, and another busy process makes every number smaller.
+per-image compute time without queueing. Run it on a quiet machine: `other CPU` is the share of the machine's
+CPU time that processes outside the benchmark (and outside the Ray cluster it started) used during the timed
+part, and a warning names every configuration where that passed 5%.
 """
 
 from __future__ import annotations
@@ -35,6 +36,51 @@ PROMPTS = [
     "a green triangle at the top left",
     "a yellow star in the middle",
 ]
+
+
+def _busy_ticks() -> int:
+    """CPU time (clock ticks, all cores) the whole machine spent not idle, from /proc/stat."""
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    return sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)  # minus idle and iowait
+
+
+def _tree_ticks(root: int) -> dict[int, int]:
+    """CPU ticks (user + system) of `root` and every process descended from it (the local Ray cluster it
+    started included), by pid."""
+    parent, ticks = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    mine = {root}
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                changed = True
+    return {pid: ticks[pid] for pid in mine if pid in ticks}
+
+
+class OtherLoad:
+    """CPU seconds that processes outside this benchmark used between `start()` and `stop()`: how quiet the
+    machine was (a shared machine's other work slows every configuration it overlaps)."""
+
+    def start(self) -> None:
+        self.busy, self.tree = _busy_ticks(), _tree_ticks(os.getpid())
+
+    def stop(self) -> float:
+        busy, tree = _busy_ticks(), _tree_ticks(os.getpid())
+        own = sum(t - self.tree.get(pid, 0) for pid, t in tree.items())
+        return max(0.0, (busy - self.busy - own) / os.sysconf("SC_CLK_TCK"))
 
 
 def _child(a: argparse.Namespace) -> dict:
@@ -71,15 +117,18 @@ def _child(a: argparse.Namespace) -> dict:
             raise RuntimeError(f"{len(bad)} job(s) failed, first: {bad[0]!r}")
         return wall, jobs
 
+    other = OtherLoad()
     try:
         warm_s, _ = run(a.warmup * max(1, workers), 10_000)
+        other.start()
         wall, jobs = run(a.images, 0)
+        other_s = other.stop()
     finally:
         service.shutdown()
     per_job = [j.finished_at - j.started_at for j in jobs if j.started_at and j.finished_at]
     by_worker: dict[str, int] = {}
     for job in jobs:
-        w = next((str(getattr(job, k)) for k in ("worker_id", "worker") if getattr(job, k, None) is not None), "-")
+        w = job.progress().worker or "-"
         by_worker[w] = by_worker.get(w, 0) + 1
     return {
         "config": a.child,
@@ -92,6 +141,7 @@ def _child(a: argparse.Namespace) -> dict:
         "images_per_s": round(a.images / wall, 3),
         "s_per_image_worker": round(statistics.median(per_job), 3) if per_job else None,
         "jobs_by_worker": by_worker,
+        "other_cpu_pct": round(100 * other_s / (wall * (os.cpu_count() or 1)), 1),
     }
 
 
@@ -175,18 +225,22 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{'config':<10} {'service':<11} {'workers':>7} {'threads':>7} {'images':>6} {'wall s':>8} "
-          f"{'images/s':>9} {'s/image (worker)':>17}  jobs by worker")  # fmt: skip
+          f"{'images/s':>9} {'s/image (worker)':>17} {'other CPU':>9}  jobs by worker")  # fmt: skip
     for r in results:
         kind = CONFIGS[r["config"]][1]
         per = f"{r['s_per_image_worker']:.3f}" if r["s_per_image_worker"] is not None else "-"
         print(
             f"{r['config']:<10} {kind:<11} {max(1, r['workers']):>7} {r['threads']:>7} {r['images']:>6} "
-            f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17}  {r['jobs_by_worker']}"
+            f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17} {r['other_cpu_pct']:>8.1f}%  "
+            f"{r['jobs_by_worker']}"
         )
     rate = {r["config"]: r["images_per_s"] for r in results}
     if "ray1" in rate and "ray2" in rate:
         ratio = rate["ray2"] / rate["ray1"]
         print(f"\nratio 2 workers / 1 worker: {ratio:.2f}x (issue 18's bar: >= 1.7x)")
+    busy = [r["config"] for r in results if r["other_cpu_pct"] > 5]
+    if busy:
+        print(f"WARNING: other processes used > 5% of the CPUs during {busy}: the machine was not quiet")
     if "inproc" in rate and "ray1" in rate:
         print(f"ratio Ray 1 worker / in-process: {rate['ray1'] / rate['inproc']:.2f}x (the pool's overhead)")
     costs = [] if a.no_head_costs else head_costs()
