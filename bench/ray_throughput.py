@@ -11,10 +11,12 @@ Each configuration runs in its own child process (so a Ray cluster of one size i
 and the in-process run gets a clean torch thread setting). In a child, every job is submitted at once (more
 than the workers can take, so the queue is never empty), after a warm-up of 2 jobs per worker that loads the
 model on every worker. `images/s` is timed images / wall seconds from the first timed submit to the last result;
-`s/image (worker)` is the median time a job spent running on its worker (started -> finished), i.e. the
-per-image compute time without queueing. Run it on a quiet machine: `other CPU` is the share of the machine's
-CPU time that processes outside the benchmark (and outside the Ray cluster it started) used during the timed
-part, and a warning names every configuration where that passed 5%.
+`s/image (worker)` is the median time a job held a queue worker (started -> finished: for Ray, sending it to
+a replica, the run there and the result's way back), i.e. the per-image time without queueing; `dispatch s`
+(Ray) is the median time from the head starting a job to its replica reporting it started. Run it on a quiet
+machine: `other CPU` is the share of the machine's CPU time that processes outside the benchmark (and outside
+the Ray cluster it started) used during the timed part, and a warning names every configuration where that
+passed 5%.
 """
 
 from __future__ import annotations
@@ -126,6 +128,10 @@ def _child(a: argparse.Namespace) -> dict:
     finally:
         service.shutdown()
     per_job = [j.finished_at - j.started_at for j in jobs if j.started_at and j.finished_at]
+    # Ray: when the replica's "started" event reached the head (progress.started_at, monotonic clock): the
+    # dispatch latency is head start -> replica start, the rest of the job's time is the replica's run
+    to_wall = time.time() - time.monotonic()
+    dispatch = [j.progress().started_at + to_wall - j.started_at for j in jobs if workers and j.progress().started_at]
     by_worker: dict[str, int] = {}
     for job in jobs:
         w = job.progress().worker or "-"
@@ -140,6 +146,7 @@ def _child(a: argparse.Namespace) -> dict:
         "wall_s": round(wall, 3),
         "images_per_s": round(a.images / wall, 3),
         "s_per_image_worker": round(statistics.median(per_job), 3) if per_job else None,
+        "dispatch_s": round(statistics.median(dispatch), 3) if dispatch else None,
         "jobs_by_worker": by_worker,
         "other_cpu_pct": round(100 * other_s / (wall * (os.cpu_count() or 1)), 1),
     }
@@ -225,13 +232,14 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{'config':<10} {'service':<11} {'workers':>7} {'threads':>7} {'images':>6} {'wall s':>8} "
-          f"{'images/s':>9} {'s/image (worker)':>17} {'other CPU':>9}  jobs by worker")  # fmt: skip
+          f"{'images/s':>9} {'s/image (worker)':>17} {'dispatch s':>10} {'other CPU':>9}  jobs by worker")  # fmt: skip
     for r in results:
         kind = CONFIGS[r["config"]][1]
         per = f"{r['s_per_image_worker']:.3f}" if r["s_per_image_worker"] is not None else "-"
+        dispatch = f"{r['dispatch_s']:.3f}" if r.get("dispatch_s") is not None else "-"
         print(
             f"{r['config']:<10} {kind:<11} {max(1, r['workers']):>7} {r['threads']:>7} {r['images']:>6} "
-            f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17} {r['other_cpu_pct']:>8.1f}%  "
+            f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17} {dispatch:>10} {r['other_cpu_pct']:>8.1f}%  "
             f"{r['jobs_by_worker']}"
         )
     rate = {r["config"]: r["images_per_s"] for r in results}
