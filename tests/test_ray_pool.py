@@ -213,11 +213,16 @@ def test_a_checkpoint_goes_to_the_replica_that_has_it(pool):
 
 
 @needs_ray
-def test_interrupt_reaches_the_worker(pool):
+def test_progress_preview_and_interrupt_through_the_pool(pool):
     job_id = pool.submit(steps=150, seed=5)
     running = pool.running_on(job_id)
     progress = pool.get("/sdapi/v1/progress?skip_current_image=true").json()
     assert progress["current_task"] == job_id and progress["state"]["worker"] == running["worker"]
+    deadline = time.monotonic() + 20
+    while (preview := pool.get(f"/api/v1/jobs/{job_id}?images=false&preview=true").json()["preview"]) is None:
+        assert time.monotonic() < deadline, "no live preview came back from the replica"
+        time.sleep(0.05)
+    assert min(decode_b64(preview).size) > 0  # the replica's live preview, streamed to the head
     t0 = time.monotonic()
     assert pool.post("/sdapi/v1/interrupt").status_code == 200
     (job,) = pool.wait([job_id], images=True)
