@@ -13,7 +13,9 @@ than the workers can take, so the queue is never empty), after a warm-up of 2 jo
 model on every worker. `images/s` is timed images / wall seconds from the first timed submit to the last result;
 `s/image (worker)` is the median time a job held a queue worker (started -> finished: for Ray, sending it to
 a replica, the run there and the result's way back), i.e. the per-image time without queueing; `dispatch s`
-(Ray) is the median time from the head starting a job to its replica reporting it started. Run it on a quiet
+(Ray) is the median time from the head starting a job to its replica reporting it started; `head+Ray cores`
+(Ray) is the CPU the head process and Ray's own processes (raylet, GCS, Serve controller, ...) used meanwhile, in
+cores: what the replicas could not have. Run it on a quiet
 machine: `other CPU` is the share of the machine's CPU time that processes outside the benchmark (and outside
 the Ray cluster it started) used during the timed part, and a warning names every configuration where that
 passed 5%.
@@ -45,6 +47,14 @@ def _busy_ticks() -> int:
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
     return sum(cpu) - cpu[3] - (cpu[4] if len(cpu) > 4 else 0)  # minus idle and iowait
+
+
+def _is_replica(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"ServeReplica" in f.read() or b"SERVE_REPLICA" in open(f"/proc/{pid}/comm", "rb").read()
+    except OSError:
+        return False
 
 
 def _tree_ticks(root: int) -> dict[int, int]:
@@ -79,10 +89,15 @@ class OtherLoad:
     def start(self) -> None:
         self.busy, self.tree = _busy_ticks(), _tree_ticks(os.getpid())
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """(CPU seconds of other processes, CPU seconds of this benchmark's head and Ray's own processes,
+        i.e. everything in its process tree but the engine replicas)."""
         busy, tree = _busy_ticks(), _tree_ticks(os.getpid())
-        own = sum(t - self.tree.get(pid, 0) for pid, t in tree.items())
-        return max(0.0, (busy - self.busy - own) / os.sysconf("SC_CLK_TCK"))
+        delta = {pid: t - self.tree.get(pid, 0) for pid, t in tree.items()}
+        own = sum(delta.values())
+        replicas = sum(d for pid, d in delta.items() if _is_replica(pid))
+        tick = os.sysconf("SC_CLK_TCK")
+        return max(0.0, (busy - self.busy - own) / tick), (own - replicas) / tick
 
 
 def _child(a: argparse.Namespace) -> dict:
@@ -124,7 +139,7 @@ def _child(a: argparse.Namespace) -> dict:
         warm_s, _ = run(a.warmup * max(1, workers), 10_000)
         other.start()
         wall, jobs = run(a.images, 0)
-        other_s = other.stop()
+        other_s, infra_s = other.stop()
     finally:
         service.shutdown()
     per_job = [j.finished_at - j.started_at for j in jobs if j.started_at and j.finished_at]
@@ -149,6 +164,8 @@ def _child(a: argparse.Namespace) -> dict:
         "dispatch_s": round(statistics.median(dispatch), 3) if dispatch else None,
         "jobs_by_worker": by_worker,
         "other_cpu_pct": round(100 * other_s / (wall * (os.cpu_count() or 1)), 1),
+        # Ray: the head and Ray's daemons, in cores (in-process: the whole process, i.e. the engine too)
+        "head_and_ray_cores": round(infra_s / wall, 2) if workers else None,
     }
 
 
@@ -232,15 +249,17 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"{'config':<10} {'service':<11} {'workers':>7} {'threads':>7} {'images':>6} {'wall s':>8} "
-          f"{'images/s':>9} {'s/image (worker)':>17} {'dispatch s':>10} {'other CPU':>9}  jobs by worker")  # fmt: skip
+          f"{'images/s':>9} {'s/image (worker)':>17} {'dispatch s':>10} {'head+Ray cores':>14} {'other CPU':>9}"
+          "  jobs by worker")  # fmt: skip
     for r in results:
         kind = CONFIGS[r["config"]][1]
         per = f"{r['s_per_image_worker']:.3f}" if r["s_per_image_worker"] is not None else "-"
         dispatch = f"{r['dispatch_s']:.3f}" if r.get("dispatch_s") is not None else "-"
+        infra = f"{r['head_and_ray_cores']:.2f}" if r.get("head_and_ray_cores") is not None else "-"
         print(
             f"{r['config']:<10} {kind:<11} {max(1, r['workers']):>7} {r['threads']:>7} {r['images']:>6} "
-            f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17} {dispatch:>10} {r['other_cpu_pct']:>8.1f}%  "
-            f"{r['jobs_by_worker']}"
+            f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17} {dispatch:>10} {infra:>14} "
+            f"{r['other_cpu_pct']:>8.1f}%  {r['jobs_by_worker']}"
         )
     rate = {r["config"]: r["images_per_s"] for r in results}
     if "ray1" in rate and "ray2" in rate:
