@@ -3,10 +3,12 @@
 the same prompts and seeds for each, warm-up excluded. Prints a table and the ratio 2-worker / 1-worker
 (issue 18's bar on a 2-core machine: >= 1.7).
 
-    python bench/ray_throughput.py                       # in-process, ray x1, ray x2; 16 timed images each
+    python bench/ray_throughput.py                       # inproc, procs2, ray1, ray2; 16 timed images each
     python bench/ray_throughput.py --images 32 --steps 20 --configs ray1,ray2,ray4
     python bench/ray_throughput.py --json results.json   # also write the numbers as JSON
 
+`procs2` runs two in-process services in two plain processes side by side (no Ray, each half the images, timed
+from one common start): what two workers can get out of this machine at best, the ceiling for `ray2`.
 Each configuration runs in its own child process (so a Ray cluster of one size is gone before the next starts
 and the in-process run gets a clean torch thread setting). In a child, every job is submitted at once (more
 than the workers can take, so the queue is never empty), after a warm-up of 2 jobs per worker that loads the
@@ -33,7 +35,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"inproc": (0, "in-process"), "ray1": (1, "Ray"), "ray2": (2, "Ray"), "ray3": (3, "Ray"), "ray4": (4, "Ray")}
+CONFIGS = {
+    "inproc": (0, "in-process"),
+    "procs2": (0, "2 processes"),  # two in-process services side by side, no Ray: the machine's own ceiling
+    "ray1": (1, "Ray"),
+    "ray2": (2, "Ray"),
+    "ray3": (3, "Ray"),
+    "ray4": (4, "Ray"),
+}
 PROMPTS = [
     "a red circle on a white background",
     "a blue square on a black background",
@@ -137,9 +146,12 @@ def _child(a: argparse.Namespace) -> dict:
     other = OtherLoad()
     try:
         warm_s, _ = run(a.warmup * max(1, workers), 10_000)
+        if a.start_at:  # procs2: both processes start their timed part together
+            time.sleep(max(0.0, a.start_at - time.time()))
         other.start()
         wall, jobs = run(a.images, 0)
         other_s, infra_s = other.stop()
+        end_wall = time.time()
     finally:
         service.shutdown()
     per_job = [j.finished_at - j.started_at for j in jobs if j.started_at and j.finished_at]
@@ -163,6 +175,7 @@ def _child(a: argparse.Namespace) -> dict:
         "s_per_image_worker": round(statistics.median(per_job), 3) if per_job else None,
         "dispatch_s": round(statistics.median(dispatch), 3) if dispatch else None,
         "jobs_by_worker": by_worker,
+        "end_wall": end_wall,
         "other_cpu_pct": round(100 * other_s / (wall * (os.cpu_count() or 1)), 1),
         # Ray: the head and Ray's daemons, in cores (in-process: the whole process, i.e. the engine too)
         "head_and_ray_cores": round(infra_s / wall, 2) if workers else None,
@@ -204,7 +217,7 @@ def head_costs(sizes: tuple[int, ...] = (64, 512, 1024), runs: int = 5) -> list[
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default="inproc,ray1,ray2", help=f"comma list of {', '.join(CONFIGS)}")
+    ap.add_argument("--configs", default="inproc,procs2,ray1,ray2", help=f"comma list of {', '.join(CONFIGS)}")
     ap.add_argument("--images", type=int, default=16, help="timed images per configuration")
     ap.add_argument("--warmup", type=int, default=2, help="warm-up jobs per worker (not timed)")
     ap.add_argument("--steps", type=int, default=20)
@@ -212,9 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
     ap.add_argument("--data-dir", default=str(ROOT), help="data dir; the built-in model when it has no checkpoint")
     ap.add_argument("--model", default=None, help="checkpoint name (default: the data dir's default model)")
+    ap.add_argument(
+        "--procs-start-s", type=float, default=40.0, help="procs2: seconds the two processes get to load and warm up"
+    )
     ap.add_argument("--no-head-costs", action="store_true", help="skip the per-image PNG/transfer size table")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         print("RESULT " + json.dumps(_child(a)), flush=True)
@@ -232,19 +249,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "HF_HUB_OFFLINE": "1"}
     results = []
-    for name in names:
-        cmd = [sys.executable, __file__, "--child", name] + [
+
+    def command(child: str, images: int, start_at: float = 0.0) -> list[str]:
+        return [sys.executable, __file__, "--child", child] + [
             f"--{k}={v}" for k, v in (
-                ("images", a.images), ("warmup", a.warmup), ("steps", a.steps), ("sampler", a.sampler),
-                ("threads", a.threads), ("data-dir", a.data_dir),
+                ("images", images), ("warmup", a.warmup), ("steps", a.steps), ("sampler", a.sampler),
+                ("threads", a.threads), ("data-dir", a.data_dir), ("start-at", start_at),
             )
         ] + ([f"--model={a.model}"] if a.model else [])  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+
+    def finish(name: str, proc: subprocess.Popen) -> dict | None:
+        out, err = proc.communicate()
+        line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            print(f"{name}: failed (exit {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
-            return 1
-        results.append(json.loads(line[len("RESULT ") :]))
+            print(f"{name}: failed (exit {proc.returncode})\n{err[-3000:]}", file=sys.stderr)
+            return None
+        return json.loads(line[len("RESULT ") :])
+
+    def spawn(cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+    for name in names:
+        if name == "procs2":
+            start_at = time.time() + a.procs_start_s
+            half = max(1, a.images // 2)
+            procs = [spawn(command("inproc", half, start_at)) for _ in range(2)]
+            parts = [finish(name, p) for p in procs]
+            if None in parts:
+                return 1
+            wall = max(p["end_wall"] for p in parts) - start_at
+            result = {**parts[0], "config": name, "workers": 2, "images": 2 * half, "wall_s": round(wall, 3),
+                      "images_per_s": round(2 * half / wall, 3), "other_cpu_pct": None,
+                      "s_per_image_worker": max(p["s_per_image_worker"] for p in parts)}  # fmt: skip
+        else:
+            result = finish(name, spawn(command(name, a.images)))
+            if result is None:
+                return 1
+        results.append(result)
         print(f"  {name}: {results[-1]['images_per_s']:.3f} images/s", flush=True)
 
     print()
@@ -256,18 +297,21 @@ def main(argv: list[str] | None = None) -> int:
         per = f"{r['s_per_image_worker']:.3f}" if r["s_per_image_worker"] is not None else "-"
         dispatch = f"{r['dispatch_s']:.3f}" if r.get("dispatch_s") is not None else "-"
         infra = f"{r['head_and_ray_cores']:.2f}" if r.get("head_and_ray_cores") is not None else "-"
+        other = f"{r['other_cpu_pct']:.1f}%" if r.get("other_cpu_pct") is not None else "-"
         print(
             f"{r['config']:<10} {kind:<11} {max(1, r['workers']):>7} {r['threads']:>7} {r['images']:>6} "
             f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17} {dispatch:>10} {infra:>14} "
-            f"{r['other_cpu_pct']:>8.1f}%  {r['jobs_by_worker']}"
+            f"{other:>9}  {r['jobs_by_worker']}"
         )
     rate = {r["config"]: r["images_per_s"] for r in results}
     if "ray1" in rate and "ray2" in rate:
         ratio = rate["ray2"] / rate["ray1"]
         print(f"\nratio 2 workers / 1 worker: {ratio:.2f}x (issue 18's bar: >= 1.7x)")
-    busy = [r["config"] for r in results if r["other_cpu_pct"] > 5]
+    busy = [r["config"] for r in results if (r["other_cpu_pct"] or 0) > 5]
     if busy:
         print(f"WARNING: other processes used > 5% of the CPUs during {busy}: the machine was not quiet")
+    if "procs2" in rate and "inproc" in rate:
+        print(f"ratio 2 plain processes / 1 (no Ray: this machine's ceiling): {rate['procs2'] / rate['inproc']:.2f}x")
     if "inproc" in rate and "ray1" in rate:
         print(f"ratio Ray 1 worker / in-process: {rate['ray1'] / rate['inproc']:.2f}x (the pool's overhead)")
     costs = [] if a.no_head_costs else head_costs()
