@@ -12,6 +12,7 @@ Writes PNGs with their infotext into --out and shows a progress bar. Stable form
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import threading
@@ -208,8 +209,11 @@ def _batch(args) -> int:
     if not source.is_file():
         raise RequestError("input", f"file not found: {source}")
     try:
+        # no live previews (nobody watches them; they cost a decode per step) and no saving on the worker:
+        # the batch writes each image itself, on this machine, whichever worker made it
+        config = dataclasses.replace(_config(args), preview_every=0, save_images=False)
         service = make_service(
-            _config(args),
+            config,
             max_queued=max(64, args.window or 0),
             **ray_service_args(args),
         )
