@@ -1,8 +1,9 @@
 """The Ray Serve deployment of the pool: one `Engine` per replica (one per GPU, or CPU replicas with a few
 torch threads each), with Serve's model multiplexing so a job goes to a replica that has its checkpoint loaded.
 
-`run(job)` is a streaming method: it yields `("started", worker)`, then `("progress", fields, preview)` at
-least every `HEARTBEAT_S` seconds while the job runs (the head forwards interrupt/skip meanwhile), and ends with
+`run(job)` is a streaming method: it yields `("started", worker)`, then `("progress", fields, preview)` at most
+every `HEARTBEAT_S` seconds when the progress changed and at least every `KEEPALIVE_S` (the head forwards
+interrupt/skip to the cancel board when an event arrives; the replica long-polls the board), and ends with
 `("result", value)` or `("error", exception)`. The job's own errors are yielded, never raised, so an exception
 the head sees from the stream means the replica itself failed (it died) and the job may be retried.
 """
@@ -27,7 +28,9 @@ from ..scripts import ScriptRun, find_script
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 0.2  # progress events (and cancel polls) this often, seconds
+HEARTBEAT_S = 0.2  # progress events at most this often while a job runs, seconds (when something changed)
+KEEPALIVE_S = 1.0  # and at least this often, so the head can forward interrupt/skip during a long step
+CANCEL_WAIT_S = 30.0  # the replica's long poll on the cancel board returns after this at the latest
 PROGRESS_FIELDS = ("job_no", "job_count", "step", "steps", "textinfo", "preview_step", "interrupted", "skipped")
 
 
@@ -74,31 +77,48 @@ def replica_class(max_models: int) -> type:
             yield ("started", self.worker)
             ctx = JobContext()
             task = asyncio.ensure_future(self._job(job, ctx, serve.get_multiplexed_model_id()))
-            job_id, skips_seen, last, last_preview = job["id"], 0, None, None
+            loop = asyncio.get_running_loop()
+            job_id, skips_seen, last, last_preview, last_sent = job["id"], 0, None, None, loop.time()
+            board = self._wait_board(job_id, 0)
             try:
                 while True:
-                    done, _ = await asyncio.wait({task}, timeout=HEARTBEAT_S)
-                    interrupted, skips = await self.board.poll.remote(job_id)
-                    if interrupted:
-                        ctx.cancel.interrupt()
-                    if skips > skips_seen:
-                        skips_seen = skips
-                        ctx.cancel.skip()
+                    await asyncio.wait({task, board}, timeout=HEARTBEAT_S, return_when=asyncio.FIRST_COMPLETED)
+                    if board.done():  # the head posted an interrupt or a skip (or the long poll timed out)
+                        interrupted, skips = board.result()
+                        if skips > skips_seen:
+                            skips_seen = skips
+                            ctx.cancel.skip()
+                        if interrupted:
+                            ctx.cancel.interrupt()
+                            board = loop.create_future()  # final: nothing more to wait for
+                        else:
+                            board = self._wait_board(job_id, skips_seen)
+                        if not task.done():
+                            continue
+                    if task.done():
+                        break
                     snap = ctx.progress.snapshot()
                     fields = progress_fields(snap)
                     preview = snap.preview if snap.preview is not last_preview else None
                     last_preview = snap.preview
-                    if fields != last or preview is not None or not done:
+                    # what changed, or a keepalive (the head forwards interrupt/skip when an event arrives)
+                    if fields != last or preview is not None or loop.time() - last_sent >= KEEPALIVE_S:
                         yield ("progress", fields, preview)
-                        last = fields
-                    if done:
-                        break
+                        last, last_sent = fields, loop.time()
+                snap = ctx.progress.snapshot()
+                if progress_fields(snap) != last:  # the final counts (a skipped/interrupted flag, the last step)
+                    yield ("progress", progress_fields(snap), None)
                 yield ("result", task.result())
             except Exception as exc:  # the job's own failure (bad request, ...): the head re-raises it
                 yield ("error", exc)
             finally:
+                board.cancel()
                 if not task.done():
                     ctx.cancel.interrupt()
+
+        def _wait_board(self, job_id: str, skips_seen: int) -> asyncio.Future:
+            """The long poll on the cancel board for `job_id`, as an asyncio future."""
+            return asyncio.wrap_future(self.board.wait.remote(job_id, skips_seen, CANCEL_WAIT_S).future())
 
         async def _job(self, job: dict[str, Any], ctx: JobContext, model_id: str) -> Any:
             if job.get("refreshes", 0) != self.refreshes:  # the head rescanned the model folders
