@@ -66,6 +66,20 @@ def _is_replica(pid: int) -> bool:
         return False
 
 
+def _process_name(pid: int) -> str:
+    """A short name for a Ray process: its actor/worker title or its program's file name."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = args[0].decode(errors="replace")
+    if first.startswith("ray::"):  # ray::ServeController.method, ray::ServeReplica:app:Deployment.method
+        return first[5:].split(".")[0].split(":")[-1]
+    script = next((a.decode(errors="replace") for a in args[1:3] if a.endswith(b".py")), first)
+    return Path(script).name
+
+
 def _tree_ticks(root: int) -> dict[int, int]:
     """CPU ticks (user + system) of `root` and every process descended from it (the local Ray cluster it
     started included), by pid."""
@@ -106,6 +120,12 @@ class OtherLoad:
         own = sum(delta.values())
         replicas = sum(d for pid, d in delta.items() if _is_replica(pid))
         tick = os.sysconf("SC_CLK_TCK")
+        self.by_process: dict[str, float] = {}  # CPU seconds of each process, by its name
+        for pid, d in delta.items():
+            if d:
+                name = "head" if pid == os.getpid() else _process_name(pid)
+                name = f"replica {pid}" if _is_replica(pid) else name
+                self.by_process[name] = self.by_process.get(name, 0.0) + d / tick
         return max(0.0, (busy - self.busy - own) / tick), (own - replicas) / tick
 
 
@@ -179,6 +199,14 @@ def _child(a: argparse.Namespace) -> dict:
         "other_cpu_pct": round(100 * other_s / (wall * (os.cpu_count() or 1)), 1),
         # Ray: the head and Ray's daemons, in cores (in-process: the whole process, i.e. the engine too)
         "head_and_ray_cores": round(infra_s / wall, 2) if workers else None,
+        # cores by process (replicas included): where the pool's CPU goes
+        "head_and_ray_by_process": {
+            k: round(v / wall, 3)
+            for k, v in sorted(other.by_process.items(), key=lambda kv: -kv[1])
+            if v / wall >= 0.002
+        }
+        if workers
+        else None,
     }
 
 
@@ -303,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['wall_s']:>8.2f} {r['images_per_s']:>9.3f} {per:>17} {dispatch:>10} {infra:>14} "
             f"{other:>9}  {r['jobs_by_worker']}"
         )
+    for r in results:
+        if r.get("head_and_ray_by_process"):
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in r["head_and_ray_by_process"].items())
+            print(f"{r['config']} cores by process: {parts}")
     rate = {r["config"]: r["images_per_s"] for r in results}
     if "ray1" in rate and "ray2" in rate:
         ratio = rate["ray2"] / rate["ray1"]
