@@ -17,11 +17,10 @@ model on every worker. `images/s` is timed images / wall seconds from the first 
 a replica, the run there and the result's way back), i.e. the per-image time without queueing; `dispatch s`
 (Ray) is the median time from the head starting a job to its replica reporting it started; `head+Ray cores`
 (Ray) is the CPU the head process and Ray's own processes (raylet, GCS, Serve controller, ...) used meanwhile, in
-cores: what the replicas could not have (a `cores by process` line per Ray run splits it, replicas included). Run it
-on a quiet
-machine: `other CPU` is the share of the machine's CPU time that processes outside the benchmark (and outside
-the Ray cluster it started) used during the timed part, and a warning names every configuration where that
-passed 5%.
+cores: what the replicas could not have (a `cores by process` line per Ray run splits it, replicas included).
+Run it on a quiet machine: `other CPU` is the share of the machine's CPU time that processes outside the
+benchmark (and outside the Ray cluster it started) used during the timed part, and a warning names every
+configuration where that passed 5%.
 """
 
 from __future__ import annotations
