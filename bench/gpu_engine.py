@@ -185,7 +185,7 @@ def run_case(family: str, root: Path, size: int, steps: int, tiny: bool):
         it_per_s_including_encode_decode=round(steps / base, 2),
         ratio_engine_over_diffusers=round(best / base, 3),
     )
-    del pipe
+    pipe = None  # free it before the peak-memory report (call() is not used after this)
     if torch.cuda.is_available():
         report(case=f"{family}_{size}", peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
         torch.cuda.reset_peak_memory_stats()
