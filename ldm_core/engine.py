@@ -245,18 +245,23 @@ class Engine:
                     cpu_offload(mod, execution_device=dev)
         return model
 
+    def checkpoint_entry(self, name: str | None = None) -> ModelEntry:
+        """The registry entry for `name` (a title, name or short hash; None = the current or default model), or
+        RequestError("model") saying what is missing."""
+        if name is None:
+            entry = self.current_model_entry()
+            if entry is None:
+                raise RequestError("model", "no model found: put a checkpoint in models/Stable-diffusion")
+            return entry
+        try:
+            return self.models.find_checkpoint(name)
+        except KeyError as exc:
+            raise RequestError("model", str(exc.args[0] if exc.args else exc)) from None
+
     def load_checkpoint(self, name: str | None = None) -> LoadedModel:
         """Make `name` (a title, name or short hash; None = current or default) the current model."""
         with self._lock:
-            if name is None:
-                entry = self.current_model_entry()
-                if entry is None:
-                    raise RequestError("model", "no model found: put a checkpoint in models/Stable-diffusion")
-            else:
-                try:
-                    entry = self.models.find_checkpoint(name)
-                except KeyError as exc:
-                    raise RequestError("model", str(exc.args[0] if exc.args else exc)) from None
+            entry = self.checkpoint_entry(name)
             if entry.path in self._cache:
                 self._cache.move_to_end(entry.path)
                 self._current = entry.path

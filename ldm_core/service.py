@@ -19,7 +19,35 @@ from .requests import GenerationRequest
 from .scripts import ScriptRun, find_script
 
 
-class Service:
+class QueueFront:
+    """What every service does through its `queue` alone, wherever its jobs run (this process or a pool):
+    wait for a generation, run other work in queue order, interrupt and skip. Subclasses provide `submit`."""
+
+    queue: JobQueue
+
+    def submit(self, request: GenerationRequest, *, grid: GridOptions | None = None) -> Job:
+        raise NotImplementedError
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        """Queue a generation and wait for it; re-raises the job's error."""
+        job = self.submit(request)
+        job.wait(timeout)
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def run_task(self, fn: Callable[[JobContext], Any], kind: str = "task") -> Any:
+        """Run other work (model switch, upscale) in queue order and wait for it."""
+        return self.queue.call(fn, kind=kind)
+
+    def interrupt(self) -> bool:
+        return self.queue.interrupt_current()
+
+    def skip(self) -> bool:
+        return self.queue.skip_current()
+
+
+class Service(QueueFront):
     """One engine and one queue. Construct once per process (webui.py does)."""
 
     def __init__(self, config: EngineConfig, *, engine: Engine | None = None, max_queued: int = 64):
@@ -58,28 +86,10 @@ class Service:
             request=request,
         )
 
-    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
-        """Queue a generation and wait for it; re-raises the job's error."""
-        job = self.submit(request)
-        job.wait(timeout)
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def run_task(self, fn: Callable[[JobContext], Any], kind: str = "task") -> Any:
-        """Run other device work (model switch, upscale) in queue order and wait for it."""
-        return self.queue.call(fn, kind=kind)
-
     def switch_model(self, name: str) -> str:
         """Load checkpoint `name` (through the queue); returns its title."""
         model = self.run_task(lambda ctx: self.engine.load_checkpoint(name), kind="load-model")
         return model.entry.title
-
-    def interrupt(self) -> bool:
-        return self.queue.interrupt_current()
-
-    def skip(self) -> bool:
-        return self.queue.skip_current()
 
     def shutdown(self) -> None:
         self.queue.shutdown()

@@ -9,7 +9,7 @@ from typing import Any
 from ..engine import Engine, GenerationResult
 from ..models.registry import ModelEntry
 from ..progress import JobContext
-from ..requests import GenerationRequest, RequestError
+from ..requests import GenerationRequest
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,7 @@ class HeadEngine(Engine):
 
     def load_checkpoint(self, name: str | None = None) -> SelectedModel:  # type: ignore[override]
         with self._lock:
-            if name is None:
-                entry = self.current_model_entry()
-                if entry is None:
-                    raise RequestError("model", "no model found: put a checkpoint in models/Stable-diffusion")
-            else:
-                try:
-                    entry = self.models.find_checkpoint(name)
-                except KeyError as exc:
-                    raise RequestError("model", str(exc.args[0] if exc.args else exc)) from None
+            entry = self.checkpoint_entry(name)
             self._selected = entry
             return SelectedModel(entry)
 

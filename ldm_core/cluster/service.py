@@ -21,7 +21,6 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,12 @@ import ray
 from ray import serve
 
 from ..config import EngineConfig
-from ..engine import GenerationResult
 from ..grids import GridOptions
 from ..jobs import Job, JobQueue
 from ..progress import JobContext
 from ..requests import GenerationRequest
 from ..scripts import find_script
+from ..service import QueueFront
 from .board import CancelBoard
 from .head import HeadEngine
 from .replica import deploy, is_replica_failure
@@ -117,8 +116,9 @@ def start_cluster(options: RayOptions) -> PoolShape:
     return PoolShape(replicas_min=lo, replicas_max=hi, gpus=gpus, started_local=started_local)
 
 
-class RayService:
-    """A job queue on the head whose jobs run on a Ray Serve pool of engines. Construct once per process."""
+class RayService(QueueFront):
+    """A job queue on the head whose jobs run on a Ray Serve pool of engines (other work, e.g. upscales and
+    model selection, runs on the head in queue order). Construct once per process."""
 
     def __init__(self, config: EngineConfig, options: RayOptions, *, max_queued: int = 64):
         self.engine = HeadEngine(config)
@@ -256,28 +256,10 @@ class RayService:
                 raise event[1]
         raise RuntimeError("the replica's stream ended without a result")
 
-    def generate(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
-        """Queue a generation and wait for it; re-raises the job's error."""
-        job = self.submit(request)
-        job.wait(timeout)
-        if job.error is not None:
-            raise job.error
-        return job.result
-
-    def run_task(self, fn: Callable[[JobContext], Any], kind: str = "task") -> Any:
-        """Run other work (upscale, model selection) on the head, in queue order, and wait for it."""
-        return self.queue.call(fn, kind=kind)
-
     def switch_model(self, name: str) -> str:
         """Select checkpoint `name` for the jobs that name none; a replica loads it with the first such job
         (and keeps it: later jobs go to that replica). Returns its title."""
         return self.engine.load_checkpoint(name).entry.title
-
-    def interrupt(self) -> bool:
-        return self.queue.interrupt_current()
-
-    def skip(self) -> bool:
-        return self.queue.skip_current()
 
     def shutdown(self) -> None:
         self.queue.shutdown()
