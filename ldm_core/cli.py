@@ -43,6 +43,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-iter", type=int, default=1, help="batch count")
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--out", required=True, help="folder for the PNGs")
+    _add_engine_flags(p)
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that build the engine's config: folders, device, precision, attention, pickle policy."""
     p.add_argument("--data-dir", default=".", help="folder holding models/ (A1111 layout)")
     p.add_argument("--ckpt-dir", default=None)
     p.add_argument("--device", default="auto")
@@ -94,12 +99,7 @@ def _batch_parser(sub) -> None:
     p.add_argument("--window", type=int, default=None, help="jobs kept submitted at once (default: 2 x workers)")
     add_ray_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--data-dir", default=".", help="folder holding models/ (A1111 layout)")
-    p.add_argument("--ckpt-dir", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
-    p.add_argument("--attention", default="auto")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt files (weights_only loading)")
+    _add_engine_flags(p)
 
 
 def _open_image(path: str, field: str) -> Image.Image:
