@@ -322,11 +322,21 @@ def check_choices(engine, request: GenerationRequest, *, model_field: str = "mod
             ) from None
 
 
-def submit(ctx: ApiContext, request: GenerationRequest, *, model_field: str = "model", grid: Any = None) -> Job:
+def submit(
+    ctx: ApiContext,
+    request: GenerationRequest,
+    *,
+    model_field: str = "model",
+    grid: Any = None,
+    script: tuple[str, list[Any]] | None = None,
+) -> Job:
     """Check the request's limits and choices and queue it (QueueFull -> 503 through the route class).
-    `grid`: an ldm_core.grids.GridOptions for A1111's batch grid (None: no grid)."""
+    `grid`: an ldm_core.grids.GridOptions for A1111's batch grid (None: no grid). `script`: (A1111 script
+    title, script_args) to run the request through that script instead."""
     check_limits(request, ctx.limits)
     check_choices(ctx.engine, request, model_field=model_field)
+    if script is not None:
+        return ctx.service.submit_script(request, script[0], script[1], grid=grid)
     if grid is not None:
         return ctx.service.submit(request, grid=grid)
     return ctx.service.submit(request)

@@ -6,7 +6,6 @@ existing A1111 clients and scripts work unchanged. Every generation goes through
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime
 from pathlib import Path
@@ -31,8 +30,6 @@ from ldm_core.upscalers import latent_modes
 from .common import (
     GENERATION_KINDS,
     ApiContext,
-    check_choices,
-    check_limits,
     find_checkpoint,
     in_thread,
     make_route_class,
@@ -60,9 +57,6 @@ from .schemas import (
     build_engine_request,
 )
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
-
 
 def default_options(ctx: ApiContext) -> dict[str, Any]:
     """What GET /sdapi/v1/options returns: every option of the one options store (shared with the UI's
@@ -75,16 +69,6 @@ def default_options(ctx: ApiContext) -> dict[str, Any]:
     opts["sd_model_checkpoint"] = entry.title if entry is not None else None
     opts["sd_checkpoint_hash"] = (entry.cached_sha256() if entry is not None else None) or ""
     return opts
-
-
-def _files(folders, suffixes) -> list[Path]:
-    out: list[Path] = []
-    for folder in folders:
-        folder = Path(folder)
-        if folder.is_dir():
-            for root, _dirs, names in os.walk(folder):
-                out += [Path(root) / n for n in sorted(names) if n.lower().endswith(suffixes)]
-    return out
 
 
 def build_router(ctx: ApiContext) -> APIRouter:
@@ -126,11 +110,12 @@ def build_router(ctx: ApiContext) -> APIRouter:
             info["warnings"] = [*info.get("warnings", []), *warnings]
         return {"images": images, "parameters": params, "info": json.dumps(jsonable_encoder(info))}
 
-    def _grid_options(body, request) -> GridOptions:
+    def _grid_options(overrides: dict[str, Any], body, request) -> GridOptions:
         """A1111: a batch's grid comes first when the option return_grid is on; it is saved when grid_save
-        is on and the request saves images and does not say do_not_save_grid."""
+        is on and the request saves images and does not say do_not_save_grid. `overrides` are the request's
+        checked override_settings (values already of the option's type)."""
         with ctx.lock:
-            options = {**dict(ctx.options), **(body.override_settings or {})}
+            options = {**dict(ctx.options), **overrides}
         save = bool(options.get("grid_save", True)) and request.save_images and not body.do_not_save_grid
         return GridOptions(return_grid=bool(options.get("return_grid", True)), save=save)
 
@@ -144,14 +129,10 @@ def build_router(ctx: ApiContext) -> APIRouter:
             request = _prepare(body.model_copy(update={"override_settings": plan.settings}), img2img)
             # -- A1111 scripts and grids (ldm_core.scripts, ldm_core.grids) --
             script = (getattr(body, "script_name", None) or "").strip()
-            grid = _grid_options(body, request)
+            grid = _grid_options(plan.settings, body, request)
+            script_run = (script, list(body.script_args or [])) if script and script.lower() != "none" else None
             with overrides_applied(ctx, plan):  # for this job only, unless restore_afterwards is false
-                if script and script.lower() != "none":
-                    check_limits(request, ctx.limits)
-                    check_choices(engine, request, model_field=model_field)
-                    job = ctx.service.submit_script(request, script, list(body.script_args or []), grid=grid)
-                else:
-                    job = submit(ctx, request, model_field=model_field, grid=grid)
+                job = submit(ctx, request, model_field=model_field, grid=grid, script=script_run)
             return job, plan.warnings
 
         job, warnings = await in_thread(ctx, prepare_and_submit)
@@ -244,9 +225,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
             "stopping_generation": False,
             "job": f"job {job.id}",
             "job_count": p.job_count,
-            "job_timestamp": datetime.fromtimestamp(job.started_at or job.created_at).strftime(
-                "%Y%m%d%H%M%S"
-            ),
+            "job_timestamp": datetime.fromtimestamp(job.started_at or job.created_at).strftime("%Y%m%d%H%M%S"),
             "job_no": p.job_no,
             "sampling_step": p.step,
             "sampling_steps": p.steps,
@@ -403,10 +382,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
     def prompt_styles():
         if ctx.styles is None:
             return []
-        return [
-            {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
-            for s in ctx.styles.styles()
-        ]
+        return [{"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt} for s in ctx.styles.styles()]
 
     @router.get("/hypernetworks")
     def hypernetworks():

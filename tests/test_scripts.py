@@ -401,3 +401,6 @@ def test_api_batch_returns_the_grid_first(client):
     assert _decode(data["images"][0]).size == (2 * SIZE, SIZE)
     off = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"return_grid": False}}).json()
     assert len(off["images"]) == 2 and json.loads(off["info"])["index_of_first_image"] == 0
+    # a client's string "false" is the option's False (checked like every override), not a truthy string
+    off = client.post("/sdapi/v1/txt2img", json={**body, "override_settings": {"return_grid": "false"}}).json()
+    assert len(off["images"]) == 2
