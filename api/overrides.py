@@ -25,14 +25,12 @@ from ldm_core.jobs import QueueFull
 from ldm_core.options import (
     AUTOMATIC_VAES,
     OPTIONS_BY_KEY,
-    OptionError,
-    coerce,
     effective_applies,
     request_fields,
 )
-from ldm_core.requests import RequestError
 
 from .common import ApiContext
+from .schemas import checked_overrides
 
 log = logging.getLogger(__name__)
 OVERRIDE = "override_settings"
@@ -55,17 +53,8 @@ def _warn(plan: OverridePlan, text: str) -> None:
 
 def plan_overrides(ctx: ApiContext, raw: Mapping[str, Any] | None, restore: bool = True) -> OverridePlan:
     """Validate `raw` (a request's override_settings) against the options and the model registry."""
-    plan = OverridePlan(restore=bool(restore))
+    plan = OverridePlan(settings=checked_overrides(raw), restore=bool(restore))
     engine = ctx.engine
-    for key, value in (raw or {}).items():
-        option = OPTIONS_BY_KEY.get(key)
-        if option is None:
-            plan.settings[key] = value
-        elif not option.readonly:  # e.g. sd_checkpoint_hash echoed from GET /options: reported, never set
-            try:
-                plan.settings[key] = coerce(option, value)
-            except OptionError as exc:
-                raise RequestError(f"{OVERRIDE}.{key}", exc.message) from None
     name = plan.settings.get("sd_model_checkpoint")
     if not name:
         plan.settings.pop("sd_model_checkpoint", None)  # empty: the current model

@@ -355,6 +355,23 @@ JobRequest = create_model(
 
 
 # ---- turning a body into an engine request -------------------------------------------------------------
+def checked_overrides(raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A request's override_settings with every known option's value checked and of the option's type (a bad
+    one raises RequestError naming `override_settings.<key>`); read-only options (e.g. sd_checkpoint_hash echoed
+    from GET /options) are dropped, unknown keys kept as sent. Checking twice gives the same result."""
+    out: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        option = OPTIONS_BY_KEY.get(key)
+        if option is None:
+            out[key] = value
+        elif not option.readonly:
+            try:
+                out[key] = coerce(option, value)
+            except OptionError as exc:
+                raise RequestError(f"override_settings.{key}", exc.message) from None
+    return out
+
+
 def _override(
     settings: dict[str, Any], values: dict[str, Any], options: Mapping[str, Any], set_fields: set[str]
 ) -> None:
@@ -362,17 +379,8 @@ def _override(
     (`ldm_core.options.request_values` says which option fills which field and which side wins). A bad
     override value raises RequestError naming `override_settings.<key>`; unknown and read-only keys are
     left to the caller (api/overrides.py reports them)."""
-    clean: dict[str, Any] = {}
-    for key, value in (settings or {}).items():
-        option = OPTIONS_BY_KEY.get(key)
-        if option is None or option.readonly:
-            continue
-        try:
-            clean[key] = coerce(option, value)
-        except OptionError as exc:
-            raise RequestError(f"override_settings.{key}", exc.message) from None
     explicit = {k for k in set_fields if values.get(k) is not None}
-    extra, _skipped = request_values(options, clean, explicit, values.get("sampler_name"))
+    extra, _skipped = request_values(options, checked_overrides(settings), explicit, values.get("sampler_name"))
     values.update(extra)
 
 
@@ -390,9 +398,7 @@ def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) 
         if k in engine_fields and (v is not None or _accepts_none(engine_fields[k].annotation))
     }
     values["sampler_name"] = (
-        data.get("sampler_name")
-        or data.get("sampler_index")
-        or GenerationRequest.model_fields["sampler_name"].default
+        data.get("sampler_name") or data.get("sampler_index") or GenerationRequest.model_fields["sampler_name"].default
     )
     if not data.get("s_tmax"):  # A1111: 0 or null means infinity
         values.pop("s_tmax", None)
@@ -466,9 +472,7 @@ def native_engine_values(body: BaseModel) -> tuple[dict[str, Any], JobMode]:
 
 def _decode_images(data: dict[str, Any], values: dict[str, Any]) -> None:
     if data.get("init_images"):
-        values["init_images"] = [
-            decode_image(s, f"init_images[{i}]") for i, s in enumerate(data["init_images"])
-        ]
+        values["init_images"] = [decode_image(s, f"init_images[{i}]") for i, s in enumerate(data["init_images"])]
     else:
         values.pop("init_images", None)
     if data.get("mask"):
@@ -481,13 +485,7 @@ def build_engine_request(values: dict[str, Any], mode: JobMode | None = None) ->
     """The validated engine request for `values`; the class follows `mode` (default: from the images).
     Raises RequestError naming the first bad field."""
     if mode is None:
-        mode = (
-            "inpaint"
-            if values.get("mask") is not None
-            else "img2img"
-            if values.get("init_images")
-            else "txt2img"
-        )
+        mode = "inpaint" if values.get("mask") is not None else "img2img" if values.get("init_images") else "txt2img"
     cls = {"txt2img": GenerationRequest, "img2img": Img2ImgRequest, "inpaint": InpaintRequest}[mode]
     if mode == "img2img":
         values = {k: v for k, v in values.items() if k != "mask"}
@@ -526,9 +524,7 @@ class ProgressResponse(BaseModel):
 class ExtrasBase(_Tolerant):
     """Extras settings (A1111 names). Face restoration fields are accepted and ignored (none installed)."""
 
-    resize_mode: Literal[0, 1] = Field(
-        0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w/h"
-    )
+    resize_mode: Literal[0, 1] = Field(0, description="0: scale by upscaling_resize; 1: to upscaling_resize_w/h")
     show_extras_results: bool = True
     gfpgan_visibility: float = Field(0.0, ge=0.0, le=1.0)
     codeformer_visibility: float = Field(0.0, ge=0.0, le=1.0)
