@@ -25,12 +25,12 @@ from ldm_core.jobs import QueueFull
 from ldm_core.options import (
     AUTOMATIC_VAES,
     OPTIONS_BY_KEY,
+    checked_overrides,
     effective_applies,
     request_fields,
 )
 
 from .common import ApiContext
-from .schemas import checked_overrides
 
 log = logging.getLogger(__name__)
 OVERRIDE = "override_settings"

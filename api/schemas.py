@@ -36,7 +36,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from ldm_core.extras import MAX_OUTPUT_SIDE, MAX_UPSCALE
-from ldm_core.options import OPTIONS_BY_KEY, OptionError, coerce, request_values
+from ldm_core.options import checked_overrides, request_values
 from ldm_core.requests import (
     INPAINT_FILLS,
     RESIZE_MODES,
@@ -355,23 +355,6 @@ JobRequest = create_model(
 
 
 # ---- turning a body into an engine request -------------------------------------------------------------
-def checked_overrides(raw: Mapping[str, Any] | None) -> dict[str, Any]:
-    """A request's override_settings with every known option's value checked and of the option's type (a bad
-    one raises RequestError naming `override_settings.<key>`); read-only options (e.g. sd_checkpoint_hash echoed
-    from GET /options) are dropped, unknown keys kept as sent. Checking twice gives the same result."""
-    out: dict[str, Any] = {}
-    for key, value in (raw or {}).items():
-        option = OPTIONS_BY_KEY.get(key)
-        if option is None:
-            out[key] = value
-        elif not option.readonly:
-            try:
-                out[key] = coerce(option, value)
-            except OptionError as exc:
-                raise RequestError(f"override_settings.{key}", exc.message) from None
-    return out
-
-
 def _override(
     settings: dict[str, Any], values: dict[str, Any], options: Mapping[str, Any], set_fields: set[str]
 ) -> None:

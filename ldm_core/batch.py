@@ -2,8 +2,9 @@
 
 Each JSONL line is one request in the A1111 API's txt2img shape (`{"prompt": ..., "steps": 20, "seed": -1,
 "sampler_name": "Euler a", ...}`), read as liberally as the API reads it: unknown keys are ignored, `null`
-means the default, `sampler_index` stands for `sampler_name`, `override_settings.sd_model_checkpoint` /
-`sd_vae` / `CLIP_stop_at_last_layers` choose the model, VAE and clip skip. A CSV file has a header row of the
+means the default, `sampler_index` stands for `sampler_name`, and `override_settings` set every generation
+option the API honours there (`sd_model_checkpoint`, `sd_vae`, `CLIP_stop_at_last_layers`, `eta_noise_seed_delta`,
+...: `ldm_core.options` maps them, as for the API). A CSV file has a header row of the
 same field names (a `prompt` column at least); an empty cell means the default and a cell holding JSON (`[...]`,
 `{...}`) is decoded for list and dict fields such as `styles`.
 
@@ -33,13 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .options import checked_overrides, request_values
 from .outputs import encode_png_bytes
 from .requests import GenerationRequest, RequestError
 from .rng import resolve_seed
 
 MANIFEST_NAME = "manifest.jsonl"
-# override_settings keys the batch honours (as the API does), mapped to request fields
-_OVERRIDES = {"sd_model_checkpoint": "model", "sd_vae": "vae", "CLIP_stop_at_last_layers": "clip_skip"}
 # fields that hold images or run modes this batch mode does not take
 _NOT_TAKEN = {"mode", "init_images", "mask"}
 
@@ -183,12 +183,10 @@ def request_from_values(values: dict[str, Any]) -> tuple[GenerationRequest, list
     overrides = values.get("override_settings") or {}
     if not isinstance(overrides, dict):
         raise RequestError("override_settings", "must be an object of setting names and values")
-    for key, value in overrides.items():
-        name = _OVERRIDES.get(key)
-        if name is None:
-            ignored.append(f"override_settings.{key}")
-        elif value not in (None, "") and name not in kept:
-            kept[name] = value
+    # every generation option the API's override_settings honour, mapped by the one options table
+    extra, skipped = request_values({}, checked_overrides(overrides), set(kept), kept.get("sampler_name"))
+    kept.update(extra)
+    ignored += [f"override_settings.{key}" for key in skipped]
     request = GenerationRequest.build(**kept)
     return request, ignored
 

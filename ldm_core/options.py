@@ -736,6 +736,25 @@ def is_ddim(sampler_name: str | None) -> bool:
     return (sampler_name or "").strip().lower().startswith("ddim")
 
 
+def checked_overrides(raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A request's override_settings with every known option's value checked and of the option's type (a bad
+    one raises RequestError naming `override_settings.<key>`); read-only options (e.g. sd_checkpoint_hash echoed
+    from GET /options) are dropped, unknown keys kept as sent. Checking twice gives the same result."""
+    from .requests import RequestError
+
+    out: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        option = OPTIONS_BY_KEY.get(key)
+        if option is None:
+            out[key] = value
+        elif not option.readonly:
+            try:
+                out[key] = coerce(option, value)
+            except OptionError as exc:
+                raise RequestError(f"override_settings.{key}", exc.message) from None
+    return out
+
+
 def request_values(
     saved: Mapping[str, Any],
     override: Mapping[str, Any],

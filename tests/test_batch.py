@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_core.batch import MANIFEST_NAME, Manifest, count_images, make_item, read_items, run_batch
+from ldm_core.batch import MANIFEST_NAME, Manifest, count_images, make_item, read_items, request_from_values, run_batch
 from ldm_core.cli import main
 from ldm_core.config import EngineConfig
 from ldm_core.engine import GenerationResult
@@ -207,3 +207,17 @@ def test_window_keeps_the_pool_fed(tmp_path):
         svc.queue.shutdown()
     assert report.done == 12 and svc.most_in_flight == 4
     assert elapsed < 12 * 0.05  # both workers were busy: well under the serial time
+
+
+def test_override_settings_map_like_the_api():
+    request, ignored = request_from_values(
+        {
+            "prompt": "x",
+            "override_settings": {"CLIP_stop_at_last_layers": "2", "eta_noise_seed_delta": 31337, "no_such": 1},
+        }
+    )
+    assert request.clip_skip == 2 and request.eta_noise_seed_delta == 31337
+    assert ignored == ["override_settings.no_such"]
+    with pytest.raises(RequestError) as e:
+        request_from_values({"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": "many"}})
+    assert e.value.field == "override_settings.CLIP_stop_at_last_layers"
