@@ -290,16 +290,8 @@ def save_result(out_dir: Path, line: int, result: Any) -> list[str]:
 
 # ---- running ----------------------------------------------------------------------------------------------
 def _worker_of(job: Any) -> str | None:
-    for source in (job, getattr(job, "ctx", None)):
-        for attr in ("worker_id", "worker"):
-            value = getattr(source, attr, None)
-            if value is not None and not callable(value):
-                return str(value)
-    try:
-        value = getattr(job.progress(), "worker", None)
-    except Exception:  # a progress snapshot is optional here
-        value = None
-    return None if value is None else str(value)
+    """The engine that ran `job` (a Ray replica's host:pid), None in-process."""
+    return job.progress().worker or None
 
 
 def _seconds(job: Any, submitted_at: float) -> float:
