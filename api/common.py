@@ -41,20 +41,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
-from ldm_core.jobs import Job, QueueFull
-from ldm_core.requests import (
+from ldm_core.generation_requests import (
     GenerationRequest,
     RequestError,
     RequestLimits,
     check_limits,
 )
+from ldm_core.jobs import Job, QueueFull
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 GENERATION_KINDS = ("txt2img", "img2img", "inpaint")
 
 
-ApiLimits = RequestLimits  # the server's protective limits (ldm_core.requests); the queue's cap gives 503
+ApiLimits = RequestLimits  # the server's protective limits (ldm_core.generation_requests); the queue's cap gives 503
 
 
 @dataclass

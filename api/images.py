@@ -12,8 +12,8 @@ import re
 
 from PIL import Image, UnidentifiedImageError
 
+from ldm_core.generation_requests import RequestError
 from ldm_core.outputs import encode_png_bytes
-from ldm_core.requests import RequestError
 
 _DATA_URL_RE = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 

@@ -1,6 +1,6 @@
 """Pydantic models of the REST API: A1111 `/sdapi/v1` request and response shapes, and the native jobs API.
 
-The generation request models are derived from the engine's typed requests (`ldm_core.requests`): every
+The generation request models are derived from the engine's typed requests (`ldm_core.generation_requests`): every
 engine field keeps its name, type and range (e.g. `steps` with minimum 1; no upper bounds A1111 does not impose:
 a server's limits are settings, see api/common.py), and a new engine field appears in the API without an edit
 here. Images travel as base64 text.
@@ -36,8 +36,7 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 
 from ldm_core.extras import MAX_OUTPUT_SIDE, MAX_UPSCALE
-from ldm_core.options import checked_overrides, request_values
-from ldm_core.requests import (
+from ldm_core.generation_requests import (
     INPAINT_FILLS,
     RESIZE_MODES,
     GenerationRequest,
@@ -47,6 +46,7 @@ from ldm_core.requests import (
     RequestError,
     ResizeMode,
 )
+from ldm_core.options import checked_overrides, request_values
 
 from .images import decode_image
 

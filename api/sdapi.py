@@ -18,12 +18,12 @@ from PIL import Image
 
 from ldm_core.engine import GenerationResult
 from ldm_core.extras import ExtrasParams, postprocess_text, upscale_batch
+from ldm_core.generation_requests import RequestError
 from ldm_core.grids import GridOptions
 from ldm_core.infotext import parse_infotext
 from ldm_core.jobs import Job
 from ldm_core.options import AUTOMATIC_VAES, OPTIONS_BY_KEY, OptionError, output_dirs
 from ldm_core.outputs import read_image_info
-from ldm_core.requests import RequestError
 from ldm_core.scripts import script_infos, script_names
 from ldm_core.upscalers import latent_modes
 

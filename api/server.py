@@ -17,7 +17,7 @@ import uvicorn
 from ldm_core import __version__
 from ldm_core.config import EngineConfig
 from ldm_core.extensions import ExtensionPolicy, load_extensions
-from ldm_core.requests import DEFAULT_MAX_BATCH_SIZE, MAX_PIXELS
+from ldm_core.generation_requests import DEFAULT_MAX_BATCH_SIZE, MAX_PIXELS
 from ldm_core.scaleout import add_ray_flags, ray_service_args
 from ldm_core.service import make_service
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from ldm_core.config import BUILTIN_MODEL_DIR  # noqa: E402
 from ldm_core.engine import scratch_engine  # noqa: E402
-from ldm_core.requests import GenerationRequest  # noqa: E402
+from ldm_core.generation_requests import GenerationRequest  # noqa: E402
 
 
 def main() -> None:

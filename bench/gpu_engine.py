@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ldm_core.attention import AttentionRegistry  # noqa: E402
 from ldm_core.config import EngineConfig  # noqa: E402
 from ldm_core.engine import Engine  # noqa: E402
+from ldm_core.generation_requests import GenerationRequest  # noqa: E402
 from ldm_core.progress import JobContext  # noqa: E402
-from ldm_core.requests import GenerationRequest  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "ldm_core" / "models" / "configs"
 

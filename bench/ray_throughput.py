@@ -137,7 +137,7 @@ def _child(a: argparse.Namespace) -> dict:
 
     torch.set_num_threads(a.threads)
     from ldm_core.config import EngineConfig
-    from ldm_core.requests import GenerationRequest
+    from ldm_core.generation_requests import GenerationRequest
     from ldm_core.service import make_service
 
     workers, _ = CONFIGS[a.child]

@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw  # noqa: E402
 
 from ldm_core.config import BUILTIN_MODEL_DIR  # noqa: E402
 from ldm_core.engine import scratch_engine  # noqa: E402
-from ldm_core.requests import GenerationRequest  # noqa: E402
+from ldm_core.generation_requests import GenerationRequest  # noqa: E402
 
 PROMPTS: tuple[tuple[str, str, int], ...] = (
     ("a red circle on a blue background", "", 1),

@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .generation_requests import GenerationRequest, RequestError
 from .options import checked_overrides, request_values
 from .outputs import encode_png_bytes
-from .requests import GenerationRequest, RequestError
 from .rng import resolve_seed
 
 MANIFEST_NAME = "manifest.jsonl"

@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .config import EngineConfig
-from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .scaleout import add_ray_flags, ray_service_args
 
 

@@ -29,6 +29,7 @@ from . import __version__
 from .attention import AttentionRegistry
 from .config import EngineConfig
 from .devices import DevicePolicy, resolve_policy
+from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .infotext import build_infotext
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .models.detect import SDXL_FAMILIES
@@ -44,7 +45,6 @@ from .prompts.parser import extract_extra_networks
 from .prompts.schedule import PromptSchedule
 from .prompts.styles import StyleStore
 from .prompts.time_ids import sdxl_added_cond
-from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .rng import batch_noise, resolve_seed, wrap_seed
 from .samplers.sigmas import NoiseLevels, alphas_cumprod_from_config
 from .schedulers import SamplerInfo, SamplerRegistry, default_sampler_registry, img2img_steps, img2img_timesteps

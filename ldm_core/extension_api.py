@@ -38,11 +38,11 @@ from PIL import Image, ImageOps
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from .config import BUILTIN_MODEL_DIR
+from .generation_requests import RequestError
 from .models.loading import ModelFileError
 from .models.loading import load_state_dict as _load_state_dict
 from .pipeline.loop import CfgHook
 from .pipeline.loop import StepState as Step
-from .requests import RequestError
 from .schedulers import SCHEDULE_TYPES, SamplerFactory, SamplerInfo
 
 API_VERSION = "1.0.0"

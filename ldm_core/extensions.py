@@ -62,8 +62,8 @@ from .extension_api import (
     ui_fields,
     unet_residual_shapes,
 )
+from .generation_requests import Img2ImgRequest, RequestError
 from .pipeline.loop import Hooks
-from .requests import Img2ImgRequest, RequestError
 
 try:
     import tomllib

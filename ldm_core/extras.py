@@ -16,8 +16,8 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .generation_requests import RequestError
 from .outputs import read_image_info, save_image
-from .requests import RequestError
 from .upscalers import UpscalerRegistry
 
 MAX_UPSCALE = 8.0

@@ -92,7 +92,7 @@ def _o(key: str, default: Any, label: str, applies: Applies, section: str, **kw:
 
 def _request_choices(name: str) -> tuple[str, ...]:
     """The Literal choices of a request field (e.g. `emphasis`), so the store allows what the engine takes."""
-    from .requests import InpaintRequest
+    from .generation_requests import InpaintRequest
 
     info = InpaintRequest.model_fields.get(name)
     args = typing.get_args(info.annotation) if info is not None else ()
@@ -420,7 +420,7 @@ AUTOMATIC_VAES = ("", "Automatic", "None")
 def request_fields(mode: str | None = None) -> frozenset[str]:
     """The engine request fields of `mode` ("txt2img", "img2img", "inpaint"; None: all modes), read from the
     request classes so new fields count at once."""
-    from .requests import GenerationRequest, Img2ImgRequest, InpaintRequest
+    from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest
 
     cls = {"txt2img": GenerationRequest, "img2img": Img2ImgRequest}.get(mode or "", InpaintRequest)
     return frozenset(cls.model_fields)
@@ -740,7 +740,7 @@ def checked_overrides(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     """A request's override_settings with every known option's value checked and of the option's type (a bad
     one raises RequestError naming `override_settings.<key>`); read-only options (e.g. sd_checkpoint_hash echoed
     from GET /options) are dropped, unknown keys kept as sent. Checking twice gives the same result."""
-    from .requests import RequestError
+    from .generation_requests import RequestError
 
     out: dict[str, Any] = {}
     for key, value in (raw or {}).items():

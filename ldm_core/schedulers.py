@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from .requests import RequestError
+from .generation_requests import RequestError
 from .samplers import SIGMA_SCHEDULES, SigmaScheduler
 from .samplers.base import Algorithm
 from .samplers.cfg_pp import ddim_cfg_pp

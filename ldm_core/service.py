@@ -12,10 +12,10 @@ from typing import Any
 
 from .config import EngineConfig
 from .engine import Engine, GenerationResult
+from .generation_requests import GenerationRequest
 from .grids import GridOptions, with_batch_grid
 from .jobs import Job, JobQueue
 from .progress import JobContext
-from .requests import GenerationRequest
 from .scripts import ScriptRun, find_script
 
 

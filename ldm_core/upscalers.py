@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .requests import RequestError
+from .generation_requests import RequestError
 from .tiling import tiled_apply
 
 log = logging.getLogger(__name__)

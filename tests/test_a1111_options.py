@@ -20,9 +20,9 @@ from PIL import Image
 from test_engine import make_engine
 
 from ldm_core.config import EngineConfig
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, RequestError
 from ldm_core.infotext import build_infotext, parse_infotext
 from ldm_core.options import OPTIONS_BY_KEY, OptionsStore, bind_engine, effective_applies, request_values
-from ldm_core.requests import GenerationRequest, Img2ImgRequest, RequestError
 from ldm_core.rng import batch_noise
 from ldm_core.schedulers import img2img_steps
 

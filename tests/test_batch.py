@@ -17,9 +17,9 @@ from ldm_core.batch import MANIFEST_NAME, Manifest, count_images, make_item, rea
 from ldm_core.cli import main
 from ldm_core.config import EngineConfig
 from ldm_core.engine import GenerationResult
+from ldm_core.generation_requests import GenerationRequest, RequestError
 from ldm_core.jobs import JobQueue
 from ldm_core.outputs import read_image_info
-from ldm_core.requests import GenerationRequest, RequestError
 from ldm_core.service import Service
 
 SMALL = {"steps": 2, "width": 64, "height": 64}

@@ -19,9 +19,9 @@ from PIL import Image, ImageDraw
 from ldm_core.config import EngineConfig
 from ldm_core.engine import Engine
 from ldm_core.extensions import REPO_EXTENSIONS_DIR, ExtensionManager
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, RequestError
 from ldm_core.infotext import build_infotext, parse_infotext
 from ldm_core.pipeline.loop import StepState
-from ldm_core.requests import GenerationRequest, Img2ImgRequest, RequestError
 
 torch.set_num_threads(1)
 SIZE = 64

@@ -16,9 +16,9 @@ from PIL import Image
 
 from ldm_core.config import EngineConfig
 from ldm_core.engine import Engine
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ldm_core.outputs import read_image_info
 from ldm_core.progress import JobContext
-from ldm_core.requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 
 SIZE = 64
 

@@ -33,7 +33,7 @@ from ldm_core.extensions import (
     split_source,
 )
 from ldm_core.extensions_cli import main as cli_main
-from ldm_core.requests import GenerationRequest, RequestError
+from ldm_core.generation_requests import GenerationRequest, RequestError
 
 torch.set_num_threads(1)
 SIZE = 64

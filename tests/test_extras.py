@@ -19,8 +19,8 @@ from ldm_core.extras import (  # noqa: E402
     upscale_folder,
     upscale_image,
 )
+from ldm_core.generation_requests import RequestError  # noqa: E402
 from ldm_core.outputs import read_image_info  # noqa: E402
-from ldm_core.requests import RequestError  # noqa: E402
 from ldm_core.upscalers import UpscalerRegistry  # noqa: E402
 
 

@@ -21,10 +21,10 @@ from test_engine import make_engine
 from test_lora import factors, kohya_file
 from tiny_models import build_tiny_model
 
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ldm_core.infotext import parse_infotext
 from ldm_core.pipeline.images import prepare_mask
 from ldm_core.pipeline.loop import Hooks, skips_uncond
-from ldm_core.requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ldm_core.seamless import circular_padding
 
 SIZE = 64

@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from ldm_core.generation_requests import RequestError
 from ldm_core.prompts.encode import PromptEncoder
 from ldm_core.prompts.networks import NetworkLibrary, addnet_hash, guess_family
 from ldm_core.prompts.parser import extract_extra_networks
-from ldm_core.requests import RequestError
 
 
 def calls(prompt: str):

@@ -10,6 +10,7 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ldm_core.generation_requests import InpaintRequest, RequestError  # noqa: E402
 from ldm_core.pipeline.images import paste_back  # noqa: E402
 from ldm_core.pipeline.outpaint import (  # noqa: E402
     outpaint_canvas,
@@ -17,7 +18,6 @@ from ldm_core.pipeline.outpaint import (  # noqa: E402
     outpaint_request,
     resize_and_fill_canvas,
 )
-from ldm_core.requests import InpaintRequest, RequestError  # noqa: E402
 
 
 def _img(w: int, h: int, seed: int = 0) -> Image.Image:

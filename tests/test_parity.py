@@ -21,10 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from ldm_core.config import EngineConfig
 from ldm_core.engine import Engine
+from ldm_core.generation_requests import GenerationRequest
 from ldm_core.models.loading import load_model
 from ldm_core.models.single_file import sd2_used_blocks
 from ldm_core.prompts.encode import PromptEncoder
-from ldm_core.requests import GenerationRequest
 
 SIZE = 64
 STEPS = 4

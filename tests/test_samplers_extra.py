@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 from test_schedulers import MU, SD, SHAPE, S, make_model, sigma_of_t
 
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest
 from ldm_core.pipeline.loop import LoopInputs, denoise
 from ldm_core.progress import CancelToken, JobContext, Progress
-from ldm_core.requests import GenerationRequest, Img2ImgRequest
 from ldm_core.samplers.cfg_pp import CFG_SCALE_FACTOR
 from ldm_core.samplers.dpm_adaptive import AdaptiveOptions, StepSizeController, dpm_adaptive
 from ldm_core.samplers.open_ended import OpenEndedSigmaScheduler

@@ -31,7 +31,7 @@ from diffusers import (  # noqa: E402
 )
 from diffusers.utils import logging as diffusers_logging  # noqa: E402
 
-from ldm_core.requests import RequestError  # noqa: E402
+from ldm_core.generation_requests import RequestError  # noqa: E402
 from ldm_core.samplers import SigmaScheduler  # noqa: E402
 from ldm_core.samplers.dpm_solver import fast_orders  # noqa: E402
 from ldm_core.samplers.sigmas import (  # noqa: E402

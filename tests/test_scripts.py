@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from ldm_core.config import EngineConfig
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, RequestError
 from ldm_core.grids import GridOptions, grid_rows, image_grid
 from ldm_core.infotext import parse_infotext
 from ldm_core.outputs import read_image_info
-from ldm_core.requests import GenerationRequest, Img2ImgRequest, RequestError
 from ldm_core.scripts import find_script, script_names
 from ldm_core.scripts.xyz_plot import AXES, axes_for, find_axis, normalise_args, parse_axis_values, split_values
 from ldm_core.service import Service

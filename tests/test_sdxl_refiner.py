@@ -20,6 +20,7 @@ from PIL import Image
 from test_engine import make_engine
 from tiny_models import build_tiny_refiner
 
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest
 from ldm_core.infotext import parse_infotext
 from ldm_core.models.configs import shipped_config
 from ldm_core.models.detect import (
@@ -34,7 +35,6 @@ from ldm_core.models.single_file import convert_checkpoint, to_original_state_di
 from ldm_core.options import OPTIONS_BY_KEY, effective_applies
 from ldm_core.prompts.encode import PromptEncoder
 from ldm_core.prompts.time_ids import sdxl_added_cond, sdxl_time_ids
-from ldm_core.requests import GenerationRequest, Img2ImgRequest
 
 SIZE = 64
 REFINER = "sdxl-refiner"

@@ -2,8 +2,8 @@
 
 import pytest
 
+from ldm_core.generation_requests import RequestError
 from ldm_core.prompts.styles import PromptStyle, StyleStore, merge_style_text
-from ldm_core.requests import RequestError
 
 CSV = (
     "\ufeffname,prompt,negative_prompt\n"

@@ -12,10 +12,10 @@ from PIL import Image, ImageDraw
 from ui_fixtures import FakeEngine, FakeService, fake_context
 
 from ldm_core.config import EngineConfig
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ldm_core.infotext import build_infotext, parse_infotext
 from ldm_core.outputs import read_image_info, save_image
 from ldm_core.progress import ProgressState
-from ldm_core.requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ui import common
 from ui.common import build_request, fields_from_infotext, fields_from_text, image_and_mask
 

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from ldm_core.generation_requests import Img2ImgRequest, RequestError  # noqa: E402
 from ldm_core.pipeline.sd_upscale import sd_upscale  # noqa: E402
-from ldm_core.requests import Img2ImgRequest, RequestError  # noqa: E402
 from ldm_core.tiling import TileGrid, tile_starts, tiled_apply  # noqa: E402
 from ldm_core.upscalers import (  # noqa: E402
     BUILTIN_UPSCALER,

@@ -16,11 +16,11 @@ from typing import Any
 from PIL import Image
 
 from ldm_core.config import EngineConfig
+from ldm_core.generation_requests import Img2ImgRequest, InpaintRequest, RequestError
 from ldm_core.infotext import build_infotext
 from ldm_core.jobs import JobQueue
 from ldm_core.outputs import output_folder, save_image
 from ldm_core.progress import Interrupted, JobContext
-from ldm_core.requests import Img2ImgRequest, InpaintRequest, RequestError
 from ldm_core.upscalers import UpscalerRegistry
 
 

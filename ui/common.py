@@ -19,9 +19,7 @@ from typing import Any
 
 from PIL import Image, ImageChops
 
-from ldm_core.infotext import parse_infotext
-from ldm_core.progress import ProgressState
-from ldm_core.requests import (
+from ldm_core.generation_requests import (
     INPAINT_FILLS,
     MAX_SIDE,
     RESIZE_MODES,
@@ -32,6 +30,8 @@ from ldm_core.requests import (
     RequestLimits,
     check_limits,
 )
+from ldm_core.infotext import parse_infotext
+from ldm_core.progress import ProgressState
 
 from .settings_store import SettingsStore
 
@@ -292,7 +292,7 @@ UI_LIMITS = RequestLimits(max_side=MAX_SIDE, where="the UI", flags=())  # the sl
 
 
 def _within_limits(request: GenerationRequest) -> GenerationRequest:
-    """`request`, or RequestError naming the field when it is over the UI's limits (ldm_core.requests)."""
+    """`request`, or RequestError naming the field when it is over the UI's limits (ldm_core.generation_requests)."""
     check_limits(request, UI_LIMITS)
     return request
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ldm_core.requests import RESIZE_MODES
+from ldm_core.generation_requests import RESIZE_MODES
 
 from .common import UiContext
 from .scripts import build_section as build_script_section

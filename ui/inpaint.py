@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ldm_core.requests import INPAINT_FILLS, RESIZE_MODES
+from ldm_core.generation_requests import INPAINT_FILLS, RESIZE_MODES
 
 from .common import INPAINT_AREAS, MASK_MODES, UiContext
 from .widgets import GenerationTab, TopBar, build_generation_tab

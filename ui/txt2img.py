@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from ldm_core.requests import MAX_SIDE
+from ldm_core.generation_requests import MAX_SIDE
 
 from .common import (
     SAME_CHECKPOINT,

@@ -15,8 +15,8 @@ import gradio as gr
 from PIL import Image
 
 from ldm_core.extras import MAX_UPSCALE, RESIZE_MODES, ExtrasParams, postprocess_text, upscale_image
+from ldm_core.generation_requests import MAX_SIDE, RequestError
 from ldm_core.outputs import output_folder, read_image_info, save_image
-from ldm_core.requests import MAX_SIDE, RequestError
 
 from .common import UiContext, readable_error
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import gradio as gr
 
+from ldm_core.generation_requests import MAX_SIDE, RequestError
 from ldm_core.options import request_fields, request_values
-from ldm_core.requests import MAX_SIDE, RequestError
 
 from . import extension_sections
 from .common import (

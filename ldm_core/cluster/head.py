@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine, GenerationResult
+from ..generation_requests import GenerationRequest
 from ..models.registry import ModelEntry
 from ..progress import JobContext
-from ..requests import GenerationRequest
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,10 @@ import ray
 from ray import serve
 
 from ..config import EngineConfig
+from ..generation_requests import GenerationRequest
 from ..grids import GridOptions
 from ..jobs import Job, JobQueue
 from ..progress import JobContext
-from ..requests import GenerationRequest
 from ..scripts import find_script
 from ..service import QueueFront
 from .board import CancelBoard

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..requests import MAX_SIDE, InpaintRequest, RequestError
+from ..generation_requests import MAX_SIDE, InpaintRequest, RequestError
 from .images import fill_masked
 
 

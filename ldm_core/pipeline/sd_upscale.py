@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..requests import Img2ImgRequest, InpaintRequest, RequestError
+from ..generation_requests import Img2ImgRequest, InpaintRequest, RequestError
 from ..rng import resolve_seed
 from ..tiling import Tile, TileBlender, TileGrid
 from ..upscalers import UpscalerRegistry

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 
 from ..files import scan_named_files
+from ..generation_requests import RequestError
 from ..models.hashes import HashCache, file_sha256
-from ..requests import RequestError
 from .parser import ExtraNetworkCall
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ldm_core.requests import RequestError
+from ldm_core.generation_requests import RequestError
 
 log = logging.getLogger(__name__)
 PLACEHOLDER = "{prompt}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine import Engine
-from ..requests import RequestError
+from ..generation_requests import RequestError
 from . import outpainting_mk2, prompt_matrix, prompts_from_file, sd_upscale, xyz_plot
 from .base import Script, ScriptArg, ScriptRun, script_mode
 

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..engine import Engine, GenerationResult
+from ..generation_requests import GenerationRequest, RequestError
 from ..grids import GridOptions
 from ..progress import JobContext, Progress
-from ..requests import GenerationRequest, RequestError
 
 ARGS_FIELD = "script_args"
 

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from ..engine import Engine, GenerationResult
+from ..generation_requests import MAX_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ..grids import GriddedResult, append_params, with_batch_grid
 from ..pipeline.outpaint import outpaint_canvas
-from ..requests import MAX_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ..rng import resolve_seed
 from .base import ARGS_FIELD, Script, ScriptArg, ScriptRun, arg_at, as_number, bad_arg, request_values
 

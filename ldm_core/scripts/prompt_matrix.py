@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine, GenerationResult
+from ..generation_requests import GenerationRequest
 from ..grids import GriddedResult, annotated_grid, image_grid, save_grid
-from ..requests import GenerationRequest
 from ..rng import resolve_seed
 from .base import Script, ScriptArg, ScriptRun, arg_at, as_bool, as_choice, as_number, bad_arg, rebuild
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine, GenerationResult
+from ..generation_requests import GenerationRequest, RequestError
 from ..grids import GriddedResult
-from ..requests import GenerationRequest, RequestError
 from ..rng import resolve_seed
 from .base import ARGS_FIELD, Script, ScriptArg, ScriptRun, arg_at, as_bool, as_choice, rebuild
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import Engine, GenerationResult
+from ..generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ..grids import GriddedResult, append_params
 from ..outputs import output_folder, save_image
 from ..pipeline.sd_upscale import sd_upscale
-from ..requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ..rng import resolve_seed
 from .base import ARGS_FIELD, Script, ScriptArg, ScriptRun, arg_at, as_choice, as_number, rebuild
 

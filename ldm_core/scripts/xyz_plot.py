@@ -30,8 +30,8 @@ from typing import Any
 from PIL import Image
 
 from ..engine import Engine, GenerationResult
+from ..generation_requests import GenerationRequest, RequestError
 from ..grids import GriddedResult, GridOptions, append_params, image_grid, labelled_grid, save_grid, with_batch_grid
-from ..requests import GenerationRequest, RequestError
 from ..rng import resolve_seed
 from ..upscalers import latent_modes
 from .base import (

@@ -458,7 +458,7 @@ def evaluate(
 
 
 def _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log) -> dict:
-    from ldm_core.requests import GenerationRequest
+    from ldm_core.generation_requests import GenerationRequest
     from ldm_core.train.analyser import analyse
 
     size = size or model.native_size

@@ -477,7 +477,7 @@ def evaluate_heart_lora(
     background" (fixed seeds), generate through the engine with and without the tag and count the images
     where the project's analyser finds a heart, and a heart of the asked colour."""
     from ldm_core.engine import scratch_engine
-    from ldm_core.requests import GenerationRequest
+    from ldm_core.generation_requests import GenerationRequest
     from ldm_core.train.analyser import analyse
 
     base, lora = Path(base), Path(lora)
