@@ -322,8 +322,7 @@ def test_failed_job_is_reported_and_server_keeps_serving(server):
         server.post("/sdapi/v1/refresh-checkpoints")
         titles = [m["title"] for m in server.get("/sdapi/v1/sd-models").json()]
         name = next((t for t in titles if "broken" in t), None)
-        if name is None:
-            pytest.skip("the registry does not list an unreadable checkpoint")
+        assert name is not None, f"the registry must list an unreadable checkpoint (to fail its jobs): {titles}"
         job_id = server.post("/api/v1/jobs", t2i(model=name, steps=1)).json()["id"]
         end = _events(server, job_id)
         assert end[-1][1]["state"] == "failed" and end[-2][0] == "error"

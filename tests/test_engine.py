@@ -90,7 +90,8 @@ def test_every_sampler_runs(sd1_engine):
         res = sd1_engine.generate(req(sampler_name=name, steps=4))
         a = np.asarray(res.images[0])
         assert a.shape == (SIZE, SIZE, 3), name
-        assert np.isfinite(a).all(), name
+        # a uint8 image is always finite: NaN latents decode to a flat (black) image, so ask for real content
+        assert a.std() > 1.0 and 0 < a.max(), name
         assert f"Sampler: {name}" in res.infotexts[0]
 
 

@@ -256,10 +256,9 @@ def test_everything_else_an_extension_registers(world):
     out = engine.generate(req(sampler_name="Test Euler 1.0.0", steps=2)).images[0]
     assert out.size == (SIZE, SIZE)
     assert manager.preprocessors["posterize"](Image.new("RGB", (8, 8), (10, 200, 30))).size == (8, 8)
-    if getattr(engine, "upscalers", None) is not None:
-        assert "Test nearest x2" in [u["name"] for u in engine.upscalers.infos()]
-    else:  # kept until whoever builds an upscaler registry attaches them
-        assert [n for n, _, _ in manager.pending_upscalers] == ["Test nearest x2"]
+    # the engine has an upscaler registry: load_extensions registers extension upscalers in it at once
+    assert "Test nearest x2" in [u["name"] for u in engine.upscalers.infos()]
+    assert manager.pending_upscalers == []
     from ldm_core.upscalers import UpscalerRegistry
 
     ups = UpscalerRegistry([], builtin=None)
@@ -271,9 +270,14 @@ def test_everything_else_an_extension_registers(world):
     assert gray.getpixel((0, 0))[0] == gray.getpixel((0, 0))[1] == gray.getpixel((0, 0))[2]
     params = manager.infotext_params(r)
     assert params == {"Mid shift": "1.5;-1"}
-    if isinstance(getattr(engine, "infotext_providers", None), list):  # once the engine calls extensions for it
-        text = engine.generate(req(alwayson_scripts={"midshift": {"args": [{"strength": 2}]}})).infotexts[0]
-        assert "Mid shift: 2" in text
+    # the engine asks the extensions for their infotext parameters and writes them into every image's infotext
+    text = engine.generate(req(alwayson_scripts={"midshift": {"args": [{"strength": 2}]}})).infotexts[0]
+    assert "Mid shift: 2" in text
+    # and runs their post-processors on every image it returns
+    gray_out = np.asarray(engine.generate(req(alwayson_scripts={"grayscale": {"args": [{}]}})).images[0])
+    plain = np.asarray(engine.generate(req()).images[0])
+    assert (gray_out[..., 0] == gray_out[..., 1]).all() and (gray_out[..., 1] == gray_out[..., 2]).all()
+    assert not (plain[..., 0] == plain[..., 1]).all()
     assert manager.args_from_infotext({"Steps": "3", **params}) == {
         "midshift": {"args": [{"strength": 1.5}, {"strength": -1.0}]}
     }

@@ -176,7 +176,6 @@ def test_fine_tune_on_a_folder_of_captioned_images(whole_run, tmp_path):
     assert (tmp_path / "ft" / "out" / "unet").is_dir()
 
 
-@pytest.mark.skipif(not (builtin.DEFAULT_OUT / "model_index.json").exists(), reason="no shipped built-in model yet")
 def test_shipped_model_loads_and_draws_a_red_circle():
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
