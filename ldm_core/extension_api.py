@@ -41,6 +41,7 @@ from .config import BUILTIN_MODEL_DIR
 from .generation_requests import RequestError
 from .models.loading import ModelFileError
 from .models.loading import load_state_dict as _load_state_dict
+from .models.suffixes import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
 from .pipeline.loop import CfgHook
 from .pipeline.loop import StepState as Step
 from .schedulers import SCHEDULE_TYPES, SamplerFactory, SamplerInfo
@@ -58,9 +59,11 @@ __all__ = [
     "Job",
     "ModelCache",
     "ModelFileError",
+    "PICKLE_SUFFIXES",
     "PostProcessor",
     "Preprocessor",
     "RequestError",
+    "SAFETENSORS_SUFFIXES",
     "SCHEDULE_TYPES",
     "SamplerFactory",
     "SamplerInfo",
@@ -70,6 +73,7 @@ __all__ = [
     "UISection",
     "UnitHooks",
     "UnitParams",
+    "WEIGHT_SUFFIXES",
     "builtin_models_dir",
     "decode_image",
     "format_number",

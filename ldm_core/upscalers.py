@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .generation_requests import RequestError
+from .models.suffixes import UPSCALER_SUFFIXES
 from .tiling import tiled_apply
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,6 @@ log = logging.getLogger(__name__)
 BUILTIN_UPSCALER = Path(__file__).resolve().parent.parent / "models" / "ESRGAN" / "ldm-builtin-x2.safetensors"
 #: Folder names (under models/) that hold model upscalers, as in A1111.
 UPSCALER_FOLDERS: tuple[str, ...] = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")
-SAFE_SUFFIXES: tuple[str, ...] = (".safetensors",)
-PICKLE_SUFFIXES: tuple[str, ...] = (".pth", ".pt", ".ckpt")
 #: Names that are not model files; "None" resizes with Lanczos when a size is asked (A1111 behaviour).
 BASIC_UPSCALERS: tuple[str, ...] = ("None", "Lanczos", "Nearest")
 #: The most times a model is applied in a row to reach a large scale (A1111 uses 3 too).
@@ -178,7 +177,7 @@ class UpscalerRegistry:
     # ---- listing ------------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Rescan the folders. Files are listed by stem; the first of two equal stems wins (logged)."""
-        suffixes = SAFE_SUFFIXES + PICKLE_SUFFIXES  # pickles are listed; loading refuses them unless allowed
+        suffixes = UPSCALER_SUFFIXES  # pickles are listed; loading refuses them unless allowed
         entries: dict[str, UpscalerEntry] = {n: UpscalerEntry(n, "basic") for n in BASIC_UPSCALERS}
         files: list[Path] = []
         if self.builtin is not None and self.builtin.is_file():

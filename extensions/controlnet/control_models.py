@@ -29,10 +29,8 @@ from typing import Any
 
 import torch
 
-from ldm_core.extension_api import RequestError, load_state_dict
+from ldm_core.extension_api import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, RequestError, load_state_dict
 
-SAFE_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pth", ".ckpt", ".pt", ".bin")
 DIFFUSERS_WEIGHTS = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.fp16.safetensors",
@@ -73,7 +71,7 @@ def _diffusers_weights(folder: Path) -> Path | None:
 
 def scan(dirs: Iterable[Path], allow_pickle: bool = False) -> list[ControlModelEntry]:
     """Every ControlNet under `dirs` (recursive), sorted by name; first found wins on equal names."""
-    suffixes = SAFE_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
+    suffixes = SAFETENSORS_SUFFIXES + (PICKLE_SUFFIXES if allow_pickle else ())
     out: dict[str, ControlModelEntry] = {}
     for d in dirs:
         d = Path(d)

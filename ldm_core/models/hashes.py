@@ -15,6 +15,8 @@ import os
 import threading
 from pathlib import Path
 
+from .suffixes import WEIGHT_SUFFIXES
+
 log = logging.getLogger(__name__)
 
 #: Hex digits of the SHA-256 that A1111 shows as "Model hash" / "VAE hash".
@@ -107,13 +109,10 @@ def file_sha256(path: str | os.PathLike, cache: HashCache | None = None) -> str:
     return cache.sha256(path) if cache is not None else _sha256_of(Path(path))
 
 
-#: Files whose bytes define a diffusers folder's weights (configs and tokenizers are not hashed).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
-
-
 def folder_sha256(folder: str | os.PathLike, cache: HashCache | None = None) -> str:
     """A SHA-256 identifying a diffusers folder: the hash of the sorted lines `relpath<TAB>file_sha256` of
-    every weights file under it. Two folders with the same weights get the same digest."""
+    every weights file (`WEIGHT_SUFFIXES`; configs and tokenizers are not hashed) under it. Two folders with
+    the same weights get the same digest."""
     root = Path(folder)
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
     h = hashlib.sha256()

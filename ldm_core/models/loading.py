@@ -5,9 +5,12 @@ pickle-based files (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused unless the calle
 `--allow-pickle` flag), and then read only with `torch.load(weights_only=True)`. Empty, truncated, corrupt,
 HTML and git-LFS-pointer files raise `ModelFileError` naming the file and what is wrong.
 
-`load_model` turns a registry entry (a diffusers folder or an original single file) into a `LoadedModel` on
-the CPU; `load_vae` does the same for a separate VAE. Nothing here touches the network: diffusers and
-transformers are called with `local_files_only=True` and configs/tokenizers come from the package.
+`load_model` turns a registry entry (a diffusers folder or an original single file) into a `LoadedModel`;
+`load_vae` does the same for a separate VAE. Both load straight into the dtype and onto the device the model
+will run with: a single file's tensors are cast and moved one at a time into models built on the `meta`
+device, a diffusers folder's components are read in the target dtype and moved one component at a time, so no
+full fp32 copy is ever held on the CPU. Nothing here touches the network: diffusers and transformers are called
+with `local_files_only=True` and configs/tokenizers come from the package.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import os
 import pickle
 import struct
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from .detect import CheckpointKind, UnsupportedCheckpointError, detect_checkpoint, detect_diffusers
+from .entry import ModelEntry
 from .hashes import file_sha256  # re-exported: A1111 "Model hash" = file_sha256(path)[:10]
 from .sidecar import SidecarError, read_sidecar
 from .single_file import (
@@ -35,11 +39,10 @@ from .single_file import (
     infer_vae_config,
     text_encoder_slots,
 )
+from .suffixes import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, WEIGHT_SUFFIXES
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
-
-    from .registry import ModelEntry
 
 __all__ = [
     "ModelFileError",
@@ -56,10 +59,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-WEIGHT_SUFFIXES = SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES
-
 TOKENIZERS_DIR = Path(__file__).resolve().parent / "tokenizers"
 #: Shipped tokenizer variant per family and text encoder (CLIP ViT-L pads with <|endoftext|>, OpenCLIP
 #: with "!"), in the order of `single_file.text_encoder_slots` (the refiner's one is `tokenizer_2`).
@@ -73,6 +72,7 @@ FAMILY_TOKENIZERS: dict[str, tuple[str, ...]] = {
 
 def _tokenizer_name(text_encoder_name: str) -> str:
     return text_encoder_name.replace("text_encoder", "tokenizer")
+
 
 _LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors caps its JSON header at 100 MB
@@ -138,9 +138,7 @@ def _safetensors_header(p: Path) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError, IndexError):
         raise ModelFileError(p, "corrupt safetensors header (bad tensor entries)") from None
     if end > data:
-        raise ModelFileError(
-            p, f"truncated: holds {data} of the {end} bytes of tensor data; download it again"
-        )
+        raise ModelFileError(p, f"truncated: holds {data} of the {end} bytes of tensor data; download it again")
     return header
 
 
@@ -222,9 +220,7 @@ def load_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> d
                 f"(weights_only=True) refuses: {str(e).splitlines()[0]}",
             ) from None
         except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
-            raise ModelFileError(
-                p, f"not a readable PyTorch checkpoint, truncated or corrupt ({e})"
-            ) from None
+            raise ModelFileError(p, f"not a readable PyTorch checkpoint, truncated or corrupt ({e})") from None
     obj = _unwrap(obj)
     if not isinstance(obj, Mapping):
         raise ModelFileError(p, f"holds a {type(obj).__name__}, not a dict of tensors")
@@ -320,15 +316,33 @@ class LoadedModel:
 
 
 def _entry(entry_or_path: ModelEntry | str | os.PathLike) -> ModelEntry:
-    from .registry import ModelEntry
-
     if isinstance(entry_or_path, ModelEntry):
         return entry_or_path
     return ModelEntry.from_path(entry_or_path)
 
 
-def _float(sd: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+#: A VAE's dtype: fixed, or chosen from its config (e.g. `devices.vae_dtype_for`: fp16 only if `force_upcast`
+#: is false); None = the model's dtype.
+VaeDtype = torch.dtype | Callable[[Mapping[str, Any]], torch.dtype] | None
+
+
+def _vae_dtype(vae_dtype: VaeDtype, config: Mapping[str, Any], dtype: torch.dtype) -> torch.dtype:
+    if vae_dtype is None:
+        return dtype
+    return vae_dtype if isinstance(vae_dtype, torch.dtype) else vae_dtype(config)
+
+
+def _float(
+    sd: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str | None = None
+) -> dict[str, torch.Tensor]:
+    """Floating-point tensors cast to `dtype`, every tensor moved to `device`, one tensor at a time: a dict
+    `sd` is emptied as it goes, so the source and the result never both hold every tensor."""
+    out: dict[str, torch.Tensor] = {}
+    pop = sd.pop if isinstance(sd, dict) else sd.__getitem__
+    for k in list(sd):
+        v = pop(k)
+        out[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    return out
 
 
 def _mismatch(what: str, missing: set[str], unexpected: set[str], wrong: list[str]) -> str:
@@ -344,9 +358,15 @@ def _mismatch(what: str, missing: set[str], unexpected: set[str], wrong: list[st
 
 
 def _build_diffusers(
-    cls, config: dict[str, Any], sd: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str
+    cls,
+    config: dict[str, Any],
+    sd: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    what: str,
+    device: torch.device | str | None = None,
 ):
-    """Instantiate a diffusers model on the meta device and assign `sd` (no random init, no copies)."""
+    """Instantiate a diffusers model on the meta device and assign `sd`, cast to `dtype` on `device` (no
+    random init, no second copy)."""
     with torch.device("meta"):
         model = cls.from_config(config)
     expected = model.state_dict()
@@ -354,14 +374,19 @@ def _build_diffusers(
     wrong = [k for k in set(expected) & set(sd) if tuple(expected[k].shape) != tuple(sd[k].shape)]
     if missing or unexpected or wrong:
         raise LayoutError(_mismatch(what, missing, unexpected, wrong))
-    model.load_state_dict(_float(sd, dtype), strict=True, assign=True)
+    model.load_state_dict(_float(sd, dtype, device), strict=True, assign=True)
     return model.eval()
 
 
 def _build_text_encoder(
-    config: dict[str, Any], sd: Mapping[str, torch.Tensor], dtype: torch.dtype, what: str
+    config: dict[str, Any],
+    sd: Mapping[str, torch.Tensor],
+    dtype: torch.dtype,
+    what: str,
+    device: torch.device | str | None = None,
 ):
-    """A CLIPTextModel (or ...WithProjection when `sd` has a text projection) from canonical weights."""
+    """A CLIPTextModel (or ...WithProjection when `sd` has a text projection) from canonical weights, in
+    `dtype` (built on the CPU, then moved to `device`)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cls = CLIPTextModelWithProjection if "text_projection.weight" in sd else CLIPTextModel
@@ -382,6 +407,8 @@ def _build_text_encoder(
     )
     if info.get("missing_keys") or info.get("mismatched_keys"):
         raise LayoutError(f"{what}: transformers reports {info}")
+    if device is not None:
+        model.to(device)
     return model.eval()
 
 
@@ -423,9 +450,15 @@ def _vae_scale(vae) -> int:
 
 
 def load_model(
-    entry: ModelEntry | str | os.PathLike, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False
+    entry: ModelEntry | str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    vae_dtype: VaeDtype = None,
+    device: torch.device | str | None = None,
 ) -> LoadedModel:
-    """Load a checkpoint (diffusers folder or original single file) onto the CPU in `dtype`.
+    """Load a checkpoint (diffusers folder or original single file) in `dtype` (the VAE in `vae_dtype`: a
+    dtype, or a function of the VAE's config; None = `dtype`) straight onto `device` (None = the CPU).
 
     Single files: detect the kind from keys and shapes, apply the sidecar, build configs from the shipped
     family config plus the shapes, convert keys, and use the shipped tokenizers. Raises `ModelFileError`
@@ -433,7 +466,7 @@ def load_model(
     """
     e = _entry(entry)
     if e.format == "diffusers":
-        return _load_diffusers(e, dtype, allow_pickle)
+        return _load_diffusers(e, dtype, allow_pickle, vae_dtype, device)
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     sd = load_state_dict(e.path, allow_pickle=allow_pickle)
@@ -442,12 +475,15 @@ def load_model(
         conv = convert_checkpoint(sd, kind)
         del sd
         unet = _build_diffusers(
-            UNet2DConditionModel, conv.configs["unet"], conv.state_dicts.pop("unet"), dtype, "UNet"
+            UNet2DConditionModel, conv.configs["unet"], conv.state_dicts.pop("unet"), dtype, "UNet", device
         )
-        vae = _build_diffusers(AutoencoderKL, conv.configs["vae"], conv.state_dicts.pop("vae"), dtype, "VAE")
+        vae_cfg = conv.configs["vae"]
+        vae = _build_diffusers(
+            AutoencoderKL, vae_cfg, conv.state_dicts.pop("vae"), _vae_dtype(vae_dtype, vae_cfg, dtype), "VAE", device
+        )
         slots = [name for name, _, _ in text_encoder_slots(kind.family)]
         texts: dict[str, Any] = {
-            n: _build_text_encoder(conv.configs[n], conv.state_dicts.pop(n), dtype, n.replace("_", " "))
+            n: _build_text_encoder(conv.configs[n], conv.state_dicts.pop(n), dtype, n.replace("_", " "), device)
             for n in slots
         }
     except (UnsupportedCheckpointError, LayoutError) as err:
@@ -531,6 +567,13 @@ def _weights_kwargs(folder: Path, allow_pickle: bool) -> dict[str, Any]:
     return kwargs
 
 
+def _moved(model, device: torch.device | str | None):
+    """`model` in eval mode, on `device` when one is given."""
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
 def _folder_tokenizer(root: Path, sub: str, fallback: str):
     folder = root / sub
     if (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file():
@@ -543,7 +586,13 @@ def _folder_tokenizer(root: Path, sub: str, fallback: str):
     return load_shipped_tokenizer(fallback)  # type: ignore[arg-type]
 
 
-def _load_diffusers(e: ModelEntry, dtype: torch.dtype, allow_pickle: bool) -> LoadedModel:
+def _load_diffusers(
+    e: ModelEntry,
+    dtype: torch.dtype,
+    allow_pickle: bool,
+    vae_dtype: VaeDtype = None,
+    device: torch.device | str | None = None,
+) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -571,16 +620,20 @@ def _load_diffusers(e: ModelEntry, dtype: torch.dtype, allow_pickle: bool) -> Lo
         except Exception as err:  # noqa: BLE001 - library errors vary; report them against the folder
             raise ModelFileError(folder, f"could not load {sub}: {err}") from err
 
-    def diffusers_model(cls):
-        return lambda folder, kw: cls.from_pretrained(
-            folder, local_files_only=True, torch_dtype=dtype, **kw
-        ).eval()
+    # each component is read in its final dtype (low_cpu_mem_usage: no random init) and moved on before the
+    # next one is read, so the CPU holds at most one component
+    def diffusers_model(cls, dt: torch.dtype = dtype):
+        return lambda folder, kw: _moved(
+            cls.from_pretrained(folder, local_files_only=True, torch_dtype=dt, low_cpu_mem_usage=True, **kw), device
+        )
 
     def text_model(cls):
-        return lambda folder, kw: cls.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw).eval()
+        return lambda folder, kw: _moved(cls.from_pretrained(folder, local_files_only=True, dtype=dtype, **kw), device)
 
     unet = component("unet", diffusers_model(UNet2DConditionModel))
-    vae = component("vae", diffusers_model(AutoencoderKL))
+    vae_config_path = root / "vae" / "config.json"
+    vae_cfg = _read_json(vae_config_path) if vae_config_path.is_file() else {}
+    vae = component("vae", diffusers_model(AutoencoderKL, _vae_dtype(vae_dtype, vae_cfg, dtype)))
     texts: dict[str, Any] = {}
     classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     slots = [name for name, _, _ in text_encoder_slots(kind.family)]
@@ -618,16 +671,18 @@ _VAE_PREFIXES = ("first_stage_model.", "vae.")
 def load_vae(
     entry: ModelEntry | str | os.PathLike,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: VaeDtype = torch.float32,
     allow_pickle: bool = False,
     scaling_factor: float | None = None,
+    device: torch.device | str | None = None,
 ) -> AutoencoderKL:
     """Load a separate VAE (models/VAE): a diffusers VAE folder, or a single file in the original layout
     (with or without a `first_stage_model.` prefix) or in diffusers naming.
 
     A VAE file does not say which family it was trained for, so its `scaling_factor` is
     `scaling_factor` if given, else the folder's config value, else 0.18215 (SD 1.x/2.x). Callers
-    swapping a checkpoint's VAE should pass the checkpoint VAE's own factor (SDXL: 0.13025).
+    swapping a checkpoint's VAE should pass the checkpoint VAE's own factor (SDXL: 0.13025). `dtype` is a
+    dtype or a function of the VAE's config (see `load_model`); `device` where it is loaded to (None: CPU).
     """
     from diffusers import AutoencoderKL
 
@@ -638,30 +693,25 @@ def load_vae(
     if p.is_dir():
         folder = p / "vae" if (p / "vae" / "config.json").is_file() else p
         kwargs = _weights_kwargs(folder, allow_pickle)
+        dt = _vae_dtype(dtype, _read_json(folder / "config.json"), torch.float32)
         try:
-            vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **kwargs)
+            vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dt, **kwargs)
         except Exception as err:  # noqa: BLE001
             raise ModelFileError(folder, f"could not load VAE: {err}") from err
         if scaling_factor is not None:
             vae.register_to_config(scaling_factor=scaling_factor)
-        return vae.eval()
+        return _moved(vae, device)
 
     sd = load_state_dict(p, allow_pickle=allow_pickle)
     for prefix in _VAE_PREFIXES:
         if any(k.startswith(prefix + "encoder.") for k in sd):
             sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
             break
-    sd = {
-        k: v
-        for k, v in sd.items()
-        if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
-    }
+    sd = {k: v for k, v in sd.items() if k.startswith(("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))}
     if not sd:
         raise ModelFileError(p, "holds no VAE weights (encoder.*/decoder.* tensors)")
     try:
-        if any(
-            k.startswith("encoder.down_blocks.") for k in sd
-        ):  # diffusers naming: map back to infer shapes
+        if any(k.startswith("encoder.down_blocks.") for k in sd):  # diffusers naming: map back to infer shapes
             levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
             lpb = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets."))
             ldm = convert_vae(sd, {"block_out_channels": [0] * levels, "layers_per_block": lpb}, False)
@@ -670,6 +720,6 @@ def load_vae(
         cfg = {**shipped_config("sd1", "vae"), **infer_vae_config(ldm)}
         cfg["scaling_factor"] = scaling_factor or DEFAULT_VAE_SCALING_FACTOR
         weights = convert_vae(ldm, cfg, to_diffusers=True)
-        return _build_diffusers(AutoencoderKL, cfg, weights, dtype, "VAE")
+        return _build_diffusers(AutoencoderKL, cfg, weights, _vae_dtype(dtype, cfg, torch.float32), "VAE", device)
     except LayoutError as err:
         raise ModelFileError(p, str(err)) from None

@@ -25,19 +25,17 @@ import os
 import re
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .hashes import HashCache, cached_folder_sha256, file_sha256, folder_sha256, short_hash
-from .loading import LoadedModel, load_model, load_vae  # re-exported: the registry's loaders
+from .entry import ModelEntry  # re-exported: what the registry lists
+from .hashes import HashCache
+from .suffixes import CHECKPOINT_SUFFIXES, VAE_SUFFIXES
 
-__all__ = ["ModelEntry", "ModelRegistry", "UnknownModelError", "LoadedModel", "load_model", "load_vae"]
+__all__ = ["ModelEntry", "ModelRegistry", "UnknownModelError"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
 _HASH_RE = re.compile(r"^[0-9a-fA-F]{8,64}$")
 _TITLE_HASH_RE = re.compile(r"^(.*?)\s*\[([0-9a-fA-F]{8,64})\]$")
 
@@ -55,63 +53,6 @@ class UnknownModelError(KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """One checkpoint or VAE found on disk. `format` is "diffusers" (a folder) or "single_file";
-    `builtin` marks the model that ships with the project."""
-
-    name: str
-    filename: str
-    path: Path
-    format: Literal["diffusers", "single_file"]
-    builtin: bool = False
-    role: Literal["checkpoint", "vae"] = "checkpoint"
-    hashes: HashCache | None = field(default=None, compare=False, repr=False)
-
-    @classmethod
-    def from_path(
-        cls,
-        path: str | os.PathLike,
-        *,
-        role: Literal["checkpoint", "vae"] = "checkpoint",
-        hashes: HashCache | None = None,
-    ) -> ModelEntry:
-        """An entry for a file or diffusers folder outside any registry (e.g. `--ckpt FILE`)."""
-        p = Path(path)
-        fmt: Literal["diffusers", "single_file"] = "diffusers" if p.is_dir() else "single_file"
-        if role == "vae" or fmt == "diffusers":
-            return cls(p.name, p.name, p, fmt, role=role, hashes=hashes)
-        return cls(p.stem, p.name, p, fmt, role=role, hashes=hashes)
-
-    def cached_sha256(self) -> str | None:
-        """The SHA-256 if already computed (never hashes; a diffusers folder's when all its files are)."""
-        if self.hashes is None:
-            return None
-        if self.format == "diffusers":
-            return cached_folder_sha256(self.path, self.hashes)
-        return self.hashes.cached(self.path)
-
-    @property
-    def sha256(self) -> str:
-        """Full hex SHA-256 of the file (or of a diffusers folder's weights), computed once and cached."""
-        if self.format == "diffusers":
-            return folder_sha256(self.path, self.hashes)
-        return file_sha256(self.path, self.hashes)
-
-    @property
-    def short_hash(self) -> str:
-        """A1111's "Model hash" / "VAE hash": the first 10 hex digits of `sha256`."""
-        return short_hash(self.sha256)
-
-    @property
-    def title(self) -> str:
-        """The label in model lists: `filename [short hash]` for checkpoints whose hash is known."""
-        if self.role == "vae":
-            return self.name
-        known = self.cached_sha256()
-        return f"{self.filename} [{short_hash(known)}]" if known else self.filename
 
 
 def _is_diffusers_vae(folder: Path) -> bool:

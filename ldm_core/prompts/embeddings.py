@@ -28,10 +28,10 @@ import torch
 
 from ..files import scan_named_files
 from ..models.hashes import HashCache, file_sha256
+from ..models.suffixes import EMBEDDING_SUFFIXES
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 TI_HASH_LEN = 12  # hex digits of the SHA-256 in "TI hashes"
 _FAMILY_BY_DIM = {768: "sd1", 1024: "sd2"}
 

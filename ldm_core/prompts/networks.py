@@ -46,11 +46,11 @@ import torch
 from ..files import scan_named_files
 from ..generation_requests import RequestError
 from ..models.hashes import HashCache, file_sha256
+from ..models.suffixes import LORA_SUFFIXES
 from .parser import ExtraNetworkCall
 
 log = logging.getLogger(__name__)
 
-LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
 LORA_KINDS = ("lora", "lyco")  # tag kinds handled here (`<lyco:...>` is the old LyCORIS extension's tag)
 LORA_HASH_LEN = 12
 FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL", "sdxl-refiner": "SDXL refiner"}
