@@ -15,6 +15,7 @@ import platform
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
 from .pipeline.preview import LatentPreviewer
-from .progress import JobContext
+from .progress import JobContext, PreviewSource
 from .prompts.embeddings import EmbeddingLibrary
 from .prompts.encode import PromptEncoder
 from .prompts.networks import NetworkLibrary
@@ -620,6 +621,7 @@ class Engine:
             subseed_strength=request.subseed_strength,
             resize_from=resize_from,
             noise_seed_delta=request.eta_noise_seed_delta,
+            device="cpu" if self.config.cpu_noise else dev,  # the RNG source option (randn_source)
         )
         noise = noise.to(dev)
 
@@ -713,7 +715,10 @@ class Engine:
             ]
             z = self._encode_images(stage.vae, big)
         noise, gens = batch_noise(
-            (z.shape[1], th // factor, tw // factor), seeds, noise_seed_delta=request.eta_noise_seed_delta
+            (z.shape[1], th // factor, tw // factor),
+            seeds,
+            noise_seed_delta=request.eta_noise_seed_delta,
+            device="cpu" if self.config.cpu_noise else self.policy.device,  # the RNG source option (randn_source)
         )
         prompt, negative = job.prompt, job.negative
         if request.hr_prompt:
@@ -818,15 +823,14 @@ class Engine:
                 )
 
         every = max(0, self.config.preview_every)
+        previewer = weakref.ref(job.previewer)  # a preview read after the model is unloaded is just None
 
         def on_step(done, total, denoised):
             upd = {"step": done, "steps": total}
             if every and (done % every == 0 or done == total):
-                try:
-                    upd["preview"] = job.previewer(denoised)
-                    upd["preview_step"] = done
-                except Exception as exc:  # a preview must never fail the job
-                    log.debug("preview failed: %s", exc)
+                # rendered only if someone reads it (UI, progress API); no decode and no host sync here
+                upd["preview_source"] = PreviewSource(_preview_render(previewer, denoised[:1].detach().clone()))
+                upd["preview_step"] = done
             ctx.progress.update(**upd)
 
         ctx.progress.update(step=0, steps=n_evals if len(timesteps) else 0)
@@ -995,6 +999,16 @@ class Engine:
             "prompt": request.prompt,
             "negative_prompt": request.negative_prompt,
         }
+
+
+def _preview_render(previewer: weakref.ref, latents: torch.Tensor):
+    """The render function of one live preview: `latents` through the previewer, if it still exists."""
+
+    def render() -> Image.Image | None:
+        p = previewer()
+        return p(latents) if p is not None else None
+
+    return render
 
 
 @contextlib.contextmanager

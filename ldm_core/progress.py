@@ -3,15 +3,23 @@
 `CancelToken` is checked by the denoising loop once per step: `interrupt()` stops the whole job and keeps
 the partial result (decoded), `skip()` stops the current image batch and moves on to the next one.
 `Progress` is a snapshot the loop updates; readers (UI, API) copy it with `snapshot()`.
+
+Live previews cost nothing unless someone looks: the loop posts a `PreviewSource` (the step's predicted latents
+and the renderer), and the image is rendered on the first read of `ProgressState.preview`, in the reader's
+thread, once per source. A job nobody watches (most API calls) never decodes a preview.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 class Interrupted(Exception):
@@ -55,6 +63,30 @@ class CancelToken:
             raise Interrupted(skipped=True)
 
 
+class PreviewSource:
+    """One preview, rendered by `render()` on the first call of `image()` and kept (thread-safe). A render that
+    fails gives None (a preview must never fail anything)."""
+
+    def __init__(self, render: Callable[[], Image.Image | None] | None = None, image: Image.Image | None = None):
+        self._render = render
+        self._image = image
+        self._lock = threading.Lock()
+
+    @property
+    def rendered(self) -> bool:
+        return self._render is None
+
+    def image(self) -> Image.Image | None:
+        with self._lock:
+            if self._render is not None:
+                render, self._render = self._render, None
+                try:
+                    self._image = render()
+                except Exception as exc:
+                    log.debug("preview failed: %s", exc)
+            return self._image
+
+
 @dataclass
 class ProgressState:
     """Where a job stands. `step`/`steps` count denoising steps of the current batch (`job_no` of
@@ -66,11 +98,20 @@ class ProgressState:
     steps: int = 0
     started_at: float = 0.0
     textinfo: str = ""
-    preview: Image.Image | None = None
+    preview_source: PreviewSource | None = None  # read it as `preview`
     preview_step: int = -1
     interrupted: bool = False
     skipped: bool = False
     worker: str = ""  # which engine runs the job: "" in-process, a replica's host:pid in a Ray pool
+
+    @property
+    def preview(self) -> Image.Image | None:
+        """The newest live preview (rendered now if nobody has looked at it yet), or None."""
+        return self.preview_source.image() if self.preview_source is not None else None
+
+    @preview.setter
+    def preview(self, image: Image.Image | None) -> None:
+        self.preview_source = PreviewSource(image=image) if image is not None else None
 
     @property
     def fraction(self) -> float:
