@@ -42,7 +42,7 @@ class EngineConfig:
     channels_last: bool | None = None  # None: on for CUDA
     allow_pickle: bool = False
     model_cache_size: int = 1
-    cpu_noise: bool = True  # draw initial noise on the CPU so a seed gives the same image on any device
+    cpu_noise: bool = True  # randn_source "CPU": noise drawn on the CPU (a seed, one image on any device); False: "GPU"
     save_images: bool = True
     filename_pattern: str = "[number]-[seed]"
     samples_format: str = "png"  # file format of saved images: png, jpg/jpeg or webp (A1111's samples_format)

@@ -397,6 +397,11 @@ class Engine:
                 f"token_merging_ratio {_num(request.token_merging_ratio)}: not applied (no token merging here)"
             )
             log.info("token_merging_ratio %s: not applied, no token merging here", request.token_merging_ratio)
+        if getattr(request, "image_cfg_scale", None) is not None:  # accepted because A1111 clients send it
+            result.notes.append(
+                f"image_cfg_scale {_num(request.image_cfg_scale)}: not applied (it is the image guidance of "
+                "instruct-pix2pix models, which this server does not run)"
+            )
         if hires is not None and hires["warning"]:
             result.warnings.append(hires["warning"])
         job_params = {}

@@ -336,6 +336,15 @@ OPTIONS: tuple[Option, ...] = (
         field="eta_noise_seed_delta",
         maps="default",
     ),
+    _o(
+        "randn_source",
+        "CPU",
+        "Random number generator source (CPU: a seed gives the same image on every device; GPU: the job's device)",
+        "live",
+        S_SAMPLER,
+        choices=("CPU", "GPU"),
+        config="cpu_noise",
+    ),
     # -- img2img
     _o(
         "initial_noise_multiplier",
@@ -673,6 +682,8 @@ def config_from_options(
     for key in ("attention", "offload", "vae_tiling", "vae_slicing"):
         if key in values:
             put(key, values[key])
+    if "randn_source" in values:
+        put("cpu_noise", values["randn_source"] != "GPU")
     return base.with_(**over)
 
 
@@ -694,6 +705,7 @@ LIVE_FIELDS = frozenset(
         "vae_tiling",
         "vae_slicing",
         "model_cache_size",
+        "cpu_noise",
     }
 )
 

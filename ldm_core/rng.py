@@ -9,6 +9,11 @@ Step noise (ancestral and SDE samplers) continues each image's generator, unless
 (A1111's ENSD option) is given: then, as in A1111 1.6+, each image's step generator is a fresh one seeded
 with seed + delta, so the same seed and delta give the same picture as there.
 
+The noise source is A1111's "Random number generator source" option (`randn_source`, EngineConfig
+`cpu_noise`): "CPU" (the default) draws on the CPU and moves the noise to the device; "GPU" draws with a
+generator on the job's device (what A1111 does by default: faster to draw, but a seed's image then depends on
+the device and its torch build).
+
 Seeds are any integer torch's generator takes (0 .. 2**64 - 1), used as given and shown as given (A1111
 does the same); random seeds stay below 2**32 as in A1111. torch's CPU generator itself draws from the low 32
 bits of its seed, so on CPU noise (the default, like A1111's "CPU" RNG source) seed 2**32 + 5 gives the
@@ -54,9 +59,11 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
-def _randn(shape: tuple[int, ...], seed: int) -> tuple[torch.Tensor, torch.Generator]:
-    g = torch.Generator("cpu").manual_seed(wrap_seed(seed))
-    return torch.randn(shape, generator=g, dtype=torch.float32), g
+def _randn(
+    shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Generator]:
+    g = torch.Generator(device).manual_seed(wrap_seed(seed))
+    return torch.randn(shape, generator=g, dtype=torch.float32, device=device), g
 
 
 def _paste_center(src: torch.Tensor, shape: tuple[int, ...], base: torch.Tensor) -> torch.Tensor:
@@ -79,24 +86,26 @@ def image_noise(
     subseed: int | None = None,
     subseed_strength: float = 0.0,
     resize_from: tuple[int, int] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Generator]:
-    """Noise (C,H,W) for one image, and the CPU generator to continue for the sampler's own noise.
+    """Noise (C,H,W) for one image, and the generator to continue for the sampler's own noise, both on
+    `device` (the CPU by default; the job's device for the "GPU" noise source).
 
     `resize_from` is the (C,h,w) latent shape the seed was first used at (from "resize seed from").
     """
     if resize_from:
-        base, gen = _randn(shape, seed)
-        small, _ = _randn((shape[0], *resize_from), seed)
+        base, gen = _randn(shape, seed, device)
+        small, _ = _randn((shape[0], *resize_from), seed, device)
         noise = _paste_center(small, shape, base)
     else:
-        noise, gen = _randn(shape, seed)
+        noise, gen = _randn(shape, seed, device)
     if subseed is not None and subseed_strength > 0:
         if resize_from:
-            sbase, _ = _randn(shape, subseed)
-            ssmall, _ = _randn((shape[0], *resize_from), subseed)
+            sbase, _ = _randn(shape, subseed, device)
+            ssmall, _ = _randn((shape[0], *resize_from), subseed, device)
             sub = _paste_center(ssmall, shape, sbase)
         else:
-            sub, _ = _randn(shape, subseed)
+            sub, _ = _randn(shape, subseed, device)
         noise = slerp(subseed_strength, noise, sub)
     return noise, gen
 
@@ -109,10 +118,11 @@ def batch_noise(
     subseed_strength: float = 0.0,
     resize_from: tuple[int, int] | None = None,
     noise_seed_delta: int = 0,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, list[torch.Generator]]:
     """Stacked noise (B,C,H,W) for a batch, one seed per image, and one step generator per image: each
     image's generator continued, or with a non-zero `noise_seed_delta` (A1111's ENSD) a new generator seeded
-    with the image's seed + delta."""
+    with the image's seed + delta. Noise and generators are on `device` (the noise source: see the module)."""
     noises, gens = [], []
     for i, s in enumerate(seeds):
         n, g = image_noise(
@@ -121,12 +131,13 @@ def batch_noise(
             subseed=subseeds[i] if subseeds else None,
             subseed_strength=subseed_strength,
             resize_from=resize_from,
+            device=device,
         )
         noises.append(n)
-        gens.append(step_generator(s, noise_seed_delta) if noise_seed_delta else g)
+        gens.append(step_generator(s, noise_seed_delta, device) if noise_seed_delta else g)
     return torch.stack(noises), gens
 
 
-def step_generator(seed: int, noise_seed_delta: int) -> torch.Generator:
-    """The CPU generator of an image's step noise under an eta noise seed delta: seeded with seed + delta."""
-    return torch.Generator("cpu").manual_seed(wrap_seed(int(seed) + int(noise_seed_delta)))
+def step_generator(seed: int, noise_seed_delta: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of an image's step noise under an eta noise seed delta: seeded with seed + delta."""
+    return torch.Generator(device).manual_seed(wrap_seed(int(seed) + int(noise_seed_delta)))
