@@ -1,13 +1,21 @@
 """Device and dtype policy: which device runs the models and in which precision.
 
 Auto device picks CUDA, then MPS, then CPU. Precision "auto" is fp16 on CUDA, fp32 on MPS and CPU (fp16 on
-CPU is slow and lossy). The VAE may run in its own precision ("auto" = fp32 where the UNet is fp16 unless the
-user asks otherwise; the engine retries a NaN decode in fp32).
+CPU is slow and lossy). The VAE has its own precision: "auto" is fp32 where the UNet runs in fp16 (the SD and
+SDXL VAEs overflow to NaN in fp16), except for a VAE whose config says it is safe in fp16 (`force_upcast:
+false`, e.g. madebyollin's sdxl-vae-fp16-fix), which then runs in fp16 (`vae_dtype_for`). So a VAE decodes
+once, in the precision chosen here; nothing decodes in fp16 and retries in fp32. bf16 has fp32's range and
+stays bf16. An explicit `vae_precision` is used as given.
+
+Where a model runs is the policy's `device`, never the device of its parameters: with `--lowvram`
+(sequential offload) the weights sit on the `meta` device between uses and only accelerate's hooks know
+where they execute, so the engine passes `device` to whatever creates tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -22,8 +30,9 @@ class DevicePolicy:
 
     device: torch.device
     dtype: torch.dtype  # UNet and text encoders
-    vae_dtype: torch.dtype
+    vae_dtype: torch.dtype  # for a VAE that needs upcasting; see `vae_dtype_for`
     channels_last: bool
+    vae_precision_auto: bool = True
 
     @property
     def name(self) -> str:
@@ -57,9 +66,32 @@ def resolve_policy(config: EngineConfig) -> DevicePolicy:
         dtype = _DTYPES[config.precision]
         if device.type == "cpu" and dtype == torch.float16:
             dtype = torch.bfloat16  # fp16 kernels are incomplete on CPU; bf16 is the closest safe choice
-    if config.vae_precision == "auto":
-        vae_dtype = dtype
-    else:
-        vae_dtype = _DTYPES[config.vae_precision]
+    auto = config.vae_precision == "auto"
+    vae_dtype = (torch.float32 if dtype == torch.float16 else dtype) if auto else _DTYPES[config.vae_precision]
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    return DevicePolicy(device=device, dtype=dtype, vae_dtype=vae_dtype, channels_last=channels_last)
+    return DevicePolicy(
+        device=device, dtype=dtype, vae_dtype=vae_dtype, channels_last=channels_last, vae_precision_auto=auto
+    )
+
+
+def execution_device(module: torch.nn.Module, offloaded: torch.device | str | None) -> torch.device:
+    """Where `module` runs: where its weights are, or `offloaded` (the policy's device) when they sit on `meta`
+    (sequential offload keeps them there and its hooks bring each layer in as it runs)."""
+    param = next(module.parameters(), None)
+    if param is None or param.device.type == "meta":
+        if offloaded is None:
+            raise ValueError("the module's weights are offloaded (on meta): pass the execution device")
+        return torch.device(offloaded)
+    return param.device
+
+
+def vae_dtype_for(policy: DevicePolicy, vae_config: Any) -> torch.dtype:
+    """The dtype one VAE runs (and decodes) in: the policy's `vae_dtype`, except that with precision "auto"
+    a VAE whose config has `force_upcast: false` (made to run in fp16) follows the UNet's fp16."""
+    if policy.vae_precision_auto and policy.dtype == torch.float16:
+        force_upcast = vae_config.get("force_upcast", True) if isinstance(vae_config, dict) else None
+        if force_upcast is None:
+            force_upcast = getattr(vae_config, "force_upcast", True)
+        if force_upcast is False:
+            return torch.float16
+    return policy.vae_dtype

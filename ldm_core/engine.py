@@ -9,7 +9,6 @@ device placement live here too. The engine knows nothing of Gradio or HTTP.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import platform
 import tempfile
@@ -29,9 +28,10 @@ from PIL import Image
 from . import __version__
 from .attention import AttentionRegistry
 from .config import EngineConfig
-from .devices import DevicePolicy, resolve_policy
+from .devices import DevicePolicy, execution_device, resolve_policy, vae_dtype_for
 from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .infotext import build_infotext
+from .memory import FaultHook, JobMemoryPlan, free_memory, run_with_fallbacks
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .models.detect import SDXL_FAMILIES
 from .outputs import output_folder, save_image
@@ -165,8 +165,10 @@ class Engine:
         *,
         samplers: SamplerRegistry | None = None,
         attention: AttentionRegistry | None = None,
+        fault_hook: FaultHook | None = None,
     ):
         self.config = config
+        self.fault_hook = fault_hook  # diagnostics/tests: see ldm_core.memory.FaultHook
         self.policy: DevicePolicy = resolve_policy(config)
         self.samplers = samplers or default_sampler_registry()
         self.attention = attention or AttentionRegistry()
@@ -192,6 +194,7 @@ class Engine:
         self._cache: OrderedDict[Path, _Placed] = OrderedDict()
         self._vae_cache: OrderedDict[tuple, Any] = OrderedDict()
         self._current: Path | None = None
+        self._memory_plan: JobMemoryPlan | None = None  # the running job's out-of-memory fallbacks
         self._lock = threading.RLock()
 
     # ---- models -------------------------------------------------------------------------------------
@@ -224,8 +227,9 @@ class Engine:
                 mod.eval().requires_grad_(False)
                 if offload == "none":
                     mod.to(dev)
-        if model.vae.dtype != p.vae_dtype:
-            model.vae.to(dtype=p.vae_dtype)
+        vae_dtype = vae_dtype_for(p, model.vae.config)
+        if model.vae.dtype != vae_dtype:
+            model.vae.to(dtype=vae_dtype)
         model.vae.eval().requires_grad_(False)
         if offload == "none":
             model.vae.to(dev)
@@ -267,13 +271,27 @@ class Engine:
                 self._cache.move_to_end(entry.path)
                 self._current = entry.path
                 return self._cache[entry.path].model
-            t0 = time.perf_counter()
-            model = self._place(load_model(entry, dtype=torch.float32, allow_pickle=self.config.allow_pickle))
+            # evict before loading: the old model is freed (and the CUDA cache emptied) before the new one's
+            # weights are read, and they are read straight into the run dtype on the run device
             while len(self._cache) >= max(1, self.config.model_cache_size):
                 self._cache.popitem(last=False)
-                self._free_memory()
+            self._free_memory()
+            self._reached("load")
+            t0 = time.perf_counter()
+            p = self.policy
+            model = self._place(
+                load_model(
+                    entry,
+                    dtype=p.dtype,
+                    vae_dtype=lambda cfg: vae_dtype_for(p, cfg),
+                    device=p.device if self.config.offload == "none" else "cpu",
+                    allow_pickle=self.config.allow_pickle,
+                )
+            )
             vae_cfg = model.vae.config
-            previewer = LatentPreviewer(model.vae, vae_cfg.scaling_factor, getattr(vae_cfg, "shift_factor", 0) or 0)
+            previewer = LatentPreviewer(
+                model.vae, vae_cfg.scaling_factor, getattr(vae_cfg, "shift_factor", 0) or 0, device=p.device
+            )
             self._cache[entry.path] = _Placed(model, previewer)
             self._current = entry.path
             log.info(
@@ -296,9 +314,12 @@ class Engine:
             self._free_memory()
 
     def _free_memory(self) -> None:
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_memory(self.policy.device)
+
+    def _reached(self, point: str) -> None:
+        """Report a point of the job to the fault hook, if one is set (see `ldm_core.memory.FaultHook`)."""
+        if self.fault_hook is not None:
+            self.fault_hook.reached(point, self.policy.device)
 
     def _vae_for(self, request: GenerationRequest, model: LoadedModel) -> tuple[Any, ModelEntry | None]:
         if not request.vae or request.vae in ("Automatic", "None"):
@@ -310,21 +331,31 @@ class Engine:
         key = (entry.path, model.vae.config.scaling_factor)
         if key not in self._vae_cache:
             self._vae_cache.clear()
+            offload = self.config.offload
             vae = load_vae(
                 entry,
-                dtype=self.policy.vae_dtype,
+                dtype=lambda cfg: vae_dtype_for(self.policy, cfg),
                 allow_pickle=self.config.allow_pickle,
                 scaling_factor=model.vae.config.scaling_factor,
+                device=self.policy.device if offload == "none" else "cpu",
             )
-            vae.to(self.policy.device).eval().requires_grad_(False)
+            vae.eval().requires_grad_(False)
             self.attention.apply(vae, self.attention_choice.name)
+            if self.config.vae_tiling:
+                vae.enable_tiling()
+            if offload == "sequential":
+                from accelerate import cpu_offload
+
+                cpu_offload(vae, execution_device=self.policy.device)
             self._vae_cache[key] = vae
         return self._vae_cache[key], entry
 
     @contextlib.contextmanager
     def _on_device(self, *modules):
-        """With model CPU offload, move modules to the device for the duration of the block."""
-        if self.config.offload != "model":
+        """With model CPU offload (--medvram, or a job's out-of-memory fallback), move modules to the device
+        for the duration of the block."""
+        plan = self._memory_plan
+        if self.config.offload != "model" and not (plan is not None and plan.model_offload):
             yield
             return
         for m in modules:
@@ -367,7 +398,11 @@ class Engine:
         width = request.width or native
         height = request.height or native
         vae, vae_entry = self._vae_for(request, model)
-        previewer = placed.previewer if vae is model.vae else LatentPreviewer(vae, vae.config.scaling_factor)
+        previewer = (
+            placed.previewer
+            if vae is model.vae
+            else LatentPreviewer(vae, vae.config.scaling_factor, device=self.policy.device)
+        )
 
         seed = resolve_seed(request.seed)
         subseed = resolve_seed(request.subseed) if request.subseed_strength > 0 else -1
@@ -448,6 +483,20 @@ class Engine:
                 hires_stage=stages[hr_model.entry.path] if hires is not None else None,
                 refiner=stages[refiner_model.entry.path] if refiner_model is not None else None,
             )
+            # out of memory in a batch: free, retry with the next lighter step (ldm_core.memory), undone after
+            plan = JobMemoryPlan(
+                unets=unets,
+                vaes=list(vaes.values()),
+                text_encoders=[m for s in stages.values() for m in (s.model.text_encoder, s.model.text_encoder_2)],
+                attention=self.attention,
+                attention_name=self.attention_choice.name,
+                device=self.policy.device,
+                config_vae_tiling=self.config.vae_tiling,
+                config_offload=self.config.offload,
+            )
+            self._memory_plan = plan
+            stack.callback(setattr, self, "_memory_plan", None)
+            stack.callback(plan.undo)
             for n in range(request.n_iter):
                 ctx.cancel.clear_skip()
                 if ctx.cancel.interrupted:
@@ -459,7 +508,11 @@ class Engine:
                     else []
                 )
                 ctx.progress.update(job_no=n, step=0)
-                batch_imgs, stopped = self._run_batch(job, seeds, subseeds)
+                batch_imgs, stopped = run_with_fallbacks(
+                    lambda seeds=seeds, subseeds=subseeds: self._run_batch(job, seeds, subseeds),
+                    plan,
+                    device=self.policy.device,
+                )
                 for post in self.postprocessors:
                     batch_imgs = post(request, batch_imgs, self, model)
                 extra = {
@@ -468,6 +521,7 @@ class Engine:
                     **job.extra,
                     **lora_params,
                     **encoder.infotext_params(),
+                    **plan.infotext(),
                 }
                 for i, im in enumerate(batch_imgs):
                     sub = subseeds[i] if subseeds else None
@@ -508,11 +562,19 @@ class Engine:
                     else:
                         result.interrupted = True
                         break
+            if plan.warning():
+                result.warnings.append(plan.warning())
         ctx.progress.update(job_no=request.n_iter, step=0, interrupted=result.interrupted)
         return result
 
     def _encoder(self, request: GenerationRequest, model: LoadedModel) -> PromptEncoder:
-        return PromptEncoder(model, clip_skip=request.clip_skip, emphasis=request.emphasis, embeddings=self.embeddings)
+        return PromptEncoder(
+            model,
+            clip_skip=request.clip_skip,
+            emphasis=request.emphasis,
+            embeddings=self.embeddings,
+            device=self.policy.device,
+        )
 
     def _aux_model(self, field_name: str, name: str, main: LoadedModel) -> LoadedModel:
         """A second checkpoint for this job (hires checkpoint, refiner), loaded without becoming the current
@@ -602,8 +664,9 @@ class Engine:
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         with self._on_device(vae), torch.inference_mode():
-            param = next(vae.parameters())
-            pix = torch.cat([imgs.pil_to_tensor(im) for im in images]).to(param.device, param.dtype)
+            dtype = next(vae.parameters()).dtype
+            dev = execution_device(vae, self.policy.device)
+            pix = torch.cat([imgs.pil_to_tensor(im) for im in images]).to(dev, dtype)
             z = vae.encode(pix).latent_dist.mode().float()
         return ((z - shift) * scaling).to(self.policy.device)
 
@@ -858,6 +921,7 @@ class Engine:
             hooks = job.hooks
             if model.kind.family != job.model.kind.family:  # UNet-input residuals fit the job's model only
                 hooks = Hooks(cfg=list(job.hooks.cfg))
+            self._reached("denoise")
             res = denoise(model.unet, loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
         if res.switched and refiner is not None:
             job.extra["Refiner"] = _short_title(refiner.model)
@@ -894,25 +958,23 @@ class Engine:
             return (None if request.cfg_scale == 1.0 else uncond), conds
 
         with self._on_device(model.text_encoder, model.text_encoder_2):
+            self._reached("encode")
             for i in range(user_steps):
                 schedule.at(i)
         return conditioning, added
 
     @torch.inference_mode()
     def decode(self, vae, latents: torch.Tensor) -> list[Image.Image]:
-        """Latents (scaled) -> images; retries in fp32 when a reduced-precision decode gives NaNs."""
+        """Latents (scaled) -> images, decoded once in the VAE's own dtype (chosen when it was loaded:
+        `devices.vae_dtype_for`, fp32 for a VAE that overflows in fp16), never decoded twice."""
+        self._reached("decode")
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         z = latents / scaling + shift
         dtype = next(vae.parameters()).dtype
-        x = vae.decode(z.to(dtype)).sample
-        if not torch.isfinite(x).all() and dtype != torch.float32:
-            log.warning("VAE decode in %s produced NaNs; retrying in fp32", dtype)
-            vae.to(torch.float32)
-            try:
-                x = vae.decode(z.float()).sample
-            finally:
-                vae.to(dtype)
+        x = vae.decode(z.to(execution_device(vae, self.policy.device), dtype)).sample
+        if dtype != torch.float32 and not torch.isfinite(x).all():
+            log.warning("the VAE decoded NaNs in %s: run it in fp32 (vae_precision fp32)", dtype)
         return imgs.tensor_to_pil(x)
 
     # ---- infotext ------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..devices import execution_device
 from .images import tensor_to_pil
 
 FULL_DECODE_MAX_AREA = 32 * 32
@@ -28,8 +29,9 @@ def _synthetic_image(size: int = 64) -> torch.Tensor:
 class LatentPreviewer:
     """Turns (B,C,h,w) latents (already scaled by the VAE's scaling factor) into PIL previews."""
 
-    def __init__(self, vae, scaling_factor: float, shift_factor: float = 0.0):
+    def __init__(self, vae, scaling_factor: float, shift_factor: float = 0.0, device: torch.device | None = None):
         self.vae = vae
+        self.device = device  # where the VAE executes when its weights are offloaded to `meta`
         self.scaling = scaling_factor
         self.shift = shift_factor
         self._coef: torch.Tensor | None = None  # (C+1, 3)
@@ -37,7 +39,7 @@ class LatentPreviewer:
     @torch.no_grad()
     def _fit(self) -> torch.Tensor:
         param = next(self.vae.parameters())
-        img = _synthetic_image().to(param.device, param.dtype)
+        img = _synthetic_image().to(execution_device(self.vae, self.device), param.dtype)
         z = self.vae.encode(img).latent_dist.mode().float()  # (1,C,h,w)
         h, w = z.shape[-2:]
         rgb = torch.nn.functional.interpolate(img.float(), size=(h, w), mode="area")
@@ -53,7 +55,7 @@ class LatentPreviewer:
         z = latents.float() / self.scaling + self.shift
         if z.shape[-1] * z.shape[-2] <= FULL_DECODE_MAX_AREA:
             param = next(self.vae.parameters())
-            x = self.vae.decode(z.to(param.device, param.dtype)).sample
+            x = self.vae.decode(z.to(execution_device(self.vae, self.device), param.dtype)).sample
             return tensor_to_pil(x)[0]
         if self._coef is None:
             self._coef = self._fit()

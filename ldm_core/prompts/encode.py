@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..devices import execution_device
 from .parser import BREAK_WEIGHT, parse_prompt_attention
 
 CHUNK = 75  # tokens of text per chunk (77 with BOS and EOS)
@@ -263,9 +264,10 @@ def _apply_weights(z: torch.Tensor, w: torch.Tensor, emphasis: str) -> torch.Ten
 
 
 def _encode_side(
-    side: _Side, chunks: TokenChunks, n_chunks: int, emphasis: str
+    side: _Side, chunks: TokenChunks, n_chunks: int, emphasis: str, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run one text encoder over the chunks (padded to `n_chunks` with empty ones). Returns (hidden
+    """Run one text encoder over the chunks (padded to `n_chunks` with empty ones) where its weights are, or
+    on `device` when they are offloaded to `meta` (`devices.execution_device`). Returns (hidden
     (1, 77*n_chunks, D) with weights applied, pooled projection of chunk 0 or None)."""
     tok = side.tokenizer
     bos, eos = tok.bos_token_id, tok.eos_token_id
@@ -276,8 +278,7 @@ def _encode_side(
         rows.append([bos, *ids, eos, *([side.pad_id] * (CHUNK - len(ids)))])
         weights.append([1.0, *w, *([1.0] * (CHUNK + 1 - len(w)))])
         fixes.append(chunks.fixes[i] if i < len(chunks.fixes) else [])
-    device = side.encoder.device
-    ids_t = torch.tensor(rows, device=device)
+    ids_t = torch.tensor(rows, device=execution_device(side.encoder, device))
     with _token_embedding_fixes(side.encoder, fixes):
         out = side.encoder(ids_t, output_hidden_states=True)
     if side.layer is None:
@@ -313,6 +314,7 @@ class PromptEncoder:
         embeddings=None,
         comma_backtrack: int = COMMA_BACKTRACK,
         zero_empty_negative: bool | None = None,
+        device: torch.device | str | None = None,
     ):
         if emphasis not in EMPHASIS_MODES:
             raise ValueError(f"emphasis must be one of {', '.join(EMPHASIS_MODES)}; got {emphasis!r}")
@@ -326,6 +328,7 @@ class PromptEncoder:
                 model.kind.family == "sdxl-refiner"  # A1111 zeroes it for the refiner too (see the module doc)
             )
         self.zero_empty_negative = zero_empty_negative
+        self.device = device  # where offloaded text encoders (weights on `meta`) execute
         self._sides: list[_Side] | None = None
         self._cache: dict[tuple[str, int], Conditioning] = {}
         self._tokens: dict[str, list[TokenChunks]] = {}
@@ -396,7 +399,7 @@ class PromptEncoder:
         if key not in self._cache:
             parts, pooled = [], None
             for side, chunks in zip(self.sides(), self.tokenize(text), strict=True):
-                hidden, p = _encode_side(side, chunks, n, self.emphasis)
+                hidden, p = _encode_side(side, chunks, n, self.emphasis, self.device)
                 parts.append(hidden)
                 if side.role == "clip_g":
                     pooled = p
@@ -414,7 +417,7 @@ class PromptEncoder:
         for text in texts:
             parts = []
             for side, chunks in zip(self.sides(), self.tokenize(text), strict=True):
-                hidden, p = _encode_side(side, chunks, n, self.emphasis)
+                hidden, p = _encode_side(side, chunks, n, self.emphasis, self.device)
                 parts.append(hidden)
                 if side.role == "clip_g":
                     pooled.append(p)
