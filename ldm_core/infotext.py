@@ -74,6 +74,9 @@ INFOTEXT_KEY_ORDER: tuple[str, ...] = (
     "Lora hashes",
     "TI hashes",
     "Emphasis",
+    # what this server did otherwise than asked to finish the job: the lighter steps taken after an
+    # out-of-memory error (ldm_core.memory), e.g. "Memory fallback: vae tiling, attention slicing"
+    "Memory fallback",
     "Version",
 )
 

@@ -94,12 +94,8 @@ def test_find_by_every_name(registry):
         sha[:8].upper(),
     ):
         assert registry.find_checkpoint(query) == target, query
-    assert (
-        registry.find_checkpoint("tiny-sd1-copy").filename == "sub/tiny-sd1-copy.safetensors"
-    )  # unique stem
-    assert (
-        registry.find_checkpoint("sub\\tiny-sd1-copy.safetensors").filename == "sub/tiny-sd1-copy.safetensors"
-    )
+    assert registry.find_checkpoint("tiny-sd1-copy").filename == "sub/tiny-sd1-copy.safetensors"  # unique stem
+    assert registry.find_checkpoint("sub\\tiny-sd1-copy.safetensors").filename == "sub/tiny-sd1-copy.safetensors"
     assert registry.find_checkpoint("tiny-sd1-diffusers").format == "diffusers"
     assert registry.find_vae("tiny-vae.safetensors") == registry.find_vae("tiny-vae")
 
@@ -186,3 +182,56 @@ def test_entry_from_path(tiny_models):
     assert e.title == "sdxl.safetensors"  # no hash cache: the title has no hash
     d = ModelEntry.from_path(tiny_models["sdxl"]["diffusers"])
     assert d.format == "diffusers" and {d, d} == {d}
+
+
+def _imports(path) -> set[str]:
+    """The modules a source file imports (relative imports as written, e.g. ".loading")."""
+    import ast
+
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            out.add("." * node.level + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return out
+
+
+def test_registry_and_loading_do_not_import_each_other():
+    from pathlib import Path
+
+    import ldm_core.models as models
+
+    root = Path(models.__file__).parent
+    assert ".loading" not in _imports(root / "registry.py")
+    assert ".registry" not in _imports(root / "loading.py")
+    assert ".entry" in _imports(root / "loading.py") and ".entry" in _imports(root / "registry.py")
+
+
+def test_weight_file_suffixes_are_defined_once():
+    """Only ldm_core/models/suffixes.py spells out the weight-file suffix lists; everything else imports them."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    listing = re.compile(r"""\(\s*["']\.(safetensors|ckpt|pth?|bin)["']\s*,""")
+    found = []
+    for folder in ("ldm_core", "api", "ui", "extensions"):
+        for p in (repo / folder).rglob("*.py"):
+            if p.name != "suffixes.py" and listing.search(p.read_text(encoding="utf-8")):
+                found.append(str(p.relative_to(repo)))
+    assert found == []
+    from ldm_core.extension_api import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+    from ldm_core.models.suffixes import WEIGHT_SUFFIXES
+
+    assert (
+        set(WEIGHT_SUFFIXES)
+        == {*SAFETENSORS_SUFFIXES, *PICKLE_SUFFIXES}
+        == {
+            ".safetensors",
+            ".ckpt",
+            ".pt",
+            ".pth",
+            ".bin",
+        }
+    )
