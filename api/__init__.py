@@ -1,8 +1,10 @@
 """The REST API: A1111's `/sdapi/v1` (so existing clients work) and the native `/api/v1` jobs API, both thin
 clients of the same `ldm_core.service.Service` and its job queue as the web UI.
 
-`install(app, service, ...)` adds both route families to a FastAPI app (the web UI's, or a bare one from
-`api.server`). Auth, the body size limit and the error mapping apply to these routes only.
+`install(app, service, ...)` adds both route families to a FastAPI app (the one `webui.py` builds, also for
+`--nowebui` and `python -m api.server`). The exposure policy (Host check, refusal while exposed without a
+login), auth, the body size limit and the error mapping apply to these routes and to `/docs` and
+`/openapi.json`. Logins are parsed by `ldm_core.exposure.parse_auth` (re-exported here).
 """
 
 from __future__ import annotations
@@ -13,29 +15,13 @@ import fastapi
 from fastapi import Depends
 from fastapi.security import HTTPBasic
 
+from ldm_core.exposure import ExposurePolicy, credentials, parse_auth
 from ldm_core.options import OptionsStore, bind_engine
 
 from . import jobs_api, sdapi
-from .common import ApiContext, ApiLimits
+from .common import ApiContext, ApiLimits, access_refusal
 
 __all__ = ["install", "parse_auth", "split_origins"]
-
-
-def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
-    """`user:pass[,user2:pass2]` (the --api-auth flag) -> [(user, pass), ...]; None for empty text.
-    Raises ValueError for an entry without ':'."""
-    if not text or not text.strip():
-        return None
-    pairs = []
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        user, sep, password = item.partition(":")
-        if not sep or not user:
-            raise ValueError(f"--api-auth entry {item!r} must be user:password")
-        pairs.append((user, password))
-    return pairs or None
 
 
 def split_origins(text: str | None) -> list[str]:
@@ -53,6 +39,7 @@ def install(
     limits: ApiLimits | None = None,
     options: OptionsStore | None = None,
     allowed_origins: tuple[str, ...] | list[str] = (),
+    exposure: ExposurePolicy | None = None,
 ) -> None:
     """Add `/sdapi/v1/*` and `/api/v1/*` to `app`, served by `service` (an `ldm_core.service.Service`).
 
@@ -62,15 +49,19 @@ def install(
     options store, shared with the web UI's Settings tab (webui.py passes it and applies it to the engine);
     without it the API opens `<data dir>/config.json` itself and applies its live options to the engine
     (a launch flag's folder, e.g. --outputs-dir, still wins). `allowed_origins`: other sites whose pages may
-    send state-changing requests (--cors-allow-origins); pages of any other origin get 403.
+    send state-changing requests (--cors-allow-origins); pages of any other origin get 403. `exposure`: the
+    launch's policy (`ldm_core.exposure`): a refused Host gets 403, an exposed server without a login refuses
+    every API request (403 naming the flags), and its `api_credentials` (--api-auth, plus --gradio-auth while
+    exposed) are required besides `auth`. None: no Host check, `auth` alone (tests, embedding apps).
     """
     ctx = ApiContext(
         service=service,
         flags=dict(flags or {}),
-        auth=list(auth) if auth else None,
+        auth=list(credentials(auth, exposure.api_credentials if exposure else ())) or None,
         max_body_bytes=int(max_body_bytes),
         limits=limits or ApiLimits(),
         allowed_origins=tuple(allowed_origins),
+        exposure=exposure,
     )
     if options is None:
         options = OptionsStore(Path(service.engine.config.data_dir) / "config.json")
@@ -89,6 +80,24 @@ def install(
     app.include_router(sdapi.build_router(ctx), dependencies=deps)
     app.include_router(jobs_api.build_router(ctx), dependencies=deps)
     app.state.api_context = ctx
+    _guard_docs(app, ctx)
+
+
+DOC_PATHS = ("/docs", "/openapi.json", "/redoc")
+
+
+def _guard_docs(app: fastapi.FastAPI, ctx: ApiContext) -> None:
+    """The API's checks (Host, exposure, login) on the schema and docs pages, which FastAPI serves itself."""
+    if ctx.exposure is None and not ctx.auth:
+        return
+
+    @app.middleware("http")
+    async def docs_guard(request: fastapi.Request, call_next):
+        if request.url.path.rstrip("/") in DOC_PATHS or request.url.path.startswith("/docs/"):
+            refused = access_refusal(ctx, request)
+            if refused is not None:
+                return refused
+        return await call_next(request)
 
 
 def _upscaler_registry(engine):

@@ -4,6 +4,11 @@ limit and the error mapping, blocking work in threads, and job submission with e
 Bodies: a POST body that parses as JSON is read as JSON whatever its Content-Type (missing, text/plain,
 application/x-www-form-urlencoded), as A1111 clients posting `data=json.dumps(payload)` expect.
 
+Exposure (`ldm_core.exposure`, the launch's policy in `ApiContext.exposure`): before anything else a request
+whose `Host` the policy refuses gets 403 `ForeignHost` (DNS rebinding; --allowed-hosts), and a server reachable
+from the network without any login refuses every API request with 403 `LoginRequired` naming --api-auth,
+--gradio-auth and --insecure-expose; then the login is checked (401).
+
 Origins: a state-changing request (POST, PUT, PATCH, DELETE) that carries a browser's `Origin` header for
 another site than the one it is sent to is refused with 403, so a web page the user visits cannot drive
 this server (cross-site request forgery: a page may post `text/plain` JSON without a preflight, and the
@@ -75,6 +80,7 @@ class ApiContext:
     styles: Any = None  # a StyleStore
     limits: ApiLimits = field(default_factory=ApiLimits)
     allowed_origins: tuple[str, ...] = ()  # other origins whose pages may post here (--cors-allow-origins)
+    exposure: Any = None  # the launch's ldm_core.exposure.ExposurePolicy (None: no Host check, no refusal)
 
     @property
     def engine(self):
@@ -140,6 +146,27 @@ def _too_large(limit: int) -> JSONResponse:
     )
 
 
+def access_refusal(ctx: ApiContext, request: Request) -> JSONResponse | None:
+    """The answer refusing `request` before its route runs, or None: 403 `ForeignHost` for a Host the
+    exposure policy refuses (DNS rebinding), 403 `LoginRequired` while the server is exposed without any
+    login, 401 for a missing or wrong password."""
+    policy = ctx.exposure
+    if policy is not None:
+        host = request.headers.get("host")
+        if not policy.host_allowed(host):
+            return JSONResponse(status_code=403, content={"error": "ForeignHost", "detail": policy.host_refusal(host)})
+        why = policy.api_refusal()
+        if why:
+            return JSONResponse(status_code=403, content={"error": "LoginRequired", "detail": why})
+    if ctx.auth and not _authorized(request.headers.get("authorization"), ctx.auth):
+        return JSONResponse(
+            status_code=401,
+            content={"detail": "Incorrect username or password"},
+            headers={"WWW-Authenticate": "Basic"},
+        )
+    return None
+
+
 def make_route_class(ctx: ApiContext) -> type[APIRoute]:
     """An APIRoute that checks auth and the body size before reading the body, and maps errors."""
 
@@ -148,12 +175,9 @@ def make_route_class(ctx: ApiContext) -> type[APIRoute]:
             inner = super().get_route_handler()
 
             async def handler(request: Request) -> Response:
-                if ctx.auth and not _authorized(request.headers.get("authorization"), ctx.auth):
-                    return JSONResponse(
-                        status_code=401,
-                        content={"detail": "Incorrect username or password"},
-                        headers={"WWW-Authenticate": "Basic"},
-                    )
+                refused = access_refusal(ctx, request)
+                if refused is not None:
+                    return refused
                 if request.method in STATE_CHANGING and not origin_allowed(request, ctx.allowed_origins):
                     return JSONResponse(
                         status_code=403,

@@ -2,9 +2,10 @@
 and the HTTP routes extensions register (e.g. the ControlNet extension's `/controlnet/model_list`).
 
 `install_extension_routes(app, service, manager)` adds them to an app on which `api.install` already ran
-(it reuses that install's auth and error mapping); these routes take precedence over the placeholder
-`/sdapi/v1/extensions` of `api.sdapi`. Install/update/remove obey the manager's policy: 403 when the
-server is reachable from the network without --enable-insecure-extension-access.
+(it reuses that install's exposure policy, auth and error mapping, extension-defined routes included);
+these routes take precedence over the placeholder `/sdapi/v1/extensions` of `api.sdapi`.
+Install/update/remove/enable/disable obey the manager's policy: 403 when the server is reachable from the
+network without --enable-insecure-extension-access.
 """
 
 from __future__ import annotations
@@ -101,9 +102,11 @@ def install_extension_routes(app: fastapi.FastAPI, service: Any, manager: Extens
 
     def _toggle(name: str, on: bool):
         try:
-            rec = manager.set_enabled(name, on)
+            rec = manager.set_enabled(name, on)  # gated like install: 403 while exposed
         except KeyError as exc:
             return JSONResponse(status_code=404, content={"detail": str(exc.args[0])})
+        except ExtensionAccessError as exc:
+            return _refused(exc)
         return {"name": rec.name, "enabled": rec.enabled, "status": rec.status, "message": rec.message}
 
     @native.get("/updates")

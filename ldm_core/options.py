@@ -509,8 +509,10 @@ class OptionsStore(Mapping[str, Any]):
     values: every known option (its default when unset or invalid in the file) plus the unknown keys the file
     holds. Writes go through `update`. Safe to share between threads (the UI's and the API's)."""
 
-    def __init__(self, path: str | os.PathLike | None):
+    def __init__(self, path: str | os.PathLike | None, *, locked: Mapping[str, str] | None = None):
         self.path = Path(path) if path is not None else None
+        # options that may not change (key -> why, e.g. folders while the server is exposed: ldm_core.exposure)
+        self.locked: dict[str, str] = dict(locked or {})
         self._lock = threading.RLock()
         self._raw: dict[str, Any] = {}
         self._listeners: list[Listener] = []
@@ -583,6 +585,8 @@ class OptionsStore(Mapping[str, Any]):
             if option.readonly:
                 raise OptionError(key, "is reported by the server and cannot be set")
             clean[key] = coerce(option, value)
+            if key in self.locked and clean[key] != self.get(key):  # unchanged values pass (forms send all)
+                raise OptionError(key, self.locked[key])
         return clean
 
     def update(self, changes: Mapping[str, Any], *, allow_unknown: bool = False) -> list[str]:

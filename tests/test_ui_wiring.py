@@ -551,7 +551,7 @@ def test_app_serves_the_api_and_the_ui_as_the_flags_say(ctx):
 
     def build(*flags):
         args = webui.build_parser().parse_args([*flags, "--data-dir", str(ctx.data_dir)])
-        app = webui.create_app(args, ctx.service, ctx.settings)
+        app = webui.create_app(webui.Launch.of(args, ctx.service, ctx.settings))
         api = args.api or args.nowebui
         paths = set(app.openapi()["paths"]) if api else set()
         return paths, any(type(r).__name__ == "Mount" for r in app.routes)  # the Gradio app, at "/"

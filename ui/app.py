@@ -56,6 +56,9 @@ CSS = """
 .ldm-send-row button { min-width: 0 !important; }
 .ldm-run-row { flex-wrap: nowrap !important; }
 #ldm_topbar { align-items: end; }
+.ldm-exposure { border: 1px solid var(--error-border-color, #ef4444); border-radius: 6px; padding: 4px 8px;
+  font-size: 0.9em; }
+.ldm-exposure ul { margin: 0; padding-left: 1.2em; }
 """
 
 # Hover titles for icon buttons, and Ctrl+Enter in a prompt clicks the visible Generate button.
@@ -231,9 +234,20 @@ def wire_send_to(
         png[f"send_{name}"].click(from_png, [png["image"], png["text"]], outputs, queue=False)
 
 
+def exposure_banner(ctx: UiContext) -> gr.HTML | None:
+    """The launch's exposure messages (who can reach this server, what is refused or locked, which flag to
+    set; webui.py passes them as `flags["exposure_messages"]`) as a banner above the tabs; None when local."""
+    lines = [str(m) for m in ctx.flags.get("exposure_messages") or ()]
+    if not lines:
+        return None
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    return gr.HTML(f"<div class='ldm-exposure'><ul>{items}</ul></div>", elem_id="exposure_banner")
+
+
 def create_ui(ctx: UiContext) -> WebApp:
     """Build the Blocks for `ctx` (does not launch)."""
     with gr.Blocks(title=TITLE, fill_width=True, analytics_enabled=False, delete_cache=(3600, 6 * 3600)) as blocks:
+        exposure_banner(ctx)
         top = build_top_bar(ctx)
         with gr.Tabs(elem_id="tabs") as tabs:
             with gr.Tab("txt2img", id="txt2img", elem_id="tab_txt2img"):

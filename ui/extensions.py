@@ -111,13 +111,13 @@ def effective_policy(manager: Any, flags: dict[str, Any] | None = None) -> Exten
 
 
 def locked_note(policy: ExtensionPolicy) -> str:
-    """Why install/update/remove are disabled ("" when they are allowed)."""
+    """Why install/update/remove/enable/disable are disabled ("" when they are allowed)."""
     if policy.changes_allowed:
         return ""
     return (
-        f"Installing, updating and removing extensions is disabled because {policy.exposure()}: anyone who can "
-        "reach the server could run code on this machine. Restart with --enable-insecure-extension-access to "
-        "allow it. Enabling and disabling still work."
+        "Installing, updating, removing, enabling and disabling extensions is disabled because "
+        f"{policy.exposure()}: anyone who can reach the server could run code on this machine. Restart with "
+        "--enable-insecure-extension-access to allow it."
     )
 
 

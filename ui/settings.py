@@ -2,10 +2,12 @@
 `/sdapi/v1/options`) by section: saving, previews, UI defaults, sampler parameters, model folders, attention
 and memory. Saved to `config.json`; what a running engine can change applies at once (the next job), UI
 defaults at the next page load, the rest at the next start. The values shown are read again on every page
-load, so a change made through the API shows up after a reload."""
+load, so a change made through the API shows up after a reload. Settings the store locks (folders while the
+server is exposed, `ldm_core.exposure`) are shown read-only with the reason; the store refuses them anyway."""
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import gradio as gr
@@ -35,9 +37,19 @@ def _label(s: Setting) -> str:
     return f"{s.label} (stored for A1111 clients; not used here)" if when == "stored" else s.label
 
 
+def locked_settings(ctx: UiContext) -> dict[str, str]:
+    """Settings the options store refuses to change (key -> why), e.g. folders while the server is exposed
+    (`ldm_core.exposure`); the store enforces it for the API too, the tab shows them read-only."""
+    return dict(getattr(ctx.settings, "locked", None) or {})
+
+
 def _component(ctx: UiContext, s: Setting, choices: list[str] | None) -> Any:
     eid = f"setting_{s.key}"
     label = _label(s)
+    why = locked_settings(ctx).get(s.key)
+    extra: dict[str, Any] = {}
+    if why:
+        label, extra = f"{label} (locked)", {"interactive": False, "info": f"{s.key} {why}"}
 
     def current(key: str = s.key) -> Any:  # called on every page load: shows what the API may have changed
         value = ctx.settings.get(key)
@@ -46,14 +58,16 @@ def _component(ctx: UiContext, s: Setting, choices: list[str] | None) -> Any:
         return "" if value is None else value
 
     if isinstance(s.default, bool):
-        return gr.Checkbox(current, label=label, elem_id=eid)
+        return gr.Checkbox(current, label=label, elem_id=eid, **extra)
     if choices:
-        return gr.Dropdown(choices, value=current, label=label, elem_id=eid, allow_custom_value=True)
+        return gr.Dropdown(choices, value=current, label=label, elem_id=eid, allow_custom_value=True, **extra)
     if isinstance(s.default, int | float) and s.minimum is not None and s.maximum is not None:
-        return gr.Slider(s.minimum, s.maximum, value=current, step=s.step or 1, label=label, elem_id=eid)
+        return gr.Slider(s.minimum, s.maximum, value=current, step=s.step or 1, label=label, elem_id=eid, **extra)
     if isinstance(s.default, int | float):
-        return gr.Number(current, label=label, elem_id=eid, precision=0 if isinstance(s.default, int) else None)
-    return gr.Textbox(current, label=label, elem_id=eid)
+        return gr.Number(
+            current, label=label, elem_id=eid, precision=0 if isinstance(s.default, int) else None, **extra
+        )
+    return gr.Textbox(current, label=label, elem_id=eid, **extra)
 
 
 def _choices(ctx: UiContext, s: Setting) -> list[str] | None:
@@ -90,6 +104,17 @@ def build(ctx: UiContext) -> dict[str, Any]:
         "<code>/sdapi/v1/options</code>)</div>",
         elem_id="settings_status",
     )
+    locked = locked_settings(ctx)
+    if locked:
+        reasons = sorted(set(locked.values()))
+        gr.HTML(
+            "<div class='ldm-saved' id='settings_locked_note'>Locked: "
+            + html.escape(", ".join(sorted(locked)))
+            + " — "
+            + html.escape("; ".join(reasons))
+            + "</div>",
+            elem_id="settings_locked",
+        )
     sections: dict[str, list[Setting]] = {}
     for s in SETTINGS:
         sections.setdefault(s.section, []).append(s)

@@ -504,7 +504,9 @@ class ExtensionManager(GitInstaller):
     # ---- enable / disable ---------------------------------------------------------------------------
     def set_enabled(self, name: str, enabled: bool) -> ExtensionRecord:
         """Persist the toggle. Disabling stops its conditioning types and post-processors at once (its
-        samplers/upscalers stay until restart); enabling an extension that is not loaded needs a restart."""
+        samplers/upscalers stay until restart); enabling an extension that is not loaded needs a restart.
+        Gated like install (ExtensionAccessError while the server is exposed, see ExtensionPolicy)."""
+        self.policy.check("enable" if enabled else "disable")
         rec = self.get(name)
 
         def change(data):

@@ -13,14 +13,20 @@ class ExtensionAccessError(PermissionError):
     """Install/update/remove refused by the security policy (server reachable from the network)."""
 
 
-_GERUND = {"install": "installing", "update": "updating", "remove": "removing"}
+_GERUND = {
+    "install": "installing",
+    "update": "updating",
+    "remove": "removing",
+    "enable": "enabling",
+    "disable": "disabling",
+}
 _LOCAL_NAMES = {"", "127.0.0.1", "localhost", "::1", "0:0:0:0:0:0:0:1"}
 
 
 @dataclass(frozen=True)
 class ExtensionPolicy:
     """Who may change installed extensions. A server reachable beyond this machine (`listen`, `share`,
-    or a `server_name` that is not a loopback name) refuses install/update/remove unless
+    or a `server_name` that is not a loopback name) refuses install/update/remove/enable/disable unless
     `allow_insecure` (A1111's rule and flag name: --enable-insecure-extension-access)."""
 
     listen: bool = False
@@ -56,7 +62,8 @@ class ExtensionPolicy:
         return self.allow_insecure or self.exposure() is None
 
     def check(self, action: str) -> None:
-        """Raise ExtensionAccessError when `action` ("install", "update", "remove") is not allowed."""
+        """Raise ExtensionAccessError when `action` ("install", "update", "remove", "enable", "disable") is
+        not allowed."""
         why = self.exposure()
         if why and not self.allow_insecure:
             raise ExtensionAccessError(
