@@ -31,6 +31,7 @@ import binascii
 import email.message
 import json
 import logging
+import math
 import secrets
 import threading
 import urllib.parse
@@ -113,7 +114,10 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
             "type": err.get("type", ""),
         }
         got = err.get("input")
-        if got is not None and not isinstance(got, dict | list) and len(repr(got)) <= 80:
+        # only what JSON can carry (issue 16: a NaN or a non-UTF-8 body echoed here made the 422 itself a 500)
+        if isinstance(got, float) and not math.isfinite(got):
+            got = str(got)
+        if isinstance(got, str | int | float | bool) and len(repr(got)) <= 80:
             item["input"] = got
         if err.get("ctx"):
             item["ctx"] = {k: str(v) for k, v in err["ctx"].items()}

@@ -113,6 +113,31 @@ def _is_int_field(annotation: Any) -> bool:
     return bool(args) and int in args and all(a in (int, type(None)) for a in args)
 
 
+# -- bad input (issue 16): JSON's "\ud800" escapes decode to lone surrogates that no encoder (tokenizer,
+# PNG text chunk, UTF-8) accepts; refuse them up front, naming the key, instead of failing inside the job --
+def _surrogate_path(value: Any, path: str) -> str | None:
+    """The path ("prompt", "styles[1]", "override_settings.x") of the first text holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        sub = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        found = _surrogate_path(item, sub)
+        if found:
+            return found
+    return None
+
+
+def _refuse_lone_surrogates(data: Any) -> None:
+    found = _surrogate_path(data, "")
+    if found:
+        raise ValueError(f"{found}: text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode")
+
+
 class _Tolerant(BaseModel):
     """A1111-style body: unknown keys ignored, `null` means "use the default", a number is accepted as text
     and a float with a fraction as an integer (truncated), as A1111's pydantic-1 models do."""
@@ -122,6 +147,7 @@ class _Tolerant(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _nulls_mean_default(cls, data: Any) -> Any:
+        _refuse_lone_surrogates(data)
         if isinstance(data, dict):
             fields = cls.model_fields
             out = {}
@@ -144,6 +170,12 @@ class _Tolerant(BaseModel):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        _refuse_lone_surrogates(data)
+        return data
 
 
 #: How upscaler names this server lacks are treated (upscaler_1/upscaler_2; hr_upscaler says the same).

@@ -22,6 +22,7 @@ from ldm_core.generation_requests import RequestError
 from ldm_core.grids import GridOptions
 from ldm_core.infotext import parse_infotext
 from ldm_core.jobs import Job
+from ldm_core.models.loading import ModelFileError
 from ldm_core.options import AUTOMATIC_VAES, OPTIONS_BY_KEY, OptionError, output_dirs
 from ldm_core.outputs import read_image_info
 from ldm_core.scripts import script_infos, script_names
@@ -88,6 +89,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
 
     def _respond(job: Job, body, img2img: bool, warnings: list[str] | None = None) -> dict[str, Any]:
         job.wait()
+        _raise_bad_file(job, body)
         raise_job_error(job)
         params = a1111_parameters(body, img2img)  # A1111's echo: its keys, defaults and types
         result: GenerationResult | None = job.result
@@ -118,6 +120,24 @@ def build_router(ctx: ApiContext) -> APIRouter:
             options = {**dict(ctx.options), **overrides}
         save = bool(options.get("grid_save", True)) and request.save_images and not body.do_not_save_grid
         return GridOptions(return_grid=bool(options.get("return_grid", True)), save=save)
+
+    # -- bad input (issue 16): a weights file the request chose is broken -> 422 naming the field --------
+    def _raise_bad_file(job: Job, body) -> None:
+        """RequestError naming the field that chose the file when the job failed on a broken checkpoint or
+        VAE file (corrupt, truncated, empty, git-LFS pointer: `ModelFileError`) that the request picked; a
+        broken default model is the server's problem and stays a 500."""
+        exc, request = job.error, job.request
+        if not isinstance(exc, ModelFileError) or request is None:
+            return
+        overrides = body.override_settings or {}
+        path, cfg = exc.path.resolve(), engine.config
+        if request.vae and any(path.is_relative_to(Path(d).resolve()) for d in cfg.vae_dirs):
+            field = "override_settings.sd_vae" if overrides.get("sd_vae") else "sd_vae"
+        elif request.model and any(path.is_relative_to(Path(d).resolve()) for d in cfg.ckpt_dirs):
+            field = "override_settings.sd_model_checkpoint" if overrides.get("sd_model_checkpoint") else "model"
+        else:
+            return
+        raise RequestError(field, f"{exc.path.name} cannot be loaded: {exc.reason}")
 
     async def _generate(body, img2img: bool) -> dict[str, Any]:
         from_override = bool((body.override_settings or {}).get("sd_model_checkpoint"))

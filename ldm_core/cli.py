@@ -22,6 +22,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .config import EngineConfig
 from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from .models.loading import ModelFileError
 from .scaleout import add_ray_flags, ray_service_args
 
 
@@ -273,4 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ModelFileError as exc:  # a broken weights file (corrupt, truncated, git-LFS pointer): name it, no traceback
+        print(f"error: model file {exc}", file=sys.stderr)
         return 2

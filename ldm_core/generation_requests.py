@@ -8,6 +8,7 @@ request.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 MAX_SIDE = 2048  # the UI sliders' range (the UI's max_side limit)
 MAX_PIXELS = 2048 * 2048  # the default pixel limit (--max-pixels)
 DEFAULT_MAX_BATCH_SIZE = 16  # the default batch size limit (--max-batch-size)
+DEFAULT_MAX_STEPS = 1000  # the default steps limit (--max-steps; 10**9 steps would allocate GBs of sigmas)
+MAX_CFG_SCALE = 100.0  # |cfg_scale| above this only overflows the latents to inf/NaN (1e30 makes a NaN image)
 MIN_SIDE = 64
 LATENT_FACTOR = 8  # every supported VAE downsamples by 8: sizes are rounded down to a multiple of it
 MAX_SEED = 2**64 - 1  # any seed torch's generator takes, used as given (A1111); -1 or any negative = random
@@ -58,6 +61,14 @@ def _describe(model: type[BaseModel], name: str) -> str:
     return "; ".join(parts)
 
 
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _first_error(model: type[BaseModel], exc: ValidationError) -> RequestError:
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if not isinstance(p, int)]
@@ -82,6 +93,20 @@ def _first_error(model: type[BaseModel], exc: ValidationError) -> RequestError:
 class _Request(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid", validate_assignment=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nan_or_broken_text(cls, data: Any) -> Any:
+        # bad input (issue 16): NaN passes every `<`/`>` range check, and a lone surrogate (JSON "\ud800")
+        # breaks the tokenizer and the PNG text chunk deep inside the job; refuse both here, naming the field
+        if isinstance(data, dict):
+            for key, value in data.items():
+                for item in value if isinstance(value, list) else [value]:
+                    if isinstance(item, float) and math.isnan(item):
+                        raise ValueError(f"{key} must be a number, not NaN")
+                    if isinstance(item, str) and not _valid_unicode(item):
+                        raise ValueError(f"{key} holds a lone UTF-16 surrogate (e.g. \\ud800): not valid Unicode")
+        return data
+
     @classmethod
     def build(cls, **values: Any):
         """Validate `values` and return the request, or raise RequestError naming the first bad field."""
@@ -103,7 +128,7 @@ class GenerationRequest(_Request):
     sampler_name: str = "Euler a"
     scheduler: str = "Automatic"  # schedule type (A1111 >= 1.9)
     steps: int = Field(20, ge=1)
-    cfg_scale: float = 7.0
+    cfg_scale: float = Field(7.0, ge=-MAX_CFG_SCALE, le=MAX_CFG_SCALE)
     # None: the model's native size; other sizes are rounded down to a multiple of LATENT_FACTOR (as A1111)
     width: int | None = Field(None, ge=MIN_SIDE)
     height: int | None = Field(None, ge=MIN_SIDE)
@@ -280,13 +305,19 @@ class RequestLimits:
     """Protective limits of one server or UI (A1111 has none; a shared machine needs some), checked by
     `check_limits` before a job is queued. `max_pixels` caps width x height of every image a job makes
     (the hires target and the seed-resize noise included); `max_batch_size` caps images per denoising batch;
-    `max_side` (None: no cap) caps each side, as the UI's sliders do. `flags` name the setting in messages."""
+    `max_steps` caps steps and hr_second_pass_steps; `max_side` (None: no cap) caps each side, as the UI's
+    sliders do. `flags` name the setting in messages."""
 
     max_pixels: int = MAX_PIXELS
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_steps: int = DEFAULT_MAX_STEPS
     max_side: int | None = None
     where: str = "this server"
-    flags: tuple[tuple[str, str], ...] = (("max_pixels", "--max-pixels"), ("max_batch_size", "--max-batch-size"))
+    flags: tuple[tuple[str, str], ...] = (
+        ("max_pixels", "--max-pixels"),
+        ("max_batch_size", "--max-batch-size"),
+        ("max_steps", "--max-steps"),
+    )
 
 
 def _hires_size(request: GenerationRequest, width: int, height: int) -> tuple[int, int]:
@@ -311,6 +342,9 @@ def check_limits(request: GenerationRequest, limits: RequestLimits) -> None:
 
     if request.batch_size > limits.max_batch_size:
         raise over("batch_size", str(request.batch_size), "max_batch_size", limits.max_batch_size)
+    for field in ("steps", "hr_second_pass_steps"):
+        if getattr(request, field) > limits.max_steps:
+            raise over(field, str(getattr(request, field)), "max_steps", limits.max_steps)
     sizes = []
     if request.width and request.height:
         sizes.append(("width", request.width, request.height))

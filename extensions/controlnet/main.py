@@ -24,6 +24,7 @@ from ldm_core.extension_api import (
     ConditioningType,
     ExtensionContext,
     Job,
+    ModelFileError,
     RequestError,
     Step,
     UISection,
@@ -173,7 +174,7 @@ class ControlNet:
 
         try:
             return self.ctx.cache.get(key, build)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, ModelFileError) as exc:  # ModelFileError: corrupt/truncated/LFS-pointer file
             raise RequestError("alwayson_scripts.controlnet", f"cannot load ControlNet {entry.name!r}: {exc}") from None
 
     # ---- per job ------------------------------------------------------------------------------------
