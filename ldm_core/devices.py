@@ -14,6 +14,7 @@ where they execute, so the engine passes `device` to whatever creates tensors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,9 +90,7 @@ def vae_dtype_for(policy: DevicePolicy, vae_config: Any) -> torch.dtype:
     """The dtype one VAE runs (and decodes) in: the policy's `vae_dtype`, except that with precision "auto"
     a VAE whose config has `force_upcast: false` (made to run in fp16) follows the UNet's fp16."""
     if policy.vae_precision_auto and policy.dtype == torch.float16:
-        force_upcast = vae_config.get("force_upcast", True) if isinstance(vae_config, dict) else None
-        if force_upcast is None:
-            force_upcast = getattr(vae_config, "force_upcast", True)
-        if force_upcast is False:
+        get = vae_config.get if isinstance(vae_config, Mapping) else lambda k, d: getattr(vae_config, k, d)
+        if get("force_upcast", True) is False:
             return torch.float16
     return policy.vae_dtype

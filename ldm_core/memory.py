@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -196,13 +196,3 @@ def run_with_fallbacks(run: Callable[[], T], plan: JobMemoryPlan, *, device: tor
         free_memory(device)
         step = plan.apply_next()
         log.warning("out of memory (%s): retrying with %s", reason, step)
-
-
-def modules_of(*groups: Iterable[Any]) -> list[Any]:
-    """The distinct non-None modules of `groups`, in order."""
-    out: dict[int, Any] = {}
-    for group in groups:
-        for m in group:
-            if m is not None:
-                out.setdefault(id(m), m)
-    return list(out.values())
