@@ -974,7 +974,7 @@ class Engine:
         dtype = next(vae.parameters()).dtype
         x = vae.decode(z.to(execution_device(vae, self.policy.device), dtype)).sample
         if dtype != torch.float32 and not torch.isfinite(x).all():
-            log.warning("the VAE decoded NaNs in %s: run it in fp32 (vae_precision fp32)", dtype)
+            log.warning("the VAE decoded NaNs in %s: it is not safe in reduced precision (see its force_upcast)", dtype)
         return imgs.tensor_to_pil(x)
 
     # ---- infotext ------------------------------------------------------------------------------------
