@@ -3,8 +3,9 @@ clients of the same `ldm_core.service.Service` and its job queue as the web UI.
 
 `install(app, service, ...)` adds both route families to a FastAPI app (the one `webui.py` builds, also for
 `--nowebui` and `python -m api.server`). The exposure policy (Host check, refusal while exposed without a
-login), auth, the body size limit and the error mapping apply to these routes and to `/docs` and
-`/openapi.json`. Logins are parsed by `ldm_core.exposure.parse_auth` (re-exported here).
+login), auth, the body size limit and the error mapping apply to these routes; `/docs` and `/openapi.json` get
+the Host check and, while exposed, the refusal and the login. Logins are parsed by
+`ldm_core.exposure.parse_auth` (re-exported here).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ldm_core.exposure import ExposurePolicy, credentials, parse_auth
 from ldm_core.options import OptionsStore, bind_engine
 
 from . import jobs_api, sdapi
-from .common import ApiContext, ApiLimits, access_refusal
+from .common import ApiContext, ApiLimits, access_refusal, host_refusal
 
 __all__ = ["install", "parse_auth", "split_origins"]
 
@@ -87,14 +88,16 @@ DOC_PATHS = ("/docs", "/openapi.json", "/redoc")
 
 
 def _guard_docs(app: fastapi.FastAPI, ctx: ApiContext) -> None:
-    """The API's checks (Host, exposure, login) on the schema and docs pages, which FastAPI serves itself."""
-    if ctx.exposure is None and not ctx.auth:
+    """The schema and docs pages, which FastAPI serves itself, get the Host check and, while the server is
+    exposed, the API's refusal and login; on loopback they stay open, as in A1111."""
+    policy = ctx.exposure
+    if policy is None:
         return
 
     @app.middleware("http")
     async def docs_guard(request: fastapi.Request, call_next):
         if request.url.path.rstrip("/") in DOC_PATHS or request.url.path.startswith("/docs/"):
-            refused = access_refusal(ctx, request)
+            refused = access_refusal(ctx, request) if policy.exposed else host_refusal(policy, request)
             if refused is not None:
                 return refused
         return await call_next(request)

@@ -150,15 +150,23 @@ def _too_large(limit: int) -> JSONResponse:
     )
 
 
+def host_refusal(policy: Any, request: Request) -> JSONResponse | None:
+    """403 `ForeignHost` when the exposure policy refuses the request's Host header (DNS rebinding), else None."""
+    host = request.headers.get("host")
+    if policy.host_allowed(host):
+        return None
+    return JSONResponse(status_code=403, content={"error": "ForeignHost", "detail": policy.host_refusal(host)})
+
+
 def access_refusal(ctx: ApiContext, request: Request) -> JSONResponse | None:
     """The answer refusing `request` before its route runs, or None: 403 `ForeignHost` for a Host the
     exposure policy refuses (DNS rebinding), 403 `LoginRequired` while the server is exposed without any
     login, 401 for a missing or wrong password."""
     policy = ctx.exposure
     if policy is not None:
-        host = request.headers.get("host")
-        if not policy.host_allowed(host):
-            return JSONResponse(status_code=403, content={"error": "ForeignHost", "detail": policy.host_refusal(host)})
+        refused = host_refusal(policy, request)
+        if refused is not None:
+            return refused
         why = policy.api_refusal()
         if why:
             return JSONResponse(status_code=403, content={"error": "LoginRequired", "detail": why})
