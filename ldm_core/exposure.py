@@ -19,10 +19,10 @@ Host guard and the Settings tab ask it. The rules (README, "Exposure"):
   rewrites Host). Anything else gets 403 naming `--allowed-hosts`.
 
 Logins (`parse_auth`, `parse_auth_file`): `USER:PASSWORD`, split on the FIRST colon, so a password may hold
-colons, spaces and any other character; spaces around an entry are dropped. The flag form (`--gradio-auth`,
-`--api-auth`) separates entries with commas (and newlines), so a password there cannot hold a comma; a file
-(`--gradio-auth-path`, `--api-auth-path`) holds one entry per line and the whole rest of the line is the
-password, commas included.
+colons, spaces and any other character; spaces around the user and the password are dropped. The flag form
+(`--gradio-auth`, `--api-auth`) separates entries with commas (and newlines), so a password there cannot hold a
+comma; a file (`--gradio-auth-path`, `--api-auth-path`) holds one entry per line and the whole rest of the line
+is the password, commas included.
 """
 
 from __future__ import annotations
