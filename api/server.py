@@ -9,15 +9,10 @@ port 7861, the data dir is the current folder. `--help` lists the flags. This mo
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 
 def _launcher():
-    """The `webui` launcher module (it lives beside the `api` package)."""
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
+    """The `webui` launcher module (it lives beside the `api` package, so it imports wherever `api` does)."""
     import webui
 
     return webui

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,9 @@ __all__ = [
     "LOOPBACK",
     "Credentials",
     "ExposurePolicy",
+    "credentials",
     "host_name_of",
+    "machine_names",
     "parse_auth",
     "parse_auth_file",
 ]
@@ -274,8 +276,3 @@ def machine_names(names: Iterable[str]) -> tuple[str, ...]:
 def credentials(*groups: Iterable[tuple[str, str]] | None) -> Credentials:
     """Merge login lists (duplicates dropped, order kept)."""
     return tuple(dict.fromkeys(p for g in groups if g for p in g))
-
-
-def locked_reasons(policy: ExposurePolicy | None, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The policy's locked settings plus `extra` (e.g. folders a launch flag set)."""
-    return {**(policy.locked_options() if policy else {}), **(extra or {})}
