@@ -3,9 +3,10 @@ settings and passed in explicitly. No module of ldm_core reads global settings."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 Precision = Literal["auto", "fp16", "bf16", "fp32"]
 Offload = Literal["none", "model", "sequential"]
@@ -48,6 +49,11 @@ class EngineConfig:
     samples_format: str = "png"  # file format of saved images: png, jpg/jpeg or webp (A1111's samples_format)
     jpeg_quality: int = 80  # quality of saved jpg/webp images, 1..100 (A1111's jpeg_quality)
     preview_every: int = 1  # steps between live previews; 0 disables previews
+    # how saved images are written (ldm_core.outputs.Writer; None: write + fsync); a test injects a failing one
+    # (outputs.disk_full_writer) to check that a full disk is a clear error with no partial file (issue 16)
+    output_writer: Callable[[BinaryIO, bytes], None] | None = None
+    # torch.compile of the UNet (and, on CUDA, the VAE decoder): "auto" = on CUDA, "on", "off" (ldm_core.compiled)
+    compile: Literal["auto", "on", "off"] = "auto"
     extra: dict = field(default_factory=dict)
 
     @classmethod

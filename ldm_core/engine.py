@@ -27,6 +27,7 @@ from PIL import Image
 
 from . import __version__
 from .attention import AttentionRegistry
+from .compiled import Compiler, compile_enabled
 from .config import EngineConfig
 from .devices import DevicePolicy, execution_device, resolve_policy, vae_dtype_for
 from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
@@ -173,6 +174,9 @@ class Engine:
         self.samplers = samplers or default_sampler_registry()
         self.attention = attention or AttentionRegistry()
         self.attention_choice = self.attention.choose(config.attention, self.policy.device)
+        self.compiler = Compiler(  # torch.compile of the UNet: --compile / --no-compile (ldm_core.compiled)
+            compile_enabled(config.compile, self.policy.device), config.data_dir / "cache" / "torch-compile"
+        )
         self.hash_cache = HashCache(config.data_dir / "cache" / "hashes.json")
         self.models = ModelRegistry(
             config.ckpt_dirs, config.vae_dirs, config.builtin_model_dir, hash_cache=self.hash_cache
@@ -554,6 +558,7 @@ class Engine:
                                 quality=self.config.jpeg_quality,
                                 model_name=model.entry.name,
                                 prompt=request.prompt,
+                                writer=self.config.output_writer,  # issue 16: the disk-full fault hook
                             )
                         )
                 if stopped is not None:
@@ -883,7 +888,7 @@ class Engine:
                 )
                 switch = ModelSwitch(
                     at,
-                    refiner.model.unet,
+                    self.compiler.unet(refiner.model.unet),
                     r_cond,
                     r_added,
                     _unet_concat(refiner.model, unet_concat if model.kind.inpaint else None, noise),
@@ -922,7 +927,7 @@ class Engine:
             if model.kind.family != job.model.kind.family:  # UNet-input residuals fit the job's model only
                 hooks = Hooks(cfg=list(job.hooks.cfg))
             self._reached("denoise")
-            res = denoise(model.unet, loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
+            res = denoise(self.compiler.unet(model.unet), loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
         if res.switched and refiner is not None:
             job.extra["Refiner"] = _short_title(refiner.model)
             if request.refiner_switch_at is not None:

@@ -218,7 +218,11 @@ def denoise(
             extra = provider(state)
             if extra:
                 _merge_unet_kwargs(kwargs, extra)
-        out = unet(x_in, t, encoder_hidden_states=ctx, added_cond_kwargs=added, **kwargs).sample.float()
+        # the UNet turns timesteps into float32 embeddings anyway: one fresh float32 tensor for every scheduler
+        # means one compiled graph for all of them (DDIM/LCM step on integer timesteps, UniPC's are made
+        # outside inference mode, the k-samplers' are floats)
+        t_in = t.to(torch.float32, copy=True) if torch.is_tensor(t) else t
+        out = unet(x_in, t_in, encoder_hidden_states=ctx, added_cond_kwargs=added, **kwargs).sample.float()
         parts = list(out.chunk(len(groups)))
         u = parts.pop(0) if use_uncond else None
         if skip_uncond:
