@@ -46,6 +46,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ldm_core.generation_requests import (
     GenerationRequest,
@@ -226,7 +227,7 @@ def make_route_class(ctx: ApiContext) -> type[APIRoute]:
                     return JSONResponse(
                         status_code=500, content={"error": type(exc.error).__name__, "detail": str(exc.error)}
                     )
-                except HTTPException:
+                except StarletteHTTPException:  # fastapi's and starlette's (a body that is not UTF-8: 400)
                     raise
                 except Exception as exc:  # never an HTML page or a dropped connection
                     log.exception("API error on %s", request.url.path)

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, HTTPException
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -24,7 +24,7 @@ from ldm_core.infotext import parse_infotext
 from ldm_core.jobs import Job
 from ldm_core.models.loading import ModelFileError
 from ldm_core.options import AUTOMATIC_VAES, OPTIONS_BY_KEY, OptionError, output_dirs
-from ldm_core.outputs import read_image_info
+from ldm_core.outputs import DiskFull, read_image_info
 from ldm_core.scripts import script_infos, script_names
 from ldm_core.upscalers import latent_modes
 
@@ -125,8 +125,10 @@ def build_router(ctx: ApiContext) -> APIRouter:
     def _raise_bad_file(job: Job, body) -> None:
         """RequestError naming the field that chose the file when the job failed on a broken checkpoint or
         VAE file (corrupt, truncated, empty, git-LFS pointer: `ModelFileError`) that the request picked; a
-        broken default model is the server's problem and stays a 500."""
+        broken default model is the server's problem and stays a 500. A full disk while saving: 507."""
         exc, request = job.error, job.request
+        if isinstance(exc, DiskFull):  # the server's disk, not the request: 507 Insufficient Storage, said plainly
+            raise HTTPException(status_code=507, detail=f"DiskFull: {exc.strerror}")
         if not isinstance(exc, ModelFileError) or request is None:
             return
         overrides = body.override_settings or {}

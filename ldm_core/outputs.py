@@ -8,13 +8,16 @@ it) and the manifest as JSON in the EXIF MakerNote.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image, PngImagePlugin
 from PIL.ExifTags import IFD, Base
@@ -36,6 +39,37 @@ _NOT_TEXT = {
 }  # fmt: skip
 _NUMBER_RE = re.compile(r"^(\d+)")
 _BAD_CHARS_RE = re.compile(r'[\x00-\x1f<>:"/\\|?*\x7f]+')
+
+
+# ---- writing, and the disk-full fault hook (issue 16) -------------------------------------------------------
+#: How a finished image's bytes go into its open temp file. `save_image` takes one (`writer=`), the engine
+#: passes `EngineConfig.output_writer`: the default `write_durably`; tests inject `disk_full_writer(...)`.
+Writer = Callable[[BinaryIO, bytes], None]
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(OSError):
+    """Saving failed because the disk (or the user's quota) is full. No partial file is left behind and no
+    existing file was touched; the message names the folder."""
+
+
+def write_durably(f: BinaryIO, data: bytes) -> None:
+    """The default writer: write, flush and fsync (the file is on disk before it gets its name)."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def disk_full_writer(after_bytes: int = 0) -> Writer:
+    """A fault-injection writer that behaves like a full disk: it writes the first `after_bytes` bytes, then
+    fails with ENOSPC, as `write()` does when the file system runs out of space mid-file."""
+
+    def write(f: BinaryIO, data: bytes) -> None:
+        f.write(data[:after_bytes])
+        f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    return write
 
 
 def output_folder(outputs_dir: Path, mode: str, when: datetime | None = None) -> Path:
@@ -159,6 +193,7 @@ def save_image(
     prompt: str = "",
     when: datetime | None = None,
     quality: int = 80,
+    writer: Writer | None = None,
 ) -> Path:
     """Write `image` into `folder` (created if missing) and return the new file's path.
 
@@ -169,6 +204,8 @@ def save_image(
     existing file is never overwritten: when the name is taken the next number is used (or, for a pattern
     without [number], a "-1", "-2", ... suffix). Safe when several threads or processes save into one folder.
     `extension` is png, jpg/jpeg or webp; `quality` (1..100) is the JPEG/WebP quality (A1111's jpeg_quality).
+    `writer` puts the bytes into the temp file (default `write_durably`). A full disk raises `DiskFull`
+    naming the folder, after removing the temp file: no partial file is ever left or named.
     """
     ext = extension.lower().lstrip(".")
     fmt = EXTENSIONS.get(ext)
@@ -178,16 +215,23 @@ def save_image(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     data = _encode(image, fmt, infotext, manifest, quality=max(1, min(100, int(quality))))
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f".{ext}", dir=folder)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f".{ext}", dir=folder)
+        tmp = Path(tmp_name)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            (writer or write_durably)(f, data)
         return _claim_name(folder, tmp, pattern, ext, seed, when, model_name, prompt)
+    except OSError as exc:
+        if exc.errno in _FULL and not isinstance(exc, DiskFull):
+            raise DiskFull(
+                exc.errno,
+                f"disk full while saving an image into {folder} ({exc.strerror or exc}): the image was not saved, "
+                "no partial file was left and earlier images are untouched; free some space",
+            ) from exc
+        raise
     finally:
-        if tmp.exists():
+        if tmp is not None and tmp.exists():
             tmp.unlink()
 
 
