@@ -206,6 +206,23 @@ def build_parser(*, api_only: bool = False) -> argparse.ArgumentParser:
         metavar="NAME",
         help="attention backend: auto, sdpa, xformers (only if it works), sliced (low memory)",
     )
+    dev.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch CPU threads (default: every CPU this process may use; idle threads sleep, see README: Speed)",
+    )
+    comp = dev.add_mutually_exclusive_group()
+    comp.add_argument(
+        "--compile",
+        dest="compile",
+        action="store_const",
+        const="on",
+        default=None,
+        help="torch.compile the UNet on any device (default: on CUDA only; on a CPU the first image waits ~1 min)",
+    )
+    comp.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never torch.compile")
     mem = dev.add_mutually_exclusive_group()
     mem.add_argument(
         "--medvram",
@@ -324,6 +341,8 @@ def engine_config(args: argparse.Namespace, settings_values: dict[str, Any]):
     for name in ("device", "precision", "attention"):
         if getattr(args, name) and getattr(args, name) != "auto":
             flags[name] = getattr(args, name)
+    if getattr(args, "compile", None):
+        flags["compile"] = args.compile
     if args.medvram:
         flags["offload"] = "model"
     if args.lowvram:
@@ -649,6 +668,15 @@ def main(argv: list[str] | None = None, *, api_only: bool = False) -> int:
         from ldm_core.extensions_cli import main as extensions_main
 
         return extensions_main(["--data-dir", str(args.data_dir), "install", args.install_extension])
+    from ldm_core.threads import prepare_process, thread_policy
+
+    try:
+        threads = thread_policy(args.threads)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    prepare_process(threads)  # before torch starts its OpenMP threads
+    threads.apply()
     try:
         launch = prepare(args)
     except (OSError, ValueError, RuntimeError) as exc:  # bad logins or auth file, Ray missing, bad pool flags

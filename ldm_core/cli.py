@@ -24,6 +24,7 @@ from .config import EngineConfig
 from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .models.loading import ModelFileError
 from .scaleout import add_ray_flags, ray_service_args
+from .threads import thread_policy
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -55,6 +56,8 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "fp16", "bf16", "fp32"])
     p.add_argument("--attention", default="auto")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt files (weights_only loading)")
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: all CPUs)")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the UNet")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +121,7 @@ def _config(args) -> EngineConfig:
     over = {}
     if getattr(args, "ckpt_dir", None):
         over["ckpt_dirs"] = (Path(args.ckpt_dir),)
-    for name in ("device", "precision", "attention", "allow_pickle"):
+    for name in ("device", "precision", "attention", "allow_pickle", "compile"):
         if hasattr(args, name):
             over[name] = getattr(args, name)
     if hasattr(args, "out"):
@@ -252,6 +255,12 @@ def _batch(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if hasattr(args, "threads"):
+        try:
+            thread_policy(args.threads).apply()
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.command == "samplers":
             from .schedulers import default_sampler_registry
