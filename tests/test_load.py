@@ -221,3 +221,84 @@ def test_disk_full_through_the_api(tmp_path, tiny_models):
             assert len(snapshot(outputs)) == 2 and all(snapshot(outputs)[k] == v for k, v in before.items())
     finally:
         service.shutdown()
+
+
+# ---- and three browser pages ----------------------------------------------------------------------------------
+@pytest.mark.slow  # starting webui.py and Chromium alone takes ~40 s here; the API part above runs by default
+@pytest.mark.browser
+def test_fifty_api_clients_and_three_browser_pages(tmp_path_factory):
+    import re
+
+    from browser_helpers import CHROMIUM_ARGS, WebUI, chromium_path, make_data_dir, mark_progress_stale, progress_state
+
+    if chromium_path() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from tiny_models import build_tiny_model
+
+    sd1 = build_tiny_model("sd1", tmp_path_factory.mktemp("load_model"))["single_file"]
+    data = make_data_dir(tmp_path_factory.mktemp("load_ui"), sd1)  # pages: 64x64, 2 steps
+    ui = WebUI.start(data, "--api", "--max-queued", str(CLIENTS + 10))
+    url = ui.url.rstrip("/")
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+            pages = []
+            for k in range(3):  # three separate clients (own browser contexts: own sessions)
+                page = browser.new_context(viewport={"width": 1200, "height": 900}).new_page()
+                page.set_default_timeout(120000)
+                page.goto(ui.url)
+                page.wait_for_selector("#txt2img_generate")
+                page.wait_for_function(
+                    "() => document.querySelector('#txt2img_width input[type=number]').value == '64'"
+                )
+                page.fill("#txt2img_prompt textarea", f"page {k}")
+                page.fill("#txt2img_seed input", str(500 + k))
+                pages.append(page)
+            blocker = requests.post(f"{url}/api/v1/jobs", json=job_body(-1, steps=1000, save_images=False), timeout=60)
+            blocker_id = blocker.json()["id"]
+            wait_state(url, blocker_id, ("running",))
+            for k, page in enumerate(pages):  # queued in page order, each sees its own place
+                mark_progress_stale(page, "txt2img")
+                page.click("#txt2img_generate")
+                page.wait_for_function(
+                    "() => document.querySelector('#txt2img_progress .ldm-progress').dataset.state === 'queued'"
+                )
+                assert page.get_attribute("#txt2img_progress .ldm-progress", "data-position") == str(k + 1)
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                created = list(
+                    pool.map(
+                        lambda i: requests.post(f"{url}/api/v1/jobs", json=job_body(i), timeout=60).json(),
+                        range(CLIENTS),
+                    )
+                )  # noqa: E501
+            assert sorted(c["position"] for c in created) == list(range(4, CLIENTS + 4))
+            requests.delete(f"{url}/api/v1/jobs/{blocker_id}", timeout=60)
+            with ThreadPoolExecutor(CLIENTS) as pool:
+                futures = [pool.submit(follow, url, c["id"]) for c in created]
+                shown: list[set[str]] = [set() for _ in pages]
+                while any(progress_state(pg, "txt2img") not in ("done", "error") for pg in pages):
+                    for k, pg in enumerate(pages):
+                        shown[k].update(re.findall(r"Step \d+/\d+", pg.inner_text("#txt2img_progress")))
+                    time.sleep(0.1)
+                followed = [f.result() for f in futures]
+            for k, page in enumerate(pages):
+                assert progress_state(page, "txt2img") == "done"
+                # its own job's steps (2) only: never the blocker's 1000 or an API job's 1
+                assert all(s.endswith("/2") for s in shown[k]), shown[k]
+                info = page.input_value("#txt2img_infotext textarea")
+                assert info.startswith(f"page {k}\n") and f"Seed: {500 + k}" in info, info
+            browser.close()
+        for c, (final, seen) in zip(created, followed, strict=True):
+            assert final["state"] == "done" and all(s["id"] == c["id"] for s in seen)
+            assert all(s["progress"]["steps"] in (0, 1) for s in seen)
+        # FIFO and none lost: the saved files' numbers follow the queue: pages 0-2, then the API jobs by position
+        files = sorted((data / "outputs" / "txt2img").rglob("*.png"))
+        prompts = []
+        for path in files:
+            with Image.open(path) as im:
+                prompts.append(read_image_info(im)[0].split("\n", 1)[0])
+        by_position = [f"job {i}" for _, i in sorted((c["position"], i) for i, c in enumerate(created))]
+        assert prompts == ["page 0", "page 1", "page 2", *by_position]
+    finally:
+        ui.stop()
