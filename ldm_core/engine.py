@@ -30,11 +30,12 @@ from .attention import AttentionRegistry
 from .compiled import Compiler, compile_enabled
 from .config import EngineConfig
 from .devices import DevicePolicy, execution_device, resolve_policy, vae_dtype_for
-from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from .generation_requests import MIN_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .infotext import build_infotext
 from .memory import FaultHook, JobMemoryPlan, free_memory, run_with_fallbacks
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .models.detect import SDXL_FAMILIES
+from .models.geometry import SD_VAE_FACTOR, checkpoint_vae_factor, round_down
 from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
@@ -212,6 +213,18 @@ class Engine:
         if m is not None:
             return m.entry
         return self.models.default_checkpoint()
+
+    def size_multiple(self, name: str | None = None) -> int:
+        """Pixels per latent of checkpoint `name` (None: the current or default one), without loading it: what
+        sizes for it are multiples of (scripts size their requests with it before the job runs)."""
+        model = self.current_model
+        try:
+            entry = self.models.find_checkpoint(name) if name else self.current_model_entry()
+        except KeyError:  # an unknown name: the job itself reports it
+            entry = None
+        if model is not None and (entry is None or entry.path == model.entry.path):
+            return model.vae_scale_factor
+        return checkpoint_vae_factor(entry.path) if entry is not None else SD_VAE_FACTOR
 
     def refresh_models(self) -> None:
         """Rescan checkpoints, VAEs, LoRAs, embeddings and upscalers."""
@@ -398,9 +411,7 @@ class Engine:
             _check_refiner(refiner_model, base)
             if refiner_model is base:  # A1111: refining with the model that is running is no switch
                 refiner_model = None
-        native = model.native_size
-        width = request.width or native
-        height = request.height or native
+        width, height = model.work_size(request.width, request.height)  # multiples of the model's VAE factor
         vae, vae_entry = self._vae_for(request, model)
         previewer = (
             placed.previewer
@@ -606,18 +617,16 @@ class Engine:
 
     def _resolve_hires(self, request: GenerationRequest, sampler: str, schedule_type: str) -> dict:
         """Check the hires-fix settings up front and work out its target size and infotext keys."""
-        w0 = request.width or 0
-        h0 = request.height or 0
-        if not w0 or not h0:
-            native = self.current_model.native_size
-            w0, h0 = w0 or native, h0 or native
+        model = self.current_model
+        w0, h0 = model.work_size(request.width, request.height)
         rx, ry = request.hr_resize_x, request.hr_resize_y
         if rx or ry:
             tw = rx or round(ry * w0 / h0)
             th = ry or round(rx * h0 / w0)
         else:
             tw, th = w0 * request.hr_scale, h0 * request.hr_scale
-        tw, th = max(64, int(tw) // 8 * 8), max(64, int(th) // 8 * 8)
+        f = model.vae_scale_factor
+        tw, th = round_down(tw, f, MIN_SIDE), round_down(th, f, MIN_SIDE)
         if tw * th > 2048 * 2048:
             raise RequestError("hr_scale", f"hires size {tw}x{th} is too large (at most 2048x2048 pixels)")
         # a model upscaler this server lacks ("R-ESRGAN 4x+") falls back with a warning; garbage is refused

@@ -417,13 +417,13 @@ def ui_fields(
 class Job:
     """What a conditioning type sees of one generation job, read-only.
 
-    `width`/`height` are the output size in pixels; `latent_scale` pixels per latent (8); `family` is
-    "sd1", "sd2" or "sdxl"; `unet_config` the base UNet's diffusers config (block_out_channels,
-    layers_per_block, cross_attention_dim, ...); `device`/`dtype` where and in which precision the UNet
-    runs (put models there); `init_image` the img2img source (RGB) or None; `model_dirs` the user's model
-    folders by A1111 folder name ("ControlNet", "Lora", "VAE", "Stable-diffusion"); `preprocessors` every
-    registered preprocessor by name (all extensions'); `request` the typed request (prompt, steps,
-    cfg_scale, alwayson_scripts, ...)."""
+    `width`/`height` are the output size in pixels; `latent_scale` pixels per latent (the VAE's factor: 8, or
+    4 for a three-level VAE; a ControlNet hint is latent size x this); `family` is "sd1", "sd2" or "sdxl";
+    `unet_config` the base UNet's diffusers config (block_out_channels, layers_per_block, cross_attention_dim,
+    ...); `device`/`dtype` where and in which precision the UNet runs (put models there); `init_image` the
+    img2img source (RGB) or None; `model_dirs` the user's model folders by A1111 folder name ("ControlNet",
+    "Lora", "VAE", "Stable-diffusion"); `preprocessors` every registered preprocessor by name (all
+    extensions'); `request` the typed request (prompt, steps, cfg_scale, alwayson_scripts, ...)."""
 
     request: Any
     mode: str

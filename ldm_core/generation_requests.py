@@ -21,7 +21,6 @@ DEFAULT_MAX_BATCH_SIZE = 16  # the default batch size limit (--max-batch-size)
 DEFAULT_MAX_STEPS = 1000  # the default steps limit (--max-steps; 10**9 steps would allocate GBs of sigmas)
 MAX_CFG_SCALE = 100.0  # |cfg_scale| above this only overflows the latents to inf/NaN (1e30 makes a NaN image)
 MIN_SIDE = 64
-LATENT_FACTOR = 8  # every supported VAE downsamples by 8: sizes are rounded down to a multiple of it
 MAX_SEED = 2**64 - 1  # any seed torch's generator takes, used as given (A1111); -1 or any negative = random
 
 ResizeMode = Literal["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
@@ -129,7 +128,8 @@ class GenerationRequest(_Request):
     scheduler: str = "Automatic"  # schedule type (A1111 >= 1.9)
     steps: int = Field(20, ge=1)
     cfg_scale: float = Field(7.0, ge=-MAX_CFG_SCALE, le=MAX_CFG_SCALE)
-    # None: the model's native size; other sizes are rounded down to a multiple of LATENT_FACTOR (as A1111)
+    # None: the model's native size; the engine rounds other sizes down to a multiple of the model's VAE factor
+    # (LoadedModel.work_size; A1111 works at size // 8 latents), so a request keeps the size as sent
     width: int | None = Field(None, ge=MIN_SIDE)
     height: int | None = Field(None, ge=MIN_SIDE)
     seed: int = Field(-1, le=MAX_SEED)  # -1 (any negative) = random
@@ -191,12 +191,6 @@ class GenerationRequest(_Request):
         if not v.strip():
             raise ValueError("must name a sampler")
         return v.strip()
-
-    @field_validator("width", "height")
-    @classmethod
-    def _round_down(cls, v: int | None) -> int | None:
-        # A1111 takes any size and works at size // 8 latents: round down instead of refusing
-        return None if v is None else v - v % LATENT_FACTOR
 
     @model_validator(mode="after")
     def _used_fields(self):

@@ -301,13 +301,13 @@ def test_a1111_values_are_accepted_with_a1111_meaning():
     r = InpaintRequest.build(prompt="x", init_images=[init], mask=mask, mask_blur=-1)
     assert r.mask.size == (64, 64) and r.mask.getpixel((5, 30)) == 255 and r.mask.getpixel((60, 30)) == 0
     assert r.mask_blur_xy == (0, 0)  # A1111 blurs only for values above 0
-    # sizes round down to the latent factor; -1 sentinels and ranges A1111 does not impose are accepted;
-    # hires fields are not looked at with hires off
+    # sizes are kept as sent (the engine rounds them down to the model's VAE factor: LoadedModel.work_size);
+    # -1 sentinels and ranges A1111 does not impose are accepted; hires fields are not looked at with hires off
     g = GenerationRequest.build(
         width=65, height=127, seed_resize_from_h=-1, seed_resize_from_w=-1, steps=500, cfg_scale=-2, eta=3,
         hr_scale=0, hr_resize_x=-1, denoising_strength=5, subseed_strength=2, seed=-5,
     )
-    assert (g.width, g.height, g.steps, g.cfg_scale, g.seed) == (64, 120, 500, -2, -5)  # any negative: random
+    assert (g.width, g.height, g.steps, g.cfg_scale, g.seed) == (65, 127, 500, -2, -5)  # any negative: random
     assert Img2ImgRequest.build(init_images=[init], denoising_strength=1.5).denoising_strength == 1.0
 
 

@@ -204,6 +204,14 @@ class ControlNet:
         control_models.check_fits(
             model.config, job.unet_config, job.family, entry.name, job.model_name, field + ".model"
         )
+        hint_factor = 2 ** (len(model.config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)) - 1)
+        if hint_factor != job.latent_scale:  # its hint encoder must shrink the image to the latent size
+            raise RequestError(
+                field + ".model",
+                f"ControlNet {entry.name!r} reads its control image at 1/{hint_factor} of the image size but the "
+                f"loaded model {job.model_name!r} works at 1/{job.latent_scale} (its VAE's factor): choose a "
+                "ControlNet made for this model",
+            )
         cmap = self.control_map(unit, image, job.width, job.height, field)
         hint = pil_to_tensor(cmap).to(device=job.device, dtype=job.dtype)
         n = len(model.controlnet_down_blocks) + 1

@@ -388,7 +388,7 @@ class ExtensionManager(GitInstaller):
 
     def build_job(self, engine: Any, request: Any, model: Any) -> Job:
         """The extension-facing view of one job on `engine` with loaded `model`."""
-        native = model.native_size
+        width, height = model.work_size(request.width, request.height)  # the size the engine runs at
         init = request.init_images[0] if isinstance(request, Img2ImgRequest) and request.init_images else None
         unet_cfg = dict(model.unet.config)
         return Job(
@@ -400,8 +400,8 @@ class ExtensionManager(GitInstaller):
             model_name=model.entry.name,
             model_hash=model.entry.short_hash if hasattr(model.entry, "short_hash") else "",
             unet_config=unet_cfg,
-            width=request.width or native,
-            height=request.height or native,
+            width=width,
+            height=height,
             latent_scale=model.vae_scale_factor,
             batch_size=request.batch_size,
             steps=request.steps,

@@ -30,6 +30,7 @@ import torch
 
 from .detect import CheckpointKind, UnsupportedCheckpointError, detect_checkpoint, detect_diffusers
 from .entry import ModelEntry
+from .geometry import round_down, vae_scale_factor
 from .hashes import file_sha256  # re-exported: A1111 "Model hash" = file_sha256(path)[:10]
 from .sidecar import SidecarError, read_sidecar
 from .single_file import (
@@ -271,7 +272,8 @@ class LoadedModel:
     """A checkpoint's components on the CPU, ready to move to a device.
 
     `native_size` is the training resolution in pixels (UNet sample_size x `vae_scale_factor`);
-    `vae_scale_factor` is pixels per latent (8 for every SD family); `scheduler_config` is a diffusers
+    `vae_scale_factor` is pixels per latent, from the VAE's config (8 for every SD family, 4 for a three-level
+    VAE); `work_size` rounds a requested size to it; `scheduler_config` is a diffusers
     scheduler config dict with the right `prediction_type`. `text_encoder_2`/`tokenizer_2` are SDXL's
     OpenCLIP ViT-bigG pair, None otherwise; the SDXL refiner has only that pair (`text_encoder` and
     `tokenizer` are None, as in its diffusers pipeline). `force_zeros_for_empty_prompt` is the pipeline config flag of
@@ -290,6 +292,15 @@ class LoadedModel:
     native_size: int
     vae_scale_factor: int
     force_zeros_for_empty_prompt: bool = False
+
+    def work_size(self, width: int | None, height: int | None) -> tuple[int, int]:
+        """The size in pixels a request of `width` x `height` runs at: None/0 = `native_size`, other sizes
+        rounded down to a multiple of `vae_scale_factor` (A1111 works at size // factor latents)."""
+        f = self.vae_scale_factor
+        return (
+            round_down(width, f) if width else self.native_size,
+            round_down(height, f) if height else self.native_size,
+        )
 
     @property
     def sha256(self) -> str:
@@ -446,7 +457,7 @@ def inspect_model(entry: ModelEntry | str | os.PathLike, *, allow_pickle: bool =
 
 
 def _vae_scale(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae_scale_factor(vae.config)
 
 
 def load_model(

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..generation_requests import MAX_SIDE, InpaintRequest, RequestError
+from ..generation_requests import MAX_SIDE, MIN_SIDE, InpaintRequest, RequestError
+from ..models.geometry import SD_VAE_FACTOR, round_nearest
 from .images import fill_masked
 
 
@@ -88,10 +89,10 @@ def outpaint_canvas(
     up: int = 0,
     down: int = 0,
     blend: int = 16,
-    multiple: int = 8,
+    multiple: int = SD_VAE_FACTOR,
 ) -> Outpaint:
     """Grow `image` by the given px on each side (a grown axis is enlarged further so its length is a multiple
-    of `multiple`, as the models need), fill the new area from the edge colours and build the mask."""
+    of `multiple`, the model's VAE factor), fill the new area from the edge colours and build the mask."""
     image = image.convert("RGB")
     w, h = image.size
     left, right = _grow(w, left, right, multiple)
@@ -129,8 +130,10 @@ def resize_and_fill_canvas(image: Image.Image, width: int, height: int, *, blend
     return Outpaint(canvas, outpaint_mask((width, height), box, blend), box)
 
 
-def _size8(n: int) -> int:
-    return min(MAX_SIDE, max(64, round(n / 8) * 8))
+def work_side(n: int, multiple: int = SD_VAE_FACTOR) -> int:
+    """The side a canvas of `n` px is worked at: the nearest multiple of `multiple` (the model's VAE factor)
+    within the request limits."""
+    return round_nearest(n, multiple, MIN_SIDE, MAX_SIDE)
 
 
 def outpaint_request(
@@ -141,19 +144,23 @@ def outpaint_request(
     up: int = 0,
     down: int = 0,
     blend: int = 16,
+    multiple: int = SD_VAE_FACTOR,
     **fields: Any,
 ) -> InpaintRequest:
     """An InpaintRequest that outpaints `image`: the grown canvas as init image, the outpaint mask, width and
-    height set to the canvas size (an axis that did not grow and is not a multiple of 8 is worked at the
-    nearest multiple of 8; the engine resizes and pastes back at the canvas size). `fields` are other request
-    fields (prompt, seed, denoising_strength, ...); defaults here: inpainting_fill "fill" and mask_blur 0
-    (the mask is already feathered)."""
+    height set to the canvas size (an axis that did not grow and is not a multiple of `multiple`, the model's
+    VAE factor, is worked at the nearest multiple of it; the engine resizes and pastes back at the canvas size).
+    `fields` are other request fields (prompt, seed, denoising_strength, ...); defaults here: inpainting_fill
+    "fill" and mask_blur 0 (the mask is already feathered)."""
     if left == right == up == down == 0:
         raise RequestError("outpaint", "choose at least one side to extend by some pixels")
-    op = outpaint_canvas(image, left=left, right=right, up=up, down=down, blend=blend)
+    op = outpaint_canvas(image, left=left, right=right, up=up, down=down, blend=blend, multiple=multiple)
     values: dict[str, Any] = {"inpainting_fill": "fill", "mask_blur": 0}
     values.update(fields)
     values.update(
-        init_images=[op.canvas], mask=op.mask, width=_size8(op.canvas.width), height=_size8(op.canvas.height)
+        init_images=[op.canvas],
+        mask=op.mask,
+        width=work_side(op.canvas.width, multiple),
+        height=work_side(op.canvas.height, multiple),
     )
     return InpaintRequest.build(**values)

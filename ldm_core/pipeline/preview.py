@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from ..devices import execution_device
+from ..models.geometry import vae_scale_factor
 from .images import tensor_to_pil
 
 FULL_DECODE_MAX_AREA = 32 * 32
@@ -63,4 +64,5 @@ class LatentPreviewer:
         rgb = torch.cat([flat, torch.ones(flat.shape[0], 1)], dim=1) @ self._coef
         rgb = rgb.T.reshape(1, 3, z.shape[-2], z.shape[-1])
         img = tensor_to_pil(rgb)[0]
-        return img.resize((img.width * 8, img.height * 8), Image.BILINEAR)
+        f = vae_scale_factor(self.vae.config)  # pixels per latent: the preview has the image's size
+        return img.resize((img.width * f, img.height * f), Image.BILINEAR)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..generation_requests import Img2ImgRequest, InpaintRequest, RequestError
+from ..generation_requests import MAX_SIDE, MIN_SIDE, Img2ImgRequest, InpaintRequest, RequestError
+from ..models.geometry import SD_VAE_FACTOR, round_nearest
 from ..rng import resolve_seed
 from ..tiling import Tile, TileBlender, TileGrid
 from ..upscalers import UpscalerRegistry
@@ -47,10 +48,6 @@ def _to_image(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr, "RGB")
 
 
-def _round8(n: int) -> int:
-    return max(64, round(n / 8) * 8)
-
-
 def sd_upscale(
     request: Img2ImgRequest,
     generate: GenerateFn,
@@ -60,10 +57,12 @@ def sd_upscale(
     scale: float = 2.0,
     overlap: int = 64,
     progress: ProgressFn | None = None,
+    multiple: int = SD_VAE_FACTOR,
 ) -> SDUpscaleResult:
     """Upscale `request.init_images[0]` by `scale` with `upscaler`, then img2img every tile (tile size =
     request.width x request.height, default 512) with the request's prompt, sampler, steps and
-    denoising_strength, and blend. `request.batch_size` tiles go into one generate call; `request.n_iter`
+    denoising_strength, and blend. Each tile is worked at the nearest multiple of `multiple` (the model's VAE
+    factor). `request.batch_size` tiles go into one generate call; `request.n_iter`
     output images are made with seeds seed, seed+1, ... `progress(done, total)` counts tiles."""
     if isinstance(request, InpaintRequest):
         raise RequestError("script_name", "SD upscale works on img2img requests, not inpaint ones")
@@ -93,7 +92,7 @@ def sd_upscale(
                     blender.add(t, base[:, :, t.y : t.y + t.h, t.x : t.x + t.w])
                 continue
             crops = [big.crop((t.x, t.y, t.x + t.w, t.y + t.h)) for t in batch]
-            out = generate(_tile_request(request, crops, image_seed))
+            out = generate(_tile_request(request, crops, image_seed, multiple))
             images = list(getattr(out, "images", []) or [])
             if not first_info and getattr(out, "infotexts", None):
                 first_info = out.infotexts[0]
@@ -112,13 +111,13 @@ def sd_upscale(
     return result
 
 
-def _tile_request(request: Img2ImgRequest, crops: list[Image.Image], seed: int) -> Img2ImgRequest:
+def _tile_request(request: Img2ImgRequest, crops: list[Image.Image], seed: int, multiple: int) -> Img2ImgRequest:
     w, h = crops[0].size
     return request.model_copy(
         update={
             "init_images": crops,
-            "width": _round8(w),
-            "height": _round8(h),
+            "width": round_nearest(w, multiple, MIN_SIDE, MAX_SIDE),
+            "height": round_nearest(h, multiple, MIN_SIDE, MAX_SIDE),
             "seed": seed,
             "batch_size": len(crops),
             "n_iter": 1,

@@ -20,9 +20,9 @@ import numpy as np
 from PIL import Image
 
 from ..engine import Engine, GenerationResult
-from ..generation_requests import MAX_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from ..generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from ..grids import GriddedResult, append_params, with_batch_grid
-from ..pipeline.outpaint import outpaint_canvas
+from ..pipeline.outpaint import outpaint_canvas, work_side
 from ..rng import resolve_seed
 from .base import ARGS_FIELD, Script, ScriptArg, ScriptRun, arg_at, as_number, bad_arg, request_values
 
@@ -108,7 +108,8 @@ def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> Outp
     sides = {d: pixels if d in directions else 0 for d in DIRECTIONS}
     seed = resolve_seed(request.seed)
     try:
-        op = outpaint_canvas(request.init_images[0], blend=blur * 4, **sides)
+        multiple = engine.size_multiple(request.model)  # the model's VAE factor
+        op = outpaint_canvas(request.init_images[0], blend=blur * 4, multiple=multiple, **sides)
         hard = Image.new("L", op.canvas.size, 255)
         hard.paste(0, op.box)
         canvas = matched_noise(op.canvas, hard, noise_q, color_variation, seed)
@@ -117,8 +118,8 @@ def prepare(engine: Engine, request: GenerationRequest, args: list[Any]) -> Outp
             init_images=[canvas],
             mask=op.mask,
             inpainting_fill="original",
-            width=min(MAX_SIDE, max(64, round(canvas.width / 8) * 8)),
-            height=min(MAX_SIDE, max(64, round(canvas.height / 8) * 8)),
+            width=work_side(canvas.width, multiple),
+            height=work_side(canvas.height, multiple),
         )
         inpaint = InpaintRequest.build(**values)
     except RequestError as exc:
