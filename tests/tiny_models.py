@@ -13,7 +13,9 @@ layout (written by `ldm_core.models.save_single_file`). Fixed seeds make every b
 | sdxl_refiner | sdxl-refiner | 32/32/64/64 ch, attention (depth 2) on levels 1-2 + mid, 5 time ids | bigG only |
 
 `sdxl_refiner` is not in `TINY_SPECS` (so `build_all` and the shared fixture stay as they are): build it with
-`build_tiny_refiner`.
+`build_tiny_refiner`. Nor is `sd1_f4`, an SD1 model with a factor-4 VAE (3 levels) and a UNet sample_size of 16,
+so its native size is 64 px from 16x16 latents (the built-in model v2's geometry): build it with `build_tiny_f4`
+(a diffusers folder only).
 
 Widths are multiples of 32 so the real `norm_num_groups=32` works; the VAE has 4 levels (8x downscale) like
 the real one. Vocabularies keep the real 49,408 tokens so the shipped tokenizer works. Building all four
@@ -199,6 +201,28 @@ def build_tiny_refiner(out_dir: Path, seed: int = SEED + 7, name: str = "sdxl_re
     folder = save_diffusers_folder(comps, "sdxl-refiner", out_dir / name)
     single = save_single_file(comps, out_dir / f"{name}.safetensors")
     return {"diffusers": folder, "single_file": single}
+
+
+#: The factor-4 SD1 model: VAE overrides (3 levels = 2 downsamplings = 4 pixels per latent) and the UNet's
+#: sample_size (latent side at the native size: 16 x 4 = 64 px).
+F4_VAE = dict(
+    block_out_channels=[32, 32, 32],
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    layers_per_block=1,
+)
+F4_SAMPLE_SIZE = 16
+
+
+def build_tiny_f4(out_dir: Path, seed: int = SEED, name: str = "sd1_f4") -> Path:
+    """Build the tiny factor-4 SD1 model (see the module docstring) as the diffusers folder `out_dir/name/`."""
+    from diffusers import AutoencoderKL
+
+    comps = tiny_components("sd1", seed)
+    comps["unet"].register_to_config(sample_size=F4_SAMPLE_SIZE)
+    torch.manual_seed(seed + 1)
+    comps["vae"] = AutoencoderKL.from_config({**shipped_config("sd1", "vae"), **F4_VAE}).eval()
+    return save_diffusers_folder(comps, "sd1", out_dir / name)
 
 
 def build_tiny_vae(path: Path, seed: int = SEED + 100) -> Path:

@@ -21,6 +21,7 @@ from .common import (
     pick,
     readable_error,
     size_after_switch,
+    size_step,
     vae_titles,
 )
 from .widgets import ICON_REFRESH, TOOLTIPS, GenerationTab, TopBar, infotext_updates, value_components
@@ -127,7 +128,7 @@ def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> 
     def switch(name: str | None, *sizes):
         if not name:
             return
-        old = native_size(ctx.engine)
+        old, old_step = native_size(ctx.engine), size_step(ctx.engine)
         yield [f"<span class='ldm-saved'>Loading {html.escape(name)}…</span>", gr.skip()] + [gr.skip()] * len(dims)
         try:
             title = ctx.service.switch_model(name)
@@ -137,13 +138,15 @@ def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> 
             ctx.settings.update({"sd_model_checkpoint": title})
         except (OSError, ValueError):
             pass
-        new = native_size(ctx.engine)
+        new, step = native_size(ctx.engine), size_step(ctx.engine)
         out: list[Any] = [
             f"<span class='ldm-saved'>Loaded {html.escape(title)} (native size {new}px)</span>",
             gr.Dropdown(choices=checkpoint_titles(ctx.engine), value=title),
         ]
         for i in range(0, len(sizes), 2):
-            out += list(size_after_switch(int(sizes[i]), int(sizes[i + 1]), old, new))
+            dims_now = size_after_switch(int(sizes[i]), int(sizes[i + 1]), old, new)
+            # the sliders step by the new model's VAE factor (sent only when it changed)
+            out += [v if step == old_step else gr.update(value=v, step=step) for v in dims_now]
         yield out
 
     top.checkpoint.input(

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.3  # how often a Generate handler looks at its job
 PREVIEW_SECONDS = 1.0  # the live preview is sent to the browser at most this often
 DEFAULT_SIZE = 512  # width/height when the model's native size is unknown
+SIZE_STEP = 8  # the size sliders' step when the model's VAE factor is unknown (the SD families' factor)
 FALLBACK_SAMPLERS = ("Euler a", "Euler", "DPM++ 2M", "DDIM")
 FALLBACK_SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential")
 MASK_MODES = ("Inpaint masked", "Inpaint not masked")
@@ -139,6 +140,19 @@ def native_size(engine) -> int:
             entry = None
         size = getattr(entry, "native_size", None)
     return int(size) if size else DEFAULT_SIZE
+
+
+def size_step(engine) -> int:
+    """What the size sliders step by: the loaded (or default) model's VAE factor (8 for the SD families, 4
+    for a three-level VAE), SIZE_STEP when unknown. Does not load a model."""
+    model = getattr(engine, "current_model", None)
+    step = getattr(model, "vae_scale_factor", None) if model is not None else None
+    if step is None and hasattr(engine, "size_multiple"):
+        try:
+            step = engine.size_multiple()
+        except Exception:
+            step = None
+    return int(step) if step else SIZE_STEP
 
 
 def default_dims(engine, settings: SettingsStore) -> tuple[int, int]:

@@ -16,6 +16,7 @@ from .common import (
     hires_upscalers,
     sampler_names,
     schedule_types,
+    size_step,
 )
 from .scripts import build_section as build_script_section
 from .widgets import GenerationTab, TopBar, build_generation_tab, build_refiner_section
@@ -57,7 +58,7 @@ def _hires_section(ctx: UiContext, tab: GenerationTab) -> None:
                 0,
                 MAX_SIDE,
                 value=0,
-                step=8,
+                step=size_step(ctx.engine),
                 label="Resize width to (0: use Upscale by)",
                 elem_id="txt2img_hr_resize_x",
             )
@@ -65,7 +66,7 @@ def _hires_section(ctx: UiContext, tab: GenerationTab) -> None:
                 0,
                 MAX_SIDE,
                 value=0,
-                step=8,
+                step=size_step(ctx.engine),
                 label="Resize height to (0: use Upscale by)",
                 elem_id="txt2img_hr_resize_y",
             )

@@ -16,7 +16,7 @@ from typing import Any
 
 import gradio as gr
 
-from ldm_core.generation_requests import MAX_SIDE, RequestError
+from ldm_core.generation_requests import MAX_SIDE, MIN_SIDE, RequestError
 from ldm_core.options import request_fields, request_values
 
 from . import extension_sections
@@ -37,6 +37,7 @@ from .common import (
     result_record,
     sampler_names,
     schedule_types,
+    size_step,
     token_count,
     token_counter_html,
 )
@@ -232,19 +233,20 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
     steps = gr.Slider(1, 150, value=st.get("default_steps"), step=1, label="Sampling steps", elem_id=f"{m}_steps")
     with gr.Row(equal_height=True):
         with gr.Column(scale=4):
+            step = size_step(eng)  # the model's VAE factor: sizes are multiples of it
             width = gr.Slider(
-                64,
+                MIN_SIDE,
                 MAX_SIDE,
                 value=default_dims(eng, st)[0],
-                step=8,
+                step=step,
                 label="Width",
                 elem_id=f"{m}_width",
             )
             height = gr.Slider(
-                64,
+                MIN_SIDE,
                 MAX_SIDE,
                 value=default_dims(eng, st)[1],
-                step=8,
+                step=step,
                 label="Height",
                 elem_id=f"{m}_height",
             )
@@ -282,7 +284,7 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
                 0,
                 MAX_SIDE,
                 value=0,
-                step=8,
+                step=step,
                 label="Resize seed from width (0: off)",
                 elem_id=f"{m}_seed_resize_from_w",
             )
@@ -290,7 +292,7 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
                 0,
                 MAX_SIDE,
                 value=0,
-                step=8,
+                step=step,
                 label="Resize seed from height (0: off)",
                 elem_id=f"{m}_seed_resize_from_h",
             )
@@ -315,8 +317,9 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
             sampler: default_sampler,
             scheduler: default_schedule,
             steps: lambda: st.get("default_steps"),
-            width: lambda: default_dims(ctx.engine, st)[0],
-            height: lambda: default_dims(ctx.engine, st)[1],
+            # a new page: the model's native size, stepping by its VAE factor
+            width: lambda: gr.update(value=default_dims(ctx.engine, st)[0], step=size_step(ctx.engine)),
+            height: lambda: gr.update(value=default_dims(ctx.engine, st)[1], step=size_step(ctx.engine)),
             cfg: lambda: st.get("default_cfg_scale"),
         }
     )
