@@ -21,6 +21,7 @@ DEFAULT_MAX_BATCH_SIZE = 16  # the default batch size limit (--max-batch-size)
 DEFAULT_MAX_STEPS = 1000  # the default steps limit (--max-steps; 10**9 steps would allocate GBs of sigmas)
 MAX_CFG_SCALE = 100.0  # |cfg_scale| above this only overflows the latents to inf/NaN (1e30 makes a NaN image)
 MIN_SIDE = 64
+MAX_NATIVE_SIDE = 1024  # the largest native size of a supported family (SDXL): what an unset width/height may run at
 MAX_SEED = 2**64 - 1  # any seed torch's generator takes, used as given (A1111); -1 or any negative = random
 
 ResizeMode = Literal["Just resize", "Crop and resize", "Resize and fill", "Just resize (latent upscale)"]
@@ -340,11 +341,14 @@ def check_limits(request: GenerationRequest, limits: RequestLimits) -> None:
         if getattr(request, field) > limits.max_steps:
             raise over(field, str(getattr(request, field)), "max_steps", limits.max_steps)
     sizes = []
-    if request.width and request.height:
-        sizes.append(("width", request.width, request.height))
-        if request.mode == "txt2img" and request.enable_hr:
-            field = "hr_scale" if not (request.hr_resize_x or request.hr_resize_y) else "hr_resize_x"
-            sizes.append((field, *_hires_size(request, request.width, request.height)))
+    # issue 16: an unset side is the model's native size, unknown before it loads; count the largest a
+    # supported family has (a null width/height had skipped the pixel limit: a 512x512 job under a 64x64 cap)
+    width, height = request.width or MAX_NATIVE_SIDE, request.height or MAX_NATIVE_SIDE
+    sizes.append(("height" if request.width and not request.height else "width", width, height))
+    unset = "" if request.width and request.height else f" (an unset side counts as {MAX_NATIVE_SIDE}: native size)"
+    if request.mode == "txt2img" and request.enable_hr:
+        field = "hr_scale" if not (request.hr_resize_x or request.hr_resize_y) else "hr_resize_x"
+        sizes.append((field, *_hires_size(request, width, height)))
     if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
         sizes.append(("seed_resize_from_w", request.seed_resize_from_w, request.seed_resize_from_h))
     for field, w, h in sizes:
@@ -352,4 +356,5 @@ def check_limits(request: GenerationRequest, limits: RequestLimits) -> None:
             side = field if field != "width" or w > limits.max_side else "height"
             raise over(side, f"{w}x{h}", "max_side", limits.max_side)
         if w * h > limits.max_pixels:
-            raise over(field, f"{w}x{h} = {w * h} pixels", "max_pixels", limits.max_pixels)
+            note = unset if (field, w, h) == sizes[0] else ""
+            raise over(field, f"{w}x{h} = {w * h} pixels{note}", "max_pixels", limits.max_pixels)

@@ -26,6 +26,8 @@ from api_server import png_b64, running_api_server
 from PIL import Image
 from safetensors.torch import save_file
 
+from ldm_core.generation_requests import GenerationRequest, RequestError, RequestLimits, check_limits
+
 SIZE = 64
 TIMEOUT = 120
 LFS_POINTER = (
@@ -232,6 +234,21 @@ def test_size_and_count_out_of_range(api, body, field):
     assert_4xx(api.post("/sdapi/v1/txt2img", body), field)
 
 
+def test_unset_size_counts_against_the_pixel_limit():
+    """width/height null (= the model's native size) had skipped --max-pixels: the fuzzer's 64x64-capped
+    server ran 512x512 jobs. An unset side now counts as the largest native size (1024)."""
+    request = GenerationRequest.build(prompt="x", width=None, height=64)
+    with pytest.raises(RequestError) as err:
+        check_limits(request, RequestLimits(max_pixels=64 * 64))
+    assert err.value.field == "width" and "native size" in err.value.message
+
+
+def test_clip_skip_beyond_the_text_encoder(api):
+    """The tiny model's text encoder has 2 layers: skipping 5 was an IndexError (500), found by the fuzzer."""
+    r = api.post("/sdapi/v1/txt2img", txt(override_settings={"CLIP_stop_at_last_layers": 5}))
+    assert "2 layers" in assert_4xx(r, "clip_skip")
+
+
 def test_cfg_scale_1e30(api):
     assert_4xx(api.post("/sdapi/v1/txt2img", txt(cfg_scale=1e30)), "cfg_scale")
 
@@ -395,7 +412,6 @@ UI_FORM = dict(prompt="a cat", negative_prompt="", styles=[], sampler_name="Eule
     ids=["steps-not-a-number", "prompt-lone-surrogate", "style-lone-surrogate", "nan-setting", "over-slider-size"],
 )
 def test_ui_form_refuses_naming_the_field(values, field):
-    from ldm_core.generation_requests import RequestError
     from ui.common import build_request, readable_error
 
     with pytest.raises(RequestError) as err:

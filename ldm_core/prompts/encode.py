@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..devices import execution_device
+from ..generation_requests import RequestError
 from .parser import BREAK_WEIGHT, parse_prompt_attention
 
 CHUNK = 75  # tokens of text per chunk (77 with BOS and EOS)
@@ -278,6 +279,9 @@ def _encode_side(
         rows.append([bos, *ids, eos, *([side.pad_id] * (CHUNK - len(ids)))])
         weights.append([1.0, *w, *([1.0] * (CHUNK + 1 - len(w)))])
         fixes.append(chunks.fixes[i] if i < len(chunks.fixes) else [])
+    n_layers = getattr(getattr(side.encoder, "config", None), "num_hidden_layers", None)
+    if side.layer is not None and n_layers is not None and -side.layer > n_layers:  # issue 16: was an IndexError
+        raise RequestError("clip_skip", f"is {-side.layer}, but this model's text encoder has {n_layers} layers")
     ids_t = torch.tensor(rows, device=execution_device(side.encoder, device))
     with _token_embedding_fixes(side.encoder, fixes):
         out = side.encoder(ids_t, output_hidden_states=True)
