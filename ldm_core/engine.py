@@ -466,15 +466,16 @@ class Engine:
             textinfo="",
         )
         with contextlib.ExitStack() as stack:
-            lora_params = stack.enter_context(self.networks.applied(model, networks))
+            # LoRAs stay merged after the job: the next job with the same set merges nothing (network_state)
+            lora_params = self.networks.merge(model, networks)
             encoder = self._encoder(request, model)
             stages = {model.entry.path: _Stage(model, encoder, vae)}
             for aux in (hr_model, refiner_model):
                 if aux is None or aux.entry.path in stages:
                     continue
-                if networks and aux.kind.family == model.kind.family:
-                    stack.enter_context(self.networks.applied(aux, networks))
-                elif networks:
+                same_family = aux.kind.family == model.kind.family
+                self.networks.merge(aux, networks if same_family else [])  # [] undoes an earlier job's set
+                if networks and not same_family:
                     log.info("the prompt's LoRAs are not applied to %s (another model family)", aux.entry.name)
                 stages[aux.entry.path] = _Stage(aux, self._encoder(request, aux), self._vae_for(request, aux)[0])
             vaes = {id(s.vae): s.vae for s in stages.values()}

@@ -1,9 +1,10 @@
 """LoRA (and simple LyCORIS) networks: the files in `models/Lora`, applied per job by `<lora:name:w>` tags.
 
-`NetworkLibrary.applied(model, calls)` merges every called network into the model's UNet and text encoder
-weights for the duration of a `with` block and restores the exact original weights afterwards (the
-originals are copied to the CPU first, so the next job without the tag is bit-identical). Several networks
-at once add up. The merge for one layer is
+`NetworkLibrary.merge(model, calls)` merges every called network into the model's UNet and text encoder
+weights in place and keeps them merged across jobs: a job with the same set does no work, another set
+changes the layers that differ, a job without tags restores the exact original weights (originals are
+copied to the CPU once, on a layer's first merge; see `network_state`). `applied(model, calls)` does the
+same for one `with` block. Several networks at once add up. The merge for one layer is
 
     W' = W + sum over networks of  w * scale * delta,    delta = up @ down,  scale = alpha / rank
 
@@ -34,6 +35,7 @@ import logging
 import os
 import struct
 import threading
+import weakref
 from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -47,6 +49,7 @@ from ..files import scan_named_files
 from ..generation_requests import RequestError
 from ..models.hashes import HashCache, file_sha256
 from ..models.suffixes import LORA_SUFFIXES
+from .network_state import MergedNetworks
 from .parser import ExtraNetworkCall
 
 log = logging.getLogger(__name__)
@@ -155,9 +158,7 @@ class Layer:
                 w2 = f["lokr_w2"]
             else:
                 b = f["lokr_w2_b"]
-                w2 = (f["lokr_w2_a"] @ b.reshape(b.shape[0], -1)).reshape(
-                    f["lokr_w2_a"].shape[0], *b.shape[1:]
-                )
+                w2 = (f["lokr_w2_a"] @ b.reshape(b.shape[0], -1)).reshape(f["lokr_w2_a"].shape[0], *b.shape[1:])
                 rank = b.shape[0]
             if w2.ndim == 4:
                 w1 = w1.reshape(*w1.shape, 1, 1)
@@ -167,9 +168,7 @@ class Layer:
             d = f["diff"]
             scale = 1.0
         if d.numel() != out_f * in_f or d.shape[0] != out_f:
-            raise ValueError(
-                f"{self.prefix}: update of shape {tuple(d.shape)} does not fit weight {tuple(shape)}"
-            )
+            raise ValueError(f"{self.prefix}: update of shape {tuple(d.shape)} does not fit weight {tuple(shape)}")
         return d.reshape(shape) * scale
 
     def fits(self, shape: torch.Size) -> bool:
@@ -178,9 +177,7 @@ class Layer:
         out_f, in_f = shape[0], int(torch.Size(shape[1:]).numel())
         if self.kind == "lora":
             up, down = f["up"], f["down"]
-            return (
-                up.shape[0] == out_f and down.numel() == down.shape[0] * in_f and up.shape[1] == down.shape[0]
-            )
+            return up.shape[0] == out_f and down.numel() == down.shape[0] * in_f and up.shape[1] == down.shape[0]
         if self.kind == "loha":
             return f["hada_w1_a"].shape[0] == out_f and f["hada_w1_b"][0].numel() == in_f
         if self.kind == "lokr":
@@ -352,11 +349,7 @@ def _weighted_modules(module: torch.nn.Module, text: bool = False) -> dict[str, 
     state dicts ("text_model.encoder.layers.0.self_attn.q_proj"), which LoRA files use, also where the
     module tree itself has no `text_model` level (transformers 5's CLIPTextModel)."""
     prefix = "text_model." if text and not hasattr(module, "text_model") else ""
-    return {
-        prefix + n: m
-        for n, m in module.named_modules()
-        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and n
-    }
+    return {prefix + n: m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and n}
 
 
 @dataclass
@@ -461,9 +454,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[in
             raise ValueError(f"{path}: implausible safetensors header")
         header = json.loads(f.read(n))
     meta = header.pop("__metadata__", None) or {}
-    return {k: tuple(v.get("shape", ())) for k, v in header.items()}, {
-        str(k): str(v) for k, v in meta.items()
-    }
+    return {k: tuple(v.get("shape", ())) for k, v in header.items()}, {str(k): str(v) for k, v in meta.items()}
 
 
 def addnet_hash(path: str | os.PathLike) -> str:
@@ -484,7 +475,8 @@ class NetworkLibrary:
     files, like `.safetensors`, load through the engine's loading choke point (pickles only with
     `allow_pickle`); an unreadable file is a RequestError naming it.
 
-    Apply networks with `applied(model, calls)`; the library itself holds no model state."""
+    `merge(model, calls)` merges networks into a model and keeps them merged across jobs (the engine's path);
+    `applied(model, calls)` does so for a `with` block only."""
 
     def __init__(
         self,
@@ -502,6 +494,8 @@ class NetworkLibrary:
         self._files: dict[str, Path] = {}
         self._parsed: OrderedDict[tuple[Path, int, int], ParsedNetwork] = OrderedDict()
         self._short: dict[tuple[Path, int, int], str] = {}
+        # the networks kept merged per model, by its UNet module: gone with the model (ldm_core.prompts.network_state)
+        self._merged: weakref.WeakKeyDictionary[torch.nn.Module, MergedNetworks] = weakref.WeakKeyDictionary()
         self.refresh()
 
     # ---- listing --------------------------------------------------------------------------------------
@@ -526,9 +520,7 @@ class NetworkLibrary:
             return files[folded[0]]
         names = sorted(files)
         shown = ", ".join(names[:30]) + (f", ... ({len(names)} in all)" if len(names) > 30 else "")
-        raise RequestError(
-            "prompt", f"unknown LoRA {name!r}; available: {shown or 'none (models/Lora is empty)'}"
-        )
+        raise RequestError("prompt", f"unknown LoRA {name!r}; available: {shown or 'none (models/Lora is empty)'}")
 
     def entries(self, hashes: bool = False) -> list[LoraEntry]:
         """Every network found by the last scan (`refresh`) with its alias (`ss_output_name`), family and
@@ -649,9 +641,7 @@ class NetworkLibrary:
                     "is it made for another base model?",
                 )
             if missing:
-                log.warning(
-                    "%s: %d layers have no match in this model, e.g. %s", label, len(missing), missing[:3]
-                )
+                log.warning("%s: %d layers have no match in this model, e.g. %s", label, len(missing), missing[:3])
             for (comp, name), layer in resolved:
                 w = unet_w if comp == "unet" else te_w
                 if w != 0:
@@ -659,45 +649,65 @@ class NetworkLibrary:
             hashes[call.name] = self.short_hash(call.name)
         return plan, hashes, targets
 
-    @contextmanager
-    def applied(self, model, calls: Iterable[ExtraNetworkCall]) -> Iterator[dict[str, str]]:
-        """Merge the `<lora:...>` calls (other tag kinds are ignored) into `model` for the duration of the
-        block; yields the infotext params ({"Lora hashes": "name: 12hex, ..."}, or {} without calls).
+    def _signature(self, calls: list[ExtraNetworkCall]) -> tuple:
+        """What a merge of `calls` depends on: per call its name, file (path, size, mtime) and weights."""
+        sig = []
+        for call in calls:
+            try:
+                te_w, unet_w = call.weights()
+            except ValueError as exc:
+                raise RequestError("prompt", str(exc)) from None
+            sig.append((call.name, self._stamp(self.find(call.name)), te_w, unet_w))
+        return tuple(sig)
+
+    def merge(self, model, calls: Iterable[ExtraNetworkCall]) -> dict[str, str]:
+        """Make `model`'s weights hold exactly the `<lora:...>` calls (other tag kinds are ignored) and keep
+        them merged after the call (see `network_state`): the same set as the model holds now costs nothing,
+        another set changes only the layers that differ, no calls restores the original weights. Returns
+        the infotext params ({"Lora hashes": "name: 12hex, ..."}, or {} without calls).
 
         Raises RequestError("prompt", ...) for an unknown name, a bad weight, a network for another model
-        family or of an unsupported type, before any weight is changed. On exit (also on errors) every
-        changed weight is restored bit for bit. Not safe to use concurrently on one model."""
+        family or of an unsupported type, before any weight is changed. Not safe to use concurrently on
+        one model (the engine runs one job at a time)."""
         calls = [c for c in calls if c.kind in LORA_KINDS]
-        if not calls:
-            yield {}
-            return
         with self._lock:
+            state = self._merged.get(model.unet)
+            if not calls:
+                if state is not None:
+                    state.clear()
+                    del self._merged[model.unet]
+                return {}
+            signature = self._signature(calls)
+            if state is not None and state.matches(signature):
+                return dict(state.params)
             plan, hashes, targets = self._plan(model, calls)
-        backups: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+            if state is None:
+                state = self._merged.setdefault(model.unet, MergedNetworks())
+            params = {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in hashes.items())}
+            state.update(signature, plan, targets.modules, params, _layer_delta)
+            return dict(state.params)
+
+    def merged_state(self, model) -> MergedNetworks | None:
+        """The networks kept merged in `model` (None when it holds its file's weights)."""
+        with self._lock:
+            return self._merged.get(model.unet)
+
+    @contextmanager
+    def applied(self, model, calls: Iterable[ExtraNetworkCall]) -> Iterator[dict[str, str]]:
+        """`merge(model, calls)` for the duration of a `with` block; yields its infotext params. On exit
+        (also on errors) every changed weight is restored bit for bit (`merge(model, [])`)."""
+        params = self.merge(model, calls)
         try:
-            with torch.no_grad():
-                for (comp, name), parts in plan.items():
-                    module = targets.modules[comp][name]
-                    _merge(module, parts, backups, f"{comp}:{name}")
-            yield {"Lora hashes": ", ".join(f"{n}: {h}" for n, h in hashes.items())}
+            yield params
         finally:
-            with torch.no_grad():
-                for param, original in reversed(backups):
-                    param.copy_(original)
+            self.merge(model, [])
 
 
-def _merge(
-    module: torch.nn.Module,
-    parts: list[tuple[Layer, float]],
-    backups: list[tuple[torch.nn.Parameter, torch.Tensor]],
-    where: str,
-) -> None:
+def _layer_delta(
+    module: torch.nn.Module, parts: list[tuple[Layer, float]], where: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The summed (weight, bias or None) update of `parts` for `module`, float32 on the weight's device."""
     weight = module.weight
-    if weight.is_meta:
-        raise RequestError(
-            "prompt",
-            "LoRA cannot be applied while the model is offloaded layer by layer (sequential offload)",
-        )
     try:
         delta = None
         bias = None
@@ -709,8 +719,4 @@ def _merge(
                 bias = bd * w if bias is None else bias + bd * w
     except (ValueError, RuntimeError) as exc:
         raise RequestError("prompt", f"LoRA layer {where} does not fit the model: {exc}") from None
-    backups.append((weight, weight.detach().to("cpu", copy=True)))
-    weight.copy_((weight.float() + delta).to(weight.dtype))
-    if bias is not None:
-        backups.append((module.bias, module.bias.detach().to("cpu", copy=True)))
-        module.bias.copy_((module.bias.float() + bias).to(module.bias.dtype))
+    return delta, bias
