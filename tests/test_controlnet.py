@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import importlib
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -404,6 +405,37 @@ def test_ui_section_and_routes(setup):
         }
     )
     assert len(out["images"]) == 1
+
+
+def test_model_folder_is_scanned_once_not_per_job(setup, monkeypatch):
+    """Jobs find their ControlNet in the cached listing; the model list route rescans; a name the listing lacks
+    (a file added since) rescans once before failing; a deleted file is a clear error, not a crash."""
+    engine, manager, cnd = setup["engine"], setup["manager"], setup["cnd"]
+    control_models = cn_module("control_models")
+    real_scan, scans = control_models.scan, []
+    monkeypatch.setattr(control_models, "scan", lambda *a, **k: scans.append(1) or real_scan(*a, **k))
+    engine.generate(req("tiny-sd1", [unit("cn-sd1-orig")]))
+    scans.clear()
+    for _ in range(2):
+        engine.generate(req("tiny-sd1", [unit("cn-sd1-orig")]))
+    assert scans == []  # nothing rescanned per job (prepare and the infotext both use the listing)
+    shutil.copy(cnd / "cn-sd1-orig.safetensors", cnd / "cn-sd1-added.safetensors")
+    try:
+        engine.generate(req("tiny-sd1", [unit("cn-sd1-added")]))  # not in the listing: one rescan finds it
+        assert len(scans) == 1
+        engine.generate(req("tiny-sd1", [unit("cn-sd1-added")]))
+        assert len(scans) == 1
+        with pytest.raises(RequestError, match="not found"):
+            engine.generate(req("tiny-sd1", [unit("no-such-net")]))
+        assert len(scans) == 2  # once, then the error
+        routes = {r.path: r for _, r in manager.api_routes()}
+        assert "cn-sd1-added" in routes["/controlnet/model_list"].handler(None)["model_list"]
+        assert len(scans) == 3  # the model list always rescans (A1111's refresh)
+    finally:
+        (cnd / "cn-sd1-added.safetensors").unlink()
+    with pytest.raises(RequestError, match="not found") as e:  # still listed, but the file is gone
+        engine.generate(req("tiny-sd1", [unit("cn-sd1-added")]))
+    assert e.value.field.endswith(".model")
 
 
 # ---------------------------------------------------------------------------------------------- trainer

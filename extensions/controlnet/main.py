@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,10 @@ class ControlNet:
     def __init__(self, ctx: ExtensionContext) -> None:
         self.ctx = ctx
         self.hashes = control_models.HashCache()
+        # the folder listing by (folders, allow_pickle): scanned once, not per job; rescanned by the model list
+        # (the API route, the UI's choices/refresh) and when a job names a model the listing does not hold
+        self._listing: dict[tuple, list[control_models.ControlModelEntry]] = {}
+        self._listing_lock = threading.Lock()
 
     # ---- models -------------------------------------------------------------------------------------
     def dirs(self, job: Job | None = None) -> list[Path]:
@@ -143,18 +148,33 @@ class ControlNet:
             dirs.append(shipped)
         return dirs
 
-    def entries(self, job: Job | None = None) -> list[control_models.ControlModelEntry]:
+    def entries(self, job: Job | None = None, *, rescan: bool = False) -> list[control_models.ControlModelEntry]:
+        """The ControlNets in the folders: the cached listing, or a fresh scan with `rescan` (or the first time)."""
         allow = job.allow_pickle if job else self.ctx.allow_pickle
-        return control_models.scan(self.dirs(job), allow_pickle=allow)
+        dirs = self.dirs(job)
+        key = (tuple(str(d) for d in dirs), allow)
+        with self._listing_lock:
+            listing = None if rescan else self._listing.get(key)
+        if listing is None:
+            listing = control_models.scan(dirs, allow_pickle=allow)
+            with self._listing_lock:
+                self._listing[key] = listing
+        return listing
 
     def model_names(self) -> list[str]:
-        return [e.name for e in self.entries()]
+        """The names the model list shows, from a fresh scan (A1111's `/controlnet/model_list` rescans too)."""
+        return [e.name for e in self.entries(rescan=True)]
 
     def find(self, query: str, job: Job | None, field: str) -> control_models.ControlModelEntry:
+        """The model `query` names, from the cached listing; a name it lacks (or whose file is gone) rescans
+        the folders once before the RequestError."""
         entries = self.entries(job)
-        for e in entries:
-            if e.matches(query):
-                return e
+        for attempt in range(2):
+            for e in entries:
+                if e.matches(query) and e.weights.is_file():
+                    return e
+            if attempt == 0:
+                entries = self.entries(job, rescan=True)
         raise RequestError(
             field,
             f"ControlNet model {query!r} not found in {[str(d) for d in self.dirs(job)]}; "
