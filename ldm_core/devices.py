@@ -75,6 +75,20 @@ def resolve_policy(config: EngineConfig) -> DevicePolicy:
     )
 
 
+def enable_fast_cuda_kernels(policy: DevicePolicy) -> bool:
+    """On CUDA, let cuDNN pick the fastest convolution algorithms for each shape (`cudnn.benchmark`; a shape's
+    first run tunes once, later runs at that shape reuse it) and run float32 matmuls and convolutions on
+    TF32 tensor cores (the fp32 VAE and upcast attention; fp16 weights are unaffected). Torch's process-wide
+    switches, set when an engine resolves a CUDA policy, never at import. Returns whether they were set; on
+    other devices nothing changes."""
+    if policy.device.type != "cuda":
+        return False
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return True
+
+
 def execution_device(module: torch.nn.Module, offloaded: torch.device | str | None) -> torch.device:
     """Where `module` runs: where its weights are, or `offloaded` (the policy's device) when they sit on `meta`
     (sequential offload keeps them there and its hooks bring each layer in as it runs)."""

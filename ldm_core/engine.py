@@ -29,7 +29,7 @@ from . import __version__
 from .attention import AttentionRegistry
 from .compiled import Compiler, compile_enabled
 from .config import EngineConfig
-from .devices import DevicePolicy, execution_device, resolve_policy, vae_dtype_for
+from .devices import DevicePolicy, enable_fast_cuda_kernels, execution_device, resolve_policy, vae_dtype_for
 from .generation_requests import MIN_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .infotext import build_infotext
 from .memory import FaultHook, JobMemoryPlan, free_memory, run_with_fallbacks
@@ -172,6 +172,7 @@ class Engine:
         self.config = config
         self.fault_hook = fault_hook  # diagnostics/tests: see ldm_core.memory.FaultHook
         self.policy: DevicePolicy = resolve_policy(config)
+        enable_fast_cuda_kernels(self.policy)  # CUDA only: cudnn.benchmark and TF32 (ldm_core.devices)
         self.samplers = samplers or default_sampler_registry()
         self.attention = attention or AttentionRegistry()
         self.attention_choice = self.attention.choose(config.attention, self.policy.device)
@@ -252,6 +253,8 @@ class Engine:
             model.vae.to(dev)
         if p.channels_last:
             model.unet.to(memory_format=torch.channels_last)
+            if dev.type == "cuda":  # the VAE too, on CUDA only (a CPU's VAE keeps its layout)
+                model.vae.to(memory_format=torch.channels_last)
         self.attention.apply(model.unet, self.attention_choice.name)
         self.attention.apply(model.vae, self.attention_choice.name)
         if self.config.vae_tiling:
@@ -357,6 +360,8 @@ class Engine:
                 device=self.policy.device if offload == "none" else "cpu",
             )
             vae.eval().requires_grad_(False)
+            if self.policy.channels_last and self.policy.device.type == "cuda":
+                vae.to(memory_format=torch.channels_last)
             self.attention.apply(vae, self.attention_choice.name)
             if self.config.vae_tiling:
                 vae.enable_tiling()
