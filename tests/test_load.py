@@ -5,8 +5,8 @@
   503 with `Retry-After` (native and A1111 routes), a queued job shows its own progress (none of the running
   blocker's), and after the blocker is cancelled all 50 run in the order they were queued (FIFO), each client
   sees only its own job's progress, and each saved image is there once, with its client's prompt and seed.
-- The same with three browser pages of the web UI generating alongside (`-m slow`: starting the UI and
-  Chromium takes this machine well over 40 s).
+- The same with three browser pages of the web UI generating alongside (`-m slow`: 34-47 s on this 2-core
+  machine, most of it starting webui.py and Chromium; the default run keeps the API-only variant).
 - A full disk while saving (ldm_core.outputs' injectable writer, `EngineConfig.output_writer`): a clear
   `DiskFull` error (507 over the API), no partial or temp file, earlier images untouched, the server still
   serving.
@@ -224,7 +224,7 @@ def test_disk_full_through_the_api(tmp_path, tiny_models):
 
 
 # ---- and three browser pages ----------------------------------------------------------------------------------
-@pytest.mark.slow  # starting webui.py and Chromium alone takes ~40 s here; the API part above runs by default
+@pytest.mark.slow  # 34-47 s here (webui.py + Chromium start); the API-only variant above runs by default
 @pytest.mark.browser
 def test_fifty_api_clients_and_three_browser_pages(tmp_path_factory):
     import re
