@@ -211,7 +211,7 @@ def build_parser(*, api_only: bool = False) -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="torch CPU threads (default: every CPU this process may use; idle threads sleep, see README: Speed)",
+        help="torch CPU threads (default: all CPUs but one, at least 1; idle threads sleep; README: Speed)",
     )
     comp = dev.add_mutually_exclusive_group()
     comp.add_argument(

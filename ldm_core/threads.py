@@ -2,10 +2,13 @@
 spin or sleep.
 
 OpenMP's default is to spin-wait between parallel regions. On a machine where other programs hold cores, a
-spinning thread burns the time slice its partner needs, and one image of the built-in model went from 0.8 s
-to 4-46 s with 2 threads on a busy 2-core machine. Threads that sleep when idle (OMP_WAIT_POLICY=PASSIVE) keep
-most of the second core's gain when the machine is quiet and lose little when it is not; `bench/threads.py`
-prints the policies side by side, quiet and under load, and the numbers behind the default are in the README.
+spinning thread burns the time slice its partner needs. `bench/threads.py` on this project's 2-core machine
+(built-in model, 20 steps, median of 5; README: Speed): quiet, 1 thread 0.41 s, 2 spinning 0.37 s, 2 sleeping
+0.52 s; with one competing process, 0.83 s, 70.6 s (!) and 1.05 s; with two, 1.36 s, 1.69 s and 1.55 s.
+So the default leaves one CPU to the rest of the machine (the server, the browser, other programs): every CPU
+but one, at least 1 thread, and idle threads sleep (OMP_WAIT_POLICY=PASSIVE) so that a busy machine never
+collapses to spinning. On 2 CPUs that is 1 thread: at most 12% slower than the best quiet policy, and the
+fastest as soon as anything else runs.
 
 OpenMP reads its wait policy once, when torch first starts its thread pool, so `prepare_process()` must run
 before torch does any work (the launchers call it first thing); `apply()` then sets the thread count.
@@ -44,11 +47,11 @@ def cpu_count() -> int:
 
 
 def thread_policy(requested: int | None = None, cpus: int | None = None) -> ThreadPolicy:
-    """The policy for `--threads N` (None: the default, every CPU this process may use, passive waiting).
-    ValueError names the flag for a count below 1."""
+    """The policy for `--threads N` (None: the default, every CPU this process may use but one, at least one;
+    idle threads sleep). ValueError names the flag for a count below 1."""
     if requested is not None and requested < 1:
         raise ValueError(f"--threads must be at least 1 (got {requested})")
-    n = requested if requested is not None else (cpus or cpu_count())
+    n = requested if requested is not None else max(1, (cpus or cpu_count()) - 1)
     return ThreadPolicy(threads=n, passive=True)
 
 

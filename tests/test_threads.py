@@ -15,9 +15,10 @@ from ldm_core.threads import ThreadPolicy, prepare_process, thread_policy
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_default_uses_every_allowed_cpu_with_sleeping_threads():
+def test_default_leaves_one_cpu_free_with_sleeping_threads():
     p = thread_policy(None, cpus=6)
-    assert p == ThreadPolicy(threads=6, passive=True)
+    assert p == ThreadPolicy(threads=5, passive=True)
+    assert thread_policy(None, cpus=2).threads == 1 and thread_policy(None, cpus=1).threads == 1
     assert p.environ() == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert thread_policy(3).threads == 3
 
