@@ -1,6 +1,7 @@
 """Speed of the built-in model on the CPU: median seconds for one image at the native resolution, 20 steps,
-the default sampler (Euler a), CFG 7, through diffusers' StableDiffusionPipeline, text encoding and VAE
-decode included.
+the default sampler (Euler a), CFG 7, through the engine as the UI's jobs run it (`Engine.generate`: prompt
+parsing, text encoding, the loop, VAE decode, infotext), images not saved. `bench/cpu.py` puts the same
+job next to plain diffusers and the REST API in one run.
 
     python bench/builtin_speed.py                 # the shipped model (models/builtin)
     python bench/builtin_speed.py --random        # an untrained model of the same architecture
@@ -38,6 +39,8 @@ def _random_model(folder: Path, preset: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ldm_core.engine import scratch_engine
+    from ldm_core.generation_requests import GenerationRequest
     from ldm_core.train.builtin import DEFAULT_OUT
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -48,47 +51,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--threads", default="1,2", help="comma list of torch CPU thread counts to time")
+    ap.add_argument("--compile", default="off", choices=["auto", "on", "off"], help="the engine's compile setting")
     a = ap.parse_args(argv)
-    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         model = _random_model(Path(tmp) / "m", a.preset) if a.random else a.model
         t = time.perf_counter()
-        pipe = StableDiffusionPipeline.from_pretrained(
-            str(model),
-            local_files_only=True,
-            dtype=torch.float32,
-            safety_checker=None,
-            requires_safety_checker=False,
-        )
-        pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
-        pipe.set_progress_bar_config(disable=True)
-        load_s = time.perf_counter() - t
-        res = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        with scratch_engine(model, device="cpu", compile=a.compile) as (engine, loaded):
+            load_s = time.perf_counter() - t
+            res = loaded.native_size
 
-        def one(seed: int) -> float:
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                pipe(
-                    "a red circle on a white background",
-                    num_inference_steps=a.steps,
-                    guidance_scale=a.cfg,
-                    height=res,
+            def one(seed: int) -> float:
+                req = GenerationRequest.build(
+                    prompt="a red circle on a white background",
+                    steps=a.steps,
+                    cfg_scale=a.cfg,
+                    seed=seed,
+                    sampler_name="Euler a",
                     width=res,
-                    generator=torch.Generator().manual_seed(seed),
+                    height=res,
+                    save_images=False,
                 )
-            return time.perf_counter() - t0
+                t0 = time.perf_counter()
+                engine.generate(req)
+                return time.perf_counter() - t0
 
-        print(
-            f"model: {'random ' + a.preset if a.random else model}  ({res}x{res}, Euler a, {a.steps} steps, "
-            f"CFG {a.cfg}, CPU), load {load_s:.2f} s"
-        )
-        for n in (int(x) for x in a.threads.split(",")):
-            torch.set_num_threads(n)
-            warm = one(0)
-            times = [one(1 + i) for i in range(a.runs)]
-            print(f"{n} thread(s): first image {warm:.3f} s; runs {', '.join(f'{x:.3f}' for x in times)}")
-            print(f"{n} thread(s): median seconds per image: {statistics.median(times):.3f}", flush=True)
+            print(
+                f"model: {'random ' + a.preset if a.random else model}  ({res}x{res}, Euler a, {a.steps} steps, "
+                f"CFG {a.cfg}, CPU, through the engine, compile {a.compile}), load {load_s:.2f} s"
+            )
+            for n in (int(x) for x in a.threads.split(",")):
+                torch.set_num_threads(n)
+                warm = one(0)
+                times = [one(1 + i) for i in range(a.runs)]
+                print(f"{n} thread(s): first image {warm:.3f} s; runs {', '.join(f'{x:.3f}' for x in times)}")
+                print(f"{n} thread(s): median seconds per image: {statistics.median(times):.3f}", flush=True)
     return 0
 
 

@@ -8,8 +8,8 @@ three ways in one run, interleaved so that drift affects all alike:
 
     python bench/cpu.py [--model DIR] [--runs 7] [--steps 20] [--threads 1] [--no-api] [--compile]
 
-`--compile` adds "engine-compiled" (the engine with `compile=True`). Prints one JSON line per runner
-(median seconds, all runs) and the ratios against diffusers.
+`--compile` adds "engine-compiled" (the engine with `compile="on"`, as `--compile` starts it). Prints one JSON
+line per runner (median seconds, all runs) and the ratios against diffusers.
 """
 
 from __future__ import annotations
@@ -119,12 +119,28 @@ def main(argv: list[str] | None = None) -> int:
 
     def diffusers_one() -> None:
         with torch.inference_mode():
-            pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=a.steps, guidance_scale=7, height=size,
-                 width=size, generator=torch.Generator().manual_seed(7))
+            pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=a.steps,
+                guidance_scale=7,
+                height=size,
+                width=size,
+                generator=torch.Generator().manual_seed(7),
+            )
 
     def request(**over):
-        return GenerationRequest.build(prompt=PROMPT, negative_prompt=NEGATIVE, steps=a.steps, seed=7,
-                                       sampler_name="Euler a", cfg_scale=7, width=size, height=size, **over)
+        return GenerationRequest.build(
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            steps=a.steps,
+            seed=7,
+            sampler_name="Euler a",
+            cfg_scale=7,
+            width=size,
+            height=size,
+            **over,
+        )
 
     runners = {"diffusers": diffusers_one}
     closers = []
@@ -136,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
             stack = ExitStack()
             closers.append(stack.close)
-            c_engine, _ = stack.enter_context(scratch_engine(a.model, device="cpu", compile=True))
+            c_engine, _ = stack.enter_context(scratch_engine(a.model, device="cpu", compile="on"))
             runners["engine-compiled"] = lambda: c_engine.generate(req)
         if not a.no_api:
-            api = ApiRunner(a.model, a.model.resolve() == BUILTIN_MODEL_DIR.resolve(), a.threads, a.steps, size, a.api_flag)
+            builtin = a.model.resolve() == BUILTIN_MODEL_DIR.resolve()
+            api = ApiRunner(a.model, builtin, a.threads, a.steps, size, a.api_flag)
             closers.append(api.close)
             runners["api"] = api
         try:
@@ -159,9 +176,20 @@ def main(argv: list[str] | None = None) -> int:
                 close()
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
-        print(json.dumps({"runner": k, "median_s": round(med[k], 4), "first_s": round(first[k], 3),
-                          "runs_s": [round(x, 4) for x in v], "threads": a.threads, "steps": a.steps,
-                          "size": size, "model": str(a.model)}))
+        print(
+            json.dumps(
+                {
+                    "runner": k,
+                    "median_s": round(med[k], 4),
+                    "first_s": round(first[k], 3),
+                    "runs_s": [round(x, 4) for x in v],
+                    "threads": a.threads,
+                    "steps": a.steps,
+                    "size": size,
+                    "model": str(a.model),
+                }
+            )
+        )
     print(json.dumps({f"{k}/diffusers": round(v / med["diffusers"], 3) for k, v in med.items() if k != "diffusers"}))
     return 0
 
