@@ -52,7 +52,17 @@ class ApiRunner:
         port = _free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "api.server", "--port", str(port), "--data-dir", self.tmp.name]
+        cmd = [
+            sys.executable,
+            "-m",
+            "api.server",
+            "--port",
+            str(port),
+            "--data-dir",
+            self.tmp.name,
+            "--threads",
+            str(threads),
+        ]
         cmd += ["--device", "cpu", "--log-level", "warning", *extra]
         if not builtin:
             cmd += ["--no-builtin-model", "--ckpt-dir", str(model.parent)]

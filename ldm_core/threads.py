@@ -47,10 +47,13 @@ def cpu_count() -> int:
 
 
 def thread_policy(requested: int | None = None, cpus: int | None = None) -> ThreadPolicy:
-    """The policy for `--threads N` (None: the default, every CPU this process may use but one, at least one;
-    idle threads sleep). ValueError names the flag for a count below 1."""
+    """The policy for `--threads N` (None: OMP_NUM_THREADS if set, else every CPU this process may use but one,
+    at least one; idle threads sleep). ValueError names the flag for a count below 1."""
     if requested is not None and requested < 1:
         raise ValueError(f"--threads must be at least 1 (got {requested})")
+    if requested is None:
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        requested = int(env) if env.isdigit() and int(env) >= 1 else None  # a count the user set wins
     n = requested if requested is not None else max(1, (cpus or cpu_count()) - 1)
     return ThreadPolicy(threads=n, passive=True)
 

@@ -15,12 +15,15 @@ from ldm_core.threads import ThreadPolicy, prepare_process, thread_policy
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_default_leaves_one_cpu_free_with_sleeping_threads():
+def test_default_leaves_one_cpu_free_with_sleeping_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     p = thread_policy(None, cpus=6)
     assert p == ThreadPolicy(threads=5, passive=True)
     assert thread_policy(None, cpus=2).threads == 1 and thread_policy(None, cpus=1).threads == 1
     assert p.environ() == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert thread_policy(3).threads == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert thread_policy(None, cpus=6).threads == 4 and thread_policy(2).threads == 2
 
 
 def test_a_bad_count_names_the_flag():
