@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_engine import make_engine as engine_over
 
-from ldm_core.config import EngineConfig
 from ldm_core.devices import DevicePolicy, execution_device, vae_dtype_for
 from ldm_core.engine import Engine
 from ldm_core.generation_requests import GenerationRequest
@@ -25,14 +25,8 @@ from ldm_core.models import load_model
 
 
 def make_engine(tmp: Path, models: dict[str, Path], **over) -> Engine:
-    ckpt = tmp / "models" / "Stable-diffusion"
-    ckpt.mkdir(parents=True, exist_ok=True)
-    for name, src in models.items():
-        dst = ckpt / (name + (src.suffix if src.is_file() else ""))
-        if not dst.exists():
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, dst)
-    cfg = EngineConfig.from_data_dir(tmp, builtin_model_dir=None, save_images=False, preview_every=0, **over)
-    return Engine(cfg)
+    """test_engine's engine over `models`, saving nothing and drawing no previews."""
+    return engine_over(tmp, models, **{"save_images": False, "preview_every": 0, **over})
 
 
 def req(**kw) -> GenerationRequest:

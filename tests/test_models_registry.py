@@ -159,7 +159,8 @@ def test_cache_avoids_rehashing(tmp_path, monkeypatch):
     monkeypatch.setattr(hashes, "_sha256_of", lambda path: calls.append(path) or real(path))
     for _ in range(3):
         cache.sha256(p)
-    assert len(calls) == 1
+    # only this file's hashes count: an engine of another test may be hashing its models in the background
+    assert [c for c in calls if c == p] == [p]
 
 
 def test_folder_hash_covers_weights_only(tmp_path, tiny_models):

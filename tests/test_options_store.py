@@ -150,6 +150,9 @@ def api(tmp_path_factory, tiny_models):
     service = Service(EngineConfig.from_data_dir(data, builtin_model_dir=None, device="cpu"))
     store = OptionsStore(data / "config.json")
     bind_engine(store, service.engine)
+    # titles carry the hash from the start: the registry hashes in the background, and reading titles before
+    # it finished made this module racy
+    assert all(entry.sha256 for entry in service.engine.models.checkpoints())
     app = fastapi.FastAPI()
     install(app, service, options=store)
     with TestClient(app) as client:

@@ -280,8 +280,11 @@ def _encode_side(
         weights.append([1.0, *w, *([1.0] * (CHUNK + 1 - len(w)))])
         fixes.append(chunks.fixes[i] if i < len(chunks.fixes) else [])
     n_layers = getattr(getattr(side.encoder, "config", None), "num_hidden_layers", None)
-    if side.layer is not None and n_layers is not None and -side.layer > n_layers:  # issue 16: was an IndexError
-        raise RequestError("clip_skip", f"is {-side.layer}, but this model's text encoder has {n_layers} layers")
+    # hidden_states holds the embeddings' output and one entry per layer: n_layers + 1 (issue 16: an IndexError)
+    if side.layer is not None and n_layers is not None and -side.layer > n_layers + 1:
+        raise RequestError(
+            "clip_skip", f"is {-side.layer}, but this model's text encoder allows 1..{n_layers + 1} ({n_layers} layers)"
+        )
     ids_t = torch.tensor(rows, device=execution_device(side.encoder, device))
     with _token_embedding_fixes(side.encoder, fixes):
         out = side.encoder(ids_t, output_hidden_states=True)
