@@ -231,7 +231,7 @@ class Refiner:
     def run_cache(self) -> None:
         o, t0 = self.o, time.monotonic()
         scenes = self.cache_scenes()
-        n, lat = len(scenes), self.spec.resolution // 8
+        n, lat = len(scenes), self.spec.resolution // 2 ** (len(self.spec.vae_channels) - 1)  # the VAE's factor
         if self.cache_path.exists():
             cache = torch.load(self.cache_path, map_location="cpu", weights_only=True)
         else:
