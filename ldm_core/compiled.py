@@ -1,5 +1,5 @@
-"""torch.compile for the engine's hot path: the UNet (and on CUDA the VAE decoder), compiled once per module
-and shape, with the compiles counted and the compiled artifacts cached on disk.
+"""torch.compile for the engine's hot path: the UNet, compiled once per module and shape, with the compiles
+counted and the compiled artifacts cached on disk.
 
 One `Compiler` per engine. `unet(module)` returns the compiled callable of that module (made on first use,
 forgotten when the module is freed) or the module itself when compiling is off. Shapes are static
@@ -63,24 +63,14 @@ class Compiler:
 
     def unet(self, module: torch.nn.Module) -> Callable:
         """The callable the loop runs for `module`: compiled when enabled, else the module."""
-        return self._get(module)
-
-    def vae_decode(self, vae: torch.nn.Module) -> Callable:
-        """`vae.decode`, compiled when enabled (on CUDA only: on a CPU it gains ~10% for a long compile)."""
-        if not self.enabled or next(vae.parameters()).device.type != "cuda":
-            return vae.decode
-        return self._get(vae, method="decode")
-
-    def _get(self, module: torch.nn.Module, method: str | None = None) -> Callable:
-        eager = getattr(module, method) if method else module
         if not self.enabled or module in self._eager:
-            return eager
+            return module
         with self._lock:
             compiled = self._compiled.get(module)
             if compiled is None:
-                compiled = torch.compile(eager, backend=self._backend, dynamic=False)
+                compiled = torch.compile(module, backend=self._backend, dynamic=False)
                 self._compiled[module] = compiled
-        return _Fallback(self, module, compiled, eager)
+        return _Fallback(self, module, compiled)
 
     def give_up(self, module: torch.nn.Module, exc: BaseException) -> None:
         """Run `module` eagerly from now on (compiling it failed)."""
@@ -94,22 +84,22 @@ class Compiler:
 class _Fallback:
     """Calls the compiled module; if compiling it fails, the eager one (and tells the compiler)."""
 
-    def __init__(self, compiler: Compiler, module: torch.nn.Module, compiled: Callable, eager: Callable):
-        self._compiler, self._module, self._compiled, self._eager = compiler, module, compiled, eager
+    def __init__(self, compiler: Compiler, module: torch.nn.Module, compiled: Callable):
+        self._compiler, self._module, self._compiled = compiler, module, compiled
 
     def __getattr__(self, name: str) -> Any:  # config, dtype, parameters(): the module's
         return getattr(self._module, name)
 
     def __call__(self, *args, **kwargs):
         if self._module in self._compiler._eager:
-            return self._eager(*args, **kwargs)
+            return self._module(*args, **kwargs)
         try:
             return self._compiled(*args, **kwargs)
         except Exception as exc:
             if not _is_compiler_error(exc):
                 raise
             self._compiler.give_up(self._module, exc)
-            return self._eager(*args, **kwargs)
+            return self._module(*args, **kwargs)
 
 
 def _is_compiler_error(exc: BaseException) -> bool:

@@ -52,7 +52,7 @@ class EngineConfig:
     # how saved images are written (ldm_core.outputs.Writer; None: write + fsync); a test injects a failing one
     # (outputs.disk_full_writer) to check that a full disk is a clear error with no partial file (issue 16)
     output_writer: Callable[[BinaryIO, bytes], None] | None = None
-    # torch.compile of the UNet (and, on CUDA, the VAE decoder): "auto" = on CUDA, "on", "off" (ldm_core.compiled)
+    # torch.compile of the UNet: "auto" = on CUDA, "on", "off" (ldm_core.compiled)
     compile: Literal["auto", "on", "off"] = "auto"
     extra: dict = field(default_factory=dict)
 

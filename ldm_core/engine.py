@@ -245,30 +245,41 @@ class Engine:
                 mod.eval().requires_grad_(False)
                 if offload == "none":
                     mod.to(dev)
-        vae_dtype = vae_dtype_for(p, model.vae.config)
-        if model.vae.dtype != vae_dtype:
-            model.vae.to(dtype=vae_dtype)
-        model.vae.eval().requires_grad_(False)
-        if offload == "none":
-            model.vae.to(dev)
         if p.channels_last:
             model.unet.to(memory_format=torch.channels_last)
-            if dev.type == "cuda":  # the VAE too, on CUDA only (a CPU's VAE keeps its layout)
-                model.vae.to(memory_format=torch.channels_last)
         self.attention.apply(model.unet, self.attention_choice.name)
-        self.attention.apply(model.vae, self.attention_choice.name)
-        if self.config.vae_tiling:
-            model.vae.enable_tiling()
-        if self.config.vae_slicing:
-            model.vae.enable_slicing()
         if offload == "sequential":
             from accelerate import cpu_offload
 
-            for name in ("text_encoder", "text_encoder_2", "unet", "vae"):
+            for name in ("text_encoder", "text_encoder_2", "unet"):
                 mod = getattr(model, name, None)
                 if mod is not None:
                     cpu_offload(mod, execution_device=dev)
+        self._place_vae(model.vae)
         return model
+
+    def _place_vae(self, vae) -> None:
+        """A VAE (a checkpoint's own or one chosen per job) as this engine runs it: its safe dtype
+        (`devices.vae_dtype_for`), eval mode, on the device unless offloaded, channels-last on CUDA (a CPU's VAE
+        keeps its layout), the attention backend, tiling/slicing as configured, sequential offload."""
+        p, offload = self.policy, self.config.offload
+        vae_dtype = vae_dtype_for(p, vae.config)
+        if vae.dtype != vae_dtype:
+            vae.to(dtype=vae_dtype)
+        vae.eval().requires_grad_(False)
+        if offload == "none":
+            vae.to(p.device)
+        if p.channels_last and p.device.type == "cuda":
+            vae.to(memory_format=torch.channels_last)
+        self.attention.apply(vae, self.attention_choice.name)
+        if self.config.vae_tiling:
+            vae.enable_tiling()
+        if self.config.vae_slicing:
+            vae.enable_slicing()
+        if offload == "sequential":
+            from accelerate import cpu_offload
+
+            cpu_offload(vae, execution_device=p.device)
 
     def checkpoint_entry(self, name: str | None = None) -> ModelEntry:
         """The registry entry for `name` (a title, name or short hash; None = the current or default model), or
@@ -359,16 +370,7 @@ class Engine:
                 scaling_factor=model.vae.config.scaling_factor,
                 device=self.policy.device if offload == "none" else "cpu",
             )
-            vae.eval().requires_grad_(False)
-            if self.policy.channels_last and self.policy.device.type == "cuda":
-                vae.to(memory_format=torch.channels_last)
-            self.attention.apply(vae, self.attention_choice.name)
-            if self.config.vae_tiling:
-                vae.enable_tiling()
-            if offload == "sequential":
-                from accelerate import cpu_offload
-
-                cpu_offload(vae, execution_device=self.policy.device)
+            self._place_vae(vae)
             self._vae_cache[key] = vae
         return self._vae_cache[key], entry
 

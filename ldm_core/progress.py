@@ -72,10 +72,6 @@ class PreviewSource:
         self._image = image
         self._lock = threading.Lock()
 
-    @property
-    def rendered(self) -> bool:
-        return self._render is None
-
     def image(self) -> Image.Image | None:
         with self._lock:
             if self._render is not None:
