@@ -212,6 +212,16 @@ class GenerationRequest(_Request):
         return self
 
 
+def _choice_by_index(v, choices: tuple[str, ...]):
+    """A1111 sends some choices as their index: an int `v` becomes `choices[v]` (ValueError naming the range);
+    anything else is left for the field's own check."""
+    if isinstance(v, int):
+        if not 0 <= v < len(choices):
+            raise ValueError(f"must be 0..{len(choices) - 1} or one of {list(choices)}")
+        return choices[v]
+    return v
+
+
 class Img2ImgRequest(GenerationRequest):
     """img2img: `init_images` (RGB; the first is used, or one per batch image) noised by
     `denoising_strength` (0 keeps the image, 1 ignores it)."""
@@ -226,11 +236,7 @@ class Img2ImgRequest(GenerationRequest):
     @field_validator("resize_mode", mode="before")
     @classmethod
     def _resize_index(cls, v):
-        if isinstance(v, int):
-            if not 0 <= v < len(RESIZE_MODES):
-                raise ValueError(f"must be 0..{len(RESIZE_MODES) - 1} or one of {list(RESIZE_MODES)}")
-            return RESIZE_MODES[v]
-        return v
+        return _choice_by_index(v, RESIZE_MODES)
 
     @field_validator("init_images")
     @classmethod
@@ -254,11 +260,7 @@ class InpaintRequest(Img2ImgRequest):
     @field_validator("inpainting_fill", mode="before")
     @classmethod
     def _fill_index(cls, v):
-        if isinstance(v, int):
-            if not 0 <= v < len(INPAINT_FILLS):
-                raise ValueError(f"must be 0..{len(INPAINT_FILLS) - 1} or one of {list(INPAINT_FILLS)}")
-            return INPAINT_FILLS[v]
-        return v
+        return _choice_by_index(v, INPAINT_FILLS)
 
     @field_validator("mask_blur", "mask_blur_x", "mask_blur_y", "inpaint_full_res_padding")
     @classmethod
