@@ -6,10 +6,12 @@ three ways in one run, interleaved so that drift affects all alike:
   api        a `POST /sdapi/v1/txt2img` round trip to `python -m api.server` (a second process, started here,
              idle while the others run): request parsing, the job queue, the engine, base64 PNG encoding
 
-    python bench/cpu.py [--model DIR] [--runs 7] [--steps 20] [--threads 1] [--no-api] [--compile]
+    python bench/cpu.py [--model DIR] [--runs 7] [--steps 20] [--threads 1] [--no-api] [--compile] [--bf16]
 
-`--compile` adds "engine-compiled" (the engine with `compile="on"`, as `--compile` starts it). Prints one JSON
-line per runner (median seconds, all runs) and the ratios against diffusers.
+`--compile` adds "engine-compiled" (the engine with `compile="on"`, as `--compile` starts it: frozen weights,
+C++ wrapper); `--bf16` adds "engine-compiled-bf16" (`--compile --precision bf16`: bf16 weights, AMX/AVX512-BF16
+kernels where the CPU has them). Prints one JSON line per runner (median seconds, all runs, the first run with
+its compile) and the ratios against diffusers and against the eager engine.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-api", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="also time the engine with compile=True")
+    ap.add_argument("--compile", action="store_true", help="also time the engine with compile='on'")
+    ap.add_argument("--bf16", action="store_true", help="also time the engine with compile='on', precision='bf16'")
     ap.add_argument("--api-flag", action="append", default=[], help="extra flag for the API server (repeatable)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -157,13 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     with scratch_engine(a.model, device="cpu") as (engine, _model):
         req = request(save_images=False)
         runners["engine"] = lambda: engine.generate(req)
-        if a.compile:
-            from contextlib import ExitStack
+        from contextlib import ExitStack
 
-            stack = ExitStack()
-            closers.append(stack.close)
-            c_engine, _ = stack.enter_context(scratch_engine(a.model, device="cpu", compile="on"))
-            runners["engine-compiled"] = lambda: c_engine.generate(req)
+        stack = ExitStack()
+        closers.append(stack.close)
+        variants = {"engine-compiled": ("fp32", a.compile), "engine-compiled-bf16": ("bf16", a.bf16)}
+        for name, (precision, wanted) in variants.items():
+            if wanted:
+                eng, _ = stack.enter_context(scratch_engine(a.model, device="cpu", compile="on", precision=precision))
+                runners[name] = lambda eng=eng: eng.generate(req)
         if not a.no_api:
             builtin = a.model.resolve() == BUILTIN_MODEL_DIR.resolve()
             api = ApiRunner(a.model, builtin, a.threads, a.steps, size, a.api_flag)
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     print(json.dumps({f"{k}/diffusers": round(v / med["diffusers"], 3) for k, v in med.items() if k != "diffusers"}))
+    print(json.dumps({f"{k}/engine": round(v / med["engine"], 3) for k, v in med.items() if k != "engine"}))
     return 0
 
 

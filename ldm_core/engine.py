@@ -177,7 +177,9 @@ class Engine:
         self.attention = attention or AttentionRegistry()
         self.attention_choice = self.attention.choose(config.attention, self.policy.device)
         self.compiler = Compiler(  # torch.compile of the UNet: --compile / --no-compile (ldm_core.compiled)
-            compile_enabled(config.compile, self.policy.device), config.data_dir / "cache" / "torch-compile"
+            compile_enabled(config.compile, self.policy.device),
+            config.data_dir / "cache" / "torch-compile",
+            freeze=self.policy.device.type == "cpu",  # frozen, prepacked weights pay on a CPU
         )
         self.hash_cache = HashCache(config.data_dir / "cache" / "hashes.json")
         self.models = ModelRegistry(
@@ -994,7 +996,7 @@ class Engine:
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         z = latents / scaling + shift
         dtype = next(vae.parameters()).dtype
-        x = vae.decode(z.to(execution_device(vae, self.policy.device), dtype)).sample
+        x = self.compiler.vae_decode(vae)(z.to(execution_device(vae, self.policy.device), dtype))
         if dtype != torch.float32 and not torch.isfinite(x).all():
             log.warning("the VAE decoded NaNs in %s: it is not safe in reduced precision (see its force_upcast)", dtype)
         return imgs.tensor_to_pil(x)

@@ -1,6 +1,8 @@
 """The compiled path (EngineConfig.compile="on", ldm_core.compiled): the same pixels as eager within 2/255 for
-every sampler family on a tiny model, no recompilation across jobs of the same shape, LoRA weights changed
-without a recompile, and a compiler failure that falls back to eager instead of failing the job."""
+every sampler family on a tiny model, no recompilation across jobs of the same shape, changed weights (a
+LoRA) used at once - on the CPU's frozen graphs by exactly one recompile, with weights as graph inputs
+(CUDA's way, `-m slow`: another minute of compiling) by none - and a compiler failure that falls back to
+eager instead of failing the job."""
 
 from __future__ import annotations
 
@@ -33,10 +35,16 @@ def _req(sampler: str, seed: int = 5, **kw) -> GenerationRequest:
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory, tiny_models):
+def engines(tmp_path_factory, tiny_models, sd1):
+    from test_lora import factors, kohya_file
+
+    lora = tmp_path_factory.mktemp("Lora")
+    kohya_file(factors(sd1, 1, conv=True), lora / "lora_a.safetensors", "sd1")
     models = {"tiny-sd1": tiny_models["sd1"]["diffusers"]}
-    eager = make_engine(tmp_path_factory.mktemp("eager"), models, device="cpu", compile="off")
-    compiled = make_engine(tmp_path_factory.mktemp("compiled"), models, device="cpu", compile="on")
+    eager = make_engine(tmp_path_factory.mktemp("eager"), models, device="cpu", compile="off", lora_dirs=(lora,))
+    compiled = make_engine(
+        tmp_path_factory.mktemp("compiled"), models, device="cpu", compile="on", lora_dirs=(lora,)
+    )
     return eager, compiled
 
 
@@ -70,34 +78,57 @@ def test_no_recompile_across_jobs_of_one_shape(engines):
     assert compiled.compiler.count == before
 
 
-def test_changed_weights_are_used_without_recompiling(engines):
-    """Weights are graph inputs, not constants: an in-place change (what a LoRA merge does) shows in the very
-    next image, and nothing is compiled again."""
+def test_a_lora_recompiles_a_frozen_graph_once_and_matches_eager(engines):
+    """On a CPU the weights are frozen into the graph: a LoRA merged in place must show in the very next image
+    (eager's within 2/255) by one recompile; the same set again compiles nothing; dropping it recompiles once
+    more and gives the plain image back."""
     eager, compiled = engines
-    req = _req("Euler", seed=3)
-    base = _pixels(compiled, req)
+    assert compiled.compiler.freeze
+    plain, lora = _req("Euler", seed=3), _req("Euler", seed=3, prompt="a red circle <lora:lora_a:1>")
+    base = _pixels(compiled, plain)
     count = compiled.compiler.count
-    unet = compiled.current_model.unet
+    with_lora = _pixels(compiled, lora)
+    assert compiled.compiler.count == count + 1
+    assert np.abs(with_lora - base).max() > 10
+    assert np.abs(with_lora - _pixels(eager, lora)).max() <= 2
+    assert np.array_equal(_pixels(compiled, lora), with_lora) and compiled.compiler.count == count + 1
+    assert np.abs(_pixels(compiled, plain) - base).max() <= 2
+    assert compiled.compiler.count == count + 2
+
+
+@pytest.mark.slow
+def test_weights_as_graph_inputs_change_without_recompiling(engines):
+    """CUDA's way (freeze=False): the weights are inputs of the graph, read at every call."""
+    eager, _ = engines
+    compiler = Compiler(True, freeze=False)
+    unet = eager.current_model.unet
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor(10.0), torch.randn(1, 77, unet.config.cross_attention_dim)
     weight = unet.conv_out.weight
     saved = weight.detach().clone()
-    try:
-        with torch.no_grad():
-            weight.mul_(3.0)
-        changed = _pixels(compiled, req)
-    finally:
-        with torch.no_grad():
-            weight.copy_(saved)
-    assert np.abs(changed - base).max() > 10
-    assert compiled.compiler.count == count
-    assert np.abs(_pixels(compiled, req) - base).max() <= 2
+    with torch.inference_mode():
+        before = compiler.unet(unet)(x, t, encoder_hidden_states=ctx).sample
+        count = compiler.count
+        try:
+            with torch.no_grad():
+                weight.mul_(3.0)
+            after = compiler.unet(unet)(x, t, encoder_hidden_states=ctx).sample
+            ref = unet(x, t, encoder_hidden_states=ctx).sample
+        finally:
+            with torch.no_grad():
+                weight.copy_(saved)
+    assert compiler.count == count == 1
+    assert (after - before).abs().max() > 1e-3 and torch.allclose(after, ref, atol=1e-4)
 
 
 def test_a_compiler_failure_runs_eagerly_and_says_why(engines):
     eager, _ = engines
 
     class Broken(Compiler):
-        def _backend(self, gm, example_inputs):
-            raise RuntimeError("no C++ compiler")
+        def _new_backend(self):
+            def backend(gm, example_inputs):
+                raise RuntimeError("no C++ compiler")
+
+            return backend
 
     compiler = Broken(True)
     unet = eager.current_model.unet

@@ -118,8 +118,9 @@ def test_reduced_refine_run_writes_a_folder_with_its_history(tiny_folder):
     # the same command again resumes a finished run: nothing is trained twice
     assert main(args) == 0
     assert json.loads((out / "TRAINING.json").read_text())["progress"]["unet_step"] == 3
-    # a later sitting gives the finished run a new UNet cycle; that command again trains nothing more
-    cycle = args + ["--unet-cycle", "1", "--unet-steps", "2"]
+    # a later sitting gives the finished run a new UNet cycle (here in bf16 autocast); that command again
+    # trains nothing more
+    cycle = args + ["--unet-cycle", "1", "--unet-steps", "2", "--autocast", "bf16"]
     for _ in range(2):
         assert main(cycle) == 0
         p = json.loads((out / "TRAINING.json").read_text())["progress"]

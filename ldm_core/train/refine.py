@@ -42,6 +42,7 @@ from ldm_core.train.builtin import (
     EMA,
     CaptionTokenizer,
     PhaseClock,
+    _autocast,
     _named_shadow,
     _save_atomic,
     build_scheduler,
@@ -94,6 +95,7 @@ class RefineOptions:
     unet_cycle: int = 0  # raise it to run the UNet phase again: a new cosine cycle of --unet-seconds more
     checkpoint_every: float = 300.0
     threads: int | None = None
+    autocast: str = "off"  # "bf16": the UNet's forward in bf16 autocast (AMX / AVX512-BF16 CPUs: ~2-3x faster)
     phases: tuple[str, ...] = PHASES[:-1]
     command: str = ""
 
@@ -299,8 +301,9 @@ class Refiner:
             lr = lr_at(o.unet_lr, step - step0, p.unet_progress, o.warmup_steps, o.min_lr_ratio)
             for g in self.unet_opt.param_groups:
                 g["lr"] = lr
-            pred = self.unet(x_t, t, cond).sample
-            err = (pred - target).pow(2)
+            with _autocast(torch.device("cpu"), o.autocast):
+                pred = self.unet(x_t, t, cond).sample
+            err = (pred.float() - target).pow(2)
             if o.object_weight > 0:
                 c = F.max_pool2d(cache["cover"][idx].float(), 3, stride=1, padding=1)
                 err = err * (1.0 + o.object_weight * c)
@@ -486,6 +489,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint_every",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument(
+        "--autocast",
+        choices=("off", "bf16"),
+        default=d.autocast,
+        help="bf16: the UNet phase in bf16 autocast (fast on CPUs with AMX or AVX512-BF16)",
+    )
     p.add_argument(
         "--phases",
         type=lambda v: tuple(x.strip() for x in v.split(",") if x.strip()),
