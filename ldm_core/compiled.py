@@ -129,7 +129,15 @@ class Compiler:
 def weights_stamp(module: torch.nn.Module) -> int:
     """Changes whenever any parameter or buffer of `module` is replaced or changed in place (its storage
     address and autograd version counter; `Tensor.copy_` under no_grad or inference_mode bumps the latter)."""
-    return hash(tuple((t.data_ptr(), _version(t)) for t in (*module.parameters(), *module.buffers())))
+    return hash(
+        tuple(
+            (t.data_ptr(), _version(t))
+            for m in module.modules()  # one walk over the tree (parameters() and buffers() walk it twice)
+            for own in (m._parameters, m._buffers)
+            for t in own.values()
+            if t is not None
+        )
+    )
 
 
 def _version(t: torch.Tensor) -> int:

@@ -191,3 +191,28 @@ def test_decoder_step_with_uniform_weight_is_the_plain_loss():
         losses.append(float(decoder_step(dec, list(dec.parameters()), opt, raw, ims, 0.0, **kw)))
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     assert losses[2] > losses[0]  # the gradient term adds to it
+
+
+def test_fresh_unet_trains_a_new_layout_on_the_folders_vae(tiny_folder):
+    """`--fresh-unet v2-f4`: the folder's VAE and text encoder under that preset's UNet layout (attention at
+    the two coarser levels only), started from random weights; the folder written says so and loads."""
+    from diffusers import UNet2DConditionModel
+
+    from ldm_core.train.__main__ import main
+
+    base = tiny_folder / "base" / "out"
+    out, work = tiny_folder / "fresh", tiny_folder / "fresh-work"
+    args = ["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--fresh-unet", "v2-f4"]
+    args += ["--phases", "cache,unet", "--cache-scenes", "8", "--cache-batch", "8", "--unet-steps", "2"]
+    args += ["--unet-batch", "2", "--autocast", "bf16"]
+    assert main(args) == 0
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True)
+    v2 = builtin.PRESETS["v2-f4"]
+    assert tuple(unet.config.block_out_channels) == v2.unet_channels
+    assert tuple(unet.config.down_block_types) == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    assert unet.config.cross_attention_dim == 32  # the tiny folder's text encoder
+    spec = json.loads((out / "TRAINING.json").read_text())["spec"]
+    assert spec["unet_attention"] == [False, True, True] and spec["vae_channels"] == [8, 16, 16, 16]
+    assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
+        base / "vae" / "diffusion_pytorch_model.safetensors"
+    ).read_bytes()

@@ -337,7 +337,7 @@ class PromptEncoder:
         self.zero_empty_negative = zero_empty_negative
         self.device = device  # where offloaded text encoders (weights on `meta`) execute
         self._sides: list[_Side] | None = None
-        self._cache: dict[tuple[str, int], Conditioning] = {}
+        self._cache: dict[tuple[str, int | None], Conditioning] = {}
         self._tokens: dict[str, list[TokenChunks]] = {}
 
     # ---- configuration --------------------------------------------------------------------------------
@@ -401,6 +401,9 @@ class PromptEncoder:
             encoded = self.encode("", n_chunks)
             pooled = torch.zeros_like(encoded.pooled) if encoded.pooled is not None else None
             return Conditioning(torch.zeros_like(encoded.embeds), pooled)
+        asked = (text, n_chunks)
+        if asked in self._cache:  # every step of a job asks again: no tokenizing for a text already encoded
+            return self._cache[asked]
         n = max(n_chunks or 0, self.chunk_count(text))
         key = (text, n)
         if key not in self._cache:
@@ -412,6 +415,7 @@ class PromptEncoder:
                     pooled = p
             embeds = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             self._cache[key] = Conditioning(embeds, pooled)
+        self._cache[asked] = self._cache[key]
         return self._cache[key]
 
     def encode_batch(

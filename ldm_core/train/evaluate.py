@@ -438,12 +438,34 @@ class Evaluator:
             hit_rec += int(_reads_as(analyse(rec), want))
         self._save("vae", [_to_pil(t) for pair in zip(singles[:50], recs[:50], strict=True) for t in pair])
         return {
+            **self._colour_geometry(),
             "n": n,
             "psnr_db": float(v.mean()),
             "psnr_db_min": float(v.min()),
             "psnr_db_median": float(v.median()),
             "recon_shape_colour": hit_rec / n,
             "render_shape_colour": hit_orig / n,
+        }
+
+    def _colour_geometry(self) -> dict:
+        """How the named colours sit in latent space: each flat colour's mean latent (channels, averaged over
+        cells, scaled as the UNet sees it) minus the mean over all colours. `colour_ray_cos` is the mean
+        |cosine| between two colours' directions: near 1 the colours lie on one line through the mean, and
+        guidance that pushes along one pushes towards another (green to black at CFG 7); `colour_spread` is
+        the mean distance of a colour from that mean, in units of the latent std."""
+        vae = self.pipe.vae
+        flat = torch.tensor(list(shapes.COLOURS.values()), dtype=torch.float32) / 255.0
+        images = flat.view(-1, 3, 1, 1).expand(-1, 3, self.res, self.res)
+        with torch.no_grad():
+            z = vae.encode(images.to(self.dev, vae.dtype) * 2 - 1).latent_dist.mean.float().cpu()
+        v = z.mean((2, 3)) * float(vae.config.scaling_factor)
+        d = v - v.mean(0)
+        u = d / d.norm(dim=1, keepdim=True).clamp(min=1e-8)
+        cos = (u @ u.T).abs()
+        k = len(u)
+        return {
+            "colour_ray_cos": float((cos.sum() - k) / (k * (k - 1))),
+            "colour_spread": float(d.norm(dim=1).mean()),
         }
 
     def _reconstruct(self, images: torch.Tensor, batch: int = 64):
@@ -543,7 +565,9 @@ def format_report(rep: dict) -> str:
         lines.append(
             f"VAE PSNR on {v['n']} held-out renders: mean {v['psnr_db']:.2f} dB (median "
             f"{v['psnr_db_median']:.2f}, min {v['psnr_db_min']:.2f}); analyser shape+colour on "
-            f"reconstructions {v['recon_shape_colour']:.1%} (on the renders {v['render_shape_colour']:.1%})"
+            f"reconstructions {v['recon_shape_colour']:.1%} (on the renders {v['render_shape_colour']:.1%}); "
+            f"colours in latent space: mean |cos| between directions {v['colour_ray_cos']:.2f}, spread "
+            f"{v['colour_spread']:.2f}"
         )
     for k, b in rep.get("bars", {}).items():
         lines.append(f"  bar {k}: {b['value']:.3f} (need {b['need']}) {'PASS' if b['pass'] else 'FAIL'}")

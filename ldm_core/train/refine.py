@@ -31,7 +31,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from ldm_core.train import shapes, text_pretrain
 from ldm_core.train.builtin import (
     EMA,
+    PRESETS,
     CaptionTokenizer,
     PhaseClock,
     _autocast,
@@ -95,6 +96,7 @@ class RefineOptions:
     unet_cycle: int = 0  # raise it to run the UNet phase again: a new cosine cycle of --unet-seconds more
     checkpoint_every: float = 300.0
     threads: int | None = None
+    fresh_unet: str | None = None  # a preset name: a new, randomly initialised UNet of that preset's layout
     autocast: str = "off"  # "bf16": the UNet's forward in bf16 autocast (AMX / AVX512-BF16 CPUs: ~2-3x faster)
     phases: tuple[str, ...] = PHASES[:-1]
     command: str = ""
@@ -146,13 +148,19 @@ class Refiner:
         self.work = Path(o.work_dir)
         self.work.mkdir(parents=True, exist_ok=True)
         self.spec = spec_from_folder(o.init)
+        if o.fresh_unet is not None:  # the folder's VAE (and text encoder) under a new UNet layout
+            ref = PRESETS[o.fresh_unet]
+            unet_fields = ("unet_channels", "unet_layers", "unet_head_dim", "unet_groups", "unet_attention")
+            self.spec = replace(self.spec, **{k: getattr(ref, k) for k in unet_fields})
         self.base_record = json.loads((Path(o.init) / "TRAINING.json").read_text(encoding="utf-8"))
         vae_sd, te_sd, unet_sd, sf = load_folder_state(o.init)
         self.sf = sf
+        torch.manual_seed(o.seed)
         self.vae, self.te, self.unet = build_vae(self.spec), build_text_encoder(self.spec), build_unet(self.spec)
         self.vae.load_state_dict(vae_sd)
         self.te.load_state_dict(te_sd, strict=False)
-        self.unet.load_state_dict(unet_sd)
+        if o.fresh_unet is None:
+            self.unet.load_state_dict(unet_sd)
         self.tokenizer = CaptionTokenizer()
         self.p = _Progress()
         self.heads: text_pretrain.AttributeHeads | None = None
@@ -401,7 +409,7 @@ class Refiner:
             "torch": torch.__version__,
             "device": "cpu",
             "threads": torch.get_num_threads(),
-            "spec": self.base_record["spec"],
+            "spec": json.loads(json.dumps(asdict(self.spec))),  # the folder's, or with --fresh-unet's layout
             "scaling_factor": self.sf,
             "history": [*self.base_record.get("history", []), _strip(self.base_record)],
         }
@@ -489,6 +497,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checkpoint_every",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument(
+        "--fresh-unet",
+        choices=sorted(PRESETS),
+        default=None,
+        help="start a new UNet of this preset's layout (random weights) on the folder's VAE and text encoder",
+    )
     p.add_argument(
         "--autocast",
         choices=("off", "bf16"),
