@@ -220,7 +220,8 @@ def build_parser(*, api_only: bool = False) -> argparse.ArgumentParser:
         action="store_const",
         const="on",
         default=None,
-        help="torch.compile the UNet on any device (default: on CUDA only; on a CPU the first image waits ~1 min)",
+        help="torch.compile the UNet and VAE decoder on any device (default: on CUDA only; on a CPU the first image "
+        "waits ~1 min, then images take ~0.56x the time, ~0.47x with --precision bf16 on a CPU with AMX/AVX512-BF16)",
     )
     comp.add_argument("--no-compile", dest="compile", action="store_const", const="off", help="never torch.compile")
     mem = dev.add_mutually_exclusive_group()

@@ -57,7 +57,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default="auto")
     p.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.pt files (weights_only loading)")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: all but one)")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile the UNet")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile UNet + VAE decoder")
 
 
 def build_parser() -> argparse.ArgumentParser:
