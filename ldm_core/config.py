@@ -31,6 +31,7 @@ class EngineConfig:
     embeddings_dirs: tuple[Path, ...] = ()
     upscaler_dirs: tuple[Path, ...] = ()
     controlnet_dirs: tuple[Path, ...] = ()
+    annotator_dirs: tuple[Path, ...] = ()  # preprocessor models (depth, segmentation): models/annotators/<name>/
     outputs_dir: Path = Path("outputs")
     builtin_model_dir: Path | None = BUILTIN_MODEL_DIR
     device: str = "auto"
@@ -68,6 +69,7 @@ class EngineConfig:
             embeddings_dirs=(d / "embeddings",),
             upscaler_dirs=tuple(d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")),
             controlnet_dirs=(d / "models" / "ControlNet",),
+            annotator_dirs=(d / "models" / "annotators",),
             outputs_dir=d / "outputs",
         )
         return replace(base, **overrides)

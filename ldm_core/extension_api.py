@@ -510,6 +510,7 @@ class Preprocessor:
     threshold_a: Slider | None = None
     threshold_b: Slider | None = None
     uses_resolution: bool = True
+    needs_model: bool = False  # runs a model from a local folder (A1111's module_detail "model_free": false)
 
     def __call__(
         self, image: Image.Image, resolution: int = 512, threshold_a: float = -1, threshold_b: float = -1

@@ -25,6 +25,7 @@ from ldm_core.extension_api import (
     ConditioningType,
     ExtensionContext,
     Job,
+    ModelCache,
     ModelFileError,
     RequestError,
     Step,
@@ -36,7 +37,7 @@ from ldm_core.extension_api import (
     ui_fields,
 )
 
-from . import control_models, preprocessors
+from . import annotators, control_models, preprocessors
 from .units import CONTROL_MODES, DEFAULT_PROCESSOR_RES, ControlNetUnit, infotext_value, units_from_infotext
 
 MAX_UNITS = 3
@@ -139,6 +140,10 @@ class ControlNet:
         # (the API route, the UI's choices/refresh) and when a job names a model the listing does not hold
         self._listing: dict[tuple, list[control_models.ControlModelEntry]] = {}
         self._listing_lock = threading.Lock()
+        # canny & co., then the ones that run a local model (depth, normal, segmentation: annotators.py)
+        self.preprocessors = preprocessors.ALL + annotators.preprocessors(
+            lambda: ctx.model_dirs, ModelCache(size=2), ctx.allow_pickle
+        )
 
     # ---- models -------------------------------------------------------------------------------------
     def dirs(self, job: Job | None = None) -> list[Path]:
@@ -266,16 +271,16 @@ class ControlNet:
 
     def api_module_list(self, _body=None) -> dict:
         detail = {}
-        for p in preprocessors.ALL:
+        for p in self.preprocessors:
             sliders = [s for s in (p.threshold_a, p.threshold_b) if s is not None]
             detail[p.name] = {
-                "model_free": True,
+                "model_free": not p.needs_model,
                 "sliders": [
                     {"name": s.label, "value": s.default, "min": s.minimum, "max": s.maximum, "step": s.step}
                     for s in sliders
                 ],
             }
-        return {"module_list": [p.name for p in preprocessors.ALL], "module_detail": detail}
+        return {"module_list": [p.name for p in self.preprocessors], "module_detail": detail}
 
     def api_detect(self, body) -> dict:
         body = body or {}
@@ -301,7 +306,7 @@ class ControlNet:
 
 def register(ctx: ExtensionContext) -> None:
     cn = ControlNet(ctx)
-    for p in preprocessors.ALL:
+    for p in cn.preprocessors:
         ctx.add_preprocessor(p)
     fields = ui_fields(
         ControlNetUnit,

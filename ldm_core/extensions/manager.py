@@ -60,6 +60,7 @@ def _model_dirs(config: EngineConfig | None) -> dict[str, tuple[Path, ...]]:
         "embeddings": tuple(config.embeddings_dirs),
         "ESRGAN": tuple(config.upscaler_dirs),
         "ControlNet": tuple(config.controlnet_dirs),
+        "annotators": tuple(config.annotator_dirs),
     }
 
 
