@@ -7,6 +7,8 @@ Writes PNGs with their infotext into --out and shows a progress bar. Stable form
   python -m ldm_core inpaint --init-image FILE --mask FILE ... --out DIR
   python -m ldm_core batch prompts.jsonl|prompts.csv --out DIR [--model NAME] [--ray-local N | --ray-address auto]
       [--ray-threads 1] [--window N] [--limit N]      (ldm_core.batch: resumable, writes DIR/manifest.jsonl)
+  python -m ldm_core detect --module depth_midas --image FILE --out MAP.png [--resolution 512]
+      [--threshold-a A] [--threshold-b B]    (a ControlNet preprocessor, as /controlnet/detect runs it)
 """
 
 from __future__ import annotations
@@ -84,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-dir", default=None)
     sub.add_parser("samplers", help="list sampler names and schedule types")
     _batch_parser(sub)
+    p = sub.add_parser("detect", help="run a ControlNet preprocessor (canny, depth_midas, seg_ufade20k, ...)")
+    p.add_argument("--module", required=True, help="preprocessor name (see /controlnet/module_list)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True, help="PNG file for the control map")
+    p.add_argument("--resolution", type=int, default=512, help="short side to process at")
+    p.add_argument("--threshold-a", type=float, default=-1, help="default: the preprocessor's")
+    p.add_argument("--threshold-b", type=float, default=-1)
+    _add_engine_flags(p)
     return parser
 
 
@@ -252,6 +262,30 @@ def _batch(args) -> int:
     return 0 if report.ok else 1
 
 
+def _detect(args) -> int:
+    """One preprocessor of the loaded extensions on one image; the map is written to --out."""
+    from .engine import Engine
+    from .extensions import REPO_EXTENSIONS_DIR, STATE_FILE_NAME, ExtensionManager
+
+    out = Path(args.out)
+    cfg = EngineConfig.from_data_dir(args.data_dir, device=args.device, allow_pickle=args.allow_pickle)
+    data = Path(args.data_dir)
+    manager = ExtensionManager(
+        [REPO_EXTENSIONS_DIR, data / "extensions"], config=cfg, state_file=data / STATE_FILE_NAME
+    )
+    manager.load(Engine(cfg))
+    pre = manager.preprocessors.get(args.module) or manager.preprocessors.get(args.module.casefold())
+    if pre is None:
+        names = sorted({p.name for p in manager.preprocessors.values()})
+        raise RequestError("module", f"unknown preprocessor {args.module!r}; available: {', '.join(names)}")
+    image = _open_image(args.image, "image").convert("RGB")
+    detected = pre(image, args.resolution, args.threshold_a, args.threshold_b)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    detected.save(out)
+    print(f"{out} ({detected.width}x{detected.height}, {pre.name})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
@@ -280,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "batch":
             return _batch(args)
+        if args.command == "detect":
+            return _detect(args)
         return _generate(args)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -214,3 +214,21 @@ def test_a_unit_with_a_depth_preprocessor_conditions_the_job(setup):
     seg, _ = run("seg_ufade20k")
     assert np.abs(depth - plain).max() > 0 and np.abs(seg - depth).max() > 0
     assert "Module: depth_midas" in info
+
+
+def test_cli_detect_writes_the_map_and_names_a_missing_folder(setup, tmp_path, capsys):
+    from ldm_core.cli import main
+
+    src = tmp_path / "photo.png"
+    photo().save(src)
+    data = ["--data-dir", str(setup["root"]), "--device", "cpu"]
+    out = tmp_path / "depth.png"
+    assert (
+        main(["detect", "--module", "depth_midas", "--image", str(src), "--out", str(out), "--resolution", "48", *data])
+        == 0
+    )
+    m = np.asarray(Image.open(out).convert("RGB"))
+    assert m.shape == (48, 64, 3) and m.max() == 255
+    missing = ["detect", "--module", "seg_ofade20k", "--image", str(src), "--out", str(tmp_path / "x.png"), *data]
+    assert main(missing) == 2
+    assert "annotators/seg_ofade20k/" in capsys.readouterr().err
