@@ -64,7 +64,8 @@ def _diffusers_weights(folder: Path) -> Path | None:
         data = json.loads(cfg.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if data.get("_class_name") != "ControlNetModel" and "conditioning_embedding_out_channels" not in data:
+    known = data.get("_class_name") in ("ControlNetModel", "T2IAdapter")  # adapters run in units too (adapters.py)
+    if not known and "conditioning_embedding_out_channels" not in data:
         return None
     return next((folder / n for n in DIFFUSERS_WEIGHTS if (folder / n).is_file()), None)
 

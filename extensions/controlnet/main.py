@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 from pathlib import Path
 
@@ -32,12 +33,13 @@ from ldm_core.extension_api import (
     UISection,
     builtin_models_dir,
     decode_image,
+    load_state_dict,
     pil_to_tensor,
     resize_to,
     ui_fields,
 )
 
-from . import annotators, control_models, preprocessors
+from . import adapters, annotators, control_models, preprocessors
 from .units import CONTROL_MODES, DEFAULT_PROCESSOR_RES, ControlNetUnit, infotext_value, units_from_infotext
 
 MAX_UNITS = 3
@@ -84,6 +86,22 @@ def _box_resize(control: Image.Image, width: int, height: int, mode: str) -> Ima
     canvas = Image.new("RGB", (width, height))
     canvas.paste(img.resize((w, h), Image.BOX), ((width - w) // 2, (height - h) // 2))
     return canvas
+
+
+def is_adapter(entry: control_models.ControlModelEntry, allow_pickle: bool) -> bool:
+    """Whether a scanned model is a T2I-Adapter (by its config's class, or by its weights' key names)."""
+    if entry.kind == "diffusers":
+        try:
+            cfg = json.loads((entry.path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return cfg.get("_class_name") == adapters.CLASS_NAME
+    if entry.weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(entry.weights), "pt") as f:
+            return adapters.is_adapter_state(dict.fromkeys(f.keys()))
+    return adapters.is_adapter_state(load_state_dict(entry.weights, allow_pickle=allow_pickle))
 
 
 class ControlProvider:
@@ -194,6 +212,10 @@ class ControlNet:
         key = (str(entry.weights), st.st_size, st.st_mtime_ns, str(job.device), str(job.dtype))
 
         def build():
+            if is_adapter(entry, job.allow_pickle):
+                return adapters.load_adapter(entry, job.unet_config, allow_pickle=job.allow_pickle).to(
+                    device=job.device, dtype=job.dtype
+                )
             model = control_models.load_controlnet(entry, job.unet_config, allow_pickle=job.allow_pickle)
             model.to(device=job.device, dtype=job.dtype)
             if job.device.type == "cuda":  # channels-last like the engine's UNet on CUDA (faster convolutions)
@@ -229,6 +251,12 @@ class ControlNet:
             raise RequestError(field + ".image", f"ControlNet unit {index} has no image (txt2img needs one)")
         entry = self.find(unit.model, job, field + ".model")
         model = self.load(entry, job)
+        if type(model).__name__ == adapters.CLASS_NAME:  # a T2I-Adapter in a ControlNet unit
+            adapters.check_fits(model, job.unet_config, job.family, entry.name, job.model_name, field + ".model")
+            cmap = self.control_map(unit, image, job.width, job.height, field)
+            hint = pil_to_tensor(cmap).to(device=job.device, dtype=job.dtype)
+            cond_only = unit.control_mode == CONTROL_MODES[2]
+            return adapters.AdapterProvider(model, hint, unit.weight, cond_only, job.latent_scale)
         control_models.check_fits(
             model.config, job.unet_config, job.family, entry.name, job.model_name, field + ".model"
         )

@@ -83,6 +83,8 @@ def _merge_unet_kwargs(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[k] = tuple(a + b for a, b in zip(base[k], v, strict=True))
         elif k == "mid_block_additional_residual":
             base[k] = base[k] + v
+        elif k == "down_intrablock_additional_residuals":  # T2I-Adapters: several add up, level by level
+            base[k] = [a + b for a, b in zip(base[k], v, strict=True)]
         else:
             base[k] = v
 
