@@ -96,12 +96,15 @@ def is_adapter(entry: control_models.ControlModelEntry, allow_pickle: bool) -> b
         except (OSError, ValueError):
             return False
         return cfg.get("_class_name") == adapters.CLASS_NAME
-    if entry.weights.suffix == ".safetensors":
-        from safetensors import safe_open
+    try:
+        if entry.weights.suffix == ".safetensors":
+            from safetensors import safe_open
 
-        with safe_open(str(entry.weights), "pt") as f:
-            return adapters.is_adapter_state(dict.fromkeys(f.keys()))
-    return adapters.is_adapter_state(load_state_dict(entry.weights, allow_pickle=allow_pickle))
+            with safe_open(str(entry.weights), "pt") as f:
+                return adapters.is_adapter_state(dict.fromkeys(f.keys()))
+        return adapters.is_adapter_state(load_state_dict(entry.weights, allow_pickle=allow_pickle))
+    except Exception:  # unreadable (corrupt, truncated, a pickle not allowed): the ControlNet loader says why
+        return False
 
 
 class ControlProvider:
