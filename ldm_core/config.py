@@ -67,7 +67,9 @@ class EngineConfig:
             vae_dirs=(d / "models" / "VAE",),
             lora_dirs=(d / "models" / "Lora",),
             embeddings_dirs=(d / "embeddings",),
-            upscaler_dirs=tuple(d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")),
+            upscaler_dirs=tuple(
+                d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "SD-Upscale")
+            ),
             controlnet_dirs=(d / "models" / "ControlNet",),
             annotator_dirs=(d / "models" / "annotators",),
             outputs_dir=d / "outputs",

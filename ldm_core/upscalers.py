@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .diffusion_upscalers import DiffusionUpscaleOptions, X4Upscaler, image_prompt, is_x4_folder
 from .generation_requests import RequestError
 from .models.suffixes import UPSCALER_SUFFIXES
 from .tiling import tiled_apply
@@ -128,7 +129,8 @@ class Fallback:
 
 @dataclass
 class UpscalerEntry:
-    """One listed upscaler. `kind` is "basic", "model" or "extension"; `scale` the native factor if known."""
+    """One listed upscaler. `kind` is "basic", "model" (a spandrel file), "diffusion" (an SD x4 upscaler
+    folder, `ldm_core.diffusion_upscalers`) or "extension"; `scale` the native factor if known."""
 
     name: str
     kind: str
@@ -154,12 +156,14 @@ class UpscalerRegistry:
     the preferred half type (fp16/bf16 is used only on CUDA and only when the architecture supports it).
     `allow_pickle`: load .pth/.pt/.ckpt files (through the safe loader; refused otherwise).
     `tile`/`overlap`: tile size and overlap in input pixels. `builtin`: the shipped upscaler file (listed
-    whenever it exists). `cache_size`: how many loaded models stay in memory.
+    whenever it exists). `cache_size`: how many loaded models stay in memory. `diffusion`: the options of
+    diffusion upscalers (steps, noise level, CFG, seed, tile).
     """
 
     def __init__(self, dirs: list[Path] | tuple[Path, ...], *, device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False, tile: int = 256,
-                 overlap: int = 16, builtin: Path | None = BUILTIN_UPSCALER, cache_size: int = 1):
+                 overlap: int = 16, builtin: Path | None = BUILTIN_UPSCALER, cache_size: int = 1,
+                 diffusion: DiffusionUpscaleOptions | None = None):
         self.dirs = [Path(d) for d in dirs]
         self.device = torch.device(device)
         self.dtype = dtype
@@ -168,6 +172,7 @@ class UpscalerRegistry:
         self.overlap = overlap
         self.builtin = builtin
         self.cache_size = max(0, cache_size)
+        self.diffusion = diffusion or DiffusionUpscaleOptions()  # steps, noise level, ... of diffusion upscalers
         self._entries: dict[str, UpscalerEntry] = {}
         self._extensions: dict[str, UpscalerEntry] = {}
         self._loaded: OrderedDict[Path, Any] = OrderedDict()
@@ -185,7 +190,11 @@ class UpscalerRegistry:
         for d in self.dirs:
             if d.is_dir():
                 files.extend(sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in suffixes))
+        folders = [p for d in self.dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir() and is_x4_folder(p)]
         seen: set[Path] = set()
+        for p in folders:
+            if p.name not in entries:
+                entries[p.name] = UpscalerEntry(p.name, "diffusion", p, 4)
         for p in files:
             real = p.resolve()
             if real in seen:
@@ -204,11 +213,11 @@ class UpscalerRegistry:
             self._entries = entries
 
     def names(self) -> list[str]:
-        """"None", "Lanczos", "Nearest", then model upscalers (sorted), then extension ones. Latent modes are
-        not here: see `latent_modes()`."""
+        """"None", "Lanczos", "Nearest", then model and diffusion upscalers (sorted), then extension ones.
+        Latent modes are not here: see `latent_modes()`."""
         with self._lock:
             basic = [n for n in BASIC_UPSCALERS]
-            models = sorted((n for n, e in self._entries.items() if e.kind == "model"), key=str.lower)
+            models = sorted((n for n, e in self._entries.items() if e.kind in ("model", "diffusion")), key=str.lower)
             ext = [n for n, e in self._entries.items() if e.kind == "extension"]
         return basic + models + ext
 
@@ -273,13 +282,16 @@ class UpscalerRegistry:
     def load(self, name: str) -> Any:
         """The spandrel ImageModelDescriptor of a model upscaler, on the registry's device (cached)."""
         e = self.entry(name)
-        if e.kind != "model" or e.path is None:
+        if e.kind not in ("model", "diffusion") or e.path is None:
             raise RequestError("upscaler", f"{name!r} is not a model upscaler")
         with self._lock:
             if e.path in self._loaded:
                 self._loaded.move_to_end(e.path)
                 return self._loaded[e.path]
-            desc = self._build(e.path)
+            if e.kind == "diffusion":
+                desc = X4Upscaler(e.path, self.device, self._diffusion_dtype(), self.allow_pickle)
+            else:
+                desc = self._build(e.path)
             e.scale = desc.scale
             if self.cache_size:
                 self._loaded[e.path] = desc
@@ -318,6 +330,9 @@ class UpscalerRegistry:
                 return torch.bfloat16
         return torch.float32
 
+    def _diffusion_dtype(self) -> torch.dtype:
+        return self.dtype if self.device.type == "cuda" else torch.float32
+
     def unload(self) -> None:
         """Forget loaded models (frees their memory)."""
         with self._lock:
@@ -351,7 +366,7 @@ class UpscalerRegistry:
             if progress is not None:
                 progress(1, 1)
         else:
-            out = self._run_model(rgb, name, (tw, th), progress, cancel)
+            out = self._run_model(rgb, name, (tw, th), progress, cancel, prompt=image_prompt(image))
         if out.size != (tw, th):
             out = out.resize((tw, th), Image.LANCZOS)
         if alpha is not None:
@@ -362,8 +377,10 @@ class UpscalerRegistry:
         return out
 
     def _run_model(self, image: Image.Image, name: str, target: tuple[int, int], progress: ProgressFn | None,
-                   cancel: Callable[[], None] | None) -> Image.Image:
+                   cancel: Callable[[], None] | None, prompt: str = "") -> Image.Image:
         desc = self.load(name)
+        diffusion = isinstance(desc, X4Upscaler)
+        opts = self.diffusion
         s = desc.scale
         sizes = [image.size]
         if s == 1:  # a 1x restoration model (denoise, de-JPEG): applied once
@@ -376,21 +393,25 @@ class UpscalerRegistry:
             return image
         from .tiling import TileGrid
 
-        totals = [len(TileGrid(w, h, self.tile, self.tile, self.overlap)) for w, h in sizes[:-1]]
+        base_tile, overlap = (opts.tile, opts.overlap) if diffusion else (self.tile, self.overlap)
+        totals = [len(TileGrid(w, h, base_tile, base_tile, overlap)) for w, h in sizes[:-1]]
         total, done = sum(totals), 0
 
         def tick(i: int, _n: int) -> None:
             if progress is not None:
                 progress(done + i, total)
 
-        dtype = next(desc.model.parameters()).dtype
+        if diffusion:  # tiles go through the pipeline as images; it places and casts them itself
+            fn, dtype, channels = desc.tile_fn(prompt, opts), torch.float32, 3
+        else:
+            fn, dtype, channels = desc, next(desc.model.parameters()).dtype, desc.input_channels
         out = image
         for k in range(passes):
-            x = _to_tensor(out, desc.input_channels).to(self.device, dtype)
-            tile = self.tile
+            x = _to_tensor(out, channels).to("cpu" if diffusion else self.device, dtype)
+            tile = base_tile
             while True:
                 try:
-                    y = tiled_apply(x, desc, tile=tile, overlap=self.overlap, progress=tick, cancel=cancel)
+                    y = tiled_apply(x, fn, tile=tile, overlap=overlap, progress=tick, cancel=cancel)
                     break
                 except torch.OutOfMemoryError:
                     if tile <= 64:

@@ -1,0 +1,111 @@
+"""Diffusion upscalers: Stability's SD x4 upscaler (a text-conditioned latent diffusion model on a factor-4
+VAE whose UNet reads the noised low-resolution image concatenated to its latents, conditioned on the noise
+level), run as a model upscaler of the registry (`ldm_core.upscalers`): listed in Extras, as a hires-fix
+upscaler and in `/sdapi/v1/upscalers`.
+
+Found as diffusers folders (`model_index.json` of class `StableDiffusionUpscalePipeline`) in the upscaler
+folders (models/ESRGAN, ...) or models/SD-Upscale, listed by folder name; loaded offline (`local_files_only`)
+with safetensors weights only unless pickles are allowed. Images larger than one tile are upscaled tile by
+tile with feathered overlaps (`ldm_core.tiling`), each tile with the same prompt, seed and noise.
+
+The prompt is the image's own (read from its infotext, as A1111 pastes it) unless one is given; the other
+options users know from the x4 upscaler are fixed here: 20 steps, noise level 20, CFG 9, seed 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .generation_requests import RequestError
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASS = "StableDiffusionUpscalePipeline"
+#: Extra folder name (under models/) scanned for diffusion upscalers, besides the model-upscaler folders.
+FOLDER = "SD-Upscale"
+
+
+@dataclass(frozen=True)
+class DiffusionUpscaleOptions:
+    steps: int = 20
+    noise_level: int = 20
+    guidance_scale: float = 9.0
+    seed: int = 0
+    tile: int = 128  # input pixels per tile (the x4 model was trained on 128 px crops)
+    overlap: int = 16
+
+
+def is_x4_folder(path: Path) -> bool:
+    index = path / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == PIPELINE_CLASS
+    except (OSError, ValueError):
+        return False
+
+
+def image_prompt(image: Image.Image) -> str:
+    """The prompt in the image's infotext (PNG "parameters"), or ""."""
+    text = image.info.get("parameters") if hasattr(image, "info") else None
+    if not text:
+        return ""
+    from .infotext import parse_infotext
+
+    return str(parse_infotext(str(text)).get("Prompt", ""))
+
+
+class X4Upscaler:
+    """One SD x4 upscaler folder, loaded on first use."""
+
+    scale = 4
+
+    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
+        self.folder, self.device, self.dtype, self.allow_pickle = Path(folder), device, dtype, allow_pickle
+        self._pipe: Any = None
+
+    def pipeline(self):
+        if self._pipe is None:
+            from diffusers import StableDiffusionUpscalePipeline
+
+            safe = any(self.folder.rglob("*.safetensors"))
+            if not safe and not self.allow_pickle:
+                msg = f"{self.folder.name}: no .safetensors weights (pickled weights need --allow-pickle)"
+                raise RequestError("upscaler", msg)
+            try:
+                pipe = StableDiffusionUpscalePipeline.from_pretrained(
+                    str(self.folder), local_files_only=True, use_safetensors=safe, torch_dtype=self.dtype
+                )
+            except (OSError, ValueError) as exc:
+                raise RequestError("upscaler", f"cannot load {self.folder.name}: {exc}") from None
+            pipe.set_progress_bar_config(disable=True)
+            self._pipe = pipe.to(self.device)
+            log.info("loaded diffusion upscaler %s on %s", self.folder.name, self.device)
+        return self._pipe
+
+    def tile_fn(self, prompt: str, options: DiffusionUpscaleOptions):
+        """(1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1]: one tile through the pipeline."""
+        pipe = self.pipeline()
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            arr = (x[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            out = pipe(
+                prompt=prompt,
+                image=Image.fromarray(arr),
+                num_inference_steps=options.steps,
+                guidance_scale=options.guidance_scale,
+                noise_level=options.noise_level,
+                generator=torch.Generator(device="cpu").manual_seed(options.seed),
+                output_type="pt",
+            ).images
+            return out.float().cpu()
+
+        return run

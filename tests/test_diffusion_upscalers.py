@@ -1,0 +1,214 @@
+"""Diffusion upscalers (ldm_core.diffusion_upscalers): a tiny random SD x4 upscaler in its real diffusers folder
+layout (StableDiffusionUpscalePipeline: factor-4 VAE, 7-channel UNet with noise-level class embedding, CLIP
+text encoder, DDPM low-res scheduler) is listed with the model upscalers, upscales through the registry (Extras
+and hires fix call it) and the API's /sdapi/v1/upscalers and /extra-single-image, tile by tile for a large
+image, reads the image's own prompt from its infotext, and a folder of pickled weights is refused."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, PngImagePlugin
+
+from ldm_core.diffusion_upscalers import DiffusionUpscaleOptions, X4Upscaler, image_prompt
+from ldm_core.upscalers import UpscalerRegistry
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "builtin" / "tokenizer"
+FAST = DiffusionUpscaleOptions(steps=2)  # the default 20 steps would only make the tests slower
+
+
+def build_tiny_x4(folder: Path) -> Path:
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+        num_class_embeds=1000,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        scaling_factor=0.08333,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    pipe = StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True),
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(),
+        scheduler=DDIMScheduler(prediction_type="v_prediction"),
+        max_noise_level=350,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def x4_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sdup") / "SD-Upscale"
+    build_tiny_x4(root / "tiny-x4")
+    return root
+
+
+def smooth(w: int = 24, h: int = 20) -> Image.Image:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([x / w, y / h, 0.5 + 0.5 * np.sin(x / 3)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def test_listed_and_upscales_4x_through_the_registry(x4_dir):
+    reg = UpscalerRegistry([x4_dir], builtin=None, diffusion=FAST)
+    assert "tiny-x4" in reg.names()
+    info = next(i for i in reg.infos() if i["name"] == "tiny-x4")
+    assert info["scale"] == 4 and info["model_path"].endswith("tiny-x4")
+    out = reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert out.size == (96, 80)
+    again = reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert np.array_equal(np.asarray(out), np.asarray(again))  # fixed seed: the same image
+    assert np.asarray(out).std() > 1  # not a flat image
+    half = reg.upscale(smooth(), "tiny-x4", scale=2)  # one x4 pass, then Lanczos down to the asked size
+    assert half.size == (48, 40)
+
+
+def test_large_images_go_tile_by_tile(x4_dir, monkeypatch):
+    reg = UpscalerRegistry([x4_dir], builtin=None, diffusion=FAST)
+    seen = []
+    fn = X4Upscaler.tile_fn
+
+    def counting(self, prompt, options):
+        inner = fn(self, prompt, options)
+
+        def run(x):
+            seen.append(tuple(x.shape[-2:]))
+            return inner(x)
+
+        return run
+
+    monkeypatch.setattr(X4Upscaler, "tile_fn", counting)
+    big = smooth(200, 140)
+    ticks = []
+    out = reg.upscale(big, "tiny-x4", scale=4, progress=lambda d, t: ticks.append((d, t)))
+    assert out.size == (800, 560)
+    assert len(seen) > 1 and max(max(s) for s in seen) <= 128  # 128 px input tiles
+    assert ticks[-1][0] == ticks[-1][1] == len(seen)
+
+
+def test_prompt_comes_from_the_images_infotext(tmp_path):
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a red circle on a blue background\nSteps: 20, Sampler: Euler a, Seed: 1")
+    path = tmp_path / "with-info.png"
+    smooth().save(path, pnginfo=info)
+    with Image.open(path) as im:
+        im.load()
+        assert image_prompt(im) == "a red circle on a blue background"
+        assert image_prompt(im.convert("RGB")) == "a red circle on a blue background"
+    assert image_prompt(smooth()) == ""
+
+
+def test_pickled_folder_refused_unless_allowed(tmp_path, x4_dir):
+    import shutil
+
+    from ldm_core.generation_requests import RequestError
+
+    bad = tmp_path / "SD-Upscale" / "pickled-x4"
+    shutil.copytree(x4_dir / "tiny-x4", bad)
+    for f in bad.rglob("*.safetensors"):
+        f.unlink()
+    reg = UpscalerRegistry([bad.parent], builtin=None, diffusion=FAST)
+    with pytest.raises(RequestError, match="--allow-pickle"):
+        reg.upscale(smooth(), "pickled-x4", scale=4)
+
+
+def test_api_lists_and_runs_it(tmp_path, x4_dir):
+    import shutil
+
+    import fastapi
+    from fastapi.testclient import TestClient
+
+    from api import install
+    from ldm_core.config import EngineConfig
+    from ldm_core.service import Service
+
+    shutil.copytree(x4_dir, tmp_path / "models" / "SD-Upscale")
+    service = Service(EngineConfig.from_data_dir(tmp_path, builtin_model_dir=None, device="cpu", save_images=False))
+    app = fastapi.FastAPI()
+    install(app, service)
+    try:
+        with TestClient(app) as client:
+            names = [u["name"] for u in client.get("/sdapi/v1/upscalers").json()]
+            assert "tiny-x4" in names
+            buf = io.BytesIO()
+            smooth().save(buf, format="PNG")
+            body = {"image": base64.b64encode(buf.getvalue()).decode(), "upscaler_1": "tiny-x4", "upscaling_resize": 4}
+            r = client.post("/sdapi/v1/extra-single-image", json=body)
+            assert r.status_code == 200, r.text
+            out = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
+            assert out.size == (96, 80)
+    finally:
+        service.shutdown()
+
+
+def test_hires_fix_upscales_with_it(tmp_path, x4_dir, tiny_models):
+    import shutil
+
+    from test_engine import make_engine
+
+    from ldm_core.generation_requests import GenerationRequest
+
+    shutil.copytree(x4_dir, tmp_path / "models" / "SD-Upscale")
+    engine = make_engine(tmp_path, {"tiny-sd1": tiny_models["sd1"]["diffusers"]}, device="cpu", save_images=False)
+    req = GenerationRequest.build(
+        prompt="a red circle",
+        steps=2,
+        width=64,
+        height=64,
+        seed=3,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="tiny-x4",
+        hr_second_pass_steps=2,
+        denoising_strength=0.3,
+        save_images=False,
+    )
+    res = engine.generate(req)
+    assert res.images[0].size == (128, 128)
+    assert "Hires upscaler: tiny-x4" in res.infotexts[0]
