@@ -1,7 +1,11 @@
-"""Diffusion upscalers: Stability's SD x4 upscaler (a text-conditioned latent diffusion model on a factor-4
-VAE whose UNet reads the noised low-resolution image concatenated to its latents, conditioned on the noise
-level), run as a model upscaler of the registry (`ldm_core.upscalers`): listed in Extras, as a hires-fix
-upscaler and in `/sdapi/v1/upscalers`.
+"""Diffusion upscalers, run as model upscalers of the registry (`ldm_core.upscalers`): listed in Extras, as
+hires-fix upscalers and in `/sdapi/v1/upscalers`.
+
+- Stability's **SD x4 upscaler** (a text-conditioned latent diffusion model on a factor-4 VAE whose UNet reads
+  the noised low-resolution image concatenated to its latents, conditioned on the noise level).
+- Stability's **SD x2 latent upscaler** (works on SD 1.x/2.x latents: in the hires fix it upscales the first
+  pass's latents 2x without decoding them, then the second pass runs as usual; on an image in Extras it
+  encodes, upscales and decodes with its own VAE).
 
 Found as diffusers folders (`model_index.json` of class `StableDiffusionUpscalePipeline`) in the upscaler
 folders (models/ESRGAN, ...) or models/SD-Upscale, listed by folder name; loaded offline (`local_files_only`)
@@ -29,6 +33,7 @@ from .generation_requests import RequestError
 log = logging.getLogger(__name__)
 
 PIPELINE_CLASS = "StableDiffusionUpscalePipeline"
+LATENT_PIPELINE_CLASS = "StableDiffusionLatentUpscalePipeline"
 #: Extra folder name (under models/) scanned for diffusion upscalers, besides the model-upscaler folders.
 FOLDER = "SD-Upscale"
 
@@ -43,14 +48,23 @@ class DiffusionUpscaleOptions:
     overlap: int = 16
 
 
-def is_x4_folder(path: Path) -> bool:
+def pipeline_class(path: Path) -> str | None:
+    """The `_class_name` of a diffusers pipeline folder, or None."""
     index = path / "model_index.json"
     if not index.is_file():
-        return False
+        return None
     try:
-        return json.loads(index.read_text(encoding="utf-8")).get("_class_name") == PIPELINE_CLASS
+        return json.loads(index.read_text(encoding="utf-8")).get("_class_name")
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def is_x4_folder(path: Path) -> bool:
+    return pipeline_class(path) == PIPELINE_CLASS
+
+
+def is_x2_latent_folder(path: Path) -> bool:
+    return pipeline_class(path) == LATENT_PIPELINE_CLASS
 
 
 def image_prompt(image: Image.Image) -> str:
@@ -63,10 +77,11 @@ def image_prompt(image: Image.Image) -> str:
     return str(parse_infotext(str(text)).get("Prompt", ""))
 
 
-class X4Upscaler:
-    """One SD x4 upscaler folder, loaded on first use."""
+class DiffusionUpscaler:
+    """A diffusers pipeline folder, loaded on first use (offline, safetensors unless pickles are allowed)."""
 
-    scale = 4
+    scale = 1
+    pipeline_name = ""
 
     def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
         self.folder, self.device, self.dtype, self.allow_pickle = Path(folder), device, dtype, allow_pickle
@@ -74,14 +89,15 @@ class X4Upscaler:
 
     def pipeline(self):
         if self._pipe is None:
-            from diffusers import StableDiffusionUpscalePipeline
+            import diffusers
 
+            pipeline_cls = getattr(diffusers, self.pipeline_name)
             safe = any(self.folder.rglob("*.safetensors"))
             if not safe and not self.allow_pickle:
                 msg = f"{self.folder.name}: no .safetensors weights (pickled weights need --allow-pickle)"
                 raise RequestError("upscaler", msg)
             try:
-                pipe = StableDiffusionUpscalePipeline.from_pretrained(
+                pipe = pipeline_cls.from_pretrained(
                     str(self.folder), local_files_only=True, use_safetensors=safe, torch_dtype=self.dtype
                 )
             except (OSError, ValueError) as exc:
@@ -90,6 +106,13 @@ class X4Upscaler:
             self._pipe = pipe.to(self.device)
             log.info("loaded diffusion upscaler %s on %s", self.folder.name, self.device)
         return self._pipe
+
+
+class X4Upscaler(DiffusionUpscaler):
+    """One SD x4 upscaler folder."""
+
+    scale = 4
+    pipeline_name = PIPELINE_CLASS
 
     def tile_fn(self, prompt: str, options: DiffusionUpscaleOptions):
         """(1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1]: one tile through the pipeline."""
@@ -107,5 +130,39 @@ class X4Upscaler:
                 output_type="pt",
             ).images
             return out.float().cpu()
+
+        return run
+
+
+class X2LatentUpscaler(DiffusionUpscaler):
+    """One SD x2 latent upscaler folder: `latents()` for the hires fix, `tile_fn()` for images."""
+
+    scale = 2
+    pipeline_name = LATENT_PIPELINE_CLASS
+
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+        return self.pipeline()(
+            prompt=prompt,
+            image=image,
+            num_inference_steps=options.steps,
+            guidance_scale=0.0 if not prompt else options.guidance_scale,
+            generator=torch.Generator(device="cpu").manual_seed(options.seed),
+            output_type=output_type,
+        ).images
+
+    def latents(self, z: torch.Tensor, prompt: str, options: DiffusionUpscaleOptions) -> torch.Tensor:
+        """Scaled SD latents (B, 4, h, w) -> (B, 4, 2h, 2w), never decoded."""
+        pipe = self.pipeline()
+        out = [
+            self._run(z[i : i + 1].to(pipe.device, pipe.unet.dtype), prompt, options, "latent") for i in range(len(z))
+        ]
+        return torch.cat(out).to(z.device, z.dtype)
+
+    def tile_fn(self, prompt: str, options: DiffusionUpscaleOptions):
+        """(1, 3, h, w) in [0, 1] -> (1, 3, 2h, 2w) in [0, 1], through the pipeline's own VAE."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            arr = (x[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            return self._run(Image.fromarray(arr), prompt, options, "pt").float().cpu()
 
         return run

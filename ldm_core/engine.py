@@ -797,8 +797,20 @@ class Engine:
         stage = job.hires_stage or job.main
         factor = job.model.vae_scale_factor
         tw, th = hr["width"], hr["height"]
+        latent_up = None if is_latent_mode(hr["upscaler"]) else self.upscalers.latent_upscaler(hr["upscaler"])
         if is_latent_mode(hr["upscaler"]):
             z = upscale_latents(latents, hr["upscaler"], (th // factor, tw // factor))
+        elif latent_up is not None:  # the SD x2 latent upscaler: 2x in latent space, then to the exact size
+            family = job.model.kind.family
+            if family not in ("sd1", "sd2") or latents.shape[1] != 4 or factor != 8:
+                raise RequestError(
+                    "hr_upscaler",
+                    f"{hr['upscaler']} upscales the latents of SD 1.x/2.x's VAE; the loaded model is {family} "
+                    f"({latents.shape[1]} latent channels at 1/{factor}): choose an image upscaler",
+                )
+            z = latent_up.latents(latents, job.request.hr_prompt or job.request.prompt, self.upscalers.diffusion)
+            if z.shape[-2:] != (th // factor, tw // factor):
+                z = upscale_latents(z, "Latent", (th // factor, tw // factor))
         else:
             with self._on_device(job.vae):
                 first = self.decode(job.vae, latents)

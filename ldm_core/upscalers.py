@@ -29,7 +29,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .diffusion_upscalers import DiffusionUpscaleOptions, X4Upscaler, image_prompt, is_x4_folder
+from .diffusion_upscalers import (
+    DiffusionUpscaleOptions,
+    DiffusionUpscaler,
+    X2LatentUpscaler,
+    X4Upscaler,
+    image_prompt,
+    is_x2_latent_folder,
+    is_x4_folder,
+)
 from .generation_requests import RequestError
 from .models.suffixes import UPSCALER_SUFFIXES
 from .tiling import tiled_apply
@@ -190,11 +198,12 @@ class UpscalerRegistry:
         for d in self.dirs:
             if d.is_dir():
                 files.extend(sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in suffixes))
-        folders = [p for d in self.dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir() and is_x4_folder(p)]
+        folders = [p for d in self.dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir()]
         seen: set[Path] = set()
         for p in folders:
-            if p.name not in entries:
-                entries[p.name] = UpscalerEntry(p.name, "diffusion", p, 4)
+            scale = 4 if is_x4_folder(p) else 2 if is_x2_latent_folder(p) else None
+            if scale is not None and p.name not in entries:
+                entries[p.name] = UpscalerEntry(p.name, "diffusion", p, scale)
         for p in files:
             real = p.resolve()
             if real in seen:
@@ -289,7 +298,8 @@ class UpscalerRegistry:
                 self._loaded.move_to_end(e.path)
                 return self._loaded[e.path]
             if e.kind == "diffusion":
-                desc = X4Upscaler(e.path, self.device, self._diffusion_dtype(), self.allow_pickle)
+                cls = X4Upscaler if is_x4_folder(e.path) else X2LatentUpscaler
+                desc = cls(e.path, self.device, self._diffusion_dtype(), self.allow_pickle)
             else:
                 desc = self._build(e.path)
             e.scale = desc.scale
@@ -329,6 +339,15 @@ class UpscalerRegistry:
             if self.dtype == torch.bfloat16 and desc.supports_bfloat16:
                 return torch.bfloat16
         return torch.float32
+
+    def latent_upscaler(self, name: str) -> X2LatentUpscaler | None:
+        """The SD x2 latent upscaler called `name` (the hires fix keeps its latents), or None."""
+        with self._lock:
+            e = self._entries.get(name)
+        if e is None or e.kind != "diffusion" or e.path is None or not is_x2_latent_folder(e.path):
+            return None
+        up = self.load(name)
+        return up if isinstance(up, X2LatentUpscaler) else None
 
     def _diffusion_dtype(self) -> torch.dtype:
         return self.dtype if self.device.type == "cuda" else torch.float32
@@ -379,7 +398,7 @@ class UpscalerRegistry:
     def _run_model(self, image: Image.Image, name: str, target: tuple[int, int], progress: ProgressFn | None,
                    cancel: Callable[[], None] | None, prompt: str = "") -> Image.Image:
         desc = self.load(name)
-        diffusion = isinstance(desc, X4Upscaler)
+        diffusion = isinstance(desc, DiffusionUpscaler)
         opts = self.diffusion
         s = desc.scale
         sizes = [image.size]

@@ -2,7 +2,9 @@
 layout (StableDiffusionUpscalePipeline: factor-4 VAE, 7-channel UNet with noise-level class embedding, CLIP
 text encoder, DDPM low-res scheduler) is listed with the model upscalers, upscales through the registry (Extras
 and hires fix call it) and the API's /sdapi/v1/upscalers and /extra-single-image, tile by tile for a large
-image, reads the image's own prompt from its infotext, and a folder of pickled weights is refused."""
+image, reads the image's own prompt from its infotext, and a folder of pickled weights is refused. A tiny SD x2
+latent upscaler (StableDiffusionLatentUpscalePipeline: k-diffusion UNet reading latents + the low-res latents)
+upscales the hires fix's latents without decoding them, and images through its own VAE."""
 
 from __future__ import annotations
 
@@ -82,10 +84,74 @@ def build_tiny_x4(folder: Path) -> Path:
     return folder
 
 
+def build_tiny_x2(folder: Path) -> Path:
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionLatentUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(1)
+    unet = UNet2DConditionModel(
+        act_fn="gelu",
+        attention_head_dim=8,
+        norm_num_groups=None,
+        block_out_channels=[32, 32, 64, 64],
+        time_cond_proj_dim=160,  # noise-level embedding (128) + pooled text (32)
+        conv_in_kernel=1,
+        conv_out_kernel=1,
+        cross_attention_dim=32,
+        down_block_types=("KDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D", "KCrossAttnDownBlock2D"),
+        in_channels=8,
+        mid_block_type=None,
+        only_cross_attention=False,
+        out_channels=5,
+        resnet_time_scale_shift="scale_shift",
+        time_embedding_type="fourier",
+        timestep_post_act="gelu",
+        up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[16, 32, 32, 32],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    te = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+            projection_dim=32,
+        )
+    )
+    pipe = StableDiffusionLatentUpscalePipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(prediction_type="sample"),
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def x4_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sdup") / "SD-Upscale"
     build_tiny_x4(root / "tiny-x4")
+    build_tiny_x2(root / "tiny-x2-latent")
     return root
 
 
@@ -212,3 +278,59 @@ def test_hires_fix_upscales_with_it(tmp_path, x4_dir, tiny_models):
     res = engine.generate(req)
     assert res.images[0].size == (128, 128)
     assert "Hires upscaler: tiny-x4" in res.infotexts[0]
+
+
+def test_x2_latent_upscaler_in_the_hires_fix_keeps_latents(tmp_path, x4_dir, tiny_models, monkeypatch):
+    import shutil
+
+    from test_engine import make_engine
+
+    from ldm_core.diffusion_upscalers import X2LatentUpscaler
+    from ldm_core.generation_requests import GenerationRequest, RequestError
+
+    shutil.copytree(x4_dir, tmp_path / "models" / "SD-Upscale")
+    models = {"tiny-sd1": tiny_models["sd1"]["diffusers"], "tiny-sdxl": tiny_models["sdxl"]["diffusers"]}
+    engine = make_engine(tmp_path, models, device="cpu", save_images=False)
+    assert engine.upscalers.entry("tiny-x2-latent").scale == 2
+    calls = []
+    real = X2LatentUpscaler.latents
+
+    def spy(self, z, prompt, options):
+        calls.append((tuple(z.shape), prompt))
+        return real(self, z, prompt, options)
+
+    monkeypatch.setattr(X2LatentUpscaler, "latents", spy)
+    decoded = []
+    real_decode = engine.decode
+    monkeypatch.setattr(engine, "decode", lambda vae, z: decoded.append(tuple(z.shape)) or real_decode(vae, z))
+
+    def hires(model: str, upscaler: str):
+        return GenerationRequest.build(
+            prompt="a red circle",
+            steps=2,
+            width=128,
+            height=128,
+            seed=3,
+            enable_hr=True,
+            hr_scale=2,
+            hr_upscaler=upscaler,
+            hr_second_pass_steps=2,
+            denoising_strength=0.4,
+            model=model,
+            save_images=False,
+        )
+
+    res = engine.generate(hires("tiny-sd1", "tiny-x2-latent"))
+    assert res.images[0].size == (256, 256) and "Hires upscaler: tiny-x2-latent" in res.infotexts[0]
+    assert calls == [((1, 4, 16, 16), "a red circle")]
+    assert decoded == [(1, 4, 32, 32)]  # only the final latents were decoded: the first pass never was
+    plain = engine.generate(hires("tiny-sd1", "Latent"))
+    assert np.abs(np.asarray(plain.images[0], np.int16) - np.asarray(res.images[0], np.int16)).max() > 0
+    with pytest.raises(RequestError, match="SD 1.x/2.x"):
+        engine.generate(hires("tiny-sdxl", "tiny-x2-latent"))
+
+
+def test_x2_latent_upscaler_on_an_image(x4_dir):
+    reg = UpscalerRegistry([x4_dir], builtin=None, diffusion=FAST)
+    out = reg.upscale(smooth(128, 96), "tiny-x2-latent", scale=2)
+    assert out.size == (256, 192) and np.asarray(out).std() > 0
