@@ -24,6 +24,25 @@ TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "builtin" / "tokeni
 FAST = DiffusionUpscaleOptions(steps=2)  # the default 20 steps would only make the tests slower
 
 
+def tiny_clip():
+    """A one-layer CLIP text encoder over the full vocabulary (the shipped tokenizer), 32 wide."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        projection_dim=32,
+    )
+    return CLIPTextModel(cfg)
+
+
 def build_tiny_x4(folder: Path) -> Path:
     from diffusers import (
         AutoencoderKL,
@@ -32,7 +51,7 @@ def build_tiny_x4(folder: Path) -> Path:
         StableDiffusionUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -58,19 +77,7 @@ def build_tiny_x4(folder: Path) -> Path:
         norm_num_groups=8,
         scaling_factor=0.08333,
     )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
+    te = tiny_clip()
     pipe = StableDiffusionUpscalePipeline(
         vae=vae,
         text_encoder=te,
@@ -91,7 +98,7 @@ def build_tiny_x2(folder: Path) -> Path:
         StableDiffusionLatentUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     torch.manual_seed(1)
     unet = UNet2DConditionModel(
@@ -122,20 +129,7 @@ def build_tiny_x2(folder: Path) -> Path:
         latent_channels=4,
         norm_num_groups=8,
     )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
-    )
+    te = tiny_clip()
     pipe = StableDiffusionLatentUpscalePipeline(
         vae=vae,
         text_encoder=te,

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 from ldm_core.extension_api import Step, load_state_dict
 
+from .control_models import build_checked
+
 CLASS_NAME = "T2IAdapter"
 _ORIGINAL = re.compile(r"^body\.(\d+)\.(block1|block2|in_conv)\.(weight|bias)$")
 _DIFFUSERS = re.compile(r"^adapter\.body\.(\d+)\.resnets\.(\d+)\.block1\.weight$")
@@ -94,14 +96,7 @@ def load_adapter(entry, base_unet_config: Mapping[str, Any] | None, *, allow_pic
             sd = original_to_diffusers(sd, len((base_unet_config or {}).get("down_block_types") or ()))
         sidecar = entry.path.with_suffix(".json")
         cfg = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else infer_config(sd)
-    model = T2IAdapter.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{entry.path.name}: weights do not match the T2I-Adapter layout (missing {sorted(missing)[:4]}, "
-            f"unexpected {sorted(unexpected)[:4]})"
-        )
-    return model.float().eval().requires_grad_(False)
+    return build_checked(T2IAdapter, cfg, sd, entry.path.name, "T2I-Adapter")
 
 
 def check_fits(model, unet_config: Mapping[str, Any], family: str, name: str, model_name: str, field: str) -> None:

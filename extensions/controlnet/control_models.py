@@ -228,12 +228,17 @@ def load_controlnet(
         cfg = (
             json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else infer_config(sd, base_unet_config)
         )
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
-    model = ControlNetModel.from_config(cfg)
+    return build_checked(ControlNetModel, cfg, sd, entry.path.name, "ControlNet")
+
+
+def build_checked(cls, cfg: Mapping[str, Any], sd: Mapping[str, torch.Tensor], file_name: str, what: str):
+    """`cls.from_config(cfg)` (private `_` keys dropped) holding exactly the weights `sd`, float32, eval, frozen;
+    ValueError naming the file when the keys differ."""
+    model = cls.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ValueError(
-            f"{entry.path.name}: weights do not match the ControlNet layout (missing {sorted(missing)[:4]}, "
+            f"{file_name}: weights do not match the {what} layout (missing {sorted(missing)[:4]}, "
             f"unexpected {sorted(unexpected)[:4]})"
         )
     return model.float().eval().requires_grad_(False)
