@@ -28,7 +28,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_core.extension_api import ModelCache, Preprocessor, RequestError, Slider
+from ldm_core.extension_api import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    ModelCache,
+    Preprocessor,
+    RequestError,
+    Slider,
+)
 
 from .preprocessors import resize_short_side
 
@@ -110,8 +117,8 @@ class Annotators:
     def load(self, spec: AnnotatorSpec):
         """(image processor, model) of the spec's folder, cached."""
         path = self.folder(spec)
-        weights = [p for p in path.iterdir() if p.suffix in (".safetensors", ".bin")]
-        safe = any(p.suffix == ".safetensors" for p in weights)
+        weights = [p for p in path.iterdir() if p.suffix in SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES]
+        safe = any(p.suffix in SAFETENSORS_SUFFIXES for p in weights)
         if not safe and not (weights and self.allow_pickle):
             raise RequestError(
                 "module",
