@@ -216,3 +216,23 @@ def test_fresh_unet_trains_a_new_layout_on_the_folders_vae(tiny_folder):
     assert (out / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == (
         base / "vae" / "diffusion_pytorch_model.safetensors"
     ).read_bytes()
+
+
+def test_export_every_records_learning_curve_points_and_curve_draws_them(tiny_folder, tmp_path):
+    from PIL import Image
+
+    from ldm_core.train.__main__ import main
+
+    out, work = tiny_folder / "curve", tiny_folder / "curve-work"
+    args = ["refine", "--init", str(tiny_folder / "base" / "out"), "--out", str(out), "--work-dir", str(work)]
+    args += ["--phases", "cache,unet", "--cache-scenes", "8", "--cache-batch", "8", "--unet-steps", "3"]
+    args += ["--unet-batch", "2", "--export-every", "0.000001", "--eval-n", "4"]
+    assert main(args) == 0
+    curve = json.loads((out / "TRAINING.json").read_text())["progress"]["curve"]
+    assert [pt["unet_step"] for pt in curve] == [1, 2, 3]
+    assert curve[-1]["samples_seen"] == 6 and curve[-1]["eval"]["n"] == 4
+    assert 0 <= curve[-1]["eval"]["shape_colour"] <= 1 and "two_objects_both_right" in curve[-1]["eval"]
+    png = tmp_path / "curve.png"
+    assert main(["curve", "--model", str(out), "--out", str(png)]) == 0
+    assert Image.open(png).size == (720, 420)
+    assert main(["curve", "--model", str(tiny_folder / "base" / "out"), "--out", str(tmp_path / "none.png")]) == 1

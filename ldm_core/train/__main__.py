@@ -233,6 +233,18 @@ def _run_refine(a: argparse.Namespace) -> int:
     return run(a)
 
 
+def _add_curve(p: argparse.ArgumentParser) -> None:
+    from ldm_core.train.curve import add_arguments
+
+    add_arguments(p)
+
+
+def _run_curve(a: argparse.Namespace) -> int:
+    from ldm_core.train.curve import run
+
+    return run(a)
+
+
 #: name -> (help, add_arguments, run)
 COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "builtin": (
@@ -247,6 +259,7 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _add_refine,
         _run_refine,
     ),
+    "curve": ("draw a model folder's learning curve (refine --export-every points) as a PNG", _add_curve, _run_curve),
     "lora": ("train a LoRA on images + .txt captions, written in the kohya format", _add_lora, _run_lora),
     "lora-eval": (
         "does <lora:heart:1> bring hearts in? analyser counts with and without the tag",

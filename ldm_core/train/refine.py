@@ -95,6 +95,8 @@ class RefineOptions:
     decoder_grad_weight: float = 0.0  # image-gradient L1 in the decoder loss
     unet_cycle: int = 0  # raise it to run the UNet phase again: a new cosine cycle of --unet-seconds more
     checkpoint_every: float = 300.0
+    export_every: float | None = None  # seconds of UNet training between exports to --out (a learning-curve point)
+    eval_n: int = 200  # held-out prompts evaluated at each curve point (0: record samples and time only)
     threads: int | None = None
     fresh_unet: str | None = None  # a preset name: a new, randomly initialised UNet of that preset's layout
     autocast: str = "off"  # "bf16": the UNet's forward in bf16 autocast (AMX / AVX512-BF16 CPUs: ~2-3x faster)
@@ -134,6 +136,7 @@ class _Progress:
     vae_psnr_after: float | None = None
     decoder_kept: bool = True
     sittings: list = field(default_factory=list)  # one entry per invocation: command, phase and step at start
+    curve: list = field(default_factory=list)  # learning-curve points: samples seen, seconds, eval summary
 
 
 def _log(msg: str) -> None:
@@ -334,6 +337,9 @@ class Refiner:
             if now - last_ck > o.checkpoint_every:
                 last_ck = now
                 self.save()
+            if o.export_every and p.unet_seconds - self._last_point_seconds() >= o.export_every:
+                self.curve_point()
+                last_ck = time.monotonic()
         p.phase = "decoder"
         self.save()
 
@@ -397,6 +403,37 @@ class Refiner:
             _log("decoder tuning lowered the PSNR: the previous decoder is kept")
         p.phase = "done"
         self.save()
+
+    # -- learning curve
+    def _last_point_seconds(self) -> float:
+        return self.p.curve[-1]["unet_seconds"] if self.p.curve else 0.0
+
+    def curve_point(self) -> dict:
+        """Export the folder now and record a learning-curve point (samples seen, UNet seconds, and with
+        `eval_n` the held-out evaluation of single- and two-object prompts)."""
+        self.save()
+        self.export()
+        point = {
+            "unet_step": self.p.unet_step,
+            "samples_seen": self.p.unet_step * self.o.unet_batch,
+            "unet_seconds": round(self.p.unet_seconds, 1),
+            "time": time.time(),
+        }
+        if self.o.eval_n > 0:
+            from ldm_core.train.evaluate import EvalOptions, evaluate
+
+            opts = EvalOptions(model=Path(self.o.out), n=self.o.eval_n, device="cpu", only=("single", "double"))
+            rep = evaluate(opts)
+            point["eval"] = {
+                "n": self.o.eval_n,
+                **{k: rep["single"][k] for k in ("shape_colour", "position", "background")},
+                "two_objects_both_right": rep["double"]["both_right"],
+            }
+        self.p.curve.append(point)
+        _log(f"learning-curve point {point}")
+        self.save()
+        self.export()  # the folder's TRAINING.json carries the new point
+        return point
 
     # -- output
     def export(self) -> dict:
@@ -480,6 +517,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoder_batch",
         "unet_cycle",
         "threads",
+        "eval_n",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in (
@@ -495,6 +533,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoder_edge_weight",
         "decoder_grad_weight",
         "checkpoint_every",
+        "export_every",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     p.add_argument(
