@@ -184,10 +184,10 @@ def test_large_images_go_tile_by_tile(x4_dir, monkeypatch):
         return run
 
     monkeypatch.setattr(X4Upscaler, "tile_fn", counting)
-    big = smooth(200, 140)
+    big = smooth(200, 100)  # two 128 px tiles across, one down
     ticks = []
     out = reg.upscale(big, "tiny-x4", scale=4, progress=lambda d, t: ticks.append((d, t)))
-    assert out.size == (800, 560)
+    assert out.size == (800, 400)
     assert len(seen) > 1 and max(max(s) for s in seen) <= 128  # 128 px input tiles
     assert ticks[-1][0] == ticks[-1][1] == len(seen)
 
