@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -59,12 +58,9 @@ def pipeline_class(path: Path) -> str | None:
         return None
 
 
-def is_x4_folder(path: Path) -> bool:
-    return pipeline_class(path) == PIPELINE_CLASS
-
-
-def is_x2_latent_folder(path: Path) -> bool:
-    return pipeline_class(path) == LATENT_PIPELINE_CLASS
+def upscaler_class(path: Path) -> type[DiffusionUpscaler] | None:
+    """The upscaler class for a pipeline folder (by its model_index.json), or None."""
+    return {PIPELINE_CLASS: X4Upscaler, LATENT_PIPELINE_CLASS: X2LatentUpscaler}.get(pipeline_class(path) or "")
 
 
 def image_prompt(image: Image.Image) -> str:
@@ -107,6 +103,13 @@ class DiffusionUpscaler:
             log.info("loaded diffusion upscaler %s on %s", self.folder.name, self.device)
         return self._pipe
 
+    def upscale(self, image: Image.Image, prompt: str, options: DiffusionUpscaleOptions) -> torch.Tensor:
+        """One image (a tile) -> (1, 3, scale*h, scale*w) float32 in [0, 1] on the CPU."""
+        return self._run(image, prompt, options, "pt").float().cpu()
+
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+        raise NotImplementedError
+
 
 class X4Upscaler(DiffusionUpscaler):
     """One SD x4 upscaler folder."""
@@ -114,28 +117,21 @@ class X4Upscaler(DiffusionUpscaler):
     scale = 4
     pipeline_name = PIPELINE_CLASS
 
-    def tile_fn(self, prompt: str, options: DiffusionUpscaleOptions):
-        """(1, 3, h, w) in [0, 1] -> (1, 3, 4h, 4w) in [0, 1]: one tile through the pipeline."""
-        pipe = self.pipeline()
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            arr = (x[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            out = pipe(
-                prompt=prompt,
-                image=Image.fromarray(arr),
-                num_inference_steps=options.steps,
-                guidance_scale=options.guidance_scale,
-                noise_level=options.noise_level,
-                generator=torch.Generator(device="cpu").manual_seed(options.seed),
-                output_type="pt",
-            ).images
-            return out.float().cpu()
-
-        return run
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+        return self.pipeline()(
+            prompt=prompt,
+            image=image,
+            num_inference_steps=options.steps,
+            guidance_scale=options.guidance_scale,
+            noise_level=options.noise_level,
+            generator=torch.Generator(device="cpu").manual_seed(options.seed),
+            output_type=output_type,
+        ).images
 
 
 class X2LatentUpscaler(DiffusionUpscaler):
-    """One SD x2 latent upscaler folder: `latents()` for the hires fix, `tile_fn()` for images."""
+    """One SD x2 latent upscaler folder: `latents()` for the hires fix, `upscale()` for images (through its own
+    VAE)."""
 
     scale = 2
     pipeline_name = LATENT_PIPELINE_CLASS
@@ -157,12 +153,3 @@ class X2LatentUpscaler(DiffusionUpscaler):
             self._run(z[i : i + 1].to(pipe.device, pipe.unet.dtype), prompt, options, "latent") for i in range(len(z))
         ]
         return torch.cat(out).to(z.device, z.dtype)
-
-    def tile_fn(self, prompt: str, options: DiffusionUpscaleOptions):
-        """(1, 3, h, w) in [0, 1] -> (1, 3, 2h, 2w) in [0, 1], through the pipeline's own VAE."""
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            arr = (x[0].float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-            return self._run(Image.fromarray(arr), prompt, options, "pt").float().cpu()
-
-        return run

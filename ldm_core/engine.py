@@ -642,6 +642,14 @@ class Engine:
         # a model upscaler this server lacks ("R-ESRGAN 4x+") falls back with a warning; garbage is refused
         fallback = self.upscalers.fallback(request.hr_upscaler or "Latent", "hr_upscaler", latent=True)
         up = fallback.name
+        channels = model.vae.config.latent_channels
+        sd_latents = model.kind.family in ("sd1", "sd2") and (channels, f) == (4, 8)
+        if self.upscalers.is_latent_upscaler(up) and not sd_latents:
+            raise RequestError(  # refused before the first pass runs
+                "hr_upscaler",
+                f"{up} upscales the latents of SD 1.x/2.x's VAE; the loaded model is {model.kind.family} "
+                f"({channels} latent channels at 1/{f}): choose an image upscaler",
+            )
         hr_sampler, hr_sched = sampler, schedule_type
         same_sampler = not _chosen(request.hr_sampler_name, "Use same sampler")
         same_schedule = not _chosen(request.hr_scheduler, "Use same scheduler")
@@ -797,18 +805,11 @@ class Engine:
         stage = job.hires_stage or job.main
         factor = job.model.vae_scale_factor
         tw, th = hr["width"], hr["height"]
-        latent_up = None if is_latent_mode(hr["upscaler"]) else self.upscalers.latent_upscaler(hr["upscaler"])
         if is_latent_mode(hr["upscaler"]):
             z = upscale_latents(latents, hr["upscaler"], (th // factor, tw // factor))
-        elif latent_up is not None:  # the SD x2 latent upscaler: 2x in latent space, then to the exact size
-            family = job.model.kind.family
-            if family not in ("sd1", "sd2") or latents.shape[1] != 4 or factor != 8:
-                raise RequestError(
-                    "hr_upscaler",
-                    f"{hr['upscaler']} upscales the latents of SD 1.x/2.x's VAE; the loaded model is {family} "
-                    f"({latents.shape[1]} latent channels at 1/{factor}): choose an image upscaler",
-                )
-            z = latent_up.latents(latents, job.request.hr_prompt or job.request.prompt, self.upscalers.diffusion)
+        elif self.upscalers.is_latent_upscaler(hr["upscaler"]):  # SD x2 latent upscaler: 2x, then the exact size
+            prompt = job.request.hr_prompt or job.request.prompt
+            z = self.upscalers.load(hr["upscaler"]).latents(latents, prompt, self.upscalers.diffusion)
             if z.shape[-2:] != (th // factor, tw // factor):
                 z = upscale_latents(z, "Latent", (th // factor, tw // factor))
         else:

@@ -33,10 +33,8 @@ from .diffusion_upscalers import (
     DiffusionUpscaleOptions,
     DiffusionUpscaler,
     X2LatentUpscaler,
-    X4Upscaler,
     image_prompt,
-    is_x2_latent_folder,
-    is_x4_folder,
+    upscaler_class,
 )
 from .generation_requests import RequestError
 from .models.suffixes import UPSCALER_SUFFIXES
@@ -137,14 +135,16 @@ class Fallback:
 
 @dataclass
 class UpscalerEntry:
-    """One listed upscaler. `kind` is "basic", "model" (a spandrel file), "diffusion" (an SD x4 upscaler
-    folder, `ldm_core.diffusion_upscalers`) or "extension"; `scale` the native factor if known."""
+    """One listed upscaler. `kind` is "basic", "model" (a spandrel file), "diffusion" (an SD x4 or x2 latent
+    upscaler folder; `pipeline` its `ldm_core.diffusion_upscalers` class) or "extension"; `scale` the native
+    factor if known."""
 
     name: str
     kind: str
     path: Path | None = None
     scale: float | None = None
     fn: UpscaleFn | None = None
+    pipeline: type[DiffusionUpscaler] | None = None
 
     def info(self) -> dict:
         """The /sdapi/v1/upscalers item."""
@@ -201,9 +201,9 @@ class UpscalerRegistry:
         folders = [p for d in self.dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir()]
         seen: set[Path] = set()
         for p in folders:
-            scale = 4 if is_x4_folder(p) else 2 if is_x2_latent_folder(p) else None
-            if scale is not None and p.name not in entries:
-                entries[p.name] = UpscalerEntry(p.name, "diffusion", p, scale)
+            cls = upscaler_class(p)
+            if cls is not None and p.name not in entries:
+                entries[p.name] = UpscalerEntry(p.name, "diffusion", p, cls.scale, pipeline=cls)
         for p in files:
             real = p.resolve()
             if real in seen:
@@ -289,7 +289,8 @@ class UpscalerRegistry:
 
     # ---- models -------------------------------------------------------------------------------------
     def load(self, name: str) -> Any:
-        """The spandrel ImageModelDescriptor of a model upscaler, on the registry's device (cached)."""
+        """The spandrel ImageModelDescriptor of a model upscaler, or the `DiffusionUpscaler` of a diffusion one,
+        on the registry's device (cached)."""
         e = self.entry(name)
         if e.kind not in ("model", "diffusion") or e.path is None:
             raise RequestError("upscaler", f"{name!r} is not a model upscaler")
@@ -297,9 +298,8 @@ class UpscalerRegistry:
             if e.path in self._loaded:
                 self._loaded.move_to_end(e.path)
                 return self._loaded[e.path]
-            if e.kind == "diffusion":
-                cls = X4Upscaler if is_x4_folder(e.path) else X2LatentUpscaler
-                desc = cls(e.path, self.device, self._diffusion_dtype(), self.allow_pickle)
+            if e.pipeline is not None:
+                desc = e.pipeline(e.path, self.device, self._diffusion_dtype(), self.allow_pickle)
             else:
                 desc = self._build(e.path)
             e.scale = desc.scale
@@ -340,14 +340,11 @@ class UpscalerRegistry:
                 return torch.bfloat16
         return torch.float32
 
-    def latent_upscaler(self, name: str) -> X2LatentUpscaler | None:
-        """The SD x2 latent upscaler called `name` (the hires fix keeps its latents), or None."""
+    def is_latent_upscaler(self, name: str) -> bool:
+        """Whether `name` is an SD x2 latent upscaler (the hires fix then keeps its latents)."""
         with self._lock:
             e = self._entries.get(name)
-        if e is None or e.kind != "diffusion" or e.path is None or not is_x2_latent_folder(e.path):
-            return None
-        up = self.load(name)
-        return up if isinstance(up, X2LatentUpscaler) else None
+        return e is not None and e.pipeline is X2LatentUpscaler
 
     def _diffusion_dtype(self) -> torch.dtype:
         return self.dtype if self.device.type == "cuda" else torch.float32
@@ -421,7 +418,7 @@ class UpscalerRegistry:
                 progress(done + i, total)
 
         if diffusion:  # tiles go through the pipeline as images; it places and casts them itself
-            fn, dtype, channels = desc.tile_fn(prompt, opts), torch.float32, 3
+            fn, dtype, channels = (lambda x: desc.upscale(_to_image(x), prompt, opts)), torch.float32, 3
         else:
             fn, dtype, channels = desc, next(desc.model.parameters()).dtype, desc.input_channels
         out = image

@@ -172,18 +172,13 @@ def test_listed_and_upscales_4x_through_the_registry(x4_dir):
 def test_large_images_go_tile_by_tile(x4_dir, monkeypatch):
     reg = UpscalerRegistry([x4_dir], builtin=None, diffusion=FAST)
     seen = []
-    fn = X4Upscaler.tile_fn
+    upscale = X4Upscaler.upscale
 
-    def counting(self, prompt, options):
-        inner = fn(self, prompt, options)
+    def counting(self, image, prompt, options):
+        seen.append((image.height, image.width))
+        return upscale(self, image, prompt, options)
 
-        def run(x):
-            seen.append(tuple(x.shape[-2:]))
-            return inner(x)
-
-        return run
-
-    monkeypatch.setattr(X4Upscaler, "tile_fn", counting)
+    monkeypatch.setattr(X4Upscaler, "upscale", counting)
     big = smooth(200, 100)  # two 128 px tiles across, one down
     ticks = []
     out = reg.upscale(big, "tiny-x4", scale=4, progress=lambda d, t: ticks.append((d, t)))
