@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ldm_core.extension_api import Step, load_state_dict
+from ldm_core.extension_api import RequestError, Step, load_state_dict
 
 from .control_models import build_checked
 
@@ -102,8 +102,6 @@ def load_adapter(entry, base_unet_config: Mapping[str, Any] | None, *, allow_pic
 def check_fits(model, unet_config: Mapping[str, Any], family: str, name: str, model_name: str, field: str) -> None:
     """The adapter must be made for the base model's family (SDXL adapters place their features one level
     lower) and its features must match the UNet's levels (count and channels)."""
-    from ldm_core.extension_api import RequestError
-
     xl = model.config.adapter_type == "full_adapter_xl"
     if xl != (family == "sdxl"):
         raise RequestError(

@@ -254,29 +254,29 @@ class ControlNet:
             raise RequestError(field + ".image", f"ControlNet unit {index} has no image (txt2img needs one)")
         entry = self.find(unit.model, job, field + ".model")
         model = self.load(entry, job)
-        if type(model).__name__ == adapters.CLASS_NAME:  # a T2I-Adapter in a ControlNet unit
+        adapter = type(model).__name__ == adapters.CLASS_NAME  # a T2I-Adapter in a ControlNet unit
+        if adapter:
             adapters.check_fits(model, job.unet_config, job.family, entry.name, job.model_name, field + ".model")
-            cmap = self.control_map(unit, image, job.width, job.height, field)
-            hint = pil_to_tensor(cmap).to(device=job.device, dtype=job.dtype)
-            cond_only = unit.control_mode == CONTROL_MODES[2]
-            return adapters.AdapterProvider(model, hint, unit.weight, cond_only, job.latent_scale)
-        control_models.check_fits(
-            model.config, job.unet_config, job.family, entry.name, job.model_name, field + ".model"
-        )
-        hint_factor = 2 ** (len(model.config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)) - 1)
-        if hint_factor != job.latent_scale:  # its hint encoder must shrink the image to the latent size
-            raise RequestError(
-                field + ".model",
-                f"ControlNet {entry.name!r} reads its control image at 1/{hint_factor} of the image size but the "
-                f"loaded model {job.model_name!r} works at 1/{job.latent_scale} (its VAE's factor): choose a "
-                "ControlNet made for this model",
+        else:
+            control_models.check_fits(
+                model.config, job.unet_config, job.family, entry.name, job.model_name, field + ".model"
             )
+            hint_factor = 2 ** (len(model.config.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)) - 1)
+            if hint_factor != job.latent_scale:  # its hint encoder must shrink the image to the latent size
+                raise RequestError(
+                    field + ".model",
+                    f"ControlNet {entry.name!r} reads its control image at 1/{hint_factor} of the image size but the "
+                    f"loaded model {job.model_name!r} works at 1/{job.latent_scale} (its VAE's factor): choose a "
+                    "ControlNet made for this model",
+                )
         cmap = self.control_map(unit, image, job.width, job.height, field)
         hint = pil_to_tensor(cmap).to(device=job.device, dtype=job.dtype)
-        n = len(model.controlnet_down_blocks) + 1
-        scales = control_scales(n, unit.weight, unit.control_mode)
+        cond_only = unit.control_mode == CONTROL_MODES[2]
         self.ctx.log.debug("unit %d: %s, %s, %dx%d", index, entry.name, unit.module, job.width, job.height)
-        return ControlProvider(model, hint, scales, unit.control_mode == CONTROL_MODES[2], job.latent_scale)
+        if adapter:
+            return adapters.AdapterProvider(model, hint, unit.weight, cond_only, job.latent_scale)
+        scales = control_scales(len(model.controlnet_down_blocks) + 1, unit.weight, unit.control_mode)
+        return ControlProvider(model, hint, scales, cond_only, job.latent_scale)
 
     # ---- infotext -----------------------------------------------------------------------------------
     def to_infotext(self, units: list[tuple[int, ControlNetUnit]]) -> dict[str, str]:
