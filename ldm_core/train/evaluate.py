@@ -436,7 +436,7 @@ class Evaluator:
             want = s.objects[0]
             hit_orig += int(_reads_as(analyse(x), want))
             hit_rec += int(_reads_as(analyse(rec), want))
-        self._save("vae", [_to_pil(t) for pair in zip(singles[:50], recs[:50], strict=True) for t in pair])
+        self._save("vae", [shapes.to_pil(t) for pair in zip(singles[:50], recs[:50], strict=True) for t in pair])
         return {
             **self._colour_geometry(),
             "n": n,
@@ -481,10 +481,6 @@ class Evaluator:
 def _reads_as(a: Analysis, want: shapes.ShapeObject) -> bool:
     """The largest object the analyser found has the wanted shape and colour."""
     return bool(a.objects) and a.objects[0].shape == want.shape and a.objects[0].colour == want.colour
-
-
-def _to_pil(t: torch.Tensor) -> Image.Image:
-    return Image.fromarray((t.float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
 
 
 def _bar_checks(rep: dict) -> dict:

@@ -338,8 +338,12 @@ class Refiner:
                 last_ck = now
                 self.save()
             if o.export_every and p.unet_seconds - self._last_point_seconds() >= o.export_every:
+                before = time.monotonic()
                 self.curve_point()
-                last_ck = time.monotonic()
+                spent = time.monotonic() - before  # exporting and evaluating is not training time
+                t0 += spent
+                clock.t0 += spent
+                last_ck = last_log = time.monotonic()
         p.phase = "decoder"
         self.save()
 
@@ -432,12 +436,16 @@ class Refiner:
         self.p.curve.append(point)
         _log(f"learning-curve point {point}")
         self.save()
-        self.export()  # the folder's TRAINING.json carries the new point
+        # the folder's weights are the ones just evaluated: only its TRAINING.json gains the point
+        tmp = Path(self.o.out) / "TRAINING.json.tmp"
+        tmp.write_text(json.dumps(self.record(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, Path(self.o.out) / "TRAINING.json")
         return point
 
     # -- output
-    def export(self) -> dict:
-        rec = {
+    def record(self) -> dict:
+        """The TRAINING.json of the folder this run writes."""
+        return {
             "command": self.o.command,
             "recipe": "refine (ldm_core/train/refine.py) on top of the folder below",
             "init": str(self.o.init),
@@ -450,6 +458,9 @@ class Refiner:
             "scaling_factor": self.sf,
             "history": [*self.base_record.get("history", []), _strip(self.base_record)],
         }
+
+    def export(self) -> dict:
+        rec = self.record()
         export_folder(
             Path(self.o.out),
             self.spec,
