@@ -367,6 +367,10 @@ class PhaseClock:
         self.total, self.step0, self.p0, self.seconds = max(1, total_steps), step0, progress0, seconds
         self.t0 = time.monotonic()
 
+    def pause(self, seconds: float) -> None:
+        """Leave `seconds` of wall time out of the time part (the process was stopped, not training)."""
+        self.t0 += seconds
+
     def progress(self, step: int) -> float:
         p = max(self.p0, step / self.total)
         if self.seconds is not None:

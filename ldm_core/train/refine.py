@@ -64,6 +64,7 @@ from ldm_core.train.builtin import (
 )
 
 PHASES = ("text", "cache", "unet", "decoder", "done")
+STALL_SECONDS = 60.0  # a UNet step that took longer than this was a stopped process, not a slow step
 
 
 @dataclass
@@ -290,10 +291,11 @@ class Refiner:
             empty = self.te(self.tokenizer([""]))[0]
         step0, spent0 = p.unet_cycle_start.get(str(p.unet_cycle), [0, 0.0])  # where this cycle began
         budget = None if o.unet_seconds is None else max(0.0, o.unet_seconds - (p.unet_seconds - spent0))
-        t0 = last_log = last_ck = time.monotonic()
+        t0 = last_log = last_ck = prev = time.monotonic()
         sec0 = p.unet_seconds
         clock = PhaseClock(o.unet_steps, p.unet_step - step0, p.unet_progress, budget)
         smooth = p.unet_loss
+        step_s = 0.0  # wall time of the last step that ran unstopped
         while p.unet_progress < 1.0:
             step = p.unet_step
             rng = random.Random(f"refine-unet:{o.seed}:{step}")
@@ -329,6 +331,12 @@ class Refiner:
             smooth = lv if smooth is None else 0.98 * smooth + 0.02 * lv
             p.unet_loss = smooth
             now = time.monotonic()
+            if now - prev > STALL_SECONDS:  # the process was stopped (SIGSTOP, a suspended machine) mid-step:
+                t0 += now - prev - step_s  # the stopped time is not training time
+                clock.pause(now - prev - step_s)
+            else:
+                step_s = now - prev
+            prev = now
             p.unet_seconds = sec0 + (now - t0)
             p.unet_progress = clock.progress(p.unet_step - step0)
             if now - last_log > 30:
@@ -342,8 +350,8 @@ class Refiner:
                 self.curve_point()
                 spent = time.monotonic() - before  # exporting and evaluating is not training time
                 t0 += spent
-                clock.t0 += spent
-                last_ck = last_log = time.monotonic()
+                clock.pause(spent)
+                last_ck = last_log = prev = time.monotonic()
         p.phase = "decoder"
         self.save()
 
