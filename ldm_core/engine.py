@@ -53,6 +53,10 @@ from .samplers.sigmas import NoiseLevels, alphas_cumprod_from_config
 from .schedulers import SamplerInfo, SamplerRegistry, default_sampler_registry, img2img_steps, img2img_timesteps
 from .seamless import circular_padding
 from .upscalers import UpscalerRegistry, is_latent_mode, upscale_latents
+from .video.clips import decode_clip
+from .video.job import ClipFile, VideoPlan, blend_image_to_video, plan_video, write_clips
+from .video.motion_modules import MotionModules, motion_patch
+from .video.prompt_travel import TravelSchedule, parse_travel
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +80,7 @@ class GenerationResult:
     model_name: str = ""
     notes: list[str] = field(default_factory=list)  # what was asked but not done (A1111's "comments")
     warnings: list[str] = field(default_factory=list)  # what was done otherwise than asked (fallbacks)
+    videos: list[ClipFile] = field(default_factory=list)  # a video job's clip files (ldm_core.video)
 
     def info(self, request: GenerationRequest) -> dict[str, Any]:
         """A1111's `info` object (the API returns it as a JSON string); `warnings` only when there are some."""
@@ -109,6 +114,8 @@ class GenerationResult:
         }
         if self.warnings:
             out["warnings"] = list(self.warnings)
+        if self.videos:
+            out["videos"] = [{"format": v.format, "path": str(v.path) if v.path else None} for v in self.videos]
         return out
 
 
@@ -151,6 +158,7 @@ class _JobState:
     hires_stage: _Stage | None = None
     refiner: _Stage | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    video: VideoPlan | None = None  # a clip: frames are the batch, the motion module is patched in
 
     @property
     def main(self) -> _Stage:
@@ -196,6 +204,7 @@ class Engine:
             allow_pickle=config.allow_pickle,
         )
         self.styles = StyleStore(config.data_dir / "styles.csv")
+        self.motion_modules = MotionModules(config.motion_dirs, allow_pickle=config.allow_pickle)
         self.hooks_factories: list[Any] = []  # extensions: callables (engine, request, model) -> Hooks parts
         self.infotext_providers: list[Any] = []  # extensions: (request, model) -> {infotext key: value}
         self.postprocessors: list[Any] = []  # extensions: (request, images, engine, model) -> images
@@ -421,6 +430,13 @@ class Engine:
             if refiner_model is base:  # A1111: refining with the model that is running is no switch
                 refiner_model = None
         width, height = model.work_size(request.width, request.height)  # multiples of the model's VAE factor
+        video = plan_video(request, self.motion_modules, model.unet, model.entry.name, model.kind.family)
+        if video is not None:  # a clip: its frames are the batch
+            if refiner_model is not None:
+                raise RequestError("refiner_checkpoint", "a clip cannot switch to a refiner (no motion module there)")
+            if hr_model is not model:
+                raise RequestError("hr_checkpoint_name", "a clip's hires pass runs with the clip's own checkpoint")
+            request = request.model_copy(update={"batch_size": video.frames})
         vae, vae_entry = self._vae_for(request, model)
         previewer = (
             placed.previewer
@@ -463,6 +479,8 @@ class Engine:
             )
         if hires is not None and hires["warning"]:
             result.warnings.append(hires["warning"])
+        if video is not None:
+            result.notes.extend(video.notes)
         job_params = {}
         if request.eta_noise_seed_delta and _uses_step_noise(info, request.eta):
             job_params["ENSD"] = request.eta_noise_seed_delta  # A1111: only where step noise is drawn
@@ -507,7 +525,10 @@ class Engine:
                 hires,
                 hires_stage=stages[hr_model.entry.path] if hires is not None else None,
                 refiner=stages[refiner_model.entry.path] if refiner_model is not None else None,
+                video=video,
             )
+            if video is not None:  # the temporal layers, for this job only
+                video.patch = stack.enter_context(motion_patch(model.unet, video.module))
             # out of memory in a batch: free, retry with the next lighter step (ldm_core.memory), undone after
             plan = JobMemoryPlan(
                 unets=unets,
@@ -547,7 +568,9 @@ class Engine:
                     **lora_params,
                     **encoder.infotext_params(),
                     **plan.infotext(),
+                    **({"AnimateDiff": video.infotext()} if video is not None else {}),
                 }
+                first = len(result.images)
                 for i, im in enumerate(batch_imgs):
                     sub = subseeds[i] if subseeds else None
                     params = self._infotext_params(
@@ -565,7 +588,7 @@ class Engine:
                     result.seeds.append(seeds[i])
                     result.subseeds.append(sub if sub is not None else -1)
                     result.manifests.append(manifest)
-                    if request.save_images and self.config.save_images:
+                    if request.save_images and self.config.save_images and video is None:
                         folder = output_folder(self.config.outputs_dir, request.mode)
                         result.paths.append(
                             save_image(
@@ -582,6 +605,22 @@ class Engine:
                                 writer=self.config.output_writer,  # issue 16: the disk-full fault hook
                             )
                         )
+                if video is not None and batch_imgs:  # the clip files (a stopped clip too: nothing is lost)
+                    clips, saved = write_clips(
+                        video,
+                        batch_imgs,
+                        result.infotexts[first],
+                        result.manifests[first],
+                        save=request.save_images and self.config.save_images,
+                        outputs_dir=self.config.outputs_dir,
+                        seed=seeds[0],
+                        pattern=self.config.filename_pattern,
+                        model_name=model.entry.name,
+                        prompt=request.prompt,
+                        writer=self.config.output_writer,
+                    )
+                    result.videos.extend(clips)
+                    result.paths.extend([c.path for c in clips if c.path is not None] + saved)
                 if stopped is not None:
                     if stopped.skipped:
                         result.skipped_batches += 1
@@ -702,6 +741,20 @@ class Engine:
             z = vae.encode(pix).latent_dist.mode().float()
         return ((z - shift) * scaling).to(self.policy.device)
 
+    def _image_to_video(self, job: _JobState, init: torch.Tensor, seeds: list[int], width, height, mode):
+        """Image-to-video init latents (ldm_core.video.job.blend_image_to_video), with the last frame if given."""
+        args = job.video.args
+        gen = torch.Generator().manual_seed(wrap_seed(seeds[0] + 0x5EED))
+        noise = torch.randn(init.shape, generator=gen).to(init)
+        last = None
+        if args.last_frame is not None:
+            image = args.last_frame
+            if not isinstance(image, Image.Image):
+                image = decode_clip(image).frames[0]  # base64 from an API client
+            last = self._encode_images(job.vae, [imgs.resize_image(image.convert("RGB"), width, height, mode)])
+            last = last.repeat(init.shape[0], 1, 1, 1)
+        return blend_image_to_video(init, noise, args, last)
+
     def _run_batch(self, job: _JobState, seeds: list[int], subseeds: list[int]):
         """Denoise (first pass, then hires fix if asked) and decode one batch; returns (images, Interrupted|None)."""
         request, model, vae = job.request, job.model, job.vae
@@ -752,7 +805,14 @@ class Engine:
                 work_mask = m.resize((width, height), Image.LANCZOS)
                 if request.inpainting_fill == "fill":
                     work_rs = imgs.fill_masked(work_rs, work_mask)
-            init_latents = self._encode_images(vae, [work_rs]).repeat(b, 1, 1, 1)
+            if job.video is not None and job.video.source:  # video-to-video: each frame from its source frame
+                src = job.video.source
+                frames = [imgs.resize_image(src[min(i, len(src) - 1)], width, height, pixel_mode) for i in range(b)]
+                init_latents = self._encode_images(vae, frames)
+            else:
+                init_latents = self._encode_images(vae, [work_rs]).repeat(b, 1, 1, 1)
+                if job.video is not None:  # image-to-video: later frames keep less of the image
+                    init_latents = self._image_to_video(job, init_latents, seeds, width, height, pixel_mode)
             if work_mask is not None:
                 lmask = imgs.mask_to_latent(work_mask, (lh, lw)).to(dev).repeat(b, 1, 1, 1)
                 if request.inpainting_fill == "latent noise":
@@ -910,7 +970,9 @@ class Engine:
         levels = NoiseLevels(alphas_cumprod_from_config(model.scheduler_config))
         train_t = timesteps.detach().float().cpu().numpy()
         sigmas = [float(s) for s in levels.t_to_sigma(train_t)]
-        conditioning, added = self._conditioning(stage, request, prompt, negative, user_steps, n_evals, width, height)
+        conditioning, added = self._conditioning(
+            stage, request, prompt, negative, user_steps, n_evals, width, height, video=job.video
+        )
         switch = None
         if refiner is not None:
             at = _switch_index(train_t, levels.num_train_timesteps, request.refiner_switch_at)
@@ -959,18 +1021,23 @@ class Engine:
             if model.kind.family != job.model.kind.family:  # UNet-input residuals fit the job's model only
                 hooks = Hooks(cfg=list(job.hooks.cfg))
             self._reached("denoise")
-            res = denoise(self.compiler.unet(model.unet), loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
+            loop_unet = job.video.unet(model.unet) if job.video is not None else self.compiler.unet(model.unet)
+            res = denoise(loop_unet, loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
         if res.switched and refiner is not None:
             job.extra["Refiner"] = _short_title(refiner.model)
             if request.refiner_switch_at is not None:
                 job.extra["Refiner switch at"] = _num(request.refiner_switch_at)
         return res
 
-    def _conditioning(self, stage: _Stage, request, prompt, negative, user_steps, n_evals, width, height):
+    def _conditioning(self, stage: _Stage, request, prompt, negative, user_steps, n_evals, width, height, video=None):
         """(conditioning(i), added_cond_kwargs or None) for the loop: `stage`'s encoding of the prompt
         schedule, encoded up front so the text encoders can go back to the CPU."""
         model = stage.model
-        schedule = PromptSchedule(stage.encoder, prompt, negative, user_steps)
+        travel = parse_travel(prompt) if video is not None else None
+        if travel is not None:  # a clip whose prompt changes over its frames (ldm_core.video.prompt_travel)
+            schedule = TravelSchedule(stage.encoder, travel, negative, user_steps, video.frames, video.travel_closed)
+        else:
+            schedule = PromptSchedule(stage.encoder, prompt, negative, user_steps)
 
         def step_of(i: int) -> int:
             return min(user_steps - 1, i * user_steps // n_evals)

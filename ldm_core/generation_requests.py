@@ -15,6 +15,8 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .video.options import AnimateDiffArgs
+
 MAX_SIDE = 2048  # the UI sliders' range (the UI's max_side limit)
 MAX_PIXELS = 2048 * 2048  # the default pixel limit (--max-pixels)
 DEFAULT_MAX_BATCH_SIZE = 16  # the default batch size limit (--max-batch-size)
@@ -75,7 +77,7 @@ def _first_error(model: type[BaseModel], exc: ValidationError) -> RequestError:
     msg = err.get("msg", "invalid value")
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    field = loc[0] if loc else "request"
+    field = ".".join(loc) if loc else "request"  # a nested option: "animatediff.fps"
     if not loc:  # a whole-request check: its message starts with the field it is about
         first = msg.split(" ", 1)[0]
         if first in model.model_fields:
@@ -185,6 +187,28 @@ class GenerationRequest(_Request):
     sdxl_refiner_high_aesthetic_score: float = 6.0
     sdxl_refiner_low_aesthetic_score: float = 2.5
     token_merging_ratio: float = Field(0.0, ge=0.0, le=1.0)  # accepted; not implemented, `info` says so
+    # -- video (issue 19): a clip instead of images, frames as the batch (ldm_core.video); A1111 clients send it
+    # as alwayson_scripts {"AnimateDiff": {"args": [{...}]}} (sd-webui-animatediff's API), lifted here --
+    animatediff: AnimateDiffArgs | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _animatediff_script(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("animatediff") is not None:
+            return data
+        scripts = data.get("alwayson_scripts") or {}
+        if not isinstance(scripts, dict):
+            return data
+        for key, value in scripts.items():
+            if str(key).lower() != "animatediff":
+                continue
+            args = value.get("args") if isinstance(value, dict) else value
+            first = args[0] if isinstance(args, list | tuple) and args else None
+            if isinstance(first, dict) and first.get("enable", True):
+                data = {**data, "animatediff": first}
+            elif first is not None and not isinstance(first, dict):
+                raise ValueError(f"alwayson_scripts.{key}.args[0] must be an object of AnimateDiff options")
+        return data
 
     @field_validator("sampler_name")
     @classmethod

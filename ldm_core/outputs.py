@@ -99,9 +99,7 @@ def _prompt_words(prompt: str, limit: int = PROMPT_WORDS_CHARS) -> str:
     return out
 
 
-def _file_stem(
-    pattern: str, number: int | None, seed: int, when: datetime, model_name: str, prompt: str
-) -> str:
+def _file_stem(pattern: str, number: int | None, seed: int, when: datetime, model_name: str, prompt: str) -> str:
     values = {
         "[number]": f"{number:05d}" if number is not None else "",
         "[seed]": str(seed),
@@ -147,7 +145,7 @@ def _publish(tmp: Path, target: Path) -> bool:
     return True
 
 
-def _exif_bytes(infotext: str, manifest: dict | None) -> bytes:
+def exif_bytes(infotext: str, manifest: dict | None) -> bytes:
     exif = Image.Exif()
     sub = exif.get_ifd(IFD.Exif)
     sub[Base.UserComment] = _UNICODE_PREFIX + infotext.encode("utf-16-be")
@@ -155,7 +153,7 @@ def _exif_bytes(infotext: str, manifest: dict | None) -> bytes:
         sub[Base.MakerNote] = json.dumps(manifest, sort_keys=True).encode("utf-8")
     data = exif.tobytes()
     if len(data) > _EXIF_LIMIT and manifest is not None:
-        return _exif_bytes(infotext, None)  # the manifest does not fit beside the infotext: keep the infotext
+        return exif_bytes(infotext, None)  # the manifest does not fit beside the infotext: keep the infotext
     return data
 
 
@@ -171,7 +169,7 @@ def _encode(image: Image.Image, fmt: str, infotext: str, manifest: dict | None, 
         if fmt == "JPEG" and image.mode not in ("RGB", "L"):
             image = image.convert("RGB")
         options = {"quality": quality} if fmt == "JPEG" else {"quality": quality, "lossless": False}
-        image.save(buf, fmt, exif=_exif_bytes(infotext, manifest), **options)
+        image.save(buf, fmt, exif=exif_bytes(infotext, manifest), **options)
     return buf.getvalue()
 
 
@@ -211,10 +209,29 @@ def save_image(
     fmt = EXTENSIONS.get(ext)
     if fmt is None:
         raise ValueError(f"extension {extension!r} is not supported; choose one of {sorted(EXTENSIONS)}")
+    data = _encode(image, fmt, infotext, manifest, quality=max(1, min(100, int(quality))))
+    return save_bytes(
+        data, folder, ext, seed=seed, pattern=pattern, model_name=model_name, prompt=prompt, when=when, writer=writer
+    )
+
+
+def save_bytes(
+    data: bytes,
+    folder: Path,
+    ext: str,
+    *,
+    seed: int,
+    pattern: str = "[number]-[seed]",
+    model_name: str = "",
+    prompt: str = "",
+    when: datetime | None = None,
+    writer: Writer | None = None,
+) -> Path:
+    """Write an encoded file (an image, a clip) into `folder` under a new name: the naming, atomicity and
+    disk-full rules of `save_image`, which calls it."""
     when = when or datetime.now()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    data = _encode(image, fmt, infotext, manifest, quality=max(1, min(100, int(quality))))
     tmp: Path | None = None
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f".{ext}", dir=folder)
@@ -226,8 +243,8 @@ def save_image(
         if exc.errno in _FULL and not isinstance(exc, DiskFull):
             raise DiskFull(
                 exc.errno,
-                f"disk full while saving an image into {folder} ({exc.strerror or exc}): the image was not saved, "
-                "no partial file was left and earlier images are untouched; free some space",
+                f"disk full while saving a {ext} file into {folder} ({exc.strerror or exc}): it was not saved, "
+                "no partial file was left and earlier files are untouched; free some space",
             ) from exc
         raise
     finally:
@@ -284,9 +301,9 @@ def _decode_user_comment(raw: bytes | str) -> str | None:
 def read_image_info(image: Image.Image) -> tuple[str | None, dict | None, dict[str, str]]:
     """(infotext, manifest, other text chunks) of an image opened with PIL.
 
-    Reads PNG "parameters" (ours and A1111's) and our "ldm_manifest" chunk, and for JPEG/WebP the EXIF
-    UserComment and MakerNote. The manifest is None when absent or not valid JSON; other chunks are the
-    remaining text entries (e.g. ComfyUI's "prompt"/"workflow").
+    Reads PNG "parameters" (ours and A1111's) and our "ldm_manifest" chunk, a GIF's comment, and for
+    JPEG/WebP the EXIF UserComment and MakerNote. The manifest is None when absent or not valid JSON; other
+    chunks are the remaining text entries (e.g. ComfyUI's "prompt"/"workflow").
     """
     info = dict(getattr(image, "text", None) or {})
     for key, value in (image.info or {}).items():
@@ -298,6 +315,9 @@ def read_image_info(image: Image.Image) -> tuple[str | None, dict | None, dict[s
         exif = image.getexif().get_ifd(IFD.Exif)
     except Exception:  # a broken EXIF block must not stop PNG Info
         exif = {}
+    comment = (image.info or {}).get("comment")  # a GIF's comment extension (our clips hold the infotext there)
+    if infotext is None and isinstance(comment, bytes) and comment:
+        infotext = comment.decode("utf-8", errors="replace")
     if infotext is None and exif.get(Base.UserComment):
         infotext = _decode_user_comment(exif[Base.UserComment])
     if manifest_text is None and exif.get(Base.MakerNote):

@@ -282,3 +282,44 @@ def tiny_train_options(tmp_path, name: str, **kw):
     )
     base.update(kw)
     return TrainOptions(**base)
+
+
+def tiny_motion_adapter(name: str, seed: int = SEED + 50):
+    """A random-weight AnimateDiff motion module that fits the tiny `name` model's UNet ("sd1", "sdxl", ...):
+    one temporal layer per (resnet, attention) pair, a mid-block layer for SD1-style UNets (as v2/v3 modules
+    have) and none for SDXL (as the SDXL beta module). Weights are drawn large enough to move the output."""
+    from diffusers import MotionAdapter
+
+    unet_cfg = TINY_SPECS[name][1]
+    torch.manual_seed(seed)
+    adapter = MotionAdapter(
+        block_out_channels=tuple(unet_cfg["block_out_channels"]),
+        motion_layers_per_block=unet_cfg["layers_per_block"],
+        motion_num_attention_heads=8,
+        motion_norm_num_groups=32,
+        motion_max_seq_length=32,
+        use_motion_mid_block=family_of(name) != "sdxl",
+    )
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.normal_(0.0, 0.05)
+    return adapter.eval()
+
+
+def save_motion_module(adapter, path: Path, layout: str) -> Path:
+    """Write `adapter` as a diffusers folder (`layout="diffusers"`) or as one `.safetensors`/`.ckpt` file in
+    the original AnimateDiff key layout (`"original"`; a `.ckpt` path writes a pickle)."""
+    from safetensors.torch import save_file
+
+    from ldm_core.video.motion_modules import diffusers_to_original
+
+    if layout == "diffusers":
+        adapter.save_pretrained(path)
+        return path
+    state = diffusers_to_original(adapter.state_dict(), adapter.config.motion_max_seq_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".ckpt":
+        torch.save({k: v.contiguous() for k, v in state.items()}, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path

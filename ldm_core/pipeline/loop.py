@@ -211,9 +211,13 @@ def denoise(
         ctx = torch.cat([g.embeds.expand(b, -1, -1) for g in groups]).to(dtype)
         added = None
         if added_fn is not None:
-            pooled = [g.pooled for g in groups]
+            pooled = [g.pooled.expand(b, -1) for g in groups]  # one per image (a travelling prompt: per frame)
             added = added_fn(use_uncond, pooled)
-            added = {k: v.repeat_interleave(b, dim=0).to(dtype) for k, v in added.items()}
+            # per-group values (SDXL's time ids) repeat over the batch; per-image ones are already there
+            added = {
+                k: (v.repeat_interleave(b, dim=0) if v.shape[0] == len(groups) and b > 1 else v).to(dtype)
+                for k, v in added.items()
+            }
         state = StepState(i, total, t, x_in, ctx, added, b, use_uncond, weights)
         kwargs: dict[str, Any] = {}
         for provider in providers:

@@ -1,0 +1,178 @@
+"""What the engine needs to run one txt2img/img2img job as a clip (frames as the batch through the same loop).
+
+`plan_video` checks the request's `AnimateDiffArgs` against the model and the installed motion modules and
+returns a `VideoPlan`: the module, the frame count, the context windows, the source clip for video-to-video,
+the frame rate and the notes for `info`. The engine then patches the module into the UNet for the job
+(`motion_patch`), runs the loop through `VideoPlan.unet(...)`, builds init latents with `init_latents(...)`,
+and writes the clip files with `write_clips(...)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..generation_requests import GenerationRequest, Img2ImgRequest, RequestError
+from ..outputs import encode_png_bytes, output_folder, save_bytes
+from .clips import CLIP_TYPES, ClipError, decode_clip, encode_clip
+from .context_windows import ContextWindowUNet, context_windows
+from .motion_modules import MotionModule, MotionModuleError, MotionModules, MotionPatch, check_fits
+from .options import MAX_FRAMES, AnimateDiffArgs
+
+log = logging.getLogger(__name__)
+FIELD = "animatediff"  # how errors name the options (alwayson_scripts.AnimateDiff.args[0] in A1111 clients)
+
+
+@dataclass
+class ClipFile:
+    """One written clip: format (GIF/MP4/WEBP/WEBM), its bytes, MIME type and saved path (None: not saved)."""
+
+    format: str
+    data: bytes
+    mime: str
+    path: Path | None = None
+
+
+@dataclass
+class VideoPlan:
+    args: AnimateDiffArgs
+    module: MotionModule
+    frames: int
+    context: int
+    windows: list[list[int]]
+    fps: float
+    source: list[Image.Image] | None = None  # video-to-video: one init image per frame
+    notes: list[str] = field(default_factory=list)
+    patch: MotionPatch | None = None
+
+    @property
+    def travel_closed(self) -> bool:
+        """Whether prompt travel wraps from the last keyframe back to the first (A1111's R+P and A)."""
+        return self.args.closed_loop in ("R+P", "A")
+
+    def unet(self, unet) -> ContextWindowUNet:
+        if self.patch is None:
+            raise RuntimeError("the motion module is not patched into the UNet")
+        return ContextWindowUNet(unet, self.frames, self.windows, self.patch.set_frames)
+
+    def infotext(self) -> str:
+        a = self.args
+        overlap = self.context // 4 if a.overlap < 0 else a.overlap
+        return (
+            f"model: {self.module.name}, video_length: {self.frames}, fps: {_num(self.fps)}, "
+            f"closed_loop: {a.closed_loop}, batch_size: {self.context}, stride: {a.stride}, overlap: {overlap}"
+        )
+
+
+def _num(v: float):
+    return int(v) if float(v).is_integer() else round(float(v), 3)
+
+
+def plan_video(request: GenerationRequest, modules: MotionModules, unet, model_name: str, family: str):
+    """The VideoPlan of `request`, or None when it asks for no clip. RequestError names the bad option."""
+    args = request.animatediff
+    if args is None or not args.enable:
+        return None
+    name = args.model or modules.default()
+    if name is None:
+        where = ", ".join(str(d) for d in modules.dirs)
+        raise RequestError(f"{FIELD}.model", f"no motion module is installed: put one in {where}")
+    try:
+        module = modules.load(name)
+        check_fits(module, unet, model_name, family)
+    except MotionModuleError as e:
+        raise RequestError(f"{FIELD}.model", str(e)) from None
+    notes = []
+    source = None
+    fps = args.fps
+    if args.video_source:
+        if not isinstance(request, Img2ImgRequest):
+            raise RequestError(f"{FIELD}.video_source", "a source clip is for img2img (video-to-video)")
+        try:
+            clip = decode_clip(args.video_source, max_frames=args.video_length or MAX_FRAMES)
+        except ClipError as e:
+            raise RequestError(f"{FIELD}.video_source", str(e)) from None
+        source = clip.frames
+        if clip.fps:
+            fps = clip.fps  # A1111's extension: the source's frame rate
+    elif isinstance(request, Img2ImgRequest) and len(request.init_images) > 1:
+        source = list(request.init_images)  # several init images: one per frame
+    if args.video_path:
+        notes.append("AnimateDiff video_path: not read (send the clip as video_source)")
+    if args.interp and args.interp != "Off":
+        notes.append(f"AnimateDiff interp {args.interp}: not applied (no frame interpolation model offline)")
+    frames = args.frames(len(source) if source else None)
+    context = args.batch_size
+    if context > module.max_frames:
+        notes.append(
+            f"AnimateDiff batch_size {context}: {module.name} covers at most {module.max_frames} frames at once; "
+            f"{module.max_frames} used"
+        )
+        context = module.max_frames
+    if args.closed_loop == "A" and frames <= context:
+        notes.append("AnimateDiff closed_loop A: the clip fits one context window, so nothing loops it")
+    windows = context_windows(frames, context, args.stride, args.overlap, args.closed)
+    return VideoPlan(args, module, frames, context, windows, fps, source, notes)
+
+
+def _alphas(n: int, power: float, scale: float) -> torch.Tensor:
+    return torch.tensor([max(0.0, 1 - i**power / scale) for i in range(n)]).view(-1, 1, 1, 1)
+
+
+def blend_image_to_video(
+    init: torch.Tensor, noise: torch.Tensor, args: AnimateDiffArgs, last: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Image-to-video as sd-webui-animatediff does it: frame i's init latents keep 1 - i**latent_power /
+    latent_scale of the image (at least 0) and take noise for the rest; with a last frame, the last frames keep
+    a share of it counted from the end, and where both shares add up to more than 1 they are scaled to 1."""
+    n = init.shape[0]
+    a = _alphas(n, args.latent_power, args.latent_scale).to(init)
+    if last is None:
+        return init * a + noise * (1 - a)
+    b = _alphas(n, args.latent_power_last, args.latent_scale_last).flip(0).to(init)
+    total = a + b
+    over = total > 1
+    a = torch.where(over, a / total, a)
+    b = torch.where(over, b / total, b)
+    return init * a + last * b + noise * (1 - a - b)
+
+
+def write_clips(
+    plan: VideoPlan,
+    frames: list[Image.Image],
+    infotext: str,
+    manifest: dict,
+    *,
+    save: bool,
+    outputs_dir: Path,
+    seed: int,
+    pattern: str,
+    model_name: str,
+    prompt: str,
+    writer=None,
+) -> tuple[list[ClipFile], list[Path]]:
+    """Encode the clip in each asked format and, when `save`, write it (and PNG frames / a TXT file when
+    asked) atomically under `outputs/video/<date>/`. Returns (clips, saved frame and text paths)."""
+    folder = output_folder(outputs_dir, "video")
+    when = datetime.now()
+    clips, extra = [], []
+    common = dict(seed=seed, pattern=pattern, model_name=model_name, prompt=prompt, when=when, writer=writer)
+    for fmt in plan.args.files:
+        ext, mime = CLIP_TYPES[fmt]
+        try:
+            data = encode_clip(frames, fmt, plan.fps, infotext=infotext, loop=plan.args.loop_number)
+        except ClipError as e:
+            raise RequestError(f"{FIELD}.format", str(e)) from None
+        path = save_bytes(data, folder, ext, **common) if save else None
+        clips.append(ClipFile(fmt, data, mime, path))
+    if save and "PNG" in plan.args.format:
+        for i, im in enumerate(frames):
+            extra.append(save_bytes(encode_png_bytes(im, infotext, {**manifest, "frame": i}), folder, "png", **common))
+    if save and "TXT" in plan.args.format:
+        extra.append(save_bytes(infotext.encode("utf-8"), folder, "txt", **common))
+    return clips, extra

@@ -1,0 +1,87 @@
+"""The options of a video job: `AnimateDiffArgs`, with the names and defaults of sd-webui-animatediff's API
+(`alwayson_scripts: {"AnimateDiff": {"args": [{...}]}}`), so clients written for that extension work here.
+
+Unknown keys that extension accepts (`interp_x`, `request_id`, `is_i2i_batch`, `freeinit_*`, `mask_path`, ...)
+are accepted and ignored; values this engine cannot honour are accepted and reported in the job's `info`:
+FILM frame interpolation (`interp: "FILM"`) needs Deforum's model, and `video_path` (a folder on the server)
+is not read (send the clip as `video_source`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+VIDEO_FORMATS = ("GIF", "MP4", "WEBP", "WEBM", "PNG", "TXT", "Frame")
+MAX_FRAMES = 128  # frames of one clip (the UI slider's range; a server may lower it)
+
+
+class AnimateDiffArgs(BaseModel):
+    """One video job's options (see the module doc). `video_length` 0 means: the source clip's length when one
+    is given, else `batch_size` (the context)."""
+
+    model_config = ConfigDict(extra="allow", arbitrary_types_allowed=True)
+
+    enable: bool = True
+    model: str | None = None  # a motion module in models/AnimateDiff; None = the first one there
+    video_length: int = Field(16, ge=0, le=MAX_FRAMES)
+    fps: float = Field(8, gt=0, le=120)
+    loop_number: int = Field(0, ge=0)  # times a GIF/WebP plays; 0 = forever
+    closed_loop: Literal["N", "R-P", "R+P", "A"] = "R-P"
+    batch_size: int = Field(16, ge=1, le=MAX_FRAMES)  # context: frames the motion module sees at once
+    stride: int = Field(1, ge=1, le=64)
+    overlap: int = Field(-1, ge=-1)  # -1: batch_size // 4
+    format: list[str] = Field(default_factory=lambda: ["GIF", "PNG"])
+    interp: str = "Off"
+    video_source: Any = None  # a clip (base64 or bytes; GIF/WebP/MP4/WebM) for video-to-video
+    video_path: str | None = None
+    latent_power: float = 1.0  # image-to-video: frame i keeps 1 - i**latent_power / latent_scale of the image
+    latent_scale: float = Field(32.0, gt=0)
+    last_frame: Any = None  # image-to-video: an image the clip ends on
+    latent_power_last: float = 1.0
+    latent_scale_last: float = Field(32.0, gt=0)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _formats(cls, v):
+        if isinstance(v, str):
+            v = [v]
+        out = []
+        for f in v or []:
+            name = {
+                "GIF": "GIF",
+                "MP4": "MP4",
+                "WEBP": "WEBP",
+                "WEBM": "WEBM",
+                "PNG": "PNG",
+                "TXT": "TXT",
+                "FRAME": "Frame",
+                "FRAMES": "Frame",
+            }.get(str(f).strip().upper())
+            if name is None:
+                raise ValueError(f"unknown format {f!r}: choose from {', '.join(VIDEO_FORMATS)}")
+            if name not in out:
+                out.append(name)
+        return out
+
+    @field_validator("closed_loop", mode="before")
+    @classmethod
+    def _closed_loop(cls, v):
+        if isinstance(v, bool):  # older clients send a checkbox
+            return "R-P" if v else "N"
+        return v
+
+    def frames(self, source_frames: int | None = None) -> int:
+        if self.video_length:
+            return self.video_length
+        return source_frames or self.batch_size
+
+    @property
+    def closed(self) -> bool:
+        return self.closed_loop != "N"
+
+    @property
+    def files(self) -> list[str]:
+        """The video files to write, in the order asked."""
+        return [f for f in self.format if f in ("GIF", "MP4", "WEBP", "WEBM")]

@@ -1,0 +1,367 @@
+"""Video (issue 19): AnimateDiff motion modules in both file layouts, patched into SD 1.x and SDXL UNets, clips
+through the engine (text-, image- and video-to-video, context windows, prompt travel) and the clip files."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_models import save_motion_module, tiny_components, tiny_motion_adapter
+
+from ldm_core.config import EngineConfig
+from ldm_core.engine import Engine
+from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, RequestError
+from ldm_core.outputs import read_image_info
+from ldm_core.video.clips import CLIP_TYPES, decode_clip, encode_clip
+from ldm_core.video.context_windows import context_windows
+from ldm_core.video.job import blend_image_to_video
+from ldm_core.video.motion_modules import (
+    MotionModule,
+    MotionModuleError,
+    config_from_original,
+    load_motion_module,
+    motion_patch,
+)
+from ldm_core.video.options import AnimateDiffArgs
+from ldm_core.video.prompt_travel import frame_weights, parse_travel
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def motion_files(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD1 and SDXL motion modules, each as a diffusers folder and as an original-layout file."""
+    root = tmp_path_factory.mktemp("mm")
+    out = {}
+    for name in ("sd1", "sdxl"):
+        adapter = tiny_motion_adapter(name)
+        out[f"{name}-diffusers"] = save_motion_module(adapter, root / f"mm-{name}-diffusers", "diffusers")
+        out[f"{name}-original"] = save_motion_module(adapter, root / f"mm_{name}_tiny.safetensors", "original")
+    return out
+
+
+def _reference(unet, adapter, x, t, ehs, added, frames):
+    """diffusers' own UNetMotionModel on the same weights: (clips*frames, C, H, W) in, same layout out."""
+    from diffusers import UNetMotionModel
+
+    ref = UNetMotionModel.from_unet2d(unet, adapter)
+    if added is not None:  # from_unet2d leaves SDXL's add_embedding at its random init
+        ref.add_embedding.load_state_dict(unet.add_embedding.state_dict())
+    clips = x.shape[0] // frames
+    sample = x.view(clips, frames, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+    per_clip = None if added is None else {k: v[::frames] for k, v in added.items()}
+    out = ref(sample, t, ehs, added_cond_kwargs=per_clip).sample
+    return out.permute(0, 2, 1, 3, 4).reshape(x.shape)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+@pytest.mark.parametrize("layout", ["diffusers", "original"])
+def test_patched_unet_matches_diffusers_unet_motion_model(name, layout, motion_files):
+    unet = tiny_components(name)["unet"]
+    module = load_motion_module(motion_files[f"{name}-{layout}"])
+    assert module.layout == layout
+    frames = 6
+    torch.manual_seed(0)
+    x = torch.randn(2 * frames, 4, 8, 8)
+    t = torch.tensor(500.0)
+    ehs = torch.randn(2 * frames, 77, unet.config.cross_attention_dim)
+    added = None
+    if name == "sdxl":
+        added = {
+            k: v.repeat_interleave(frames, 0)
+            for k, v in {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6)}.items()
+        }
+    with torch.no_grad():
+        plain = unet(x, t, ehs, added_cond_kwargs=added).sample
+        with motion_patch(unet, module) as patch:
+            patch.set_frames(frames)
+            got = unet(x, t, ehs, added_cond_kwargs=added).sample
+        after = unet(x, t, ehs, added_cond_kwargs=added).sample
+        ref = _reference(unet, module.adapter, x, t, ehs, added, frames)
+    assert (got - ref).abs().max() < 1e-4  # the same temporal layers in the same places as diffusers
+    assert (got - plain).abs().max() > 1e-2  # and they do something
+    assert torch.equal(after, plain)  # removed exactly after the job
+
+
+def test_original_layout_config_is_read_from_the_shapes(motion_files):
+    from safetensors.torch import load_file
+
+    cfg = config_from_original(load_file(str(motion_files["sd1-original"])), motion_files["sd1-original"])
+    assert cfg["block_out_channels"] == [32, 64]
+    assert cfg["motion_layers_per_block"] == [2, 2]
+    assert cfg["use_motion_mid_block"] is True
+    assert cfg["motion_max_seq_length"] == 32
+    xl = config_from_original(load_file(str(motion_files["sdxl-original"])), motion_files["sdxl-original"])
+    assert xl["use_motion_mid_block"] is False
+
+
+def test_pickled_module_refused_unless_allowed(tmp_path):
+    path = save_motion_module(tiny_motion_adapter("sd1"), tmp_path / "mm_sd_v15.ckpt", "original")
+    with pytest.raises(MotionModuleError, match="allow-pickle"):
+        load_motion_module(path)
+    assert load_motion_module(path, allow_pickle=True).layout == "original"
+
+
+def test_not_a_motion_module_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "lora.safetensors"
+    save_file({"lora_unet_down.weight": torch.zeros(2, 2)}, str(bad))
+    with pytest.raises(MotionModuleError, match="LoRA"):
+        load_motion_module(bad)
+    other = tmp_path / "other.safetensors"
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2, 2)}, str(other))
+    with pytest.raises(MotionModuleError, match="original key layout"):
+        load_motion_module(other)
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+
+
+def _engine(tmp: Path, model: Path, modules: list[Path], **over) -> Engine:
+    ckpt = tmp / "models" / "Stable-diffusion"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    dst = ckpt / model.name
+    if not dst.exists():
+        (shutil.copytree if model.is_dir() else shutil.copy)(model, dst)
+    mm = tmp / "models" / "AnimateDiff"
+    mm.mkdir(parents=True, exist_ok=True)
+    for m in modules:
+        if not (mm / m.name).exists():
+            (shutil.copytree if m.is_dir() else shutil.copy)(m, mm / m.name)
+    return Engine(EngineConfig.from_data_dir(tmp, builtin_model_dir=None, **over))
+
+
+@pytest.fixture(scope="module")
+def sd1_video(tmp_path_factory, tiny_models, motion_files):
+    tmp = tmp_path_factory.mktemp("video")
+    return _engine(
+        tmp, tiny_models["sd1"]["single_file"], [motion_files["sd1-original"], motion_files["sdxl-diffusers"]]
+    )
+
+
+def vreq(cls=GenerationRequest, **kw):
+    ad = kw.pop("animatediff", {})
+    base = dict(
+        prompt="a red circle",
+        negative_prompt="blue",
+        steps=3,
+        width=SIZE,
+        height=SIZE,
+        seed=5,
+        sampler_name="Euler a",
+        save_images=False,
+    )
+    base.update(kw)
+    base["animatediff"] = {"model": "mm_sd1_tiny", "video_length": 6, "batch_size": 6, "format": ["GIF"], **ad}
+    return cls.build(**base)
+
+
+def _frames_differ(images) -> float:
+    a = [np.asarray(im).astype(np.float32) for im in images]
+    return float(np.mean([np.abs(a[i] - a[i + 1]).mean() for i in range(len(a) - 1)]))
+
+
+def _hooks(unet) -> int:
+    return sum(len(m._forward_hooks) for m in unet.modules())
+
+
+def test_text_to_video_writes_the_clip_with_infotext(sd1_video, tmp_path):
+    res = sd1_video.generate(vreq(save_images=True, animatediff={"format": ["GIF", "MP4", "WEBP", "PNG", "TXT"]}))
+    assert len(res.images) == 6 and len(res.seeds) == 6
+    assert [c.format for c in res.videos] == ["GIF", "MP4", "WEBP"]
+    for clip in res.videos:
+        assert clip.path is not None and clip.path.parent.parent.name == "video"
+        assert clip.path.read_bytes() == clip.data
+        assert len(decode_clip(clip.data).frames) == 6
+    gif = Image.open(res.videos[0].path)
+    text, _, _ = read_image_info(gif)
+    assert text is not None and "AnimateDiff: " in text and "mm_sd1_tiny" in text
+    pngs = [p for p in res.paths if p.suffix == ".png"]
+    assert len(pngs) == 6 and all(p.parent == res.videos[0].path.parent for p in pngs)
+    assert [p for p in res.paths if p.suffix == ".txt"]
+    model = sd1_video.current_model
+    assert _hooks(model.unet) == 0  # the motion module is only patched in while its job runs
+
+
+def test_motion_module_changes_frames_and_a_plain_batch_is_unchanged(sd1_video):
+    plain = sd1_video.generate(vreq(animatediff={"enable": False}, batch_size=6))
+    clip = sd1_video.generate(vreq())
+    assert plain.videos == [] and len(plain.images) == 6
+    diffs = [
+        np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean()
+        for a, b in zip(plain.images, clip.images, strict=True)
+    ]
+    assert min(diffs) > 0.5  # every frame is touched by the temporal layers
+    again = sd1_video.generate(vreq(animatediff={"enable": False}, batch_size=6))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain.images, again.images, strict=True))
+
+
+def test_long_clip_runs_in_context_windows(sd1_video, monkeypatch):
+    calls = []
+    from ldm_core.video import context_windows as cw
+
+    real = cw.ContextWindowUNet.__call__
+
+    def spy(self, x, t, **kw):
+        calls.append(len(self.windows))
+        return real(self, x, t, **kw)
+
+    monkeypatch.setattr(cw.ContextWindowUNet, "__call__", spy)
+    res = sd1_video.generate(vreq(animatediff={"video_length": 10, "batch_size": 4, "overlap": 1, "closed_loop": "N"}))
+    assert len(res.images) == 10
+    assert calls and calls[0] == len(context_windows(10, 4, 1, 1)) > 1
+    assert "batch_size: 4" in res.infotexts[0] and "overlap: 1" in res.infotexts[0]
+
+
+def test_context_windows_cover_every_frame():
+    assert context_windows(16, 16) == [list(range(16))]
+    wins = context_windows(24, 16)
+    assert wins[0] == list(range(16)) and wins[-1] == list(range(8, 24))
+    looped = context_windows(24, 16, closed_loop=True)
+    assert any(w[0] > w[-1] for w in looped)  # a window wraps around the end
+    strided = context_windows(8, 4, stride=2, overlap=0)
+    assert [0, 2, 4, 6] in strided
+    for n, c in ((40, 16), (17, 8), (9, 3)):
+        assert set().union(*map(set, context_windows(n, c))) == set(range(n))
+
+
+def test_prompt_travel_conditions_each_frame(sd1_video):
+    assert parse_travel("0: a red circle, 8: a blue circle").keyframes == ((0, "a red circle"), (8, "a blue circle"))
+    multi = parse_travel("best quality\n0: a red circle\n4: a blue circle\non grey")
+    assert multi.keyframes == ((0, "best quality, a red circle, on grey"), (4, "best quality, a blue circle, on grey"))
+    assert parse_travel("a circle, 16:9") is None
+    w = frame_weights([0, 4], 6, closed_loop=False)
+    assert w[0] == (0, 1, 0.0) and w[2] == (0, 1, 0.5) and w[5] == (1, 1, 0.0)
+    travel = sd1_video.generate(vreq(prompt="0: a red circle, 5: a blue square"))
+    fixed = sd1_video.generate(vreq(prompt="a red circle"))
+    first = np.abs(np.asarray(travel.images[0], np.float32) - np.asarray(fixed.images[0], np.float32)).mean()
+    last = np.abs(np.asarray(travel.images[-1], np.float32) - np.asarray(fixed.images[-1], np.float32)).mean()
+    assert last > first  # the travelling prompt moves away from the first keyframe over the clip
+
+
+def test_image_to_video_blend_follows_latent_power_and_scale():
+    init, noise = torch.ones(4, 1, 1, 1), torch.zeros(4, 1, 1, 1)
+    args = AnimateDiffArgs(latent_power=1, latent_scale=2, latent_scale_last=2)
+    out = blend_image_to_video(init, noise, args).flatten().tolist()
+    assert out == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    last = torch.full((4, 1, 1, 1), 2.0)
+    both = blend_image_to_video(init, noise, args, last).flatten().tolist()
+    assert both[0] == pytest.approx(1.0) and both[-1] == pytest.approx(2.0)
+
+
+def _red(i: int) -> Image.Image:
+    return Image.new("RGB", (SIZE, SIZE), (200, 20 * i, 20))
+
+
+def test_image_and_video_to_video(sd1_video, monkeypatch):
+    encoded = []
+    real = Engine._encode_images
+
+    def spy(self, vae, images):
+        encoded.append([np.asarray(im)[..., 1].mean() for im in images])
+        return real(self, vae, images)
+
+    monkeypatch.setattr(Engine, "_encode_images", spy)
+    i2v = sd1_video.generate(vreq(Img2ImgRequest, init_images=[_red(0)], denoising_strength=0.6))
+    assert len(i2v.images) == 6 and len(encoded[-1]) == 1  # one image, spread over the frames
+    clip = encode_clip([_red(i) for i in range(5)], "MP4", 5)
+    v2v = sd1_video.generate(
+        vreq(
+            Img2ImgRequest,
+            init_images=[_red(0)],
+            denoising_strength=0.3,
+            animatediff={"video_length": 0, "video_source": base64.b64encode(clip).decode(), "format": ["GIF"]},
+        )
+    )
+    assert len(v2v.images) == 5  # the source's length
+    assert "fps: 5" in v2v.infotexts[0]  # the source's frame rate
+    greens = encoded[-1]
+    assert len(greens) == 5 and greens == sorted(greens) and greens[-1] > greens[0] + 50  # one source frame each
+
+
+def test_family_mismatch_and_unknown_module_are_clear_errors(sd1_video):
+    with pytest.raises(RequestError) as e:
+        sd1_video.generate(vreq(animatediff={"model": "mm-sdxl-diffusers"}))
+    assert e.value.field == "animatediff.model"
+    assert "mm-sdxl-diffusers" in e.value.message and "(sd1)" in e.value.message and "family" in e.value.message
+    from diffusers import MotionAdapter
+
+    wide = MotionAdapter(block_out_channels=(64, 128), motion_layers_per_block=1, use_motion_mid_block=False)
+    folder = sd1_video.config.motion_dirs[0] / "mm-wide"
+    wide.save_pretrained(folder)
+    with pytest.raises(RequestError) as e:
+        sd1_video.generate(vreq(animatediff={"model": "mm-wide"}))
+    assert "made for a UNet with channels 64/128" in e.value.message and "channels 32/64" in e.value.message
+    shutil.rmtree(folder)
+    with pytest.raises(RequestError, match="no motion module named 'nope'"):
+        sd1_video.generate(vreq(animatediff={"model": "nope"}))
+
+
+def test_sdxl_video_through_the_engine(tmp_path, tiny_models, motion_files):
+    eng = _engine(tmp_path, tiny_models["sdxl"]["single_file"], [motion_files["sdxl-original"]])
+    res = eng.generate(
+        vreq(
+            prompt="0: a red circle, 3: a blue circle",
+            animatediff={"model": "mm_sdxl_tiny", "video_length": 4, "batch_size": 4},
+        )
+    )
+    assert len(res.images) == 4 and res.videos[0].format == "GIF"
+
+
+def test_clip_files_round_trip_with_infotext():
+    frames = [_red(i) for i in range(4)]
+    for fmt in CLIP_TYPES:
+        data = encode_clip(frames, fmt, 8, infotext="a red circle\nSteps: 3")
+        back = decode_clip(base64.b64encode(data).decode())
+        assert len(back.frames) == 4 and back.fps == pytest.approx(8, rel=0.1)
+        if fmt in ("GIF", "WEBP"):
+            assert read_image_info(Image.open(io.BytesIO(data)))[0] == "a red circle\nSteps: 3"
+
+
+def test_request_lifts_sd_webui_animatediff_args():
+    r = GenerationRequest.build(
+        prompt="x",
+        alwayson_scripts={
+            "AnimateDiff": {
+                "args": [
+                    {
+                        "model": "mm_sd_v15_v2.ckpt",
+                        "format": ["GIF", "Frame"],
+                        "enable": True,
+                        "video_length": 16,
+                        "fps": 8,
+                        "loop_number": 0,
+                        "closed_loop": "R+P",
+                        "batch_size": 16,
+                        "stride": 1,
+                        "overlap": -1,
+                        "interp": "Off",
+                        "interp_x": 10,
+                        "request_id": "",
+                        "is_i2i_batch": False,
+                    }
+                ]
+            }
+        },
+    )
+    assert r.animatediff.model == "mm_sd_v15_v2.ckpt" and r.animatediff.format == ["GIF", "Frame"]
+    off = GenerationRequest.build(alwayson_scripts={"AnimateDiff": {"args": [{"enable": False}]}})
+    assert off.animatediff is None
+    with pytest.raises(RequestError) as e:
+        GenerationRequest.build(alwayson_scripts={"animatediff": {"args": [{"fps": 0}]}})
+    assert e.value.field == "animatediff.fps"
+    with pytest.raises(RequestError, match="unknown format"):
+        GenerationRequest.build(animatediff={"format": ["AVI"]})
+
+
+def test_module_registry_lists_both_layouts(sd1_video):
+    names = sd1_video.motion_modules.names()
+    assert "mm_sd1_tiny.safetensors" in names and "mm-sdxl-diffusers" in names
+    assert isinstance(sd1_video.motion_modules.load("mm_sd1_tiny"), MotionModule)
