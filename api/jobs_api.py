@@ -12,6 +12,7 @@ Routes:
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import time
 from collections.abc import AsyncIterator
@@ -79,6 +80,16 @@ def job_result(job: Job, *, images: bool = True) -> dict[str, Any] | None:
         "paths": [str(p) for p in result.paths],
         "info": jsonable_encoder(result.info(job.request)) if job.request else None,
     }
+    if result.videos:  # a video job's clip files (ldm_core.video)
+        out["videos"] = [
+            {
+                "format": v.format,
+                "mime": v.mime,
+                "path": str(v.path) if v.path else None,
+                **({"data": base64.b64encode(v.data).decode("ascii")} if images else {}),
+            }
+            for v in result.videos
+        ]
     if images:
         out["images"] = [
             encode_png_b64(im, text, man)

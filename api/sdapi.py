@@ -5,6 +5,7 @@ existing A1111 clients and scripts work unchanged. Every generation goes through
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from datetime import datetime
@@ -98,10 +99,15 @@ def build_router(ctx: ApiContext) -> APIRouter:
             return {"images": [], "parameters": params, "info": json.dumps(info)}
         images = []
         if body.send_images:
-            images = [
+            frames = [
                 encode_png_b64(im, text, manifest)
                 for im, text, manifest in zip(result.images, result.infotexts, result.manifests, strict=False)
             ]
+            images = frames
+            if result.videos:  # sd-webui-animatediff: the clips come back; the frames too when "Frame" is asked
+                asked = job.request.animatediff.format if job.request and job.request.animatediff else []
+                images = [base64.b64encode(v.data).decode("ascii") for v in result.videos]
+                images += frames if "Frame" in asked else []
         info = a1111_info(result.info(job.request), params)  # A1111's keys and number types
         info.setdefault("index_of_first_image", 0)
         model_sha = ((result.manifests[0].get("model") or {}).get("sha256") or "") if result.manifests else ""
@@ -372,6 +378,11 @@ def build_router(ctx: ApiContext) -> APIRouter:
     @router.get("/sd-vae")
     def sd_vae():
         return [{"model_name": e.name, "filename": str(e.path)} for e in engine.models.vaes()]
+
+    @router.get("/motion-modules")
+    def motion_modules():
+        # AnimateDiff motion modules in models/AnimateDiff (alwayson_scripts.AnimateDiff.args[0].model)
+        return [{"model_name": n, "filename": str(p)} for n, p in engine.motion_modules.entries().items()]
 
     @router.get("/loras")
     def loras():

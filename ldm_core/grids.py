@@ -232,6 +232,8 @@ def with_batch_grid(
     images = list(result.images)
     if not images or (len(images) < 2 and options.only_if_multiple):
         return result
+    if result.videos:  # a clip's frames make no grid (sd-webui-animatediff returns the clip instead)
+        return result
     if not options.return_grid and not options.save:
         return result
     grid = image_grid(images)

@@ -44,9 +44,13 @@ SOURCE_RGB = (30, 120, 200)
 def webui(tmp_path_factory):
     from tiny_models import build_tiny_model
 
+    from tiny_models import save_motion_module, tiny_motion_adapter
+
     models = tmp_path_factory.mktemp("ui_model")
     sd1 = build_tiny_model("sd1", models)["single_file"]
     data = make_data_dir(tmp_path_factory.mktemp("ui_data"), sd1)
+    mm = data / "models" / "AnimateDiff" / "mm_sd1_tiny.safetensors"
+    save_motion_module(tiny_motion_adapter("sd1"), mm, "original")  # for the Video tab
     server = WebUI.start(data)
     yield server
     server.stop()
@@ -186,6 +190,34 @@ def test_interrupt_keeps_partial_image_while_a_second_request_queues(page, webui
     set_number(page, "#txt2img_batch_count", 1)
 
 
+def test_video_tab_makes_a_clip_and_plays_it(page, webui):
+    open_tab(page, "video")
+    page.wait_for_function(
+        "() => document.querySelector('#video_motion_module input').value == 'mm_sd1_tiny.safetensors'"
+    )
+    page.fill("#video_prompt textarea", "0: a red circle, 4: a blue circle")
+    set_number(page, "#video_length", 6)
+    set_number(page, "#video_width", SIZE)
+    set_number(page, "#video_height", SIZE)
+    generate(page, "video")
+    assert page.locator("#video_gallery img").count() >= 1
+    info = page.input_value("#video_infotext textarea")
+    assert "AnimateDiff: " in info and "video_length: 6" in info
+    clips = sorted((webui.data / "outputs" / "video").rglob("*.*"))
+    assert {p.suffix for p in clips} >= {".gif", ".mp4"}
+    # the player has the MP4 and plays it
+    page.wait_for_selector("#video_player video")
+    page.wait_for_function(
+        "() => { const v = document.querySelector('#video_player video'); return v && v.readyState >= 2 }"
+    )
+    page.evaluate("() => { const v = document.querySelector('#video_player video'); v.muted = true; v.play(); }")
+    page.wait_for_function("() => document.querySelector('#video_player video').currentTime > 0")
+    duration = page.evaluate("() => document.querySelector('#video_player video').duration")
+    assert duration == pytest.approx(6 / 8, abs=0.2)  # 6 frames at 8 fps
+    with Image.open(next(p for p in clips if p.suffix == ".gif")) as gif:
+        assert gif.n_frames == 6
+
+
 def test_inpaint_with_painted_mask_keeps_the_rest(page, webui, source_png):
     open_tab(page, "inpaint")
     page.wait_for_selector("#inpaint_editor canvas")
@@ -247,6 +279,7 @@ def test_screenshots_of_every_tab(page, tmp_path):
         ("txt2img", "#txt2img_gallery"),
         ("img2img", "#img2img_image"),
         ("inpaint", "#inpaint_editor"),
+        ("video", "#video_motion_module"),
         ("extras", "#extras_generate"),
         ("pnginfo", "#pnginfo_html"),
         ("settings", "#settings_apply"),

@@ -365,3 +365,102 @@ def test_module_registry_lists_both_layouts(sd1_video):
     names = sd1_video.motion_modules.names()
     assert "mm_sd1_tiny.safetensors" in names and "mm-sdxl-diffusers" in names
     assert isinstance(sd1_video.motion_modules.load("mm_sd1_tiny"), MotionModule)
+
+
+# ------------------------------------------------------------------------------------------------------- API
+
+
+@pytest.fixture
+def api_client(tmp_path, tiny_models, motion_files):
+    import fastapi
+    from fastapi.testclient import TestClient
+
+    from api import install
+    from ldm_core.service import Service
+
+    _engine(tmp_path, tiny_models["sd1"]["single_file"], [motion_files["sd1-original"]])  # lays out the folders
+    service = Service(EngineConfig.from_data_dir(tmp_path, builtin_model_dir=None, device="cpu"))
+    app = fastapi.FastAPI()
+    install(app, service)
+    try:
+        with TestClient(app) as client:
+            yield client, tmp_path
+    finally:
+        service.shutdown()
+
+
+def test_sdapi_txt2img_with_sd_webui_animatediff_args(api_client):
+    client, data = api_client
+    assert [m["model_name"] for m in client.get("/sdapi/v1/motion-modules").json()] == ["mm_sd1_tiny.safetensors"]
+    # the payload shape sd-webui-animatediff documents for its API (its README), with a client's usual fields
+    body = {
+        "prompt": "a red circle",
+        "negative_prompt": "",
+        "steps": 3,
+        "width": SIZE,
+        "height": SIZE,
+        "seed": -1,
+        "sampler_name": "Euler a",
+        "alwayson_scripts": {
+            "AnimateDiff": {
+                "args": [
+                    {
+                        "model": "mm_sd1_tiny.safetensors",
+                        "format": ["GIF", "Frame"],
+                        "enable": True,
+                        "video_length": 5,
+                        "fps": 10,
+                        "loop_number": 0,
+                        "closed_loop": "R-P",
+                        "batch_size": 16,
+                        "stride": 1,
+                        "overlap": -1,
+                        "interp": "Off",
+                        "interp_x": 10,
+                        "video_source": None,
+                        "video_path": "",
+                        "latent_power": 1,
+                        "latent_scale": 32,
+                        "last_frame": None,
+                        "latent_power_last": 1,
+                        "latent_scale_last": 32,
+                        "request_id": "",
+                    }
+                ]
+            }
+        },
+    }
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    images = r.json()["images"]
+    assert len(images) == 1 + 5  # the GIF, then the frames ("Frame")
+    gif = Image.open(io.BytesIO(base64.b64decode(images[0])))
+    assert gif.format == "GIF" and gif.n_frames == 5
+    assert Image.open(io.BytesIO(base64.b64decode(images[1]))).format == "PNG"
+    info = __import__("json").loads(r.json()["info"])
+    assert "AnimateDiff: " in info["infotexts"][0]
+    body["alwayson_scripts"]["AnimateDiff"]["args"][0]["model"] = "mm_sd15_v3.safetensors"
+    bad = client.post("/sdapi/v1/txt2img", json=body)
+    assert bad.status_code == 422 and "mm_sd15_v3" in bad.text
+
+
+def test_native_video_job(api_client):
+    import time
+
+    client, data = api_client
+    body = {"prompt": "a red circle", "steps": 3, "width": SIZE, "height": SIZE, "save_images": True,
+            "animatediff": {"video_length": 4, "format": ["MP4", "WEBP"]}}
+    r = client.post("/api/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    for _ in range(600):
+        job = client.get(f"/api/v1/jobs/{job_id}").json()
+        if job["state"] in ("done", "failed", "cancelled", "interrupted"):
+            break
+        time.sleep(0.1)
+    assert job["state"] == "done", job
+    videos = job["result"]["videos"]
+    assert [v["format"] for v in videos] == ["MP4", "WEBP"] and videos[0]["mime"] == "video/mp4"
+    assert len(decode_clip(videos[0]["data"]).frames) == 4
+    assert Path(videos[0]["path"]).is_file() and Path(videos[0]["path"]).parent.parent == data / "outputs" / "video"
+    assert len(job["result"]["images"]) == 4

@@ -22,6 +22,7 @@ from ldm_core.jobs import JobQueue
 from ldm_core.outputs import output_folder, save_image
 from ldm_core.progress import Interrupted, JobContext
 from ldm_core.upscalers import UpscalerRegistry
+from ldm_core.video.motion_modules import MotionModules
 
 
 @dataclass(frozen=True)
@@ -110,6 +111,7 @@ class FakeEngine:
         self.models = FakeRegistry([FakeEntry(n, s) for n, s in sizes.items()], [FakeEntry("vae-x")])
         self.samplers = FakeSamplers()
         self.upscalers = UpscalerRegistry([], builtin=None)  # None, Lanczos, Nearest
+        self.motion_modules = MotionModules(config.motion_dirs)  # the Video tab's menu
         self.step_seconds = step_seconds
         self.current_model: FakeModel | None = None
         self.requests: list[Any] = []

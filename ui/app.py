@@ -11,7 +11,7 @@ from typing import Any
 
 import gradio as gr
 
-from . import extensions, img2img, inpaint, pnginfo, settings, txt2img, upscale
+from . import extensions, img2img, inpaint, pnginfo, settings, txt2img, upscale, video
 from .common import (
     UiContext,
     checkpoint_titles,
@@ -202,7 +202,7 @@ def wire_send_to(
     for source in gen.values():
         res = source.results
         assert res is not None
-        for button, name in ((res.send_img2img, "img2img"), (res.send_inpaint, "inpaint")):
+        for button, name in ((res.send_img2img, "img2img"), (res.send_inpaint, "inpaint"), (res.send_video, "video")):
             target = gen[name]
 
             def send(record, selected, items, _target=target):
@@ -259,6 +259,8 @@ def create_ui(ctx: UiContext) -> WebApp:
                 i2i = img2img.build(ctx, top)
             with gr.Tab("Inpaint", id="inpaint", elem_id="tab_inpaint"):
                 inp = inpaint.build(ctx, top)
+            with gr.Tab("Video", id="video", elem_id="tab_video"):
+                vid = video.build(ctx, top)
             with gr.Tab("Upscale", id="extras", elem_id="tab_extras"):  # A1111's Extras: same ids and routes
                 ext = upscale.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo", elem_id="tab_pnginfo"):
@@ -267,7 +269,7 @@ def create_ui(ctx: UiContext) -> WebApp:
                 sett = settings.build(ctx)
             with gr.Tab("Extensions", id="extensions", elem_id="tab_extensions"):
                 exts = extensions.build(ctx)
-        gen = {"txt2img": t2i, "img2img": i2i, "inpaint": inp}
+        gen = {"txt2img": t2i, "img2img": i2i, "inpaint": inp, "video": vid}
         wire_top_bar(ctx, top, list(gen.values()))
         wire_send_to(ctx, tabs, gen, ext, png)
         defaults = {c: fn for t in gen.values() for c, fn in t.defaults.items()}

@@ -248,9 +248,11 @@ def build_request(mode: str, values: dict[str, Any]) -> GenerationRequest:
     Selected styles travel by name in `styles` (the engine applies them, as for API requests); "Automatic"
     VAE and an empty checkpoint mean the model's own. Raises RequestError naming the field on a bad value.
     """
-    if mode not in MODES:
-        raise RequestError("mode", f"must be one of {list(MODES)}")
+    if mode not in (*MODES, "video"):
+        raise RequestError("mode", f"must be one of {list(MODES) + ['video']}")
     v = {k: val for k, val in values.items() if val is not None or k in ("width", "height")}
+    if mode == "video":
+        return _video_request(v)
     init_image = v.pop("init_image", None)
     editor = v.pop("inpaint_editor", None)
     mask_upload = v.pop("mask_upload", None)
@@ -300,6 +302,59 @@ def build_request(mode: str, values: dict[str, Any]) -> GenerationRequest:
     if inpaint_area is not None:
         v["inpaint_full_res"] = inpaint_area == INPAINT_AREAS[1]
     return _within_limits(InpaintRequest.build(init_images=[image], mask=mask, **v))
+
+
+#: Video tab fields -> AnimateDiffArgs names (ldm_core.video.options)
+VIDEO_FIELDS = {
+    "video_model": "model",
+    "video_length": "video_length",
+    "video_fps": "fps",
+    "video_context": "batch_size",
+    "video_overlap": "overlap",
+    "video_stride": "stride",
+    "video_closed_loop": "closed_loop",
+    "video_format": "format",
+    "video_loop_number": "loop_number",
+    "video_latent_power": "latent_power",
+    "video_latent_scale": "latent_scale",
+}
+
+
+def _video_request(v: dict[str, Any]) -> GenerationRequest:
+    """The Video tab's request: txt2img with `animatediff` options, or img2img from a start image (image-to-
+    video) or a source clip (video-to-video: each frame from the clip's frame)."""
+    from ldm_core.video.clips import ClipError, decode_clip
+
+    args = {name: v.pop(key) for key, name in VIDEO_FIELDS.items() if v.get(key) is not None}
+    for key in ("video_length", "batch_size", "overlap", "stride", "loop_number"):
+        if key in args:
+            args[key] = _int_or_none(args[key])
+    init_image = v.pop("init_image", None)
+    clip_path = v.pop("video_source", None)
+    if clip_path:
+        try:
+            data = Path(clip_path).read_bytes()
+            first = decode_clip(data, max_frames=1).frames[0]
+        except (OSError, ClipError) as exc:
+            raise RequestError("video_source", f"cannot read the clip: {exc}") from None
+        args["video_source"] = data
+        init_image = init_image or first
+    v["animatediff"] = args
+    for key in ("seed", "width", "height", "steps", "n_iter", "clip_skip"):
+        if key in v:
+            v[key] = _int_or_none(v[key])
+    v["styles"] = [s for s in (v.get("styles") or []) if s]
+    for key in ("vae", "model"):
+        if v.get(key) in ("", AUTOMATIC_VAE):
+            v[key] = None
+    for key in ("width", "height"):
+        if v.get(key) in (None, 0):
+            v[key] = None
+    v.pop("batch_size", None)  # the frames are the batch
+    if init_image is None:
+        v.pop("denoising_strength", None)
+        return _within_limits(GenerationRequest.build(**v))
+    return _within_limits(Img2ImgRequest.build(init_images=[init_image], **v))
 
 
 UI_LIMITS = RequestLimits(max_side=MAX_SIDE, where="the UI", flags=())  # the sliders' range, per side

@@ -71,6 +71,7 @@ class ResultsPanel:
     send_img2img: gr.Button
     send_inpaint: gr.Button
     send_extras: gr.Button
+    send_video: gr.Button
 
 
 @dataclass
@@ -87,6 +88,9 @@ class GenerationTab:
     defaults: dict[Any, Callable[[], Any]] = field(default_factory=dict)  # set on each page load
     extensions: list[Any] = field(default_factory=list)  # extension_sections.BoundSection accordions
     scripts: Any = None  # ui.scripts.ScriptSection: the Script menu (A1111's scripts), when the tab has one
+    # a tab's own result components (the Video tab's player) and their values for a finished job's result
+    extra_outputs: list[Any] = field(default_factory=list)
+    result_updates: Callable[[Any], dict[Any, Any]] | None = None
 
 
 #: Hover titles of the icon buttons, by label (set on the page by app.py's script).
@@ -381,6 +385,7 @@ def build_results(ctx: UiContext, m: str) -> ResultsPanel:
         send_img2img = gr.Button("→ img2img", elem_id=f"{m}_send_img2img", size="sm")
         send_inpaint = gr.Button("→ inpaint", elem_id=f"{m}_send_inpaint", size="sm")
         send_extras = gr.Button("→ upscale", elem_id=f"{m}_send_extras", size="sm")
+        send_video = gr.Button("→ video", elem_id=f"{m}_send_video", size="sm")
     infotext = gr.Textbox(
         label="Generation parameters",
         lines=3,
@@ -403,6 +408,7 @@ def build_results(ctx: UiContext, m: str) -> ResultsPanel:
         send_img2img,
         send_inpaint,
         send_extras,
+        send_video,
     )
 
     def on_select(record, evt: gr.SelectData):
@@ -464,6 +470,7 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
         res.selected,
         res.job_id,
         res.saved,
+        *tab.extra_outputs,
     ]
 
     def generate(data: dict):
@@ -528,6 +535,7 @@ def wire_generation(ctx: UiContext, tab: GenerationTab, top: TopBar) -> None:
             res.selected: 0,
             res.job_id: None,
             res.saved: outputs_note(record, ctx.engine.config.outputs_dir),
+            **(tab.result_updates(result) if tab.result_updates is not None else {}),
         }
 
     tab.generate.click(
@@ -621,6 +629,7 @@ def build_generation_tab(
     mode: str,
     inputs_section: Callable[[GenerationTab], None] | None = None,
     extra_section: Callable[[GenerationTab], None] | None = None,
+    results_section: Callable[[GenerationTab], None] | None = None,
 ) -> GenerationTab:
     """A whole generation tab: prompt row, then the controls column (the tab's own inputs first, its extra
     options last) next to the results column."""
@@ -636,6 +645,8 @@ def build_generation_tab(
             tab.extensions = extension_sections.build_sections(ctx, mode)
         with gr.Column(scale=1, min_width=360, elem_classes=["ldm-results"]):
             tab.results = build_results(ctx, mode)
+            if results_section is not None:
+                results_section(tab)
     wire_generation(ctx, tab, top)
     wire_reuse_seed(tab, buttons["reuse_seed"])
     return tab
