@@ -32,7 +32,7 @@ class EngineConfig:
     upscaler_dirs: tuple[Path, ...] = ()
     controlnet_dirs: tuple[Path, ...] = ()
     annotator_dirs: tuple[Path, ...] = ()  # preprocessor models (depth, segmentation): models/annotators/<name>/
-    motion_dirs: tuple[Path, ...] = ()  # AnimateDiff motion modules: models/AnimateDiff/
+    motion_dirs: tuple[Path, ...] = ()  # AnimateDiff motion modules (and SVD folders): models/AnimateDiff/, models/SVD/
     outputs_dir: Path = Path("outputs")
     builtin_model_dir: Path | None = BUILTIN_MODEL_DIR
     device: str = "auto"
@@ -73,7 +73,7 @@ class EngineConfig:
             ),
             controlnet_dirs=(d / "models" / "ControlNet",),
             annotator_dirs=(d / "models" / "annotators",),
-            motion_dirs=(d / "models" / "AnimateDiff",),
+            motion_dirs=(d / "models" / "AnimateDiff", d / "models" / "SVD"),
             outputs_dir=d / "outputs",
         )
         return replace(base, **overrides)

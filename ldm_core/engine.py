@@ -40,7 +40,7 @@ from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
 from .pipeline.preview import LatentPreviewer
-from .progress import JobContext, PreviewSource
+from .progress import Interrupted, JobContext, PreviewSource
 from .prompts.embeddings import EmbeddingLibrary
 from .prompts.encode import PromptEncoder
 from .prompts.networks import NetworkLibrary
@@ -57,6 +57,7 @@ from .video.clips import decode_clip
 from .video.job import ClipFile, VideoPlan, blend_image_to_video, plan_video, write_clips
 from .video.motion_modules import MotionModules, motion_patch
 from .video.prompt_travel import TravelSchedule, parse_travel
+from .video.svd import SVDModel
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,7 @@ class Engine:
         )
         self.styles = StyleStore(config.data_dir / "styles.csv")
         self.motion_modules = MotionModules(config.motion_dirs, allow_pickle=config.allow_pickle)
+        self._svd: dict[Path, SVDModel] = {}  # Stable Video Diffusion folders, loaded on first use
         self.hooks_factories: list[Any] = []  # extensions: callables (engine, request, model) -> Hooks parts
         self.infotext_providers: list[Any] = []  # extensions: (request, model) -> {infotext key: value}
         self.postprocessors: list[Any] = []  # extensions: (request, images, engine, model) -> images
@@ -411,6 +413,9 @@ class Engine:
         if request.styles:
             p, n = self.styles.apply_styles(request.prompt, request.negative_prompt, request.styles)
             request = request.model_copy(update={"prompt": p, "negative_prompt": n})
+        ad = request.animatediff
+        if ad is not None and ad.enable and ad.model and self.motion_modules.is_svd(ad.model):
+            return self._generate_svd(request, ctx)  # Stable Video Diffusion: its own pipeline
         with self._lock:
             model = self.load_checkpoint(request.model)
             placed = self._cache[self._current]
@@ -630,6 +635,88 @@ class Engine:
             if plan.warning():
                 result.warnings.append(plan.warning())
         ctx.progress.update(job_no=request.n_iter, step=0, interrupted=result.interrupted)
+        return result
+
+    def _generate_svd(self, request: GenerationRequest, ctx: JobContext) -> GenerationResult:
+        """Image-to-video with a Stable Video Diffusion folder (ldm_core.video.svd), saved like any clip."""
+        ad = request.animatediff
+        if not isinstance(request, Img2ImgRequest):
+            raise RequestError(
+                "init_images",
+                "Stable Video Diffusion makes a clip from a start image: give one (img2img, or "
+                "the Video tab's start image)",
+            )
+        path = self.motion_modules.path(ad.model)
+        with self._lock:
+            svd = self._svd.get(path)
+            if svd is None:
+                svd = self._svd[path] = SVDModel(path, self.policy.device, self.policy.dtype, self.config.allow_pickle)
+        width = round_down(request.width or 1024, 64)
+        height = round_down(request.height or 576, 64)
+        seed, frames = resolve_seed(request.seed), ad.frames()
+        result = GenerationResult(width=width, height=height, sampler_name="Euler", model_name=path.name)
+        ctx.progress.update(job_no=0, job_count=1, step=0, steps=request.steps, started_at=time.monotonic())
+        try:
+            images = svd.frames(
+                request.init_images[0],
+                frames=frames,
+                width=width,
+                height=height,
+                steps=request.steps,
+                seed=seed,
+                cfg_scale=request.cfg_scale,
+                fps=ad.fps,
+                motion_bucket_id=ad.motion_bucket_id,
+                noise_aug_strength=ad.noise_aug_strength,
+                check_cancel=ctx.cancel.check,
+                on_step=lambda done, total: ctx.progress.update(step=done, steps=total),
+            )
+        except Interrupted:
+            result.interrupted = True
+            result.notes.append("interrupted before the frames were decoded: Stable Video Diffusion keeps no part")
+            return result
+        value = (
+            f"model: {path.name}, video_length: {frames}, fps: {_num(ad.fps)}, motion_bucket_id: "
+            f"{ad.motion_bucket_id}, noise_aug_strength: {_num(ad.noise_aug_strength)}"
+        )
+        params = {
+            "Steps": request.steps,
+            "Sampler": "Euler",
+            "CFG scale": _num(request.cfg_scale),
+            "Seed": seed,
+            "Size": f"{width}x{height}",
+            "Model": path.name,
+            "SVD": value,
+            "Version": f"ldm_core-{__version__}",
+        }
+        text = build_infotext(request.prompt, request.negative_prompt, params)
+        manifest = {
+            "svd": {"model": path.name, **ad.model_dump(include={"fps", "motion_bucket_id", "noise_aug_strength"})},
+            "seed": seed,
+        }
+        plan = VideoPlan(ad, None, frames, frames, [list(range(frames))], ad.fps)
+        for i, im in enumerate(images):
+            result.images.append(im)
+            result.infotexts.append(text)
+            result.seeds.append(seed)
+            result.subseeds.append(-1)
+            result.manifests.append({**manifest, "frame": i})
+        clips, saved = write_clips(
+            plan,
+            images,
+            text,
+            manifest,
+            save=request.save_images and self.config.save_images,
+            outputs_dir=self.config.outputs_dir,
+            seed=seed,
+            pattern=self.config.filename_pattern,
+            model_name=path.name,
+            prompt=request.prompt,
+            writer=self.config.output_writer,
+        )
+        result.videos.extend(clips)
+        result.paths.extend([c.path for c in clips if c.path is not None] + saved)
+        ctx.progress.update(job_no=1, step=0)
         return result
 
     def _encoder(self, request: GenerationRequest, model: LoadedModel) -> PromptEncoder:

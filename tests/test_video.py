@@ -448,8 +448,14 @@ def test_native_video_job(api_client):
     import time
 
     client, data = api_client
-    body = {"prompt": "a red circle", "steps": 3, "width": SIZE, "height": SIZE, "save_images": True,
-            "animatediff": {"video_length": 4, "format": ["MP4", "WEBP"]}}
+    body = {
+        "prompt": "a red circle",
+        "steps": 3,
+        "width": SIZE,
+        "height": SIZE,
+        "save_images": True,
+        "animatediff": {"video_length": 4, "format": ["MP4", "WEBP"]},
+    }
     r = client.post("/api/v1/jobs", json=body)
     assert r.status_code == 202, r.text
     job_id = r.json()["id"]
@@ -464,3 +470,86 @@ def test_native_video_job(api_client):
     assert len(decode_clip(videos[0]["data"]).frames) == 4
     assert Path(videos[0]["path"]).is_file() and Path(videos[0]["path"]).parent.parent == data / "outputs" / "video"
     assert len(job["result"]["images"]) == 4
+
+
+# ------------------------------------------------------------------------------------- the shipped recipe
+
+
+def test_training_clips_move_the_way_their_caption_says():
+    import random
+
+    from ldm_core.train import shapes
+    from ldm_core.train.analyser import analyse
+    from ldm_core.train.motion import DIRECTIONS, EVAL_TEMPLATES, TRAIN_TEMPLATES, measured_direction, sample_clip
+
+    rng = random.Random(3)
+    for motion in DIRECTIONS:
+        clip = sample_clip(rng, 8, motion)
+        frames = [shapes.to_pil(im) for im in shapes.render_packed(clip.packed, 64)]
+        centres = []
+        for im in frames:
+            o = analyse(im).find(clip.shape, clip.colour)
+            centres.append((o.cx, o.cy) if o else None)
+        assert measured_direction(centres) == motion, clip.caption
+    train = {t for ts in TRAIN_TEMPLATES.values() for t in ts}
+    assert not train & {t for ts in EVAL_TEMPLATES.values() for t in ts}  # held-out phrasings
+    assert measured_direction([(0.5, 0.5), (0.52, 0.5)]) is None  # too small a move is no direction
+
+
+def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, tiny_models):
+    from ldm_core.train.motion import MotionTrainOptions, new_adapter, train_motion
+
+    unet = tiny_components("sd1")["unet"]
+    adapter = new_adapter(unet)
+    x, ehs = torch.randn(4, 4, 8, 8), torch.randn(4, 77, 32)
+    with torch.no_grad():
+        plain = unet(x, 10, ehs).sample
+        with motion_patch(unet, MotionModule("new", tmp_path, adapter, "diffusers")) as patch:
+            patch.set_frames(4)
+            assert torch.allclose(unet(x, 10, ehs).sample, plain, atol=1e-6)  # a new module is the identity
+    opts = MotionTrainOptions(
+        base=str(tiny_models["sd1"]["diffusers"]),
+        out=str(tmp_path / "mm"),
+        work_dir=str(tmp_path / "work"),
+        frames=4,
+        clips=1,
+        steps=2,
+        log_every=0,
+        resolution=64,
+    )
+    rec = train_motion(opts, log=lambda m: None)
+    assert rec["steps"] == 2 and (tmp_path / "work" / "motion-train.pt").is_file()
+    rec = train_motion(MotionTrainOptions(**{**opts.__dict__, "steps": 3}), log=lambda m: None)
+    assert rec["steps"] == 3  # resumed from the checkpoint, one more step
+    module = load_motion_module(tmp_path / "mm")
+    assert module.layout == "diffusers" and module.channels == (32, 64)
+    assert (tmp_path / "mm" / "diffusion_pytorch_model.safetensors").stat().st_size < 10e6
+
+
+def test_stable_video_diffusion_folder_makes_a_clip_from_an_image(tmp_path, tiny_models):
+    from tiny_models import build_tiny_svd
+
+    eng = _engine(tmp_path, tiny_models["sd1"]["single_file"], [])
+    build_tiny_svd(tmp_path / "models" / "SVD" / "tiny-svd")
+    assert "tiny-svd" in eng.motion_modules.names() and eng.motion_modules.is_svd("tiny-svd")
+    assert eng.motion_modules.default() is None  # SVD is chosen by name, never as the default module
+    with pytest.raises(RequestError, match="start image"):
+        eng.generate(vreq(animatediff={"model": "tiny-svd"}))
+    res = eng.generate(
+        vreq(
+            Img2ImgRequest,
+            init_images=[_red(0)],
+            save_images=True,
+            steps=2,
+            animatediff={
+                "model": "tiny-svd",
+                "video_length": 3,
+                "fps": 6,
+                "motion_bucket_id": 200,
+                "format": ["GIF", "MP4"],
+            },
+        )
+    )
+    assert len(res.images) == 3 and res.images[0].size == (SIZE, SIZE)
+    assert [c.format for c in res.videos] == ["GIF", "MP4"] and all(c.path.is_file() for c in res.videos)
+    assert "SVD: " in res.infotexts[0] and "motion_bucket_id: 200" in res.infotexts[0]

@@ -317,6 +317,8 @@ VIDEO_FIELDS = {
     "video_loop_number": "loop_number",
     "video_latent_power": "latent_power",
     "video_latent_scale": "latent_scale",
+    "video_motion_bucket_id": "motion_bucket_id",
+    "video_noise_aug_strength": "noise_aug_strength",
 }
 
 
@@ -326,7 +328,7 @@ def _video_request(v: dict[str, Any]) -> GenerationRequest:
     from ldm_core.video.clips import ClipError, decode_clip
 
     args = {name: v.pop(key) for key, name in VIDEO_FIELDS.items() if v.get(key) is not None}
-    for key in ("video_length", "batch_size", "overlap", "stride", "loop_number"):
+    for key in ("video_length", "batch_size", "overlap", "stride", "loop_number", "motion_bucket_id"):
         if key in args:
             args[key] = _int_or_none(args[key])
     init_image = v.pop("init_image", None)

@@ -3,6 +3,8 @@
 
 Its options are sd-webui-animatediff's (the API takes the same ones as `alwayson_scripts.AnimateDiff`): frames,
 fps, context (frames the module sees at once), overlap, stride, closed loop, output formats and loop count.
+The motion module menu also lists Stable Video Diffusion folders (models/SVD/), which make a clip from the start
+image with their own options (motion bucket, noise augmentation).
 The result panel plays the clip (MP4/WebM in a video player, GIF/WebP as an animated image) above the frames.
 """
 
@@ -64,6 +66,11 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
             strength = gr.Slider(0.0, 1.0, value=0.75, step=0.01, label="Denoising strength", elem_id="video_strength")
             power = gr.Slider(0.0, 4.0, value=1.0, step=0.1, label="Latent power", elem_id="video_latent_power")
             scale = gr.Slider(1.0, 64.0, value=32.0, step=1.0, label="Latent scale", elem_id="video_latent_scale")
+        with gr.Row():  # Stable Video Diffusion models only (chosen in the motion module menu)
+            bucket = gr.Slider(0, 255, value=127, step=1, label="Motion bucket (SVD)", elem_id="video_motion_bucket")
+            aug = gr.Slider(
+                0.0, 1.0, value=0.02, step=0.01, label="Noise augmentation (SVD)", elem_id="video_noise_aug"
+            )
     tab.image = image
     tab.fields.update(
         video_model=module,
@@ -80,6 +87,8 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
         denoising_strength=strength,
         video_latent_power=power,
         video_latent_scale=scale,
+        video_motion_bucket_id=bucket,
+        video_noise_aug_strength=aug,
     )
 
     def refreshed(current):

@@ -221,6 +221,30 @@ def _run_lora_eval(a: argparse.Namespace) -> int:
     return run_eval(a)
 
 
+def _add_motion(p: argparse.ArgumentParser) -> None:
+    from ldm_core.train.motion import add_arguments
+
+    add_arguments(p)
+
+
+def _run_motion(a: argparse.Namespace) -> int:
+    from ldm_core.train.motion import run
+
+    return run(a)
+
+
+def _add_motion_eval(p: argparse.ArgumentParser) -> None:
+    from ldm_core.train.motion import add_eval_arguments
+
+    add_eval_arguments(p)
+
+
+def _run_motion_eval(a: argparse.Namespace) -> int:
+    from ldm_core.train.motion import run_eval
+
+    return run_eval(a)
+
+
 def _add_refine(p: argparse.ArgumentParser) -> None:
     from ldm_core.train.refine import add_arguments
 
@@ -260,6 +284,16 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         _run_refine,
     ),
     "curve": ("draw a model folder's learning curve (refine --export-every points) as a PNG", _add_curve, _run_curve),
+    "motion": (
+        "train the built-in model's motion module (AnimateDiff-class) on shapes-world clips, base frozen",
+        _add_motion,
+        _run_motion,
+    ),
+    "motion-eval": (
+        "score a motion module: does the object move the way the prompt says, and stay the same shape/colour?",
+        _add_motion_eval,
+        _run_motion_eval,
+    ),
     "lora": ("train a LoRA on images + .txt captions, written in the kohya format", _add_lora, _run_lora),
     "lora-eval": (
         "does <lora:heart:1> bring hearts in? analyser counts with and without the tag",

@@ -41,7 +41,7 @@ class ClipFile:
 @dataclass
 class VideoPlan:
     args: AnimateDiffArgs
-    module: MotionModule
+    module: MotionModule | None  # None: a Stable Video Diffusion job (ldm_core.video.svd)
     frames: int
     context: int
     windows: list[list[int]]

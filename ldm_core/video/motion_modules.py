@@ -39,6 +39,7 @@ import torch
 
 from ..models.loading import ModelFileError, load_state_dict
 from ..models.suffixes import WEIGHT_SUFFIXES
+from .svd import is_svd_folder
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ def _is_motion_folder(path: Path) -> bool:
 
 
 class MotionModules:
-    """The motion modules in `dirs` (each a weights file or a diffusers folder), by name. The name is the file
+    """The motion modules in `dirs` (each a weights file or a diffusers folder; Stable Video Diffusion folders
+    are listed too, see `is_svd`), by name. The name is the file
     name (`mm_sd_v15_v2.safetensors`) or folder name; a request may leave out the file's extension. Loads one
     module at a time and keeps it until another is asked for."""
 
@@ -103,7 +105,9 @@ class MotionModules:
             if not d.is_dir():
                 continue
             for p in sorted(d.iterdir()):
-                if (p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES)) or (p.is_dir() and _is_motion_folder(p)):
+                if p.is_file() and p.name.lower().endswith(WEIGHT_SUFFIXES):
+                    found.setdefault(p.name, p)
+                elif p.is_dir() and (_is_motion_folder(p) or is_svd_folder(p)):
                     found.setdefault(p.name, p)
         return found
 
@@ -111,8 +115,8 @@ class MotionModules:
         return list(self.entries())
 
     def default(self) -> str | None:
-        names = self.names()
-        return names[0] if names else None
+        """The first motion module (SVD folders are chosen by name only)."""
+        return next((n for n, p in self.entries().items() if not is_svd_folder(p)), None)
 
     def path(self, name: str) -> Path:
         entries = self.entries()
@@ -124,6 +128,13 @@ class MotionModules:
         where = ", ".join(str(d) for d in self.dirs) or "(no folder)"
         have = ", ".join(entries) or "none"
         raise MotionModuleError(f"no motion module named {name!r} in {where} (available: {have})")
+
+    def is_svd(self, name: str) -> bool:
+        """Whether `name` is a Stable Video Diffusion folder (ldm_core.video.svd) rather than a module."""
+        try:
+            return is_svd_folder(self.path(name))
+        except MotionModuleError:
+            return False
 
     def load(self, name: str) -> MotionModule:
         path = self.path(name)
@@ -344,15 +355,16 @@ class MotionPatch:
         return run
 
     def _apply(self, motion, h: torch.Tensor) -> torch.Tensor:
-        p = next(motion.parameters())
-        if p.device != h.device or p.dtype != h.dtype:
-            motion.to(h.device, h.dtype)
+        if next(motion.parameters()).device != h.device:  # the UNet was moved (offloading) after install
+            motion.to(h.device)
         if h.shape[0] % self.frames:
             raise RuntimeError(f"UNet batch {h.shape[0]} is not a whole number of {self.frames}-frame clips")
         return motion(h, num_frames=self.frames)
 
     def install(self) -> MotionPatch:
         a = self.module.adapter
+        p = next(self.unet.parameters())
+        a.to(p.device, p.dtype)  # the UNet's precision (fp16 on a GPU); autocast handles mixed runs
         parts = {"down": a.down_blocks, "up": a.up_blocks}
         for _, layer, part, i, j in _targets(self.unet):
             if part == "mid":

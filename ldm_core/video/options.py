@@ -41,6 +41,9 @@ class AnimateDiffArgs(BaseModel):
     last_frame: Any = None  # image-to-video: an image the clip ends on
     latent_power_last: float = 1.0
     latent_scale_last: float = Field(32.0, gt=0)
+    # Stable Video Diffusion folders only (ldm_core.video.svd)
+    motion_bucket_id: int = Field(127, ge=0, le=1023)  # more motion above 127
+    noise_aug_strength: float = Field(0.02, ge=0.0, le=1.0)  # noise added to the start image
 
     @field_validator("format", mode="before")
     @classmethod

@@ -1,0 +1,546 @@
+"""The built-in model's motion module: an AnimateDiff-class `MotionAdapter` trained on clips of the shapes
+world, with the base model (UNet, VAE, text encoder) frozen.
+
+Clips (`sample_clip`): one shape on a plain background that moves left, right, up or down across about half
+the image, grows, shrinks, or changes colour, over `frames` frames, captioned as a user would ask for it
+("a red circle moving to the right on a blue background", "blue square, growing, white background").
+Direction words reach the temporal layers only through the base UNet's spatial cross-attention, as in
+AnimateDiff.
+
+Training: frames are the UNet batch (one timestep per clip), the temporal layers are hooked into the frozen
+UNet (ldm_core.video.motion_modules.MotionPatch) and only they learn, from a zero-initialised output
+projection (the module starts as the identity: the base's images). Resumable (`--work-dir`), with a wall-clock
+budget; exports an fp16 diffusers folder (`config.json`, `diffusion_pytorch_model.safetensors`, TRAINING.json).
+
+Evaluation (`evaluate_motion`): held-out seeds and prompts phrased in ways the training captions never are;
+the analyser finds the object in every frame: the measured direction (first to last frame, the larger axis)
+must be the one the prompt names, and the shape and colour must read the same in every frame. The same clips
+without the module are the baseline.
+
+    python -m ldm_core.train motion --base models/builtin --out models/AnimateDiff/builtin-motion \\
+        --work-dir /tmp/motion-work --max-seconds 5400
+    python -m ldm_core.train motion-eval --module models/AnimateDiff/builtin-motion --n 100
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import shapes
+
+DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
+MOTIONS = (*DIRECTIONS, "grow", "shrink", "colour")
+MOTION_WEIGHTS = (3, 3, 3, 3, 1, 1, 1)  # directions are what the bar measures
+
+#: training phrasings of each motion ({o}: the object, {b}: the background phrase)
+TRAIN_TEMPLATES = {
+    "right": (
+        "{o} moving to the right {b}",
+        "{o} moves right {b}",
+        "{o} sliding to the right {b}",
+        "{o} going right {b}",
+        "{o}, moving right, {b}",
+    ),
+    "left": (
+        "{o} moving to the left {b}",
+        "{o} moves left {b}",
+        "{o} sliding to the left {b}",
+        "{o} going left {b}",
+        "{o}, moving left, {b}",
+    ),
+    "up": ("{o} moving up {b}", "{o} moves upwards {b}", "{o} rising {b}", "{o} going up {b}", "{o}, moving up, {b}"),
+    "down": (
+        "{o} moving down {b}",
+        "{o} moves downwards {b}",
+        "{o} falling {b}",
+        "{o} going down {b}",
+        "{o}, moving down, {b}",
+    ),
+    "grow": ("{o} growing {b}", "{o} getting bigger {b}", "{o}, growing, {b}"),
+    "shrink": ("{o} shrinking {b}", "{o} getting smaller {b}", "{o}, shrinking, {b}"),
+    "colour": ("{o} changing colour {b}", "{o} turning {c2} {b}", "{o}, changing to {c2}, {b}"),
+}
+#: evaluation phrasings, never used in training
+EVAL_TEMPLATES = {
+    "right": ("{o} travels rightward across {b}", "{o} drifting toward the right edge, {b}"),
+    "left": ("{o} travels leftward across {b}", "{o} drifting toward the left edge, {b}"),
+    "up": ("{o} floats upward across {b}", "{o} drifting toward the top edge, {b}"),
+    "down": ("{o} sinks downward across {b}", "{o} drifting toward the bottom edge, {b}"),
+}
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One training or evaluation clip: packed scenes (frames, PACKED_WIDTH), its motion and caption."""
+
+    packed: torch.Tensor
+    motion: str
+    caption: str
+    shape: str
+    colour: str
+    background: str
+
+
+def _object_phrase(shape: str, colour: str, rng: random.Random) -> str:
+    word = rng.choice(shapes.SHAPE_WORDS[shape])
+    c = rng.choice(shapes.COLOUR_WORDS[colour])
+    return f"{'an' if c[0] in 'aeiou' else 'a'} {c} {word}" if rng.random() < 0.85 else f"{c} {word}"
+
+
+def _background(bg: str, rng: random.Random) -> str:
+    c = rng.choice(shapes.COLOUR_WORDS[bg])
+    return rng.choice((f"on a {c} background", f"on a {c} background", f"against a {c} background", f"on {c}"))
+
+
+def _row(bg: str, shape: str, cx: float, cy: float, r: float, rgb) -> list[float]:
+    row = [c / 255.0 for c in shapes.COLOURS[bg]]
+    row += [1.0, float(shapes.SHAPES.index(shape)), cx, cy, r, *[c / 255.0 for c in rgb]]
+    row += [0.0] * (shapes.PACKED_WIDTH - len(row))
+    return row
+
+
+def sample_clip(rng: random.Random, frames: int, motion: str | None = None, templates=None) -> Clip:
+    """A random clip (see the module doc); `motion` fixes the kind, `templates` the phrasings."""
+    templates = templates or TRAIN_TEMPLATES
+    motion = motion or rng.choices(MOTIONS, weights=MOTION_WEIGHTS)[0]
+    bg = rng.choice(shapes.COLOUR_NAMES)
+    shape = rng.choice(shapes.SHAPES)
+    colour = shapes._pick_colour(rng, [bg])
+    r = rng.uniform(0.11, 0.16)
+    hx, hy = shapes.SHAPE_EXTENT[shape]
+    speed = rng.uniform(0.8, 1.2)  # of the travel below
+    cx0 = cy0 = 0.5
+    cols = [shapes.COLOURS[colour]] * frames
+    radii = [r] * frames
+    if motion in DIRECTIONS:
+        dx, dy = DIRECTIONS[motion]
+        travel = 0.42 * speed
+        lo_x, hi_x = 0.02 + hx * r, 0.98 - hx * r
+        lo_y, hi_y = 0.02 + hy * r, 0.98 - hy * r
+        start = 0.5 - travel / 2 + rng.uniform(-0.06, 0.06)
+        across = rng.uniform(0.3, 0.7)
+        pts = []
+        for f in range(frames):
+            s = start + travel * f / max(1, frames - 1)
+            if dx:
+                x = s if dx > 0 else 1 - s
+                pts.append((min(max(x, lo_x), hi_x), across))
+            else:
+                y = s if dy > 0 else 1 - s
+                pts.append((across, min(max(y, lo_y), hi_y)))
+    else:
+        pts = [(rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65))] * frames
+        cx0, cy0 = pts[0]
+        if motion in ("grow", "shrink"):
+            a, b = 0.08, min(0.24, 0.46 / max(hx, hy))
+            if motion == "shrink":
+                a, b = b, a
+            radii = [a + (b - a) * f / max(1, frames - 1) for f in range(frames)]
+        else:
+            c2 = shapes._pick_colour(rng, [bg, colour])
+            ca, cb = shapes.COLOURS[colour], shapes.COLOURS[c2]
+            cols = [tuple(ca[k] + (cb[k] - ca[k]) * f / max(1, frames - 1) for k in range(3)) for f in range(frames)]
+    packed = torch.tensor([_row(bg, shape, x, y, rad, c) for (x, y), rad, c in zip(pts, radii, cols, strict=True)])
+    fmt = {"o": _object_phrase(shape, colour, rng), "b": _background(bg, rng)}
+    if motion == "colour":
+        fmt["c2"] = rng.choice(shapes.COLOUR_WORDS[c2])
+    caption = rng.choice(templates[motion]).format(**fmt).replace(" ,", ",")
+    return Clip(packed, motion, caption, shape, colour, bg)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class MotionTrainOptions:
+    base: str = "models/builtin"
+    out: str = "models/AnimateDiff/builtin-motion"
+    work_dir: str | None = None
+    frames: int = 16
+    clips: int = 2  # clips per step (batch = clips x frames)
+    resolution: int | None = None  # None: the base model's native size
+    steps: int = 100_000
+    max_seconds: float | None = None
+    lr: float = 3e-4
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    caption_dropout: float = 0.1
+    seed: int = 0
+    threads: int = 0
+    autocast: str = "off"  # "bf16": bf16 autocast (faster on CPUs with AVX512-BF16/AMX)
+    heads: int = 8
+    mid_block: bool = True
+    checkpoint_every: float = 300.0
+    export_every: float = 0.0
+    log_every: int = 20
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def new_adapter(unet, heads: int = 8, mid_block: bool = True, max_frames: int = 32):
+    """A motion module shaped for `unet`, its output projections zeroed (starts as the identity)."""
+    from diffusers import MotionAdapter
+
+    from ldm_core.video.motion_modules import _groups
+
+    ch = tuple(unet.config.block_out_channels)
+    adapter = MotionAdapter(
+        block_out_channels=ch,
+        motion_layers_per_block=unet.config.layers_per_block,
+        motion_num_attention_heads=heads,
+        motion_norm_num_groups=_groups(ch),
+        motion_max_seq_length=max_frames,
+        use_motion_mid_block=mid_block,
+    )
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if ".proj_out." in name:
+                p.zero_()
+    return adapter
+
+
+def export_adapter(adapter, out: Path, record: dict) -> Path:
+    """Write the module as an fp16 diffusers folder with TRAINING.json, atomically."""
+    import copy
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    copy.deepcopy(adapter).to("cpu", torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
+def _lr(o: MotionTrainOptions, step: int, progress: float) -> float:
+    w = min(1.0, (step + 1) / max(1, o.warmup_steps))
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return o.lr * w * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cos)
+
+
+def train_motion(o: MotionTrainOptions, log=_log) -> dict:
+    from diffusers import DDPMScheduler
+
+    from ldm_core.models import load_model
+    from ldm_core.train.builtin import _autocast, _save_atomic
+    from ldm_core.train.controlnet import TextEncoder
+    from ldm_core.video.motion_modules import MotionModule, MotionPatch
+
+    if o.threads:
+        torch.set_num_threads(o.threads)
+    torch.manual_seed(o.seed)
+    model = load_model(o.base, dtype=torch.float32)
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.eval().requires_grad_(False)
+    res = o.resolution or model.native_size
+    adapter = new_adapter(model.unet, o.heads, o.mid_block)
+    work = Path(o.work_dir) if o.work_dir else None
+    ckpt_path = work / "motion-train.pt" if work else None
+    if work:
+        work.mkdir(parents=True, exist_ok=True)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path and ckpt_path.exists() else None
+    if ckpt is not None:
+        adapter.load_state_dict(ckpt["adapter"])
+    adapter.train()
+    params = [p for p in adapter.parameters()]
+    optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    patch = MotionPatch(model.unet, MotionModule("training", Path(o.out), adapter, "diffusers")).install()
+    patch.set_frames(o.frames)
+    text = TextEncoder(model)
+    sched = DDPMScheduler.from_config(dict(model.scheduler_config))
+    prediction, n_train = sched.config.prediction_type, sched.config.num_train_timesteps
+    ab = sched.alphas_cumprod.float()
+    vae = model.vae
+    scaling = vae.config.scaling_factor
+    step, spent, ema = 0, 0.0, None
+    if ckpt is not None:
+        optim.load_state_dict(ckpt["optim"])
+        step, spent, ema = int(ckpt["step"]), float(ckpt["seconds"]), ckpt["ema"]
+        log(f"resuming at step {step} ({spent:.0f}s spent)")
+    n_params = sum(p.numel() for p in params)
+    log(
+        f"motion module: {n_params / 1e6:.2f}M parameters for a UNet with channels "
+        f"{tuple(model.unet.config.block_out_channels)}; {o.clips} clips x {o.frames} frames per step at {res}px"
+    )
+    with torch.no_grad():
+        empty = text([""], torch.device("cpu"))[0]
+    t0 = last_ck = last_export = time.monotonic()
+    prev = t0
+
+    def seconds() -> float:
+        return spent + time.monotonic() - t0
+
+    def record() -> dict:
+        return {
+            "recipe": "ldm_core.train.motion (shapes-world clips, base frozen)",
+            "options": {k: str(v) for k, v in asdict(o).items()},
+            "steps": step,
+            "clips_seen": step * o.clips,
+            "final_loss": ema,
+            "seconds": round(seconds(), 1),
+            "parameters": n_params,
+        }
+
+    def checkpoint() -> None:
+        if ckpt_path is not None:
+            state = {"adapter": adapter.state_dict(), "optim": optim.state_dict(), "step": step, "ema": ema}
+            _save_atomic({**state, "seconds": seconds()}, ckpt_path)
+
+    while step < o.steps:
+        if o.max_seconds is not None and seconds() > o.max_seconds:
+            log(f"time budget reached after {step} steps")
+            break
+        rng = random.Random(f"motion:{o.seed}:{step}")
+        gen = torch.Generator().manual_seed(rng.getrandbits(62))
+        clips = [sample_clip(rng, o.frames) for _ in range(o.clips)]
+        packed = torch.cat([c.packed for c in clips])
+        images = shapes.render_packed(packed, res)
+        with torch.no_grad():
+            z = vae.encode(images * 2 - 1).latent_dist.sample(generator=gen) * scaling
+            cond = text([c.caption for c in clips], torch.device("cpu"))[0]
+        drop = torch.rand(len(clips), generator=gen) < o.caption_dropout
+        cond = torch.where(drop.view(-1, 1, 1), empty.expand_as(cond), cond)
+        cond = cond.repeat_interleave(o.frames, 0)
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, n_train, (len(clips),), generator=gen).repeat_interleave(o.frames)
+        a = ab[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * z if prediction == "v_prediction" else noise
+        progress = max(step / o.steps, seconds() / o.max_seconds if o.max_seconds else 0.0)
+        for g in optim.param_groups:
+            g["lr"] = _lr(o, step, progress)
+        with _autocast(torch.device("cpu"), o.autocast):
+            pred = model.unet(x_t, t, cond).sample
+        loss = F.mse_loss(pred.float(), target)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        step += 1
+        lv = float(loss.detach())
+        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+        now = time.monotonic()
+        if now - prev > 60:  # a stopped process (SIGSTOP), not a slow step: not training time
+            t0 += now - prev
+        prev = now
+        if o.log_every and step % o.log_every == 0:
+            log(f"step {step} loss {ema:.4f} lr {optim.param_groups[0]['lr']:.2e} ({seconds():.0f}s)")
+        if now - last_ck > o.checkpoint_every:
+            checkpoint()
+            last_ck = now
+        if o.export_every and now - last_export > o.export_every:
+            export_adapter(adapter, Path(o.out), record())
+            last_export = now
+    patch.remove()
+    checkpoint()
+    rec = record()
+    out = export_adapter(adapter, Path(o.out), rec)
+    rec["bytes"] = (out / "diffusion_pytorch_model.safetensors").stat().st_size
+    log(f"wrote {out} ({rec['bytes'] / 1e6:.1f} MB) after {step} steps, loss {ema}")
+    return rec
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+def measured_direction(centres: list[tuple[float, float] | None]) -> str | None:
+    """The direction of travel from the first to the last frame where the object was found (the larger
+    axis), or None when it moved less than 0.08 of the image or was not found twice."""
+    found = [c for c in centres if c is not None]
+    if len(found) < 2:
+        return None
+    dx, dy = found[-1][0] - found[0][0], found[-1][1] - found[0][1]
+    if max(abs(dx), abs(dy)) < 0.08:
+        return None
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
+
+
+def eval_clips(n: int, frames: int, seed: str = "motion-eval") -> list[Clip]:
+    """`n` held-out direction clips (prompts in the evaluation phrasings), directions in turn."""
+    rng = random.Random(seed)
+    dirs = list(DIRECTIONS)
+    return [sample_clip(rng, frames, dirs[i % 4], EVAL_TEMPLATES) for i in range(n)]
+
+
+def score_clip(frames_imgs, clip: Clip) -> dict:
+    """The analyser's reading of one generated clip against its prompt. The object is the first frame's
+    largest one, tracked by colour (then shape) through the others: `direction_ok` when its measured travel is
+    the prompt's direction; `consistent` when every frame has an object of its shape and colour;
+    `matches_prompt` when that shape and colour are the prompt's (the base model's part of the job)."""
+    from ldm_core.train.analyser import analyse
+
+    readings = [analyse(im) for im in frames_imgs]
+    first = readings[0].objects[0] if readings[0].objects else None
+    centres, consistent = [], first is not None
+    for a in readings:
+        o = None
+        if first is not None:
+            o = (
+                a.find(first.shape, first.colour)
+                or a.find(colour=first.colour)
+                or (a.objects[0] if a.objects else None)
+            )
+        centres.append((o.cx, o.cy) if o is not None else None)
+        consistent = consistent and o is not None and (o.shape, o.colour) == (first.shape, first.colour)
+    direction = measured_direction(centres)
+    return {
+        "want": clip.motion,
+        "got": direction,
+        "direction_ok": direction == clip.motion,
+        "consistent": bool(consistent),
+        "matches_prompt": first is not None and (first.shape, first.colour) == (clip.shape, clip.colour),
+    }
+
+
+def evaluate_motion(
+    module: str | None,
+    n: int = 100,
+    frames: int = 16,
+    steps: int = 20,
+    base: str = "models/builtin",
+    sheet: Path | None = None,
+    log=_log,
+) -> dict:
+    """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
+    frames are then independent images of one batch) and score them (see `score_clip`)."""
+    from ldm_core.engine import scratch_engine
+    from ldm_core.generation_requests import GenerationRequest
+
+    clips = eval_clips(n, frames)
+    results = []
+    sheets = []
+    dirs = (Path(module).parent,) if module is not None else ()
+    with scratch_engine(base, motion_dirs=dirs) as (engine, _model):
+        for i, clip in enumerate(clips):
+            values = dict(prompt=clip.caption, steps=steps, seed=1000 + i, save_images=False, cfg_scale=7.0)
+            if module is not None:
+                values["animatediff"] = {
+                    "model": Path(module).name,
+                    "video_length": frames,
+                    "batch_size": frames,
+                    "format": [],
+                    "closed_loop": "N",
+                }
+            else:
+                values["batch_size"] = frames
+            res = engine.generate(GenerationRequest.build(**values))
+            s = score_clip(res.images, clip)
+            results.append(s)
+            if sheet is not None and i < 8:
+                sheets.append(res.images)
+            if (i + 1) % 20 == 0:
+                ok = sum(r["direction_ok"] for r in results) / len(results)
+                log(f"{i + 1}/{n} clips: direction {ok:.2f}")
+    rep = {
+        "module": module,
+        "n": n,
+        "frames": frames,
+        "steps": steps,
+        "direction": sum(r["direction_ok"] for r in results) / n,
+        "consistent_shape_colour": sum(r["consistent"] for r in results) / n,
+        "first_frame_matches_prompt": sum(r["matches_prompt"] for r in results) / n,
+        "by_direction": {
+            d: sum(r["direction_ok"] for r in results if r["want"] == d) / max(1, sum(r["want"] == d for r in results))
+            for d in DIRECTIONS
+        },
+        "clips": results,
+    }
+    if sheet is not None and sheets:
+        from PIL import Image
+
+        w, h = sheets[0][0].size
+        grid = Image.new("RGB", (w * frames, h * len(sheets)))
+        for r, row in enumerate(sheets):
+            for c, im in enumerate(row):
+                grid.paste(im, (c * w, r * h))
+        sheet.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(sheet)
+    return rep
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def add_arguments(p) -> None:
+    d = MotionTrainOptions()
+    p.add_argument("--base", default=d.base, help="the base model folder (default: %(default)s)")
+    p.add_argument("--out", default=d.out, help="diffusers folder to write (default: %(default)s)")
+    p.add_argument("--work-dir", default=None, help="checkpoints; resumed when present")
+    p.add_argument("--frames", type=int, default=d.frames)
+    p.add_argument("--clips", type=int, default=d.clips, help="clips per step")
+    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--max-seconds", type=float, default=None, help="wall-clock budget (the cosine follows it)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--autocast", choices=("off", "bf16"), default=d.autocast)
+    p.add_argument("--no-mid-block", action="store_true", help="no temporal layer in the UNet's mid block")
+    p.add_argument("--export-every", type=float, default=d.export_every, help="seconds between exports")
+    p.add_argument("--log-every", type=int, default=d.log_every)
+
+
+def run(a) -> int:
+    o = MotionTrainOptions(
+        base=a.base,
+        out=a.out,
+        work_dir=a.work_dir,
+        frames=a.frames,
+        clips=a.clips,
+        steps=a.steps,
+        max_seconds=a.max_seconds,
+        lr=a.lr,
+        seed=a.seed,
+        threads=a.threads,
+        autocast=a.autocast,
+        mid_block=not a.no_mid_block,
+        export_every=a.export_every,
+        log_every=a.log_every,
+    )
+    rec = train_motion(o)
+    print(json.dumps({k: v for k, v in rec.items() if k != "options"}, indent=2))
+    return 0
+
+
+def add_eval_arguments(p) -> None:
+    p.add_argument("--module", default=None, help="a motion module folder or file; none: the baseline")
+    p.add_argument("--base", default="models/builtin")
+    p.add_argument("--n", type=int, default=100, help="clips (directions in turn)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
+    p.add_argument("--json", type=Path, default=None, help="write the report here")
+
+
+def run_eval(a) -> int:
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rep = evaluate_motion(a.module, a.n, a.frames, a.steps, a.base, a.sheet)
+    if a.json is not None:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(rep, indent=2))
+    summary = {k: v for k, v in rep.items() if k != "clips"}
+    print(json.dumps(summary, indent=2))
+    return 0
