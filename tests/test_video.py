@@ -371,14 +371,16 @@ def test_module_registry_lists_both_layouts(sd1_video):
 
 
 @pytest.fixture
-def api_client(tmp_path, tiny_models, motion_files):
+def api_client(request, tmp_path, tiny_models, motion_files):
     import fastapi
     from fastapi.testclient import TestClient
 
     from api import install
     from ldm_core.service import Service
 
-    _engine(tmp_path, tiny_models["sd1"]["single_file"], [motion_files["sd1-original"]])  # lays out the folders
+    family, layout = getattr(request, "param", ("sd1", "original"))
+    # lays out the folders: the family's model and its module in the given file layout
+    _engine(tmp_path, tiny_models[family]["single_file"], [motion_files[f"{family}-{layout}"]])
     service = Service(EngineConfig.from_data_dir(tmp_path, builtin_model_dir=None, device="cpu"))
     app = fastapi.FastAPI()
     install(app, service)
@@ -553,3 +555,35 @@ def test_stable_video_diffusion_folder_makes_a_clip_from_an_image(tmp_path, tiny
     assert len(res.images) == 3 and res.images[0].size == (SIZE, SIZE)
     assert [c.format for c in res.videos] == ["GIF", "MP4"] and all(c.path.is_file() for c in res.videos)
     assert "SVD: " in res.infotexts[0] and "motion_bucket_id: 200" in res.infotexts[0]
+
+
+@pytest.mark.parametrize("api_client", [("sdxl", "diffusers")], indirect=True)
+def test_sdxl_clip_through_the_api(api_client):
+    client, _ = api_client
+    body = {
+        "prompt": "0: a red circle, 2: a blue circle",
+        "steps": 2,
+        "width": SIZE,
+        "height": SIZE,
+        "alwayson_scripts": {
+            "AnimateDiff": {"args": [{"model": "mm-sdxl-diffusers", "video_length": 4, "format": ["WEBP"]}]}
+        },
+    }
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    clip = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert clip.format == "WEBP" and clip.n_frames == 4
+
+
+def test_pickled_module_is_a_422_through_the_api(api_client, motion_files):
+    client, data = api_client
+    save_motion_module(tiny_motion_adapter("sd1"), data / "models" / "AnimateDiff" / "mm_pickled.ckpt", "original")
+    body = {
+        "prompt": "a red circle",
+        "steps": 2,
+        "width": SIZE,
+        "height": SIZE,
+        "alwayson_scripts": {"AnimateDiff": {"args": [{"model": "mm_pickled.ckpt", "video_length": 2}]}},
+    }
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 422 and "allow-pickle" in r.text
