@@ -42,9 +42,7 @@ SOURCE_RGB = (30, 120, 200)
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    from tiny_models import build_tiny_model
-
-    from tiny_models import save_motion_module, tiny_motion_adapter
+    from tiny_models import build_tiny_model, save_motion_module, tiny_motion_adapter
 
     models = tmp_path_factory.mktemp("ui_model")
     sd1 = build_tiny_model("sd1", models)["single_file"]

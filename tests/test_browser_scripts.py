@@ -35,9 +35,7 @@ def page(tmp_path_factory):
             pg.set_default_timeout(60000)
             pg.goto(server.url)
             pg.wait_for_selector("#txt2img_generate")
-            pg.wait_for_function(
-                f"() => document.querySelector('#txt2img_width input[type=number]').value == '{SIZE}'"
-            )
+            pg.wait_for_function(f"() => document.querySelector('#txt2img_width input[type=number]').value == '{SIZE}'")
             pg.server = server
             yield pg
             browser.close()
@@ -81,15 +79,11 @@ def test_xyz_plot_from_the_ui_shows_the_grid_and_every_cell(page):
     assert "Script: X/Y/Z plot" in info and "X Type: Seed" in info and "Y Type: Steps" in info
     # each cell's infotext: select the last thumbnail (seed 2, steps 2)
     thumbs.nth(4).click()
-    page.wait_for_function(
-        "() => document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 2')"
-    )
+    page.wait_for_function("() => document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 2')")
     cell = page.input_value("#txt2img_infotext textarea")
     assert "Seed: 2" in cell and "Steps: 2" in cell and "Script:" not in cell
     thumbs.nth(1).click()
-    page.wait_for_function(
-        "() => document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 1,')"
-    )
+    page.wait_for_function("() => document.querySelector('#txt2img_infotext textarea').value.includes('Seed: 1,')")
     assert "Steps: 1," in page.input_value("#txt2img_infotext textarea")
     # pasting the grid's parameters chooses the script again and fills its axes (as A1111 does)
     thumbs.nth(0).click()

@@ -20,8 +20,20 @@ def _data_dir(tmp_path, tiny_models):
 def test_txt2img_img2img_inpaint(tmp_path, tiny_models, capsys):
     data = _data_dir(tmp_path, tiny_models)
     out = tmp_path / "out"
-    common = ["--data-dir", str(data), "--steps", "2", "--width", "64", "--height", "64", "--seed", "3",
-              "--out", str(out)]
+    common = [
+        "--data-dir",
+        str(data),
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+    ]
     assert main(["txt2img", "--prompt", "a red circle", "--sampler", "DPM++ 2M", *common]) == 0
     pngs = sorted(out.rglob("*.png"))
     assert len(pngs) == 1 and pngs[0].name.endswith("-3.png")
@@ -40,8 +52,24 @@ def test_bad_input_names_the_field(tmp_path, tiny_models, capsys):
     data = _data_dir(tmp_path, tiny_models)
     assert main(["txt2img", "--data-dir", str(data), "--width", "32", "--out", str(tmp_path / "o")]) == 2
     assert "width" in capsys.readouterr().err
-    assert main(["txt2img", "--data-dir", str(data), "--sampler", "Nope", "--width", "64", "--height", "64",
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "txt2img",
+                "--data-dir",
+                str(data),
+                "--sampler",
+                "Nope",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "sampler_name" in capsys.readouterr().err
     missing = tmp_path / "missing.png"
     assert main(["img2img", "--data-dir", str(data), "--init-image", str(missing), "--out", str(tmp_path / "o")]) == 2

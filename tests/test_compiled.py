@@ -42,9 +42,7 @@ def engines(tmp_path_factory, tiny_models, sd1):
     kohya_file(factors(sd1, 1, conv=True), lora / "lora_a.safetensors", "sd1")
     models = {"tiny-sd1": tiny_models["sd1"]["diffusers"]}
     eager = make_engine(tmp_path_factory.mktemp("eager"), models, device="cpu", compile="off", lora_dirs=(lora,))
-    compiled = make_engine(
-        tmp_path_factory.mktemp("compiled"), models, device="cpu", compile="on", lora_dirs=(lora,)
-    )
+    compiled = make_engine(tmp_path_factory.mktemp("compiled"), models, device="cpu", compile="on", lora_dirs=(lora,))
     return eager, compiled
 
 

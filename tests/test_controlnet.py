@@ -526,3 +526,18 @@ def test_shipped_controlnet_puts_the_object_where_the_edge_map_says():
     report = trainer.evaluate(BUILTIN_MODEL_DIR, SHIPPED, n=4, device="cpu", steps=20, log=lambda _m: None)
     assert report["circle"]["success"] >= 0.75, report["circle"]["cases"]
     assert report["random"]["position"] >= 0.75, report["random"]["cases"]
+
+
+def test_controlnet_acts_on_every_frame_of_a_clip_in_context_windows(setup):
+    from tiny_models import save_motion_module, tiny_motion_adapter
+
+    engine = setup["engine"]
+    mm = setup["root"] / "models" / "AnimateDiff" / "mm_tiny.safetensors"
+    if not mm.exists():
+        save_motion_module(tiny_motion_adapter("sd1"), mm, "original")
+    clip = {"model": "mm_tiny", "video_length": 5, "batch_size": 3, "overlap": 1, "closed_loop": "N", "format": []}
+    plain = engine.generate(req("tiny-sd1", animatediff=clip))
+    ctrl = engine.generate(req("tiny-sd1", [unit("cn-sd1-orig")], animatediff=clip))
+    assert len(ctrl.images) == 5
+    diffs = [np.abs(arr(a) - arr(b)).mean() for a, b in zip(plain.images, ctrl.images, strict=True)]
+    assert min(diffs) > 0.5  # the residuals reach every frame, sliced window by window

@@ -65,9 +65,7 @@ def test_embedding_is_picked_up_by_name_and_acts_like_its_words(sd1, emb_dir):
     got = with_lib.encode("a mystyle on blue").embeds
     assert torch.allclose(got, plain.encode("a green star on blue").embeds, atol=1e-6)
     assert not torch.allclose(got, plain.encode("a mystyle on blue").embeds)
-    assert torch.allclose(
-        with_lib.encode("purplish circle").embeds, plain.encode("purple circle").embeds, atol=1e-6
-    )
+    assert torch.allclose(with_lib.encode("purplish circle").embeds, plain.encode("purple circle").embeds, atol=1e-6)
     assert with_lib.infotext_params() == {
         "TI hashes": f"mystyle: {lib.short_hash('mystyle')}, purplish: {lib.short_hash('purplish')}"
     }

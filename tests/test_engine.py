@@ -181,8 +181,9 @@ def test_img2img_strength(sd1_engine):
 
 
 def test_hires_fix_size_and_infotext(sd1_engine):
-    res = sd1_engine.generate(req(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2,
-                                  denoising_strength=0.5))
+    res = sd1_engine.generate(
+        req(enable_hr=True, hr_scale=1.5, hr_upscaler="Latent", hr_second_pass_steps=2, denoising_strength=0.5)
+    )
     assert res.images[0].size == (96, 96)
     text = res.infotexts[0]
     assert "Size: 64x64" in text and "Hires upscale: 1.5" in text and "Hires upscaler: Latent" in text
@@ -304,8 +305,18 @@ def test_a1111_values_are_accepted_with_a1111_meaning():
     # sizes are kept as sent (the engine rounds them down to the model's VAE factor: LoadedModel.work_size);
     # -1 sentinels and ranges A1111 does not impose are accepted; hires fields are not looked at with hires off
     g = GenerationRequest.build(
-        width=65, height=127, seed_resize_from_h=-1, seed_resize_from_w=-1, steps=500, cfg_scale=-2, eta=3,
-        hr_scale=0, hr_resize_x=-1, denoising_strength=5, subseed_strength=2, seed=-5,
+        width=65,
+        height=127,
+        seed_resize_from_h=-1,
+        seed_resize_from_w=-1,
+        steps=500,
+        cfg_scale=-2,
+        eta=3,
+        hr_scale=0,
+        hr_resize_x=-1,
+        denoising_strength=5,
+        subseed_strength=2,
+        seed=-5,
     )
     assert (g.width, g.height, g.steps, g.cfg_scale, g.seed) == (65, 127, 500, -2, -5)  # any negative: random
     assert Img2ImgRequest.build(init_images=[init], denoising_strength=1.5).denoising_strength == 1.0

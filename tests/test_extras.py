@@ -65,8 +65,9 @@ def test_resize_to_size_with_and_without_crop(reg):
     # scaled by max(64/100, 64/50) = 1.28 to 128x64, then centre-cropped: columns 32..95
     full = img.resize((128, 64), Image.NEAREST)
     assert np.array_equal(np.asarray(out), np.asarray(full.crop((32, 0, 96, 64))))
-    no_crop = ExtrasParams(upscaler_1="Nearest", resize_mode="Scale to", upscaling_resize_w=64,
-                           upscaling_resize_h=64, upscaling_crop=False)
+    no_crop = ExtrasParams(
+        upscaler_1="Nearest", resize_mode="Scale to", upscaling_resize_w=64, upscaling_resize_h=64, upscaling_crop=False
+    )
     assert upscale_image(img, no_crop, reg).size == (128, 64)
     assert output_size((100, 50), crop) == ((128, 64), (64, 64))
 
@@ -88,11 +89,26 @@ def test_none_leaves_the_image_and_bad_values_are_request_errors(reg):
 
 
 def test_from_api_ignores_unknown_keys_and_alpha_survives(reg):
-    p = ExtrasParams.from_api({"upscaler_1": "Lanczos", "upscaling_resize": 3, "gfpgan_visibility": 0,
-                               "image": "data:...", "upscaling_resize_w": None, "resize_mode": 0})
+    p = ExtrasParams.from_api(
+        {
+            "upscaler_1": "Lanczos",
+            "upscaling_resize": 3,
+            "gfpgan_visibility": 0,
+            "image": "data:...",
+            "upscaling_resize_w": None,
+            "resize_mode": 0,
+        }
+    )
     assert p.upscaling_resize == 3 and p.upscaling_resize_w == 512
-    q = ExtrasParams.from_api({"upscaler_1": "Lanczos", "upscaling_resize": "2.5", "upscaling_crop": "false",
-                               "resize_mode": "Scale to", "upscaling_resize_w": "64"})
+    q = ExtrasParams.from_api(
+        {
+            "upscaler_1": "Lanczos",
+            "upscaling_resize": "2.5",
+            "upscaling_crop": "false",
+            "resize_mode": "Scale to",
+            "upscaling_resize_w": "64",
+        }
+    )
     assert (q.upscaling_resize, q.upscaling_crop, q.resize_mode, q.upscaling_resize_w) == (2.5, False, 1, 64)
     with pytest.raises(RequestError) as err:
         ExtrasParams.from_api({"upscaling_resize": "twice"})
@@ -106,8 +122,9 @@ def test_from_api_ignores_unknown_keys_and_alpha_survives(reg):
 
 def test_batch_list_and_progress(reg):
     seen = []
-    outs = upscale_batch([_img(10, 10), _img(7, 5)], ExtrasParams(upscaler_1="Lanczos"), reg,
-                         progress=lambda d, t: seen.append((d, t)))
+    outs = upscale_batch(
+        [_img(10, 10), _img(7, 5)], ExtrasParams(upscaler_1="Lanczos"), reg, progress=lambda d, t: seen.append((d, t))
+    )
     assert [o.size for o in outs] == [(20, 20), (14, 10)]
     assert seen == [(1, 2), (2, 2)]
 

@@ -63,9 +63,7 @@ def factors(model, seed: int, rank: int = 2, conv: bool = False) -> dict[tuple[s
     g = torch.Generator().manual_seed(seed)
     out = {}
     for n, m in model.unet.named_modules():
-        if isinstance(m, torch.nn.Linear) and n.endswith(
-            ("attn1.to_q", "attn2.to_k", "attn2.to_v", "to_out.0")
-        ):
+        if isinstance(m, torch.nn.Linear) and n.endswith(("attn1.to_q", "attn2.to_k", "attn2.to_v", "to_out.0")):
             out[("unet", n)] = (
                 torch.randn(m.out_features, rank, generator=g) * 0.3,
                 torch.randn(rank, m.in_features, generator=g) * 0.3,
@@ -89,9 +87,7 @@ def factors(model, seed: int, rank: int = 2, conv: bool = False) -> dict[tuple[s
     return out
 
 
-def kohya_file(
-    fac, path: Path, family: str, alpha: float | None = None, ldm_names: dict | None = None
-) -> Path:
+def kohya_file(fac, path: Path, family: str, alpha: float | None = None, ldm_names: dict | None = None) -> Path:
     te = {"text_encoder": "lora_te1_" if family == "sdxl" else "lora_te_", "text_encoder_2": "lora_te2_"}
     sd = {}
     for (comp, name), (up, down) in fac.items():
@@ -230,11 +226,7 @@ def test_sdxl_kohya_with_original_block_names(sdxl, tmp_path):
     sd = sdxl.unet.state_dict()
     orig = convert_unet(sd, sdxl.unet.config, to_diffusers=False)
     by_ptr = {v.data_ptr(): k for k, v in orig.items()}
-    ldm = {
-        n: by_ptr[sd[n + ".weight"].data_ptr()][: -len(".weight")].replace(".", "_")
-        for c, n in fac
-        if c == "unet"
-    }
+    ldm = {n: by_ptr[sd[n + ".weight"].data_ptr()][: -len(".weight")].replace(".", "_") for c, n in fac if c == "unet"}
     assert any(v.startswith(("input_blocks", "output_blocks", "middle_block")) for v in ldm.values())
     d = tmp_path / "Lora"
     d.mkdir()
@@ -297,14 +289,8 @@ def test_guess_family_from_widths():
     assert guess_family({k: (4, 768)}) == "sd1"
     assert guess_family({k: (4, 1024)}) == "sd2"
     assert guess_family({k: (4, 2048)}) == "sdxl"
-    assert (
-        guess_family({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 1024)})
-        == "sd2"
-    )
-    assert (
-        guess_family({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 32)})
-        == "sdxl"
-    )
+    assert guess_family({"lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 1024)}) == "sd2"
+    assert guess_family({"lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": (4, 32)}) == "sdxl"
     assert guess_family({k: (4, 32)}) is None
 
 
@@ -350,9 +336,7 @@ def test_loha_and_lokr_merge(sd1, tmp_path):
         }.items()
     }
     key = "lora_unet_" + name.replace(".", "_")
-    save_file(
-        {f"{key}.{k}": v for k, v in h.items()} | {f"{key}.alpha": torch.tensor(1.0)}, d / "loha.safetensors"
-    )
+    save_file({f"{key}.{k}": v for k, v in h.items()} | {f"{key}.alpha": torch.tensor(1.0)}, d / "loha.safetensors")
     k1, k2 = torch.randn(2, 4, generator=g), torch.randn(out_f // 2, in_f // 4, generator=g)
     save_file({f"{key}.lokr_w1": k1, f"{key}.lokr_w2": k2}, d / "lokr.safetensors")
     lib = NetworkLibrary([d])

@@ -110,9 +110,9 @@ def test_unet_only_files_fall_back_to_structure(tiny_models):
 
 def test_detect_diffusers_rules():
     assert detect_diffusers({"cross_attention_dim": 768}).family == "sd1"
-    assert detect_diffusers(
-        {"cross_attention_dim": 1024}, {"prediction_type": "v_prediction"}
-    ) == CheckpointKind("sd2", False, "v_prediction")
+    assert detect_diffusers({"cross_attention_dim": 1024}, {"prediction_type": "v_prediction"}) == CheckpointKind(
+        "sd2", False, "v_prediction"
+    )
     assert detect_diffusers({"cross_attention_dim": 2048, "in_channels": 9}) == CheckpointKind("sdxl", True)
     assert detect_diffusers({"cross_attention_dim": 48, "use_linear_projection": True}).family == "sd2"
     assert detect_diffusers({"cross_attention_dim": 48}, {"rescale_betas_zero_snr": True}).zero_terminal_snr

@@ -83,11 +83,7 @@ def test_both_layouts_load_identical_models(loaded, name):
         assert {k: v for k, v in ca.items() if not k.startswith("_")} == {
             k: v for k, v in cb.items() if not k.startswith("_")
         }, comp
-    assert (
-        a.scheduler_config["prediction_type"]
-        == b.scheduler_config["prediction_type"]
-        == a.kind.prediction_type
-    )
+    assert a.scheduler_config["prediction_type"] == b.scheduler_config["prediction_type"] == a.kind.prediction_type
     assert a.native_size == b.native_size and a.vae_scale_factor == b.vae_scale_factor == 8
     assert torch.equal(unet_output(a), unet_output(b))
     ids = a.tokenizer("a red circle").input_ids
@@ -160,9 +156,7 @@ def test_layout_matches_diffusers_own_converters(tiny_models, loaded):
         assert all(torch.equal(ours[k], theirs[k].reshape(ours[k].shape)) for k in ours)
     clip = sfu.convert_ldm_clip_checkpoint(ckpt)
     te = src.text_encoder.state_dict()
-    assert all(
-        torch.equal(te[k.removeprefix("text_model.")], v) for k, v in clip.items() if "position_ids" not in k
-    )
+    assert all(torch.equal(te[k.removeprefix("text_model.")], v) for k, v in clip.items() if "position_ids" not in k)
 
     sd2 = loaded("sd2_v", "diffusers")
     ckpt2 = load_file(tiny_models["sd2_v"]["single_file"])
@@ -219,14 +213,10 @@ def test_broken_files_name_the_file(tiny_models, tmp_path, damage):
     path.write_bytes(
         {
             "truncated": good[: len(good) // 2],
-            "random": torch.randint(
-                0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
-            )
+            "random": torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
             .numpy()
             .tobytes(),
-            "lfs": b"version https://git-lfs.github.com/spec/v1\noid sha256:"
-            + b"0" * 64
-            + b"\nsize 2132625894\n",
+            "lfs": b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 2132625894\n",
             "empty": b"",
             "html": b"<!DOCTYPE html><html><body>Too many requests</body></html>",
             "truncated_header": good[:100],
@@ -264,9 +254,7 @@ def test_unsupported_checkpoint_names_the_file(tmp_path):
 
 def test_missing_component_is_reported(tiny_models, tmp_path):
     sd = {
-        k: v
-        for k, v in load_file(tiny_models["sd1"]["single_file"]).items()
-        if not k.startswith("first_stage_model.")
+        k: v for k, v in load_file(tiny_models["sd1"]["single_file"]).items() if not k.startswith("first_stage_model.")
     }
     path = tmp_path / "novae.safetensors"
     save_file(sd, str(path))

@@ -309,9 +309,7 @@ def test_register_extension_sampler_and_registries_are_independent():
     with pytest.raises(ValueError):
         registry.register(SamplerInfo("k_euler"), factory)  # an existing alias
     with pytest.raises(ValueError):
-        registry.register(
-            SamplerInfo("Other", default_schedule="Karras", schedule_types=("Uniform",)), factory
-        )
+        registry.register(SamplerInfo("Other", default_schedule="Karras", schedule_types=("Uniform",)), factory)
     assert SamplerRegistry().names() == []
 
 
@@ -349,9 +347,7 @@ def test_schedule_values():
     karras = make_sigmas("Karras", 10, LEVELS)
     assert karras[-2] == pytest.approx(LEVELS.sigma_min) and karras[0] == pytest.approx(LEVELS.sigma_max)
     ramp = np.linspace(0, 1, 10)
-    expected = (
-        LEVELS.sigma_max ** (1 / 7) + ramp * (LEVELS.sigma_min ** (1 / 7) - LEVELS.sigma_max ** (1 / 7))
-    ) ** 7
+    expected = (LEVELS.sigma_max ** (1 / 7) + ramp * (LEVELS.sigma_min ** (1 / 7) - LEVELS.sigma_max ** (1 / 7))) ** 7
     assert np.allclose(karras[:-1], expected)
     assert np.allclose(make_sigmas("Polyexponential", 9, LEVELS), make_sigmas("Exponential", 9, LEVELS))
     assert np.allclose(make_sigmas("Align Your Steps", 10, LEVELS)[:-1], AYS_SD1[:-1], rtol=1e-2)
@@ -383,9 +379,7 @@ def test_fast_orders_spend_the_budget():
     for n in range(1, 40):
         orders = fast_orders(n)
         assert sum(orders) == n and set(orders) <= {1, 2, 3}
-    assert (
-        fast_orders(9) == [3, 3, 2, 1] and fast_orders(10) == [3, 3, 3, 1] and fast_orders(11) == [3, 3, 3, 2]
-    )
+    assert fast_orders(9) == [3, 3, 2, 1] and fast_orders(10) == [3, 3, 3, 1] and fast_orders(11) == [3, 3, 3, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -564,9 +558,7 @@ SEEDED = [(name, {}) for name in STOCHASTIC] + [("Euler", {"s_churn": 2.0}), ("D
 @pytest.mark.parametrize("sampler, options", SEEDED, ids=[f"{n}{o or ''}" for n, o in SEEDED])
 def test_same_seed_same_result(sampler, options):
     model = make_model("epsilon")
-    runs = [
-        txt2img(REGISTRY.create(sampler, "Automatic", SD, **options), 10, model, seed=s) for s in (7, 7, 8)
-    ]
+    runs = [txt2img(REGISTRY.create(sampler, "Automatic", SD, **options), 10, model, seed=s) for s in (7, 7, 8)]
     assert torch.equal(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2])
     g = torch.Generator().manual_seed(7)
@@ -652,9 +644,7 @@ def test_img2img_edge_cases():
     model = make_model("epsilon")
     x = torch.zeros(SHAPE)
     with pytest.raises(ValueError):  # starting mid-schedule without img2img_timesteps
-        heun.step(
-            model(heun.scale_model_input(x, heun.timesteps[4]), heun.timesteps[4]), heun.timesteps[4], x
-        )
+        heun.step(model(heun.scale_model_input(x, heun.timesteps[4]), heun.timesteps[4]), heun.timesteps[4], x)
 
 
 def test_step_after_the_end_fails():

@@ -61,11 +61,7 @@ def test_captions_mention_the_right_attributes():
     for s in scenes:
         cap = s.caption.lower()
         # shapes named are shapes in the picture, and (nearly always) all of them are named
-        named = {
-            sh
-            for sh, ws in shapes.SHAPE_WORDS.items()
-            if any(re.search(rf"\b{re.escape(w)}\b", cap) for w in ws)
-        }
+        named = {sh for sh, ws in shapes.SHAPE_WORDS.items() if any(re.search(rf"\b{re.escape(w)}\b", cap) for w in ws)}
         assert named <= {o.shape for o in s.objects}, cap
         all_named += named == {o.shape for o in s.objects}
         # colour words only name colours that are in the picture
@@ -86,9 +82,7 @@ def test_captions_mention_the_right_attributes():
                 assert "bottom" in pos, cap
             if words & {"centre", "center", "centred"}:
                 assert pos == "centre", cap
-            size_said = {
-                sz for sz, ws in shapes.SIZE_WORDS.items() for w in ws if re.search(rf"\b{w}\b", cap)
-            }
+            size_said = {sz for sz, ws in shapes.SIZE_WORDS.items() for w in ws if re.search(rf"\b{w}\b", cap)}
             assert size_said <= {s.objects[0].size}, cap
     assert all_named >= 0.95 * len(scenes)
 
@@ -96,12 +90,9 @@ def test_captions_mention_the_right_attributes():
 def test_some_captions_leave_attributes_out():
     scenes = shapes.sample_scenes("omit", 300, n_objects=1)
     no_bg = sum(
-        "background" not in s.caption and "backdrop" not in s.caption and " on " not in s.caption
-        for s in scenes
+        "background" not in s.caption and "backdrop" not in s.caption and " on " not in s.caption for s in scenes
     )
-    no_size = sum(
-        not any(w in _words(s.caption) for ws in shapes.SIZE_WORDS.values() for w in ws) for s in scenes
-    )
+    no_size = sum(not any(w in _words(s.caption) for ws in shapes.SIZE_WORDS.values() for w in ws) for s in scenes)
     assert no_bg > 30 and no_size > 60
 
 
@@ -127,9 +118,7 @@ def test_analyser_tolerates_mild_noise_and_accepts_pil_numpy_and_tensors():
     images = shapes.render(scenes)
     right = 0
     for s, im in zip(scenes, images, strict=True):
-        arr = (
-            (im.permute(1, 2, 0).numpy() * 255 + rng.normal(0, 8, (64, 64, 3))).clip(0, 255).astype(np.uint8)
-        )
+        arr = (im.permute(1, 2, 0).numpy() * 255 + rng.normal(0, 8, (64, 64, 3))).clip(0, 255).astype(np.uint8)
         a = analyse(arr)
         o = s.objects[0]
         right += bool(a.objects) and (a.objects[0].shape, a.objects[0].colour, a.background) == (
@@ -152,10 +141,7 @@ def test_mask_features_separate_the_shapes():
         feats[shape] = mask_features(img.mean(0).numpy() < 0.5)
     assert feats["square"]["extent"] > 0.95
     assert 0.74 < feats["circle"]["extent"] < 0.82
-    assert (
-        feats["star"]["solidity"] < 0.75
-        and min(feats[s]["solidity"] for s in shapes.SHAPES if s != "star") > 0.9
-    )
+    assert feats["star"]["solidity"] < 0.75 and min(feats[s]["solidity"] for s in shapes.SHAPES if s != "star") > 0.9
     assert feats["triangle"]["top_share"] < 0.3 and feats["diamond"]["top_share"] > 0.45
 
 

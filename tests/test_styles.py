@@ -22,9 +22,7 @@ def store(tmp_path):
 
 def test_reads_a1111_file_with_quoted_fields(store):
     assert store.names() == ["Cinematic", "Sharp", "Multi"]
-    assert store.get("Cinematic") == PromptStyle(
-        "Cinematic", "{prompt}, cinematic, film grain", "blurry, lowres"
-    )
+    assert store.get("Cinematic") == PromptStyle("Cinematic", "{prompt}, cinematic, film grain", "blurry, lowres")
     assert store.get("Multi").prompt == "line one\nline two"
 
 

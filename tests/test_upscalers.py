@@ -25,8 +25,14 @@ from ldm_core.upscalers import (  # noqa: E402
     upscale_latents,
 )
 
-A1111_LATENT_MODES = ["Latent", "Latent (antialiased)", "Latent (bicubic)", "Latent (bicubic antialiased)",
-                      "Latent (nearest)", "Latent (nearest-exact)"]
+A1111_LATENT_MODES = [
+    "Latent",
+    "Latent (antialiased)",
+    "Latent (bicubic)",
+    "Latent (bicubic antialiased)",
+    "Latent (nearest)",
+    "Latent (nearest-exact)",
+]
 
 
 def _compact(num_conv: int = 2, feat: int = 8, scale: int = 2, seed: int = 0) -> torch.nn.Module:
@@ -56,9 +62,8 @@ def _save(model: torch.nn.Module, path: Path) -> Path:
 def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
     """A smooth gradient with a few antialiased shapes: something with edges to upscale."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h * 4, 0:w * 4].astype(np.float32)
-    base = np.stack([xx / (w * 4) * 200 + 30, yy / (h * 4) * 180 + 40,
-                     (xx + yy) / ((w + h) * 4) * 150 + 60], -1)
+    yy, xx = np.mgrid[0 : h * 4, 0 : w * 4].astype(np.float32)
+    base = np.stack([xx / (w * 4) * 200 + 30, yy / (h * 4) * 180 + 40, (xx + yy) / ((w + h) * 4) * 150 + 60], -1)
     im = Image.fromarray(base.astype(np.uint8))
     d = ImageDraw.Draw(im)
     for _ in range(6):
@@ -92,8 +97,7 @@ def test_latent_modes_are_a1111_names_and_give_the_asked_size():
         assert y.shape == (2, 4, 16, 20) and y.dtype == x.dtype
     near = upscale_latents(x, "Latent (nearest)", (16, 24))
     assert torch.equal(near[:, :, ::2, ::2], x)  # nearest x2 repeats the pixels
-    assert not torch.allclose(upscale_latents(x, "Latent", (16, 24)), upscale_latents(x, "Latent (bicubic)",
-                                                                                       (16, 24)))
+    assert not torch.allclose(upscale_latents(x, "Latent", (16, 24)), upscale_latents(x, "Latent (bicubic)", (16, 24)))
     with pytest.raises(RequestError, match="choose one of"):
         upscale_latents(x, "Bilinear", (16, 24))
 
@@ -270,23 +274,36 @@ class _Stub:
         self.requests.append(request)
         n = len(self.requests)
         images = [self.fn(im.resize((request.width, request.height)), n) for im in request.init_images]
-        return type("R", (), {"images": images, "infotexts": [f"tile job {n}"] * len(images),
-                              "interrupted": self.stop_after is not None and n >= self.stop_after})()
+        return type(
+            "R",
+            (),
+            {
+                "images": images,
+                "infotexts": [f"tile job {n}"] * len(images),
+                "interrupted": self.stop_after is not None and n >= self.stop_after,
+            },
+        )()
 
 
 def test_sd_upscale_tiles_and_blends_to_the_target_size():
     reg = UpscalerRegistry([], device="cpu", builtin=None)
     src = _photo(60, 44)
-    req = Img2ImgRequest.build(init_images=[src], width=64, height=64, seed=5, prompt="x",
-                               denoising_strength=0.3)
+    req = Img2ImgRequest.build(init_images=[src], width=64, height=64, seed=5, prompt="x", denoising_strength=0.3)
     identity = _Stub()
     res = sd_upscale(req, identity, reg, upscaler="Lanczos", scale=2, overlap=16)
     big = src.resize((120, 88), Image.LANCZOS)
     assert res.images[0].size == (120, 88) and res.seeds == [5]
     grid = TileGrid(120, 88, 64, 64, 16)
     assert len(identity.requests) == len(grid) == res.tiles
-    assert all(r.width == 64 and r.height == 64 and r.seed == 5 and r.init_images[0].size == (64, 64)
-               and r.denoising_strength == 0.3 and r.prompt == "x" for r in identity.requests)
+    assert all(
+        r.width == 64
+        and r.height == 64
+        and r.seed == 5
+        and r.init_images[0].size == (64, 64)
+        and r.denoising_strength == 0.3
+        and r.prompt == "x"
+        for r in identity.requests
+    )
     diff = np.abs(np.asarray(res.images[0], int) - np.asarray(big, int))
     assert diff.max() <= 1  # identity tiles blend back to the upscaled image
     # per-tile brightness: overlaps blend smoothly between the tiles' values
@@ -323,8 +340,7 @@ def test_trainer_smoke_writes_a_spandrel_loadable_fp16_file(tmp_path: Path):
     train_imgs, held = load_data_npz(npz)
     assert len(train_imgs) == 2 and len(held) == 1 and np.array_equal(held[0], imgs[2])
     spec = UpscalerSpec(scale=2, num_feat=8, num_conv=2)
-    model, result = train(train_imgs, held, spec=spec, steps=3, batch=2, patch=32, eval_every=0,
-                          log_fn=lambda s: None)
+    model, result = train(train_imgs, held, spec=spec, steps=3, batch=2, patch=32, eval_every=0, log_fn=lambda s: None)
     assert result["steps"] == 3 and math.isfinite(result["psnr"]) and math.isfinite(result["psnr_lanczos"])
     out = tmp_path / "ESRGAN" / "trained-x2.safetensors"
     save_upscaler(model, out, spec, {"steps": 3})

@@ -587,3 +587,25 @@ def test_pickled_module_is_a_422_through_the_api(api_client, motion_files):
     }
     r = client.post("/sdapi/v1/txt2img", json=body)
     assert r.status_code == 422 and "allow-pickle" in r.text
+
+
+def test_interrupted_clip_keeps_its_partial_frames_and_file(sd1_video):
+    import threading
+
+    from ldm_core.progress import JobContext
+
+    ctx = JobContext()
+
+    def watch():
+        for _ in range(20000):
+            if ctx.progress.snapshot().step >= 2:
+                ctx.cancel.interrupt()
+                return
+            threading.Event().wait(0.002)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    res = sd1_video.generate(vreq(steps=60, save_images=True), ctx)
+    t.join()
+    assert res.interrupted and len(res.images) == 6
+    assert res.videos and res.videos[0].path.is_file()  # nothing already produced is lost
