@@ -16,6 +16,20 @@ BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin
 
 
 @dataclass(frozen=True)
+class DiffusionUpscaleOptions:
+    """What a diffusion upscaler runs with (Settings > Upscaling, `diffusion_upscale_*` options). `prompt` ""
+    means the image's own prompt, read from its infotext (none: an empty prompt)."""
+
+    steps: int = 20
+    noise_level: int = 20
+    guidance_scale: float = 9.0
+    seed: int = 0
+    prompt: str = ""
+    tile: int = 128  # input pixels per tile (the x4 model was trained on 128 px crops)
+    overlap: int = 16
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Paths and policies of one engine instance.
 
@@ -54,6 +68,8 @@ class EngineConfig:
     # how saved images are written (ldm_core.outputs.Writer; None: write + fsync); a test injects a failing one
     # (outputs.disk_full_writer) to check that a full disk is a clear error with no partial file (issue 16)
     output_writer: Callable[[BinaryIO, bytes], None] | None = None
+    # steps, noise level, CFG, seed and prompt of the SD x4 / x2 latent upscalers (Settings > Upscaling)
+    diffusion_upscale: DiffusionUpscaleOptions = field(default_factory=DiffusionUpscaleOptions)
     # torch.compile of the UNet: "auto" = on CUDA, "on", "off" (ldm_core.compiled)
     compile: Literal["auto", "on", "off"] = "auto"
     extra: dict = field(default_factory=dict)

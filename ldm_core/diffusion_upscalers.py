@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .config import DiffusionUpscaleOptions
 from .generation_requests import RequestError
 
 log = logging.getLogger(__name__)
@@ -35,16 +35,6 @@ PIPELINE_CLASS = "StableDiffusionUpscalePipeline"
 LATENT_PIPELINE_CLASS = "StableDiffusionLatentUpscalePipeline"
 #: Extra folder name (under models/) scanned for diffusion upscalers, besides the model-upscaler folders.
 FOLDER = "SD-Upscale"
-
-
-@dataclass(frozen=True)
-class DiffusionUpscaleOptions:
-    steps: int = 20
-    noise_level: int = 20
-    guidance_scale: float = 9.0
-    seed: int = 0
-    tile: int = 128  # input pixels per tile (the x4 model was trained on 128 px crops)
-    overlap: int = 16
 
 
 def pipeline_class(path: Path) -> str | None:

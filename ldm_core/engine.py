@@ -203,6 +203,7 @@ class Engine:
             device=self.policy.device,
             dtype=self.policy.dtype,
             allow_pickle=config.allow_pickle,
+            diffusion=config.diffusion_upscale,
         )
         self.styles = StyleStore(config.data_dir / "styles.csv")
         self.motion_modules = MotionModules(config.motion_dirs, allow_pickle=config.allow_pickle)
@@ -215,6 +216,18 @@ class Engine:
         self._current: Path | None = None
         self._memory_plan: JobMemoryPlan | None = None  # the running job's out-of-memory fallbacks
         self._lock = threading.RLock()
+
+    @property
+    def config(self) -> EngineConfig:
+        return self._config
+
+    @config.setter
+    def config(self, value: EngineConfig) -> None:
+        """Settings applied without a restart (ldm_core.options.apply_to_engine) reach the parts that keep
+        their own copy: the diffusion upscalers' steps, noise level, CFG, seed and prompt."""
+        self._config = value
+        if getattr(self, "upscalers", None) is not None:
+            self.upscalers.diffusion = value.diffusion_upscale
 
     # ---- models -------------------------------------------------------------------------------------
     @property

@@ -24,6 +24,7 @@ nothing).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -102,6 +103,7 @@ def _request_choices(name: str) -> tuple[str, ...]:
 S_SAVE, S_PATHS, S_PREVIEW, S_DEFAULTS = "Saving images", "Paths for saving", "Live previews", "Defaults"
 S_SD, S_SAMPLER, S_I2I, S_SDXL = "Stable Diffusion", "Sampler parameters", "img2img", "Stable Diffusion XL"
 S_FOLDERS, S_PERF, S_CLIENTS = "Model folders", "Performance", "Kept for A1111 clients"
+S_UPSCALE = "Upscaling"
 
 OPTIONS: tuple[Option, ...] = (
     # -- saving images (A1111 keys)
@@ -368,6 +370,57 @@ OPTIONS: tuple[Option, ...] = (
         maps="default",
     ),
     _o("upscaler_for_img2img", None, "Upscaler for img2img", "stored", S_CLIENTS, nullable=True),
+    # -- diffusion upscalers (SD x4, SD x2 latent): EngineConfig.diffusion_upscale
+    _o(
+        "diffusion_upscale_steps",
+        20,
+        "Diffusion upscalers: sampling steps",
+        "live",
+        S_UPSCALE,
+        minimum=1,
+        maximum=150,
+        step=1,
+        config="diffusion_upscale",
+    ),
+    _o(
+        "diffusion_upscale_noise_level",
+        20,
+        "SD x4 upscaler: noise level added to the image (0-350)",
+        "live",
+        S_UPSCALE,
+        minimum=0,
+        maximum=350,
+        step=1,
+        config="diffusion_upscale",
+    ),
+    _o(
+        "diffusion_upscale_cfg_scale",
+        9.0,
+        "Diffusion upscalers: CFG scale",
+        "live",
+        S_UPSCALE,
+        minimum=0.0,
+        maximum=30.0,
+        step=0.5,
+        config="diffusion_upscale",
+    ),
+    _o(
+        "diffusion_upscale_seed",
+        0,
+        "Diffusion upscalers: seed",
+        "live",
+        S_UPSCALE,
+        minimum=0,
+        config="diffusion_upscale",
+    ),
+    _o(
+        "diffusion_upscale_prompt",
+        "",
+        "Diffusion upscalers: prompt (empty: the image's own, from its infotext)",
+        "live",
+        S_UPSCALE,
+        config="diffusion_upscale",
+    ),
     # -- SDXL
     _o(
         "sdxl_crop_top", 0, "SDXL crop top coordinate", "live", S_SDXL, minimum=0, field="sdxl_crop_top", maps="default"
@@ -674,6 +727,19 @@ def config_from_options(
         put("preview_every", max(0, every) if values.get("live_previews_enable", True) else 0)
     if "sd_checkpoints_limit" in values:
         put("model_cache_size", int(values["sd_checkpoints_limit"]))
+    upscale = {
+        name: cast(values[key])
+        for key, name, cast in (
+            ("diffusion_upscale_steps", "steps", int),
+            ("diffusion_upscale_noise_level", "noise_level", int),
+            ("diffusion_upscale_cfg_scale", "guidance_scale", float),
+            ("diffusion_upscale_seed", "seed", int),
+            ("diffusion_upscale_prompt", "prompt", str),
+        )
+        if values.get(key) is not None
+    }
+    if upscale:
+        put("diffusion_upscale", dataclasses.replace(base.diffusion_upscale, **upscale))
     for key, field in (
         ("ckpt_dir", "ckpt_dirs"),
         ("vae_dir", "vae_dirs"),
@@ -710,6 +776,7 @@ LIVE_FIELDS = frozenset(
         "vae_slicing",
         "model_cache_size",
         "cpu_noise",
+        "diffusion_upscale",
     }
 )
 

@@ -382,7 +382,8 @@ class UpscalerRegistry:
             if progress is not None:
                 progress(1, 1)
         else:
-            out = self._run_model(rgb, name, (tw, th), progress, cancel, prompt=image_prompt(image))
+            prompt = self.diffusion.prompt or image_prompt(image)
+            out = self._run_model(rgb, name, (tw, th), progress, cancel, prompt=prompt)
         if out.size != (tw, th):
             out = out.resize((tw, th), Image.LANCZOS)
         if alpha is not None:

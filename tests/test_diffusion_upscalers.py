@@ -323,3 +323,40 @@ def test_x2_latent_upscaler_on_an_image(x4_dir):
     reg = UpscalerRegistry([x4_dir], builtin=None, diffusion=FAST)
     out = reg.upscale(smooth(128, 96), "tiny-x2-latent", scale=2)
     assert out.size == (256, 192) and np.asarray(out).std() > 0
+
+
+def test_settings_set_steps_noise_cfg_seed_and_prompt(tmp_path, x4_dir, monkeypatch):
+    import shutil
+
+    from ldm_core.config import EngineConfig
+    from ldm_core.diffusion_upscalers import X4Upscaler
+    from ldm_core.engine import Engine
+    from ldm_core.options import OPTIONS_BY_KEY, OptionsStore, bind_engine
+
+    shutil.copytree(x4_dir, tmp_path / "models" / "SD-Upscale")
+    engine = Engine(EngineConfig.from_data_dir(tmp_path, builtin_model_dir=None, device="cpu", save_images=False))
+    store = OptionsStore(tmp_path / "config.json")
+    bind_engine(store, engine)
+    assert {"diffusion_upscale_steps", "diffusion_upscale_noise_level", "diffusion_upscale_prompt"} <= set(
+        OPTIONS_BY_KEY
+    )
+    seen = []
+
+    def spy(self, image, prompt, options, output_type):
+        seen.append((prompt, options.steps, options.noise_level, options.guidance_scale, options.seed))
+        return torch.zeros(1, 3, image.height * 4, image.width * 4)
+
+    monkeypatch.setattr(X4Upscaler, "_run", spy)
+    engine.upscalers.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == ("", 20, 20, 9.0, 0)  # the defaults; no infotext: no prompt
+    store.update(
+        {
+            "diffusion_upscale_steps": 5,
+            "diffusion_upscale_noise_level": 60,
+            "diffusion_upscale_cfg_scale": 4,
+            "diffusion_upscale_seed": 9,
+            "diffusion_upscale_prompt": "sharp shapes",
+        }
+    )
+    engine.upscalers.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == ("sharp shapes", 5, 60, 4.0, 9)  # applied without a restart
