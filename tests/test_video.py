@@ -609,3 +609,13 @@ def test_interrupted_clip_keeps_its_partial_frames_and_file(sd1_video):
     t.join()
     assert res.interrupted and len(res.images) == 6
     assert res.videos and res.videos[0].path.is_file()  # nothing already produced is lost
+
+
+def test_clip_infotext_fills_the_video_tab(sd1_video):
+    from ui.common import fields_from_text
+
+    text = sd1_video.generate(vreq(animatediff={"video_length": 5, "fps": 12, "closed_loop": "N"})).infotexts[0]
+    fields = fields_from_text(text)
+    assert fields["video_model"] == "mm_sd1_tiny.safetensors"
+    assert (fields["video_length"], fields["video_fps"], fields["video_closed_loop"]) == (5, 12, "N")
+    assert fields["prompt"] == "a red circle" and fields["steps"] == 3

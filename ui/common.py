@@ -478,6 +478,23 @@ def fields_from_infotext(
         out["mask_mode"] = params["Mask mode"]
     if params.get("Resize mode") in RESIZE_MODES:
         out["resize_mode"] = params["Resize mode"]
+    if params.get("AnimateDiff"):  # a clip's options ("model: x, video_length: 16, fps: 8, ...") -> Video tab
+        out.update(_video_fields(str(params["AnimateDiff"])))
+    return out
+
+
+def _video_fields(value: str) -> dict[str, Any]:
+    pairs = dict(part.split(":", 1) for part in value.split(",") if ":" in part)
+    names = {v: k for k, v in VIDEO_FIELDS.items()}
+    out: dict[str, Any] = {}
+    for key, raw in pairs.items():
+        field, text = names.get(key.strip()), raw.strip()
+        if field is None:
+            continue
+        if field in ("video_model", "video_closed_loop"):
+            out[field] = text
+        elif _num(text) is not None:
+            out[field] = _num(text, int) if field != "video_fps" else _num(text)
     return out
 
 
