@@ -21,13 +21,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
 from .config import DiffusionUpscaleOptions
-from .generation_requests import RequestError
+from .models.pipelines import PipelineFolder
 
 log = logging.getLogger(__name__)
 
@@ -63,35 +62,17 @@ def image_prompt(image: Image.Image) -> str:
     return str(parse_infotext(str(text)).get("Prompt", ""))
 
 
-class DiffusionUpscaler:
+class DiffusionUpscaler(PipelineFolder):
     """A diffusers pipeline folder, loaded on first use (offline, safetensors unless pickles are allowed)."""
 
     scale = 1
     pipeline_name = ""
+    field = "upscaler"
 
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
-        self.folder, self.device, self.dtype, self.allow_pickle = Path(folder), device, dtype, allow_pickle
-        self._pipe: Any = None
+    def pipeline_class(self):
+        import diffusers
 
-    def pipeline(self):
-        if self._pipe is None:
-            import diffusers
-
-            pipeline_cls = getattr(diffusers, self.pipeline_name)
-            safe = any(self.folder.rglob("*.safetensors"))
-            if not safe and not self.allow_pickle:
-                msg = f"{self.folder.name}: no .safetensors weights (pickled weights need --allow-pickle)"
-                raise RequestError("upscaler", msg)
-            try:
-                pipe = pipeline_cls.from_pretrained(
-                    str(self.folder), local_files_only=True, use_safetensors=safe, torch_dtype=self.dtype
-                )
-            except (OSError, ValueError) as exc:
-                raise RequestError("upscaler", f"cannot load {self.folder.name}: {exc}") from None
-            pipe.set_progress_bar_config(disable=True)
-            self._pipe = pipe.to(self.device)
-            log.info("loaded diffusion upscaler %s on %s", self.folder.name, self.device)
-        return self._pipe
+        return getattr(diffusers, self.pipeline_name)
 
     def upscale(self, image: Image.Image, prompt: str, options: DiffusionUpscaleOptions) -> torch.Tensor:
         """One image (a tile) -> (1, 3, scale*h, scale*w) float32 in [0, 1] on the CPU."""

@@ -514,6 +514,27 @@ def _autocast(dev: torch.device, mode: str = "auto"):
     return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=on)
 
 
+def export_fp16_folder(model, out: Path, record: dict) -> Path:
+    """Write a diffusers model (a ControlNet, a motion module) as an fp16 folder (`save_pretrained`, safetensors)
+    with TRAINING.json beside it, atomically: readers see the old folder or the new one, never half of one."""
+    import copy
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    copy.deepcopy(model).to("cpu", torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
+    old = out.with_name(out.name + f".old{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old.exists():
+        shutil.rmtree(old)
+    return out
+
+
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     torch.save(obj, tmp)

@@ -32,10 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import random
 import shlex
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.train import shapes
-from ldm_core.train.builtin import _save_atomic
+from ldm_core.train.builtin import _save_atomic, export_fp16_folder
 
 CANNY_LOW, CANNY_HIGH = 100, 200
 EVAL_PROMPT = "a red square"
@@ -203,26 +201,6 @@ def _lr(opts: ControlNetTrainOptions, step: int, progress: float) -> float:
     return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cos)
 
 
-def export(controlnet, out: Path, record: dict) -> None:
-    """Write the ControlNet as an fp16 diffusers folder with TRAINING.json, atomically."""
-    import copy
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    half = copy.deepcopy(controlnet).to("cpu", torch.float16)
-    half.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    old = out.with_name(out.name + f".old{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = print) -> dict:
     """Train and export; returns the training record (steps, losses, seconds, parameters, bytes)."""
     from diffusers import ControlNetModel, DDPMScheduler
@@ -373,7 +351,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
             checkpoint()
             last_ckpt = time.perf_counter()
         if opts.export_every and time.perf_counter() - last_export > opts.export_every:
-            export(controlnet.eval(), opts.out, record())
+            export_fp16_folder(controlnet.eval(), opts.out, record())
             controlnet.train()
             last_export = time.perf_counter()
     if ckpt_path is not None:
@@ -381,7 +359,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
     controlnet.eval()
     rec = record()
     rec["first_loss"] = losses[0] if losses else None
-    export(controlnet, opts.out, rec)
+    export_fp16_folder(controlnet, opts.out, rec)
     weights = Path(opts.out) / "diffusion_pytorch_model.safetensors"
     rec["bytes"] = weights.stat().st_size
     log(f"wrote {opts.out} ({rec['bytes'] / 1e6:.1f} MB) after {step} steps, loss {ema}")

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -212,26 +210,6 @@ def new_adapter(unet, heads: int = 8, mid_block: bool = True, max_frames: int = 
     return adapter
 
 
-def export_adapter(adapter, out: Path, record: dict) -> Path:
-    """Write the module as an fp16 diffusers folder with TRAINING.json, atomically."""
-    import copy
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    copy.deepcopy(adapter).to("cpu", torch.float16).save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    old = out.with_name(out.name + f".old{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-    return out
-
-
 def _lr(o: MotionTrainOptions, step: int, progress: float) -> float:
     w = min(1.0, (step + 1) / max(1, o.warmup_steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -242,7 +220,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     from diffusers import DDPMScheduler
 
     from ldm_core.models import load_model
-    from ldm_core.train.builtin import _autocast, _save_atomic
+    from ldm_core.train.builtin import _autocast, _save_atomic, export_fp16_folder
     from ldm_core.train.controlnet import TextEncoder
     from ldm_core.video.motion_modules import MotionModule, MotionPatch
 
@@ -349,12 +327,12 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
             checkpoint()
             last_ck = now
         if o.export_every and now - last_export > o.export_every:
-            export_adapter(adapter, Path(o.out), record())
+            export_fp16_folder(adapter, Path(o.out), record())
             last_export = now
     patch.remove()
     checkpoint()
     rec = record()
-    out = export_adapter(adapter, Path(o.out), rec)
+    out = export_fp16_folder(adapter, Path(o.out), rec)
     rec["bytes"] = (out / "diffusion_pytorch_model.safetensors").stat().st_size
     log(f"wrote {out} ({rec['bytes'] / 1e6:.1f} MB) after {step} steps, loss {ema}")
     return rec

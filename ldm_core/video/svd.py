@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
 
-from ..generation_requests import RequestError
+from ..models.pipelines import PipelineFolder
 from ..progress import Interrupted
 
 log = logging.getLogger(__name__)
@@ -36,32 +35,15 @@ def is_svd_folder(path: Path) -> bool:
         return False
 
 
-class SVDModel:
+class SVDModel(PipelineFolder):
     """One SVD folder, loaded on first use and kept."""
 
-    def __init__(self, folder: Path, device: torch.device, dtype: torch.dtype, allow_pickle: bool = False):
-        self.folder, self.device, self.dtype, self.allow_pickle = Path(folder), device, dtype, allow_pickle
-        self._pipe: Any = None
+    field = "animatediff.model"
 
-    def pipeline(self):
-        if self._pipe is None:
-            from diffusers import StableVideoDiffusionPipeline
+    def pipeline_class(self):
+        from diffusers import StableVideoDiffusionPipeline
 
-            safe = any(self.folder.rglob("*.safetensors"))
-            if not safe and not self.allow_pickle:
-                raise RequestError(
-                    "animatediff.model", f"{self.folder.name}: no .safetensors weights (pickles need --allow-pickle)"
-                )
-            try:
-                pipe = StableVideoDiffusionPipeline.from_pretrained(
-                    str(self.folder), local_files_only=True, use_safetensors=safe, torch_dtype=self.dtype
-                )
-            except (OSError, ValueError) as exc:
-                raise RequestError("animatediff.model", f"cannot load {self.folder.name}: {exc}") from None
-            pipe.set_progress_bar_config(disable=True)
-            self._pipe = pipe.to(self.device)
-            log.info("loaded Stable Video Diffusion %s on %s", self.folder.name, self.device)
-        return self._pipe
+        return StableVideoDiffusionPipeline
 
     def frames(
         self,
