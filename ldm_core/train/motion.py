@@ -355,11 +355,13 @@ def measured_direction(centres: list[tuple[float, float] | None]) -> str | None:
     return "down" if dy > 0 else "up"
 
 
-def eval_clips(n: int, frames: int, seed: str = "motion-eval") -> list[Clip]:
-    """`n` held-out direction clips (prompts in the evaluation phrasings), directions in turn."""
+def eval_clips(n: int, frames: int, seed: str = "motion-eval", phrasing: str = "heldout") -> list[Clip]:
+    """`n` held-out direction clips, directions in turn, prompts in the evaluation phrasings ("heldout", never
+    trained on) or in the training ones ("train")."""
     rng = random.Random(seed)
     dirs = list(DIRECTIONS)
-    return [sample_clip(rng, frames, dirs[i % 4], EVAL_TEMPLATES) for i in range(n)]
+    templates = EVAL_TEMPLATES if phrasing == "heldout" else TRAIN_TEMPLATES
+    return [sample_clip(rng, frames, dirs[i % 4], templates) for i in range(n)]
 
 
 def score_clip(frames_imgs, clip: Clip) -> dict:
@@ -400,13 +402,14 @@ def evaluate_motion(
     base: str = "models/builtin",
     sheet: Path | None = None,
     log=_log,
+    phrasing: str = "heldout",
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
     frames are then independent images of one batch) and score them (see `score_clip`)."""
     from ldm_core.engine import scratch_engine
     from ldm_core.generation_requests import GenerationRequest
 
-    clips = eval_clips(n, frames)
+    clips = eval_clips(n, frames, phrasing=phrasing)
     results = []
     sheets = []
     dirs = (Path(module).parent,) if module is not None else ()
@@ -434,6 +437,7 @@ def evaluate_motion(
     rep = {
         "module": module,
         "n": n,
+        "phrasing": phrasing,
         "frames": frames,
         "steps": steps,
         "direction": sum(r["direction_ok"] for r in results) / n,
@@ -510,12 +514,18 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
+    p.add_argument(
+        "--phrasing",
+        choices=("heldout", "train"),
+        default="heldout",
+        help="prompts in phrasings never trained on (default) or in the training ones",
+    )
 
 
 def run_eval(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
-    rep = evaluate_motion(a.module, a.n, a.frames, a.steps, a.base, a.sheet)
+    rep = evaluate_motion(a.module, a.n, a.frames, a.steps, a.base, a.sheet, phrasing=a.phrasing)
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rep, indent=2))
