@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -271,6 +272,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     def record() -> dict:
         return {
             "recipe": "ldm_core.train.motion (shapes-world clips, base frozen)",
+            "command": shlex.join(sys.argv),  # the process's command line (python -m ldm_core.train motion ...)
             "options": {k: str(v) for k, v in asdict(o).items()},
             "steps": step,
             "clips_seen": step * o.clips,

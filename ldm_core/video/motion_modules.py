@@ -363,8 +363,9 @@ class MotionPatch:
 
     def install(self) -> MotionPatch:
         a = self.module.adapter
-        p = next(self.unet.parameters())
-        a.to(p.device, p.dtype)  # the UNet's precision (fp16 on a GPU); autocast handles mixed runs
+        p, q = next(self.unet.parameters()), next(a.parameters())
+        if (q.device, q.dtype) != (p.device, p.dtype):
+            a.to(p.device, p.dtype)  # the UNet's precision (fp16 on a GPU); autocast handles mixed runs
         parts = {"down": a.down_blocks, "up": a.up_blocks}
         for _, layer, part, i, j in _targets(self.unet):
             if part == "mid":
