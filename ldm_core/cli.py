@@ -81,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inpaint-full-res", action="store_true", help='inpaint area "Only masked"')
     p.add_argument("--inpaint-full-res-padding", type=int, default=32)
     p.add_argument("--invert-mask", action="store_true")
+    p = sub.add_parser("video", help="make a clip with a motion module (text-, image- or video-to-video)")
+    _common(p)
+    p.add_argument("--motion-module", default=None, help="a module in models/AnimateDiff (default: the first)")
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--fps", type=float, default=8)
+    p.add_argument("--context", type=int, default=16, help="frames the module sees at once")
+    p.add_argument("--overlap", type=int, default=-1, help="-1: context / 4")
+    p.add_argument("--closed-loop", default="R-P", choices=["N", "R-P", "R+P", "A"])
+    p.add_argument("--format", default="GIF,MP4", help="comma-separated: GIF, MP4, WEBP, WEBM, PNG, TXT")
+    p.add_argument("--init-image", default=None, help="image-to-video: the start image")
+    p.add_argument("--video-source", default=None, help="video-to-video: a clip (GIF, WebP, MP4, WebM)")
+    p.add_argument("--denoising-strength", type=float, default=0.75)
     p = sub.add_parser("models", help="list the models found")
     p.add_argument("--data-dir", default=".")
     p.add_argument("--ckpt-dir", default=None)
@@ -160,6 +172,8 @@ def _request(args):
     )
     if args.command == "txt2img":
         return GenerationRequest.build(**values)
+    if args.command == "video":
+        return _video_request(args, values)
     values.update(init_images=[_open_image(args.init_image, "init_image")], denoising_strength=args.denoising_strength)
     if args.command == "img2img":
         return Img2ImgRequest.build(resize_mode=args.resize_mode, **values)
@@ -171,6 +185,33 @@ def _request(args):
         inpaint_full_res_padding=args.inpaint_full_res_padding,
         inpainting_mask_invert=args.invert_mask,
         **values,
+    )
+
+
+def _video_request(args, values: dict):
+    values.pop("batch_size")  # the frames are the batch
+    clip = {
+        "model": args.motion_module,
+        "video_length": args.frames,
+        "fps": args.fps,
+        "batch_size": args.context,
+        "overlap": args.overlap,
+        "closed_loop": args.closed_loop,
+        "format": [f.strip() for f in args.format.split(",") if f.strip()],
+    }
+    init = _open_image(args.init_image, "init_image") if args.init_image else None
+    if args.video_source:
+        from .video.clips import ClipError, decode_clip
+
+        try:
+            clip["video_source"] = Path(args.video_source).read_bytes()
+            init = init or decode_clip(clip["video_source"], max_frames=1).frames[0]
+        except (OSError, ClipError) as exc:
+            raise RequestError("video_source", f"cannot read {args.video_source}: {exc}") from None
+    if init is None:
+        return GenerationRequest.build(animatediff=clip, **values)
+    return Img2ImgRequest.build(
+        animatediff=clip, init_images=[init], denoising_strength=args.denoising_strength, **values
     )
 
 

@@ -74,3 +74,37 @@ def test_bad_input_names_the_field(tmp_path, tiny_models, capsys):
     missing = tmp_path / "missing.png"
     assert main(["img2img", "--data-dir", str(data), "--init-image", str(missing), "--out", str(tmp_path / "o")]) == 2
     assert "init_image" in capsys.readouterr().err
+
+
+def test_video_writes_the_clip(tmp_path, tiny_models, capsys):
+    from tiny_models import save_motion_module, tiny_motion_adapter
+
+    data = _data_dir(tmp_path, tiny_models)
+    save_motion_module(tiny_motion_adapter("sd1"), data / "models" / "AnimateDiff" / "mm.safetensors", "original")
+    out = tmp_path / "out"
+    args = [
+        "video",
+        "--data-dir",
+        str(data),
+        "--prompt",
+        "0: a red circle, 3: a blue circle",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--frames",
+        "4",
+        "--format",
+        "GIF,PNG",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out.split()
+    gifs = [p for p in printed if p.endswith(".gif")]
+    assert len(gifs) == 1 and Image.open(gifs[0]).n_frames == 4
+    assert len([p for p in printed if p.endswith(".png")]) == 4
+    assert "AnimateDiff: " in read_image_info(Image.open(gifs[0]))[0]
+    assert main([*args[:-2], "--motion-module", "nope", "--out", str(out)]) == 2  # named, no traceback
