@@ -443,6 +443,7 @@ def evaluate_motion(
         "frames": frames,
         "steps": steps,
         "direction": sum(r["direction_ok"] for r in results) / n,
+        "moved": sum(r["got"] is not None for r in results) / n,  # travelled at least 0.08 of the image
         "consistent_shape_colour": sum(r["consistent"] for r in results) / n,
         "first_frame_matches_prompt": sum(r["matches_prompt"] for r in results) / n,
         "by_direction": {
