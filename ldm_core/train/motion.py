@@ -221,7 +221,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     from diffusers import DDPMScheduler
 
     from ldm_core.models import load_model
-    from ldm_core.train.builtin import _autocast, _save_atomic, export_fp16_folder
+    from ldm_core.train.builtin import _autocast, _save_atomic, diffusion_target, export_fp16_folder
     from ldm_core.train.controlnet import TextEncoder
     from ldm_core.video.motion_modules import MotionModule, MotionPatch
 
@@ -303,9 +303,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         cond = cond.repeat_interleave(o.frames, 0)
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, n_train, (len(clips),), generator=gen).repeat_interleave(o.frames)
-        a = ab[t].view(-1, 1, 1, 1)
-        x_t = a.sqrt() * z + (1 - a).sqrt() * noise
-        target = a.sqrt() * noise - (1 - a).sqrt() * z if prediction == "v_prediction" else noise
+        x_t, target = diffusion_target(z, noise, ab[t], prediction)
         progress = max(step / o.steps, seconds() / o.max_seconds if o.max_seconds else 0.0)
         for g in optim.param_groups:
             g["lr"] = _lr(o, step, progress)
