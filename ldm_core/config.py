@@ -85,7 +85,7 @@ class EngineConfig:
             lora_dirs=(d / "models" / "Lora",),
             embeddings_dirs=(d / "embeddings",),
             upscaler_dirs=tuple(
-                d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "SD-Upscale")
+                d / "models" / n for n in ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT", "SD-Upscale", "LDSR")
             ),
             controlnet_dirs=(d / "models" / "ControlNet",),
             annotator_dirs=(d / "models" / "annotators",),

@@ -7,9 +7,15 @@ hires-fix upscalers and in `/sdapi/v1/upscalers`.
   pass's latents 2x without decoding them, then the second pass runs as usual; on an image in Extras it
   encodes, upscales and decodes with its own VAE).
 
+- CompVis **LDSR** (latent diffusion 4x super-resolution, A1111's "LDSR"): a single file in models/LDSR
+  (`model.safetensors`, or A1111's `model.ckpt` with --allow-pickle), listed as "LDSR" (other file names by
+  their stem); run as A1111 runs it (DDIM, eta 1); images are padded to a multiple of 8 and cropped back.
+
 Found as diffusers folders (`model_index.json` of class `StableDiffusionUpscalePipeline`) in the upscaler
-folders (models/ESRGAN, ...) or models/SD-Upscale, listed by folder name; loaded offline (`local_files_only`)
-with safetensors weights only unless pickles are allowed. Images larger than one tile are upscaled tile by
+folders (models/ESRGAN, ...) or models/SD-Upscale, listed by folder name, or as single files in their original
+layout (the x4 upscaler's `x4-upscaler-ema.safetensors` in models/SD-Upscale, LDSR in models/LDSR; read by
+`ldm_core.models.sr_files`), listed by file stem; loaded offline (`local_files_only`) with safetensors
+weights only unless pickles are allowed. Images larger than one tile are upscaled tile by
 tile with feathered overlaps (`ldm_core.tiling`), each tile with the same prompt, seed and noise.
 
 The prompt is the image's own (read from its infotext, as A1111 pastes it) unless one is given; the other
@@ -32,8 +38,11 @@ log = logging.getLogger(__name__)
 
 PIPELINE_CLASS = "StableDiffusionUpscalePipeline"
 LATENT_PIPELINE_CLASS = "StableDiffusionLatentUpscalePipeline"
-#: Extra folder name (under models/) scanned for diffusion upscalers, besides the model-upscaler folders.
+#: Extra folder names (under models/) scanned for diffusion upscalers, besides the model-upscaler folders.
 FOLDER = "SD-Upscale"
+LDSR_FOLDER = "LDSR"
+#: LDSR's UNet sees the image at latent resolution and halves it three times.
+LDSR_MULTIPLE = 8
 
 
 def pipeline_class(path: Path) -> str | None:
@@ -50,6 +59,28 @@ def pipeline_class(path: Path) -> str | None:
 def upscaler_class(path: Path) -> type[DiffusionUpscaler] | None:
     """The upscaler class for a pipeline folder (by its model_index.json), or None."""
     return {PIPELINE_CLASS: X4Upscaler, LATENT_PIPELINE_CLASS: X2LatentUpscaler}.get(pipeline_class(path) or "")
+
+
+def upscaler_file_class(path: Path) -> tuple[str, type[DiffusionUpscaler]] | None:
+    """(listed name, class) for a single-file diffusion upscaler, or None for other files (spandrel's).
+    A safetensors file says what it is in its header; a pickle cannot be read before it is loaded, so its
+    folder decides (A1111's models/LDSR/model.ckpt; a pickle in models/SD-Upscale is an x4 upscaler)."""
+    from .models.loading import ModelFileError, read_tensor_shapes
+    from .models.sr_files import LDSR, X4, sr_kind
+
+    folder = path.parent.name
+    if path.suffix.lower() == ".safetensors":
+        try:
+            kind = sr_kind(read_tensor_shapes(path))
+        except (ModelFileError, OSError, ValueError):
+            kind = None
+    else:
+        kind = {LDSR_FOLDER: LDSR, FOLDER: X4}.get(folder)
+    if kind == LDSR:
+        return ("LDSR" if path.stem == "model" else path.stem), LDSRUpscaler
+    if kind == X4:
+        return path.stem, X4Upscaler
+    return None
 
 
 def image_prompt(image: Image.Image) -> str:
@@ -73,6 +104,16 @@ class DiffusionUpscaler(PipelineFolder):
         import diffusers
 
         return getattr(diffusers, self.pipeline_name)
+
+    def pipeline(self):
+        """A folder loads as diffusers saved it; a single file through `ldm_core.models.sr_files`."""
+        if self._pipe is None and self.folder.is_file():
+            from .models.sr_files import load_sr_file
+
+            self._pipe = load_sr_file(
+                self.folder, device=self.device, dtype=self.dtype, allow_pickle=self.allow_pickle, field=self.field
+            )
+        return super().pipeline()
 
     def upscale(self, image: Image.Image, prompt: str, options: DiffusionUpscaleOptions) -> torch.Tensor:
         """One image (a tile) -> (1, 3, scale*h, scale*w) float32 in [0, 1] on the CPU."""
@@ -124,3 +165,39 @@ class X2LatentUpscaler(DiffusionUpscaler):
             self._run(z[i : i + 1].to(pipe.device, pipe.unet.dtype), prompt, options, "latent") for i in range(len(z))
         ]
         return torch.cat(out).to(z.device, z.dtype)
+
+
+class LDSRUpscaler(DiffusionUpscaler):
+    """CompVis LDSR (one single file): no prompt, no noise level; `steps` DDIM steps with eta 1 (A1111's)."""
+
+    scale = 4
+    pipeline_name = "LDMSuperResolutionPipeline"
+
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+        """The pipeline's loop, written out because diffusers' LDMSuperResolutionPipeline does not pass its
+        generator to the scheduler: with eta 1 every step's noise would come from the global RNG, and the
+        same seed would not give the same image."""
+        import numpy as np
+        import torch.nn.functional as F
+        from diffusers import DDIMScheduler
+
+        pipe = self.pipeline()
+        unet, vq = pipe.unet, pipe.vqvae
+        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0)
+        x = x.permute(2, 0, 1)[None]
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % LDSR_MULTIPLE, -w % LDSR_MULTIPLE
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        x = x.to(unet.device, unet.dtype)
+        generator = torch.Generator(device="cpu").manual_seed(options.seed)
+        scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # per call: the registry may share a pipe
+        scheduler.set_timesteps(options.steps, device=unet.device)
+        shape = (1, unet.config.in_channels - x.shape[1], *x.shape[-2:])
+        latents = torch.randn(shape, generator=generator).to(unet.device, unet.dtype) * scheduler.init_noise_sigma
+        with torch.inference_mode():
+            for t in scheduler.timesteps:
+                eps = unet(torch.cat([latents, x], dim=1), t).sample
+                latents = scheduler.step(eps, t, latents, eta=1.0, generator=generator).prev_sample
+            out = vq.decode(latents).sample.clamp(-1, 1) / 2 + 0.5
+        return out[..., : self.scale * h, : self.scale * w]

@@ -260,4 +260,9 @@ def test_variant_configs_differ_only_where_they_should():
         "sdxl",
         "sdxl-inpaint",
         "sdxl-refiner",
+        "ldsr",
+        "sd-x4-upscaler",
     }
+    assert shipped_config("ldsr", "unet")["attention_head_dim"] == 32  # CompVis bsr_sr: num_head_channels 32
+    assert shipped_config("sd-x4-upscaler", "unet")["attention_head_dim"] == 8  # x4-upscaling.yaml: num_heads 8
+    assert shipped_config("sd-x4-upscaler", "low_res_scheduler")["beta_end"] == 0.02

@@ -33,6 +33,11 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 UNET_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 
+#: The VQ autoencoder's codebook (LDSR's first stage; SD's KL autoencoders have none).
+CODEBOOK_KEY = VAE_PREFIX + "quantize.embedding.weight"
+#: The SD x4 upscaler's noise-level embedding (an nn.Embedding; SDXL's `label_emb.0.0.` is a linear layer).
+NOISE_LEVEL_KEY = UNET_PREFIX + "label_emb.weight"
+
 #: Text-encoder prefixes of the original layouts, per family: (prefix, style). "hf_clip" is OpenAI CLIP stored
 #: with transformers' key names; "open_clip" is OpenCLIP's own layout (fused q/k/v `in_proj`).
 TEXT_ENCODER_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -199,6 +204,10 @@ def detect_checkpoint(state_dict_or_shapes: Mapping[str, Any]) -> CheckpointKind
     sd = state_dict_or_shapes
     family = detect_family(sd)
     in_ch = _shape(sd[UNET_IN_KEY])[1]
+    if in_ch == 6 and CODEBOOK_KEY in sd:
+        raise UnsupportedCheckpointError("an LDSR upscaler, not a checkpoint: put it in models/LDSR")
+    if in_ch == 7 and NOISE_LEVEL_KEY in sd:
+        raise UnsupportedCheckpointError("the SD x4 upscaler, not a checkpoint: put it in models/SD-Upscale")
     if in_ch not in (4, INPAINT_IN_CHANNELS):
         raise UnsupportedCheckpointError(
             f"UNet takes {in_ch} input channels; supported are 4 (text-to-image) and 9 (inpainting) "

@@ -149,17 +149,24 @@ class UNetLayout:
     layers_per_block: int
     attention: tuple[bool, ...]  # per down level; up levels mirror it
     addition_embedding: bool  # SDXL "text_time" embedding (label_emb in the original)
+    class_embedding: bool = False  # an nn.Embedding `label_emb` (the SD x4 upscaler's noise level)
+    #: Renames inside attention blocks: "" for transformer blocks (same names both sides); "vae_attn" for
+    #: plain self-attention blocks (LDSR's, after `ldm_core.models.sr_files` split their fused qkv).
+    attention_sub: str = ""
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> UNetLayout:
         lpb = cfg["layers_per_block"]
         if not isinstance(lpb, int):
             raise LayoutError("per-level layers_per_block is not supported by the original layout")
+        types = cfg["down_block_types"]
         return cls(
             len(cfg["block_out_channels"]),
             lpb,
-            tuple("CrossAttn" in t for t in cfg["down_block_types"]),
+            tuple("Attn" in t for t in types),
             cfg.get("addition_embed_type") == "text_time",
+            cfg.get("num_class_embeds") is not None and cfg.get("class_embed_type") is None,
+            "vae_attn" if any(t.startswith("AttnDown") for t in types) else "",
         )
 
     @classmethod
@@ -173,8 +180,13 @@ class UNetLayout:
         if resnets % levels:
             raise LayoutError(f"UNet input blocks ({max(ids) + 1}) do not split into {levels} levels")
         lpb = resnets // levels
-        attention = tuple(f"input_blocks.{1 + i * (lpb + 1)}.1.proj_in.weight" in keys for i in range(levels))
-        return cls(levels, lpb, attention, "label_emb.0.0.weight" in keys)
+        firsts = [f"input_blocks.{1 + i * (lpb + 1)}.1." for i in range(levels)]
+        attention = tuple(any(k.startswith(f) for k in keys) for f in firsts)
+        plain = any(k.startswith("middle_block.1.") and k.endswith(".q.weight") for k in keys)
+        return cls(
+            levels, lpb, attention, "label_emb.0.0.weight" in keys, "label_emb.weight" in keys,
+            "vae_attn" if plain else "",
+        )
 
     def first_block(self, level: int) -> int:
         """Index of the first input block of a down level."""
@@ -189,9 +201,11 @@ class UNetLayout:
             _Pair("out.0.", "conv_norm_out."),
             _Pair("out.2.", "conv_out."),
             _Pair("middle_block.0.", "mid_block.resnets.0.", "resnet"),
-            _Pair("middle_block.1.", "mid_block.attentions.0."),
+            _Pair("middle_block.1.", "mid_block.attentions.0.", self.attention_sub),
             _Pair("middle_block.2.", "mid_block.resnets.1.", "resnet"),
         ]
+        if self.class_embedding:
+            pairs.append(_Pair("label_emb.", "class_embedding."))
         if self.addition_embedding:
             pairs += [
                 _Pair("label_emb.0.0.", "add_embedding.linear_1."),
@@ -202,7 +216,9 @@ class UNetLayout:
             for j in range(lpb):
                 pairs.append(_Pair(f"input_blocks.{k}.0.", f"down_blocks.{i}.resnets.{j}.", "resnet"))
                 if self.attention[i]:
-                    pairs.append(_Pair(f"input_blocks.{k}.1.", f"down_blocks.{i}.attentions.{j}."))
+                    pairs.append(
+                        _Pair(f"input_blocks.{k}.1.", f"down_blocks.{i}.attentions.{j}.", self.attention_sub)
+                    )
                 k += 1
             if i < n - 1:
                 pairs.append(_Pair(f"input_blocks.{k}.0.op.", f"down_blocks.{i}.downsamplers.0.conv."))
@@ -213,7 +229,9 @@ class UNetLayout:
             for j in range(lpb + 1):
                 pairs.append(_Pair(f"output_blocks.{k}.0.", f"up_blocks.{i}.resnets.{j}.", "resnet"))
                 if up_attention[i]:
-                    pairs.append(_Pair(f"output_blocks.{k}.1.", f"up_blocks.{i}.attentions.{j}."))
+                    pairs.append(
+                        _Pair(f"output_blocks.{k}.1.", f"up_blocks.{i}.attentions.{j}.", self.attention_sub)
+                    )
                 if j == lpb and i < n - 1:
                     idx = 2 if up_attention[i] else 1
                     pairs.append(_Pair(f"output_blocks.{k}.{idx}.conv.", f"up_blocks.{i}.upsamplers.0.conv."))
@@ -348,6 +366,16 @@ def infer_unet_config(sd: Mapping[str, Any], family: str, pooled_dim: int | None
         "attention_head_dim": unet_attention_heads(family, channels),
         "transformer_layers_per_block": 1 if all(d == 1 for d in depth) else depth,
     }
+    # cross-attention only (the x4 upscaler's levels 1-2): the first attention reads the text, so its key
+    # projection is as wide as the text states, not as the level (equal widths cannot be told apart)
+    only_cross = [
+        a and _shape(sd, f"input_blocks.{b}.1.transformer_blocks.0.attn1.to_k.weight")[1] != c
+        for b, a, c in zip(blocks, layout.attention, channels, strict=True)
+    ]
+    if any(only_cross):
+        cfg["only_cross_attention"] = only_cross
+    if layout.class_embedding:
+        cfg["num_class_embeds"] = _shape(sd, "label_emb.weight")[0]
     if layout.addition_embedding:
         in_dim = _shape(sd, "label_emb.0.0.weight")[1]
         n_ids = time_id_count(family)

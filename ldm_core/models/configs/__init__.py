@@ -8,6 +8,9 @@ Each folder is a diffusers layout without weights (`model_index.json`, `unet/con
 - `sd2` (SD 2.x 768 v-prediction), `sd2-base` (SD 2.x 512 epsilon), `sd2-inpaint`
 - `sdxl` (SDXL base 1.0), `sdxl-inpaint`, `sdxl-refiner` (SDXL refiner 1.0: no `text_encoder/`, only
   `text_encoder_2/`)
+- `ldsr` (CompVis LDSR 4x: `unet/` a UNet2DModel, `vqvae/`, a DDIM scheduler as CompVis' sampler steps it) and
+  `sd-x4-upscaler` (Stability's SD x4 upscaler, with `low_res_scheduler/`), read by
+  `ldm_core.models.sr_files`
 
 Values follow the public diffusers repos of those models. Single-file loading starts from these and
 replaces every field that the checkpoint's tensor shapes determine.
@@ -30,9 +33,15 @@ VARIANTS: tuple[str, ...] = (
     "sdxl",
     "sdxl-inpaint",
     "sdxl-refiner",
+    "ldsr",
+    "sd-x4-upscaler",
 )
 
-_FILES = {"model_index": "model_index.json", "scheduler": "scheduler/scheduler_config.json"}
+_FILES = {
+    "model_index": "model_index.json",
+    "scheduler": "scheduler/scheduler_config.json",
+    "low_res_scheduler": "low_res_scheduler/scheduler_config.json",
+}
 
 
 def _read(variant: str, component: str) -> str:

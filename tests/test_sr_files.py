@@ -1,0 +1,304 @@
+"""Single-file diffusion upscalers (ldm_core.models.sr_files): LDSR (CompVis latent-diffusion 4x: openaimodel
+UNet with fused-qkv attention blocks on a VQ-f4 autoencoder) and the SD x4 upscaler's original single file
+(SD 2.x layout, 7-channel UNet with a noise-level `label_emb`, OpenCLIP text encoder). Tiny random models are
+written in those key layouts; they load, run through the upscaler registry (Extras, hires fix), the API and
+refuse pickles unless allowed. The LDSR attention split is checked against the original block's arithmetic
+written out here (legacy per-head q/k/v order), so a wrong head order fails."""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm_core.config import DiffusionUpscaleOptions
+from ldm_core.models import sr_files
+from ldm_core.upscalers import UpscalerRegistry
+
+FAST = DiffusionUpscaleOptions(steps=2)
+
+
+def _save(sd: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path))
+    return path
+
+
+def tiny_ldsr_pipeline():
+    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+
+    from ldm_core.models.configs import shipped_config
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,  # LDSR's head width: 2 heads at 64 channels
+        norm_num_groups=32,
+    )
+    vq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        latent_channels=3,
+        num_vq_embeddings=64,
+        vq_embed_dim=3,
+        norm_num_groups=32,
+        scaling_factor=1.0,
+    )
+    for p in unet.parameters():  # diffusers zero-inits nothing here, but make the output conv matter
+        p.data.add_(torch.randn_like(p) * 0.02)
+    sched = DDIMScheduler.from_config(shipped_config("ldsr", "scheduler"))
+    return LDMSuperResolutionPipeline(vqvae=vq, unet=unet, scheduler=sched)
+
+
+@pytest.fixture(scope="module")
+def ldsr_file(tmp_path_factory) -> Path:
+    pipe = tiny_ldsr_pipeline()
+    sd = sr_files.ldsr_to_original(pipe)
+    sd["betas"] = torch.linspace(0.0015, 0.0155, 1000)  # schedule buffers the CompVis files carry: ignored
+    return _save(sd, tmp_path_factory.mktemp("ldsr") / "LDSR" / "model.safetensors")
+
+
+def smooth(w: int = 24, h: int = 20) -> Image.Image:
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    rgb = np.stack([x / w, y / h, 0.5 + 0.5 * np.sin(x / 3)], -1)
+    return Image.fromarray((rgb * 255).astype(np.uint8))
+
+
+def legacy_attention_block(x: torch.Tensor, sd: dict, prefix: str, head_channels: int) -> torch.Tensor:
+    """openaimodel's AttentionBlock with QKVAttentionLegacy, from its original tensors: GroupNorm(32), a
+    1-D conv to fused qkv laid out per head as [q, k, v], softmax(q k / sqrt(ch)) v, a 1-D conv out, residual."""
+    b, c, h, w = x.shape
+    t = x.reshape(b, c, h * w)
+    n = torch.nn.functional.group_norm(t, 32, sd[prefix + "norm.weight"], sd[prefix + "norm.bias"], eps=1e-5)
+    qkv = torch.nn.functional.conv1d(n, sd[prefix + "qkv.weight"], sd[prefix + "qkv.bias"])
+    heads = c // head_channels
+    q, k, v = qkv.reshape(b * heads, 3 * head_channels, h * w).split(head_channels, dim=1)
+    scale = 1 / math.sqrt(math.sqrt(head_channels))
+    weight = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale), dim=-1)
+    a = torch.einsum("bts,bcs->bct", weight, v).reshape(b, c, h * w)
+    out = torch.nn.functional.conv1d(a, sd[prefix + "proj_out.weight"], sd[prefix + "proj_out.bias"])
+    return (t + out).reshape(b, c, h, w)
+
+
+def test_ldsr_file_is_recognised_and_its_attention_matches_the_original_block(ldsr_file):
+    from safetensors.torch import load_file
+
+    from ldm_core.models.loading import read_tensor_shapes
+
+    assert sr_files.sr_kind(read_tensor_shapes(ldsr_file)) == sr_files.LDSR
+    original = load_file(str(ldsr_file))
+    prefix = "model.diffusion_model.middle_block.1."
+    assert tuple(original[prefix + "qkv.weight"].shape) == (192, 64, 1)  # fused, as CompVis stores it
+    pipe = sr_files.load_sr_file(ldsr_file, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False,
+                                 field="upscaler")
+    x = torch.randn(1, 64, 4, 4)
+    ours = pipe.unet.mid_block.attentions[0](x)
+    ref = legacy_attention_block(x, original, prefix, head_channels=32)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    # a wrong head order (e.g. q|k|v each spanning all heads) would give another result
+    wrong = original[prefix + "qkv.weight"].reshape(3, 2, 32, 64, 1).transpose(0, 1).reshape(192, 64, 1)
+    bad = legacy_attention_block(x, {**original, prefix + "qkv.weight": wrong}, prefix, 32)
+    assert not torch.allclose(ours, bad, atol=1e-3)
+
+
+def test_ldsr_round_trip_is_exact(ldsr_file):
+    pipe = tiny_ldsr_pipeline()
+    loaded = sr_files.load_sr_file(ldsr_file, device=torch.device("cpu"), dtype=torch.float32,
+                                   allow_pickle=False, field="upscaler")
+    for name in ("unet", "vqvae"):
+        a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert loaded.scheduler.config.steps_offset == 1  # CompVis' DDIM steps: 1, 1 + 1000/n, ...
+    assert loaded.scheduler.config.beta_start == 0.0015 and loaded.scheduler.config.beta_end == 0.0155
+
+
+def test_ldsr_in_the_registry_as_a1111_names_it(ldsr_file):
+    reg = UpscalerRegistry([ldsr_file.parent], builtin=None, diffusion=FAST)
+    assert "LDSR" in reg.names()
+    info = next(i for i in reg.infos() if i["name"] == "LDSR")
+    assert info["scale"] == 4
+    out = reg.upscale(smooth(), "LDSR", scale=4)  # 24x20 is not a multiple of 8: padded, then cropped
+    assert out.size == (96, 80)
+    assert np.asarray(out).std() > 1
+    again = reg.upscale(smooth(), "LDSR", scale=4)
+    assert np.array_equal(np.asarray(out), np.asarray(again))  # seeded
+
+
+def test_ldsr_pickle_needs_allow_pickle(tmp_path, ldsr_file):
+    from safetensors.torch import load_file
+
+    from ldm_core.generation_requests import RequestError
+
+    ckpt = tmp_path / "LDSR" / "model.ckpt"  # A1111's file name
+    ckpt.parent.mkdir()
+    torch.save({"state_dict": load_file(str(ldsr_file)), "global_step": 0}, ckpt)
+    reg = UpscalerRegistry([ckpt.parent], builtin=None, diffusion=FAST)
+    assert "LDSR" in reg.names()
+    with pytest.raises(RequestError, match="allow-pickle"):
+        reg.upscale(smooth(), "LDSR", scale=4)
+    allowed = UpscalerRegistry([ckpt.parent], builtin=None, diffusion=FAST, allow_pickle=True)
+    assert allowed.upscale(smooth(), "LDSR", scale=4).size == (96, 80)
+
+
+def test_a_checkpoint_folder_names_where_upscalers_go(ldsr_file, tmp_path):
+    from ldm_core.models.detect import UnsupportedCheckpointError, detect_checkpoint
+    from ldm_core.models.loading import read_tensor_shapes
+
+    with pytest.raises(UnsupportedCheckpointError, match="models/LDSR"):
+        detect_checkpoint(read_tensor_shapes(ldsr_file))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SD x4 upscaler as one file
+
+
+def tiny_x4_pipeline():
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm_core.models.configs import shipped_config
+    from ldm_core.models.loading import load_shipped_tokenizer
+
+    torch.manual_seed(2)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=96,
+        only_cross_attention=[True, True],  # the real model's levels 1-2: attn1 reads the text too
+        attention_head_dim=8,
+        use_linear_projection=True,
+        norm_num_groups=32,
+        num_class_embeds=1000,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.08333,
+    )
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+    ))
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=load_shipped_tokenizer("clip_g"),
+        unet=unet,
+        low_res_scheduler=DDPMScheduler.from_config(shipped_config("sd-x4-upscaler", "low_res_scheduler")),
+        scheduler=DDIMScheduler.from_config(shipped_config("sd-x4-upscaler", "scheduler")),
+        max_noise_level=350,
+    )
+
+
+@pytest.fixture(scope="module")
+def x4_file(tmp_path_factory) -> Path:
+    sd = sr_files.x4_to_original(tiny_x4_pipeline())
+    sd["low_scale_model.betas"] = torch.linspace(1e-4, 0.02, 1000)  # ignored
+    return _save(sd, tmp_path_factory.mktemp("x4") / "SD-Upscale" / "x4-upscaler-ema.safetensors")
+
+
+def test_x4_single_file_loads_and_upscales_like_its_pipeline(x4_file):
+    from ldm_core.models.loading import read_tensor_shapes
+
+    shapes = read_tensor_shapes(x4_file)
+    assert sr_files.sr_kind(shapes) == sr_files.X4
+    assert "model.diffusion_model.label_emb.weight" in shapes
+    assert "cond_stage_model.model.token_embedding.weight" in shapes  # OpenCLIP layout, as Stability's file
+    pipe = tiny_x4_pipeline()
+    loaded = sr_files.load_sr_file(x4_file, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False,
+                                   field="upscaler")
+    assert loaded.unet.config.only_cross_attention[1] is True  # read from the shapes (level 0 has no attention)
+    assert loaded.unet.config.num_class_embeds == 1000
+    kw = dict(prompt="a red circle", image=smooth(16, 16), num_inference_steps=2, noise_level=20, output_type="pt")
+    want = pipe(generator=torch.Generator().manual_seed(3), **kw).images
+    got = loaded(generator=torch.Generator().manual_seed(3), **kw).images
+    assert got.shape == (1, 3, 64, 64)
+    assert torch.allclose(want, got, atol=1e-4), (want - got).abs().max()
+
+
+def test_x4_single_file_in_the_registry_and_the_api(tmp_path, x4_file, ldsr_file):
+    import shutil
+
+    import fastapi
+    from fastapi.testclient import TestClient
+
+    from api import install
+    from ldm_core.config import EngineConfig
+    from ldm_core.models.detect import UnsupportedCheckpointError, detect_checkpoint
+    from ldm_core.models.loading import read_tensor_shapes
+    from ldm_core.service import Service
+
+    with pytest.raises(UnsupportedCheckpointError, match="models/SD-Upscale"):
+        detect_checkpoint(read_tensor_shapes(x4_file))
+    shutil.copytree(x4_file.parent, tmp_path / "models" / "SD-Upscale")
+    shutil.copytree(ldsr_file.parent, tmp_path / "models" / "LDSR")
+    cfg = EngineConfig.from_data_dir(tmp_path, builtin_model_dir=None, device="cpu", save_images=False)
+    service = Service(cfg)
+    app = fastapi.FastAPI()
+    install(app, service)
+    try:
+        with TestClient(app) as client:
+            infos = {u["name"]: u for u in client.get("/sdapi/v1/upscalers").json()}
+            assert infos["x4-upscaler-ema"]["scale"] == 4 and infos["LDSR"]["scale"] == 4
+            buf = io.BytesIO()
+            smooth().save(buf, format="PNG")
+            for name in ("x4-upscaler-ema", "LDSR"):
+                body = {"image": base64.b64encode(buf.getvalue()).decode(), "upscaler_1": name,
+                        "upscaling_resize": 2}
+                r = client.post("/sdapi/v1/extra-single-image", json=body)
+                assert r.status_code == 200, r.text
+                out = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
+                assert out.size == (48, 40)
+    finally:
+        service.shutdown()
+
+
+def test_ldsr_as_the_hires_fix_upscaler(tmp_path, ldsr_file, tiny_models):
+    import shutil
+
+    from test_engine import make_engine
+
+    from ldm_core.generation_requests import GenerationRequest
+
+    shutil.copytree(ldsr_file.parent, tmp_path / "models" / "LDSR")
+    engine = make_engine(tmp_path, {"tiny-sd1": tiny_models["sd1"]["diffusers"]}, device="cpu", save_images=False)
+    engine.upscalers.diffusion = FAST
+    req = GenerationRequest.build(
+        prompt="a red circle", steps=2, width=64, height=64, seed=3, enable_hr=True, hr_scale=2,
+        hr_upscaler="LDSR", hr_second_pass_steps=2, denoising_strength=0.3, save_images=False,
+    )
+    res = engine.generate(req)
+    assert res.images[0].size == (128, 128)
+    assert "Hires upscaler: LDSR" in res.infotexts[0]
