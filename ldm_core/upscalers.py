@@ -35,6 +35,7 @@ from .diffusion_upscalers import (
     X2LatentUpscaler,
     image_prompt,
     upscaler_class,
+    upscaler_file_class,
 )
 from .generation_requests import RequestError
 from .models.suffixes import UPSCALER_SUFFIXES
@@ -204,15 +205,20 @@ class UpscalerRegistry:
             cls = upscaler_class(p)
             if cls is not None and p.name not in entries:
                 entries[p.name] = UpscalerEntry(p.name, "diffusion", p, cls.scale, pipeline=cls)
-        for p in files:
+        for p in sorted(files, key=lambda f: f.suffix.lower() != ".safetensors"):  # safetensors before pickles
             real = p.resolve()
             if real in seen:
                 continue
             seen.add(real)
-            if p.stem in entries:
-                log.warning("upscaler %s: %s hides %s", p.stem, entries[p.stem].path, p)
+            diffusion = upscaler_file_class(p)
+            name = diffusion[0] if diffusion else p.stem
+            if name in entries:
+                log.warning("upscaler %s: %s hides %s", name, entries[name].path, p)
                 continue
-            entries[p.stem] = UpscalerEntry(p.stem, "model", p, _scale_from_name(p.stem))
+            if diffusion:
+                entries[name] = UpscalerEntry(name, "diffusion", p, diffusion[1].scale, pipeline=diffusion[1])
+            else:
+                entries[name] = UpscalerEntry(name, "model", p, _scale_from_name(p.stem))
         with self._lock:
             for name, e in self._entries.items():  # keep scales learned by loading
                 if name in entries and e.path == entries[name].path and e.scale is not None:

@@ -245,6 +245,13 @@ def _run_motion_eval(a: argparse.Namespace) -> int:
     return run_eval(a)
 
 
+def _module(name: str):
+    """`ldm_core.train.<name>`, imported when its command runs (torch and diffusers load only then)."""
+    import importlib
+
+    return importlib.import_module(f"ldm_core.train.{name}")
+
+
 def _add_refine(p: argparse.ArgumentParser) -> None:
     from ldm_core.train.refine import add_arguments
 
@@ -293,6 +300,16 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "score a motion module: does the object move the way the prompt says, and stay the same shape/colour?",
         _add_motion_eval,
         _run_motion_eval,
+    ),
+    "sr": (
+        "train the built-in diffusion upscaler (SD x4 upscaler structure) on shapes-world renders and photos",
+        lambda p: _module("sr").add_arguments(p),
+        lambda a: _module("sr").run(a),
+    ),
+    "sr-eval": (
+        "score a diffusion upscaler 4x against Lanczos and the x2 model twice: PSNR, edge sharpness, analyser",
+        lambda p: _module("sr").add_eval_arguments(p),
+        lambda a: _module("sr").run_eval(a),
     ),
     "lora": ("train a LoRA on images + .txt captions, written in the kohya format", _add_lora, _run_lora),
     "lora-eval": (
