@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
+from .step_loop import StepLoop
 
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
 MOTIONS = (*DIRECTIONS, "grow", "shrink", "colour")
@@ -263,31 +264,30 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     )
     with torch.no_grad():
         empty = text([""], torch.device("cpu"))[0]
-    t0 = last_ck = last_export = time.monotonic()
-    prev = t0
-
-    def seconds() -> float:
-        return spent + time.monotonic() - t0
+    loop = StepLoop(optim, params, step=step, spent=spent, ema=ema, log=log, log_every=o.log_every,
+                    checkpoint=lambda: checkpoint(), checkpoint_every=o.checkpoint_every)
+    last_export = time.monotonic()
 
     def record() -> dict:
         return {
             "recipe": "ldm_core.train.motion (shapes-world clips, base frozen)",
             "command": shlex.join(sys.argv),  # the process's command line (python -m ldm_core.train motion ...)
             "options": {k: str(v) for k, v in asdict(o).items()},
-            "steps": step,
-            "clips_seen": step * o.clips,
-            "final_loss": ema,
-            "seconds": round(seconds(), 1),
+            "steps": loop.step,
+            "clips_seen": loop.step * o.clips,
+            "final_loss": loop.ema,
+            "seconds": round(loop.seconds(), 1),
             "parameters": n_params,
         }
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            state = {"adapter": adapter.state_dict(), "optim": optim.state_dict(), "step": step, "ema": ema}
-            _save_atomic({**state, "seconds": seconds()}, ckpt_path)
+            state = {"adapter": adapter.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema}
+            _save_atomic({**state, "seconds": loop.seconds()}, ckpt_path)
 
-    while step < o.steps:
-        if o.max_seconds is not None and seconds() > o.max_seconds:
+    while loop.step < o.steps:
+        step = loop.step
+        if o.max_seconds is not None and loop.seconds() > o.max_seconds:
             log(f"time budget reached after {step} steps")
             break
         rng = random.Random(f"motion:{o.seed}:{step}")
@@ -304,28 +304,12 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, n_train, (len(clips),), generator=gen).repeat_interleave(o.frames)
         x_t, target = diffusion_target(z, noise, ab[t], prediction)
-        progress = max(step / o.steps, seconds() / o.max_seconds if o.max_seconds else 0.0)
-        for g in optim.param_groups:
-            g["lr"] = _lr(o, step, progress)
+        progress = max(step / o.steps, loop.seconds() / o.max_seconds if o.max_seconds else 0.0)
+        loop.set_lr(_lr(o, step, progress))
         with _autocast(torch.device("cpu"), o.autocast):
             pred = model.unet(x_t, t, cond).sample
-        loss = F.mse_loss(pred.float(), target)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        step += 1
-        lv = float(loss.detach())
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
+        loop.update(F.mse_loss(pred.float(), target))
         now = time.monotonic()
-        if now - prev > 60:  # a stopped process (SIGSTOP), not a slow step: not training time
-            t0 += now - prev
-        prev = now
-        if o.log_every and step % o.log_every == 0:
-            log(f"step {step} loss {ema:.4f} lr {optim.param_groups[0]['lr']:.2e} ({seconds():.0f}s)")
-        if now - last_ck > o.checkpoint_every:
-            checkpoint()
-            last_ck = now
         if o.export_every and now - last_export > o.export_every:
             export_fp16_folder(adapter, Path(o.out), record())
             last_export = now
@@ -334,7 +318,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     rec = record()
     out = export_fp16_folder(adapter, Path(o.out), rec)
     rec["bytes"] = (out / "diffusion_pytorch_model.safetensors").stat().st_size
-    log(f"wrote {out} ({rec['bytes'] / 1e6:.1f} MB) after {step} steps, loss {ema}")
+    log(f"wrote {out} ({rec['bytes'] / 1e6:.1f} MB) after {loop.step} steps, loss {loop.ema}")
     return rec
 
 

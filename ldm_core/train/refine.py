@@ -62,9 +62,9 @@ from ldm_core.train.builtin import (
     vae_psnr,
     warmup_cosine,
 )
+from ldm_core.train.step_loop import STALL_SECONDS
 
 PHASES = ("text", "cache", "unet", "decoder", "done")
-STALL_SECONDS = 60.0  # a UNet step that took longer than this was a stopped process, not a slow step
 
 
 @dataclass

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
+from .step_loop import StepLoop
 
 SCALE = 4
 MAX_NOISE_LEVEL = 350
@@ -214,19 +215,17 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     n_params = sum(p.numel() for p in params)
     n = len(cache["caption"])
     log(f"diffusion upscaler UNet: {n_params / 1e6:.2f}M parameters, channels {o.channels}; {n} cached crops")
-    t0 = last_ck = time.monotonic()
-    prev = t0
-
-    def seconds() -> float:
-        return spent + time.monotonic() - t0
+    loop = StepLoop(optim, params, step=step, spent=spent, ema=ema, log=log, log_every=o.log_every,
+                    checkpoint=lambda: checkpoint(), checkpoint_every=o.checkpoint_every)
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            _save_atomic({"unet": unet.state_dict(), "optim": optim.state_dict(), "step": step, "ema": ema,
-                          "seconds": seconds()}, ckpt_path)
+            _save_atomic({"unet": unet.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema,
+                          "seconds": loop.seconds()}, ckpt_path)
 
-    while step < o.steps:
-        if o.max_seconds is not None and seconds() > o.max_seconds:
+    while loop.step < o.steps:
+        step = loop.step
+        if o.max_seconds is not None and loop.seconds() > o.max_seconds:
             log(f"time budget reached after {step} steps")
             break
         gen = torch.Generator().manual_seed(hash((o.seed, step)) & (2**62 - 1))
@@ -247,41 +246,24 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, n_train, (o.batch,), generator=gen)
         x_t, target = diffusion_target(z, noise, ab[t], "v_prediction")
-        progress = max(step / o.steps, seconds() / o.max_seconds if o.max_seconds else 0.0)
-        for g in optim.param_groups:
-            g["lr"] = _lr_at(o, step, progress)
+        progress = max(step / o.steps, loop.seconds() / o.max_seconds if o.max_seconds else 0.0)
+        loop.set_lr(_lr_at(o, step, progress))
         pred = unet(torch.cat([x_t, low], 1), t, cond, class_labels=level).sample
-        loss = F.mse_loss(pred, target)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optim.step()
-        step += 1
-        lv = float(loss.detach())
-        ema = lv if ema is None else 0.98 * ema + 0.02 * lv
-        now = time.monotonic()
-        if now - prev > 60:  # a stopped process (SIGSTOP), not a slow step: not training time
-            t0 += now - prev
-        prev = now
-        if o.log_every and step % o.log_every == 0:
-            log(f"step {step} loss {ema:.4f} lr {optim.param_groups[0]['lr']:.2e} ({seconds():.0f}s)")
-        if now - last_ck > o.checkpoint_every:
-            checkpoint()
-            last_ck = now
+        loop.update(F.mse_loss(pred, target))
     checkpoint()
     record = {
         "recipe": "ldm_core.train.sr (shapes-world renders + scikit-image photos, x4-upscaler structure)",
         "command": shlex.join(sys.argv),
         "options": {k: str(v) for k, v in asdict(o).items()},
-        "steps": step,
-        "crops_seen": step * o.batch,
-        "final_loss": ema,
-        "seconds": round(seconds(), 1),
+        "steps": loop.step,
+        "crops_seen": loop.step * o.batch,
+        "final_loss": loop.ema,
+        "seconds": round(loop.seconds(), 1),
         "unet_parameters": n_params,
     }
     out = export_pipeline(unet, vae, model, Path(o.out), record, Path(o.base) / "tokenizer")
     record["bytes"] = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
-    log(f"wrote {out} ({record['bytes'] / 1e6:.1f} MB) after {step} steps, loss {ema}")
+    log(f"wrote {out} ({record['bytes'] / 1e6:.1f} MB) after {loop.step} steps, loss {loop.ema}")
     return record
 
 
