@@ -25,6 +25,7 @@ class DiffusionUpscaleOptions:
     guidance_scale: float = 9.0
     seed: int = 0
     prompt: str = ""
+    ldsr_steps: int = 100  # LDSR's DDIM steps (A1111's "ldsr_steps" setting and default)
     tile: int = 128  # input pixels per tile (the x4 model was trained on 128 px crops)
     overlap: int = 16
 

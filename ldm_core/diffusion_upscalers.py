@@ -9,7 +9,8 @@ hires-fix upscalers and in `/sdapi/v1/upscalers`.
 
 - CompVis **LDSR** (latent diffusion 4x super-resolution, A1111's "LDSR"): a single file in models/LDSR
   (`model.safetensors`, or A1111's `model.ckpt` with --allow-pickle), listed as "LDSR" (other file names by
-  their stem); run as A1111 runs it (DDIM, eta 1); images are padded to a multiple of 8 and cropped back.
+  their stem); run as A1111 runs it (DDIM, eta 1, A1111's `ldsr_steps` setting, default 100); images are
+  padded to a multiple of 8 and cropped back.
 
 Found as diffusers folders (`model_index.json` of class `StableDiffusionUpscalePipeline`) in the upscaler
 folders (models/ESRGAN, ...) or models/SD-Upscale, listed by folder name, or as single files in their original
@@ -168,7 +169,7 @@ class X2LatentUpscaler(DiffusionUpscaler):
 
 
 class LDSRUpscaler(DiffusionUpscaler):
-    """CompVis LDSR (one single file): no prompt, no noise level; `steps` DDIM steps with eta 1 (A1111's)."""
+    """CompVis LDSR (one single file): no prompt, no noise level; `ldsr_steps` DDIM steps with eta 1 (A1111's)."""
 
     scale = 4
     pipeline_name = "LDMSuperResolutionPipeline"
@@ -192,7 +193,7 @@ class LDSRUpscaler(DiffusionUpscaler):
         x = x.to(unet.device, unet.dtype)
         generator = torch.Generator(device="cpu").manual_seed(options.seed)
         scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # per call: the registry may share a pipe
-        scheduler.set_timesteps(options.steps, device=unet.device)
+        scheduler.set_timesteps(options.ldsr_steps, device=unet.device)
         shape = (1, unet.config.in_channels - x.shape[1], *x.shape[-2:])
         latents = torch.randn(shape, generator=generator).to(unet.device, unet.dtype) * scheduler.init_noise_sigma
         with torch.inference_mode():

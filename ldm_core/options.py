@@ -421,6 +421,17 @@ OPTIONS: tuple[Option, ...] = (
         S_UPSCALE,
         config="diffusion_upscale",
     ),
+    _o(
+        "ldsr_steps",
+        100,
+        "LDSR processing steps (lower = faster)",
+        "live",
+        S_UPSCALE,
+        minimum=1,
+        maximum=200,
+        step=1,
+        config="diffusion_upscale",
+    ),
     # -- SDXL
     _o(
         "sdxl_crop_top", 0, "SDXL crop top coordinate", "live", S_SDXL, minimum=0, field="sdxl_crop_top", maps="default"
@@ -735,6 +746,7 @@ def config_from_options(
             ("diffusion_upscale_cfg_scale", "guidance_scale", float),
             ("diffusion_upscale_seed", "seed", int),
             ("diffusion_upscale_prompt", "prompt", str),
+            ("ldsr_steps", "ldsr_steps", int),
         )
         if values.get(key) is not None
     }

@@ -22,7 +22,7 @@ from ldm_core.config import DiffusionUpscaleOptions
 from ldm_core.models import sr_files
 from ldm_core.upscalers import UpscalerRegistry
 
-FAST = DiffusionUpscaleOptions(steps=2)
+FAST = DiffusionUpscaleOptions(steps=2, ldsr_steps=2)
 
 
 def _save(sd: dict, path: Path) -> Path:
@@ -302,3 +302,23 @@ def test_ldsr_as_the_hires_fix_upscaler(tmp_path, ldsr_file, tiny_models):
     res = engine.generate(req)
     assert res.images[0].size == (128, 128)
     assert "Hires upscaler: LDSR" in res.infotexts[0]
+
+
+def test_a1111_ldsr_steps_setting_is_honoured(tmp_path, ldsr_file):
+    import shutil
+
+    from ldm_core.config import EngineConfig
+    from ldm_core.engine import Engine
+    from ldm_core.options import OptionsStore, bind_engine
+
+    shutil.copytree(ldsr_file.parent, tmp_path / "models" / "LDSR")
+    engine = Engine(EngineConfig.from_data_dir(tmp_path, builtin_model_dir=None, device="cpu", save_images=False))
+    store = OptionsStore(tmp_path / "config.json")
+    bind_engine(store, engine)
+    assert engine.upscalers.diffusion.ldsr_steps == 100  # A1111's default
+    calls = []
+    unet = engine.upscalers.load("LDSR").pipeline().unet
+    unet.register_forward_hook(lambda *_: calls.append(1))
+    store.update({"ldsr_steps": 3})  # as a client sets it through /sdapi/v1/options
+    engine.upscalers.upscale(smooth(), "LDSR", scale=4)
+    assert len(calls) == 3
