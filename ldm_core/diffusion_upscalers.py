@@ -19,8 +19,8 @@ layout (the x4 upscaler's `x4-upscaler-ema.safetensors` in models/SD-Upscale, LD
 weights only unless pickles are allowed. Images larger than one tile are upscaled tile by
 tile with feathered overlaps (`ldm_core.tiling`), each tile with the same prompt, seed and noise.
 
-The prompt is the image's own (read from its infotext, as A1111 pastes it) unless one is given; the other
-options users know from the x4 upscaler are fixed here: 20 steps, noise level 20, CFG 9, seed 0.
+The prompt is the image's own (read from its infotext, as A1111 pastes it) unless one is given; steps (20),
+noise level (20), CFG (9), seed (0) and LDSR's steps (100) are settings (`DiffusionUpscaleOptions`).
 """
 
 from __future__ import annotations
