@@ -67,6 +67,11 @@ def test_missing_folders_and_builtin(tmp_path, tiny_models):
     assert [e.builtin for e in reg.checkpoints()] == [False, True]  # built-in listed last
     assert reg.default_checkpoint().filename == "mine.safetensors"
     assert ModelRegistry([], [], None).default_checkpoint() is None
+    shutil.copytree(builtin, tmp_path / "builtin-v2")  # a second shipped model: listed, not the default
+    (tmp_path / "builtin-empty").mkdir()  # not a model folder: not listed
+    reg = ModelRegistry([tmp_path / "nope"], None, builtin)
+    assert [(e.name, e.builtin) for e in reg.checkpoints()] == [("builtin", True), ("builtin-v2", True)]
+    assert reg.default_checkpoint().name == "builtin"
 
 
 def test_refresh_sees_new_files(tmp_path, tiny_models):

@@ -115,7 +115,8 @@ class ModelRegistry:
 
     `ckpt_dirs` / `vae_dirs`: one folder or several (scanned recursively, in order; the first of two
     equal names wins). `builtin_dir`: the project's own diffusers folder, listed last and used when no
-    other checkpoint exists. `hash_cache`: where digests are cached (in memory if None).
+    other checkpoint exists; folders named `<builtin_dir>-*` beside it are listed after it as built-in too.
+    `hash_cache`: where digests are cached (in memory if None).
     `hash_in_background`: hash uncached checkpoints in a background thread after each scan (see the module
     docstring); `wait_for_hashes` waits for it.
     """
@@ -149,8 +150,7 @@ class ModelRegistry:
             e for d in self.ckpt_dirs for e in _scan(d, CHECKPOINT_SUFFIXES, "checkpoint", self.hashes)
         )
         ckpts.sort(key=lambda e: e.filename.lower())
-        b = self.builtin_dir
-        if b is not None and (b / "model_index.json").is_file():
+        for b in self._builtin_dirs():
             ckpts.append(ModelEntry(b.name, b.name, b, "diffusers", builtin=True, hashes=self.hashes))
         vaes = self._dedupe(e for d in self.vae_dirs for e in _scan(d, VAE_SUFFIXES, "vae", self.hashes))
         vaes.sort(key=lambda e: e.filename.lower())
@@ -201,6 +201,15 @@ class ModelRegistry:
         """Diffusers folders and .safetensors/.ckpt files, sorted by file name; the built-in model last."""
         with self._lock:
             return list(self._checkpoints)
+
+    def _builtin_dirs(self) -> list[Path]:
+        """The built-in model's folder, then its shipped siblings (`builtin-*` next to it: other built-in
+        models, e.g. a newer one that is not the default yet)."""
+        b = self.builtin_dir
+        if b is None:
+            return []
+        dirs = [b, *sorted(p for p in b.parent.glob(b.name + "-*") if p.is_dir())]
+        return [d for d in dirs if (d / "model_index.json").is_file()]
 
     def vaes(self) -> list[ModelEntry]:
         """VAE files (.safetensors, .pt, .ckpt, ...) and diffusers VAE folders, sorted by name."""
