@@ -201,13 +201,10 @@ def _video_request(args, values: dict):
     }
     init = _open_image(args.init_image, "init_image") if args.init_image else None
     if args.video_source:
-        from .video.clips import ClipError, decode_clip
+        from .video.clips import read_source_clip
 
-        try:
-            clip["video_source"] = Path(args.video_source).read_bytes()
-            init = init or decode_clip(clip["video_source"], max_frames=1).frames[0]
-        except (OSError, ClipError) as exc:
-            raise RequestError("video_source", f"cannot read {args.video_source}: {exc}") from None
+        clip["video_source"], first = read_source_clip(args.video_source)
+        init = init or first
     if init is None:
         return GenerationRequest.build(animatediff=clip, **values)
     return Img2ImgRequest.build(

@@ -31,7 +31,7 @@ from .compiled import Compiler, compile_enabled
 from .config import EngineConfig
 from .devices import DevicePolicy, enable_fast_cuda_kernels, execution_device, resolve_policy, vae_dtype_for
 from .generation_requests import MIN_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
-from .infotext import build_infotext
+from .infotext import build_infotext, infotext_number
 from .memory import FaultHook, JobMemoryPlan, free_memory, run_with_fallbacks
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .models.detect import SDXL_FAMILIES
@@ -487,12 +487,13 @@ class Engine:
             log.info("restore_faces requested: not applied, no face restoration model is available offline")
         if request.token_merging_ratio > 0:
             result.notes.append(
-                f"token_merging_ratio {_num(request.token_merging_ratio)}: not applied (no token merging here)"
+                f"token_merging_ratio {infotext_number(request.token_merging_ratio)}: "
+                "not applied (no token merging here)"
             )
             log.info("token_merging_ratio %s: not applied, no token merging here", request.token_merging_ratio)
         if getattr(request, "image_cfg_scale", None) is not None:  # accepted because A1111 clients send it
             result.notes.append(
-                f"image_cfg_scale {_num(request.image_cfg_scale)}: not applied (it is the image guidance of "
+                f"image_cfg_scale {infotext_number(request.image_cfg_scale)}: not applied (it is the image guidance of "
                 "instruct-pix2pix models, which this server does not run)"
             )
         if hires is not None and hires["warning"]:
@@ -689,13 +690,13 @@ class Engine:
             result.notes.append("interrupted before the frames were decoded: Stable Video Diffusion keeps no part")
             return result
         value = (
-            f"model: {path.name}, video_length: {frames}, fps: {_num(ad.fps)}, motion_bucket_id: "
-            f"{ad.motion_bucket_id}, noise_aug_strength: {_num(ad.noise_aug_strength)}"
+            f"model: {path.name}, video_length: {frames}, fps: {infotext_number(ad.fps)}, motion_bucket_id: "
+            f"{ad.motion_bucket_id}, noise_aug_strength: {infotext_number(ad.noise_aug_strength)}"
         )
         params = {
             "Steps": request.steps,
             "Sampler": "Euler",
-            "CFG scale": _num(request.cfg_scale),
+            "CFG scale": infotext_number(request.cfg_scale),
             "Seed": seed,
             "Size": f"{width}x{height}",
             "Model": path.name,
@@ -801,11 +802,11 @@ class Engine:
                 name = {"sampler_name": "hr_sampler_name", "scheduler": "hr_scheduler"}.get(exc.field, exc.field)
                 raise RequestError(name, exc.message) from None
             hr_sampler = hr_info.name
-        params: dict[str, Any] = {"Denoising strength": _num(request.denoising_strength)}
+        params: dict[str, Any] = {"Denoising strength": infotext_number(request.denoising_strength)}
         if rx or ry:
             params["Hires resize"] = f"{tw}x{th}"
         else:
-            params["Hires upscale"] = _num(request.hr_scale)
+            params["Hires upscale"] = infotext_number(request.hr_scale)
         if request.hr_second_pass_steps:
             params["Hires steps"] = request.hr_second_pass_steps
         params["Hires upscaler"] = up
@@ -1126,7 +1127,7 @@ class Engine:
         if res.switched and refiner is not None:
             job.extra["Refiner"] = _short_title(refiner.model)
             if request.refiner_switch_at is not None:
-                job.extra["Refiner switch at"] = _num(request.refiner_switch_at)
+                job.extra["Refiner switch at"] = infotext_number(request.refiner_switch_at)
         return res
 
     def _conditioning(self, stage: _Stage, request, prompt, negative, user_steps, n_evals, width, height, video=None):
@@ -1187,7 +1188,7 @@ class Engine:
             "Steps": request.steps,
             "Sampler": sampler,
             "Schedule type": schedule_type,
-            "CFG scale": _num(request.cfg_scale),
+            "CFG scale": infotext_number(request.cfg_scale),
             "Seed": seed,
             "Size": f"{w}x{h}",
             "Model hash": model.sha256[:10],
@@ -1198,15 +1199,15 @@ class Engine:
             p["VAE"] = vae_entry.name
         if subseed is not None:
             p["Variation seed"] = subseed
-            p["Variation seed strength"] = _num(request.subseed_strength)
+            p["Variation seed strength"] = infotext_number(request.subseed_strength)
         if request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0:
             p["Seed resize from"] = f"{request.seed_resize_from_w}x{request.seed_resize_from_h}"
         if isinstance(request, Img2ImgRequest):
-            p["Denoising strength"] = _num(request.denoising_strength)
+            p["Denoising strength"] = infotext_number(request.denoising_strength)
         if request.clip_skip > 1:
             p["Clip skip"] = request.clip_skip
         if request.eta is not None:
-            p["Eta"] = _num(request.eta)
+            p["Eta"] = infotext_number(request.eta)
         if isinstance(request, InpaintRequest):
             bx, by = request.mask_blur_xy
             if bx == by:
@@ -1223,11 +1224,11 @@ class Engine:
         if request.emphasis != "Original":
             p["Emphasis"] = request.emphasis
         if request.s_min_uncond:
-            p["NGMS"] = _num(request.s_min_uncond)
+            p["NGMS"] = infotext_number(request.s_min_uncond)
         if request.tiling:
             p["Tiling"] = True
         if isinstance(request, Img2ImgRequest) and request.initial_noise_multiplier != 1.0:
-            p["Noise multiplier"] = _num(request.initial_noise_multiplier)
+            p["Noise multiplier"] = infotext_number(request.initial_noise_multiplier)
         for provider in self.infotext_providers:
             p.update(provider(request, model) or {})
         p["Version"] = f"ldm_core-{__version__}"
@@ -1386,6 +1387,3 @@ def _unet_concat(model: LoadedModel, unet_concat: torch.Tensor | None, noise: to
     return torch.cat([ones, torch.zeros(b, lat_c, *noise.shape[-2:], device=noise.device)], dim=1)
 
 
-def _num(v: float) -> int | float:
-    """7.0 -> 7, as A1111 writes whole numbers."""
-    return int(v) if float(v).is_integer() else round(float(v), 4)

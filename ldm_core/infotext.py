@@ -101,6 +101,11 @@ def format_value(value: object) -> str:
     return str(value)
 
 
+def infotext_number(v: float) -> int | float:
+    """A number as A1111 writes it in infotext: 7.0 -> 7, others rounded to 4 decimals."""
+    return int(v) if float(v).is_integer() else round(float(v), 4)
+
+
 def quote(text: str) -> str:
     """`text` as it goes after "Key: ": JSON-quoted when it would otherwise not read back unchanged."""
     if any(c in text for c in ",:\n\r") or text.startswith('"') or text != text.strip():

@@ -619,3 +619,21 @@ def test_clip_infotext_fills_the_video_tab(sd1_video):
     assert fields["video_model"] == "mm_sd1_tiny.safetensors"
     assert (fields["video_length"], fields["video_fps"], fields["video_closed_loop"]) == (5, 12, "N")
     assert fields["prompt"] == "a red circle" and fields["steps"] == 3
+
+
+def test_a_source_clip_file_from_the_ui_and_the_cli(tmp_path):
+    from ldm_core.video.clips import read_source_clip
+    from ui.common import _video_request
+
+    frames = [Image.new("RGB", (32, 32), (40 * i, 0, 0)) for i in range(3)]
+    path = tmp_path / "source.gif"
+    path.write_bytes(encode_clip(frames, "GIF", 8))
+    data, first = read_source_clip(path)
+    assert data == path.read_bytes() and first.size == (32, 32)
+    req = _video_request({"prompt": "a red circle", "video_source": str(path), "steps": 2})
+    assert isinstance(req, Img2ImgRequest) and req.animatediff.video_source  # v2v starts from the first frame
+    (tmp_path / "broken.mp4").write_bytes(b"not a clip")
+    for bad in (tmp_path / "broken.mp4", tmp_path / "missing.gif"):
+        with pytest.raises(RequestError) as err:
+            read_source_clip(bad)
+        assert err.value.field == "video_source" and bad.name in str(err.value)

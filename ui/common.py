@@ -325,7 +325,7 @@ VIDEO_FIELDS = {
 def _video_request(v: dict[str, Any]) -> GenerationRequest:
     """The Video tab's request: txt2img with `animatediff` options, or img2img from a start image (image-to-
     video) or a source clip (video-to-video: each frame from the clip's frame)."""
-    from ldm_core.video.clips import ClipError, decode_clip
+    from ldm_core.video.clips import read_source_clip
 
     args = {name: v.pop(key) for key, name in VIDEO_FIELDS.items() if v.get(key) is not None}
     for key in ("video_length", "batch_size", "overlap", "stride", "loop_number", "motion_bucket_id"):
@@ -334,12 +334,7 @@ def _video_request(v: dict[str, Any]) -> GenerationRequest:
     init_image = v.pop("init_image", None)
     clip_path = v.pop("video_source", None)
     if clip_path:
-        try:
-            data = Path(clip_path).read_bytes()
-            first = decode_clip(data, max_frames=1).frames[0]
-        except (OSError, ClipError) as exc:
-            raise RequestError("video_source", f"cannot read the clip: {exc}") from None
-        args["video_source"] = data
+        args["video_source"], first = read_source_clip(clip_path)
         init_image = init_image or first
     v["animatediff"] = args
     for key in ("seed", "width", "height", "steps", "n_iter", "clip_skip"):

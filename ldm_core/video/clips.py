@@ -160,3 +160,17 @@ def decode_clip(data, *, max_frames: int | None = None) -> Clip:
     if not frames:
         raise ClipError("the clip has no frames")
     return Clip(frames, float(rate) if rate else None)
+
+
+def read_source_clip(path) -> tuple[bytes, Image.Image]:
+    """A video-to-video source clip from a file: its bytes and its first frame (the start image when none is
+    given). An unreadable file is a RequestError naming `video_source`."""
+    from pathlib import Path
+
+    from ..generation_requests import RequestError
+
+    try:
+        data = Path(path).read_bytes()
+        return data, decode_clip(data, max_frames=1).frames[0]
+    except (OSError, ClipError) as exc:
+        raise RequestError("video_source", f"cannot read {Path(path).name}: {exc}") from None

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from ..generation_requests import GenerationRequest, Img2ImgRequest, RequestError
+from ..infotext import infotext_number
 from ..outputs import encode_png_bytes, output_folder, save_bytes
 from .clips import CLIP_TYPES, ClipError, decode_clip, encode_clip
 from .context_windows import ContextWindowUNet, context_windows
@@ -64,13 +65,9 @@ class VideoPlan:
         a = self.args
         overlap = self.context // 4 if a.overlap < 0 else a.overlap
         return (
-            f"model: {self.module.name}, video_length: {self.frames}, fps: {_num(self.fps)}, "
+            f"model: {self.module.name}, video_length: {self.frames}, fps: {infotext_number(self.fps)}, "
             f"closed_loop: {a.closed_loop}, batch_size: {self.context}, stride: {a.stride}, overlap: {overlap}"
         )
-
-
-def _num(v: float):
-    return int(v) if float(v).is_integer() else round(float(v), 3)
 
 
 def plan_video(request: GenerationRequest, modules: MotionModules, unet, model_name: str, family: str):
