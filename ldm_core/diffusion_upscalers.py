@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -116,12 +117,20 @@ class DiffusionUpscaler(PipelineFolder):
             )
         return super().pipeline()
 
-    def upscale(self, image: Image.Image, prompt: str, options: DiffusionUpscaleOptions) -> torch.Tensor:
-        """One image (a tile) -> (1, 3, scale*h, scale*w) float32 in [0, 1] on the CPU."""
-        return self._run(image, prompt, options, "pt").float().cpu()
+    def upscale(self, image: Image.Image, prompt: str, options: DiffusionUpscaleOptions,
+                cancel: Callable[[], None] | None = None) -> torch.Tensor:
+        """One image (a tile) -> (1, 3, scale*h, scale*w) float32 in [0, 1] on the CPU. `cancel()` is called
+        after every denoising step and may raise (Interrupt)."""
+        return self._run(image, prompt, options, "pt", cancel).float().cpu()
 
-    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
+             cancel: Callable[[], None] | None = None):
         raise NotImplementedError
+
+
+def _step_callback(cancel: Callable[[], None] | None) -> dict:
+    """The pipelines' per-step `callback` argument that calls `cancel()`, or nothing."""
+    return {} if cancel is None else {"callback": lambda *_: cancel()}
 
 
 class X4Upscaler(DiffusionUpscaler):
@@ -130,7 +139,8 @@ class X4Upscaler(DiffusionUpscaler):
     scale = 4
     pipeline_name = PIPELINE_CLASS
 
-    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
+             cancel: Callable[[], None] | None = None):
         return self.pipeline()(
             prompt=prompt,
             image=image,
@@ -139,6 +149,7 @@ class X4Upscaler(DiffusionUpscaler):
             noise_level=options.noise_level,
             generator=torch.Generator(device="cpu").manual_seed(options.seed),
             output_type=output_type,
+            **_step_callback(cancel),
         ).images
 
 
@@ -149,7 +160,8 @@ class X2LatentUpscaler(DiffusionUpscaler):
     scale = 2
     pipeline_name = LATENT_PIPELINE_CLASS
 
-    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
+             cancel: Callable[[], None] | None = None):
         return self.pipeline()(
             prompt=prompt,
             image=image,
@@ -157,6 +169,7 @@ class X2LatentUpscaler(DiffusionUpscaler):
             guidance_scale=0.0 if not prompt else options.guidance_scale,
             generator=torch.Generator(device="cpu").manual_seed(options.seed),
             output_type=output_type,
+            **_step_callback(cancel),
         ).images
 
     def latents(self, z: torch.Tensor, prompt: str, options: DiffusionUpscaleOptions) -> torch.Tensor:
@@ -174,7 +187,8 @@ class LDSRUpscaler(DiffusionUpscaler):
     scale = 4
     pipeline_name = "LDMSuperResolutionPipeline"
 
-    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str):
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
+             cancel: Callable[[], None] | None = None):
         """The pipeline's loop, written out because diffusers' LDMSuperResolutionPipeline does not pass its
         generator to the scheduler: with eta 1 every step's noise would come from the global RNG, and the
         same seed would not give the same image."""
@@ -200,5 +214,7 @@ class LDSRUpscaler(DiffusionUpscaler):
             for t in scheduler.timesteps:
                 eps = unet(torch.cat([latents, x], dim=1), t).sample
                 latents = scheduler.step(eps, t, latents, eta=1.0, generator=generator).prev_sample
+                if cancel is not None:
+                    cancel()
             out = vq.decode(latents).sample.clamp(-1, 1) / 2 + 0.5
         return out[..., : self.scale * h, : self.scale * w]

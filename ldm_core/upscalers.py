@@ -368,7 +368,8 @@ class UpscalerRegistry:
 
         Model upscalers run (tiled) until the image is at least the target size, at most MAX_PASSES times,
         then Lanczos gives the exact size; a target no larger than the image is a plain Lanczos resize.
-        `progress(done, total)` counts tiles; `cancel()` is called before each tile and may raise.
+        `progress(done, total)` counts tiles; `cancel()` is called before each tile (and after each denoising
+        step of a diffusion upscaler) and may raise.
         An alpha channel is resized with Lanczos. Unknown `name` -> RequestError("upscaler", ...).
         """
         e = self.entry(name)
@@ -425,7 +426,7 @@ class UpscalerRegistry:
                 progress(done + i, total)
 
         if diffusion:  # tiles go through the pipeline as images; it places and casts them itself
-            fn, dtype, channels = (lambda x: desc.upscale(_to_image(x), prompt, opts)), torch.float32, 3
+            fn, dtype, channels = (lambda x: desc.upscale(_to_image(x), prompt, opts, cancel)), torch.float32, 3
         else:
             fn, dtype, channels = desc, next(desc.model.parameters()).dtype, desc.input_channels
         out = image

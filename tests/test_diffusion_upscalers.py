@@ -174,9 +174,9 @@ def test_large_images_go_tile_by_tile(x4_dir, monkeypatch):
     seen = []
     upscale = X4Upscaler.upscale
 
-    def counting(self, image, prompt, options):
+    def counting(self, image, prompt, options, cancel=None):
         seen.append((image.height, image.width))
-        return upscale(self, image, prompt, options)
+        return upscale(self, image, prompt, options, cancel)
 
     monkeypatch.setattr(X4Upscaler, "upscale", counting)
     big = smooth(200, 100)  # two 128 px tiles across, one down
@@ -342,7 +342,7 @@ def test_settings_set_steps_noise_cfg_seed_and_prompt(tmp_path, x4_dir, monkeypa
     )
     seen = []
 
-    def spy(self, image, prompt, options, output_type):
+    def spy(self, image, prompt, options, output_type, cancel=None):
         seen.append((prompt, options.steps, options.noise_level, options.guidance_scale, options.seed))
         return torch.zeros(1, 3, image.height * 4, image.width * 4)
 

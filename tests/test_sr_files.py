@@ -322,3 +322,22 @@ def test_a1111_ldsr_steps_setting_is_honoured(tmp_path, ldsr_file):
     store.update({"ldsr_steps": 3})  # as a client sets it through /sdapi/v1/options
     engine.upscalers.upscale(smooth(), "LDSR", scale=4)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("kind", ["LDSR", "x4-upscaler-ema"])
+def test_interrupt_reaches_every_denoising_step(tmp_path, ldsr_file, x4_file, kind):
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        if len(calls) == 3:  # tile start, step 1, step 2: stop inside the first tile
+            raise Stop
+
+    folder = (ldsr_file if kind == "LDSR" else x4_file).parent
+    reg = UpscalerRegistry([folder], builtin=None, diffusion=DiffusionUpscaleOptions(steps=5, ldsr_steps=5))
+    with pytest.raises(Stop):
+        reg.upscale(smooth(), kind, scale=4, cancel=cancel)
+    assert len(calls) == 3

@@ -58,12 +58,14 @@ def sd_upscale(
     overlap: int = 64,
     progress: ProgressFn | None = None,
     multiple: int = SD_VAE_FACTOR,
+    cancel: Callable[[], None] | None = None,
 ) -> SDUpscaleResult:
     """Upscale `request.init_images[0]` by `scale` with `upscaler`, then img2img every tile (tile size =
     request.width x request.height, default 512) with the request's prompt, sampler, steps and
     denoising_strength, and blend. Each tile is worked at the nearest multiple of `multiple` (the model's VAE
     factor). `request.batch_size` tiles go into one generate call; `request.n_iter`
-    output images are made with seeds seed, seed+1, ... `progress(done, total)` counts tiles."""
+    output images are made with seeds seed, seed+1, ... `progress(done, total)` counts tiles; `cancel()` is
+    passed to the upscaler (a diffusion upscaler checks it every step)."""
     if isinstance(request, InpaintRequest):
         raise RequestError("script_name", "SD upscale works on img2img requests, not inpaint ones")
     if not 1.0 <= scale <= 8.0:
@@ -71,7 +73,7 @@ def sd_upscale(
     if overlap < 0:
         raise RequestError("overlap", f"must be >= 0; got {overlap!r}")
     source = request.init_images[0].convert("RGB")
-    big = registry.upscale(source, upscaler, scale=scale)
+    big = registry.upscale(source, upscaler, scale=scale, cancel=cancel)
     tile_w, tile_h = request.width or 512, request.height or 512
     grid = TileGrid(big.width, big.height, tile_w, tile_h, overlap)
     seed = resolve_seed(request.seed)

@@ -74,7 +74,7 @@ def run(run_: ScriptRun, request: GenerationRequest, plan: UpscalePlan) -> Gener
     run_.total_jobs = 1
     out = sd_upscale(
         req, generate, run_.engine.upscalers, upscaler=plan.upscaler, scale=plan.scale, overlap=plan.overlap,
-        progress=progress, multiple=run_.engine.size_multiple(req.model),
+        progress=progress, multiple=run_.engine.size_multiple(req.model), cancel=run_.ctx.cancel.check,
     )  # fmt: skip
     extra = {"SD upscale overlap": plan.overlap, "SD upscale upscaler": plan.upscaler}
     infos = [append_params(t, extra) for t in out.infotexts]
