@@ -34,7 +34,7 @@ from ldm_core.train.analyser import Analysis, analyse
 SEED_BASE = 1_000_000
 NEGATIVE_PROMPT = "red, blue, green"
 NEGATIVE_COLOURS = ("red", "blue", "green")
-TESTS = ("single", "double", "negative", "img2img", "inpaint", "vae")
+TESTS = ("single", "phrasing", "double", "negative", "img2img", "inpaint", "vae")
 
 #: Quality bars from the issue (report key -> minimum, or maximum for the negative ratio).
 BARS = {
@@ -78,6 +78,24 @@ def single_prompt(obj: shapes.ShapeObject, background: str, rng: random.Random) 
             f"{noun}, {shapes.POSITION_TAGS[obj.position][0]}, {background} background",
         )
     )
+
+
+#: Single-object prompts in structures the training captions never use ({c} colour, {s} shape, {p} position
+#: phrase, {b} background colour); the issue's own examples first.
+HELDOUT_PHRASINGS = (
+    "one {c} {s} in front of a plain {b} backdrop, {p}",
+    "{c} {s}, {b} background, {p}",
+    "there is a {c} {s} {p}; the background is {b}",
+    "{b} canvas, {c} {s} sitting {p}",
+    "draw me a {c} {s} {p} on a {b} canvas",
+    "a {s} in {c} {p}, everything else {b}",
+)
+
+
+def heldout_prompt(obj: shapes.ShapeObject, background: str, rng: random.Random) -> str:
+    """A single-object prompt phrased as `HELDOUT_PHRASINGS` (shape, colour, position and background named)."""
+    pos = rng.choice(shapes.POSITION_PHRASES[obj.position][:3])
+    return rng.choice(HELDOUT_PHRASINGS).format(c=obj.colour, s=obj.shape, p=pos, b=background)
 
 
 def double_prompt(a: shapes.ShapeObject, b: shapes.ShapeObject, background: str, rng: random.Random) -> str:
@@ -194,14 +212,17 @@ class Evaluator:
 
         return _batched(run, list(range(len(prompts))), self.o.batch)
 
-    def single(self) -> dict:
+    def single(self, phrasing: str = "templates") -> dict:
         n = self.o.n
-        rng = random.Random("ldm-eval:single-prompts")
+        if phrasing == "templates":
+            rng, make, name = random.Random("ldm-eval:single-prompts"), single_prompt, "single"
+        else:  # the same scenes and seeds, prompts in structures training never saw
+            rng, make, name = random.Random("ldm-eval:heldout-prompts"), heldout_prompt, "phrasing"
         scenes = eval_scenes("single", n, 1)
-        prompts = [single_prompt(s.objects[0], s.background, rng) for s in scenes]
+        prompts = [make(s.objects[0], s.background, rng) for s in scenes]
         seeds = [SEED_BASE + i for i in range(n)]
         images = self.txt2img(prompts, seeds)
-        self._save("single", images)
+        self._save(name, images)
         keys = ("shape", "colour", "shape_colour", "background", "position", "size", "one_object", "found")
         hits = {k: 0 for k in keys}
         items = []
@@ -239,6 +260,10 @@ class Evaluator:
         out["n"] = n
         out["items"] = items
         return out
+
+    def phrasing(self) -> dict:
+        """`single` with prompts phrased as `HELDOUT_PHRASINGS`: does the model follow users' wording too?"""
+        return self.single("heldout")
 
     def double(self) -> dict:
         n = max(4, self.o.n // 2)
@@ -530,6 +555,12 @@ def format_report(rep: dict) -> str:
             f"single-object (n={s['n']}): shape {s['shape']:.1%}  colour {s['colour']:.1%}  shape+colour "
             f"{s['shape_colour']:.1%}  background {s['background']:.1%}  position {s['position']:.1%}  "
             f"size {s['size']:.1%}  exactly one object {s['one_object']:.1%}"
+        )
+    if "phrasing" in rep:
+        s = rep["phrasing"]
+        lines.append(
+            f"single-object, held-out phrasings (n={s['n']}): shape+colour {s['shape_colour']:.1%}  background "
+            f"{s['background']:.1%}  position {s['position']:.1%}"
         )
     if "double" in rep:
         d = rep["double"]
