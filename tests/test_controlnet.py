@@ -510,6 +510,52 @@ def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models
     assert len(report["circle"]["cases"]) == 2
 
 
+@pytest.mark.parametrize("condition", ["depth", "seg"])
+def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_models, condition):
+    from ldm_core.train import condition_maps as cm
+    from ldm_core.train import controlnet as trainer
+    from ldm_core.train import shapes
+
+    base = tiny_models["sd1"]["diffusers"]
+    work = tmp_path / "work"
+    opts = trainer.ControlNetTrainOptions(
+        base=base, out=tmp_path / f"tiny-{condition}", steps=2, batch=2, warmup_steps=1, device="cpu",
+        resolution=SIZE, export_every=0, log_every=0, eval_n=0, work_dir=work, cache_scenes=4, cache_batch=2,
+        condition=condition,
+    )
+    rec = trainer.train_controlnet(opts, log=lambda _m: None)
+    assert rec["condition"] == condition and rec["steps"] == 2
+    cache = torch.load(work / "controlnet-cache.pt", weights_only=True)
+    scenes = trainer.cache_scenes(opts)
+    want = cm.condition_maps(condition, shapes.pack_scenes(scenes[:2]), None, SIZE)
+    got = trainer.cached_control(cache, torch.tensor([0, 1]))
+    assert got.shape == want.shape and (got - want).abs().max() <= 1 / 255 + 1e-6
+    if condition == "depth":  # half the depth scenes overlap, and the map says which object is in front
+        assert len(scenes[0].objects) == 2 and scenes[0].caption
+        cover = shapes.object_coverages(shapes.pack_scenes(scenes[:1]), SIZE)[0]
+        overlap = (cover[0] > 0.5) & (cover[1] > 0.5)
+        assert overlap.any() and torch.allclose(want[0, 0][overlap], torch.tensor(cm.DEPTH[1]))
+    # the evaluation's cases contradict the map in the prompt, and the depth score reads the overlap's colour
+    kind = trainer.EVAL_KINDS[condition][0]
+    cases = trainer.eval_cases(6, SIZE, kind)
+    assert len(cases) == 6
+    if condition == "seg":
+        for scene, prompt in cases:
+            assert scene.objects[0].shape not in prompt
+            assert not any(p in prompt for p in shapes.POSITION_PHRASES[scene.objects[0].position][:3])
+    else:
+        scene, _ = cases[0]
+        truth = shapes.to_pil(shapes.render([scene], 64)[0])
+        assert trainer.front_drawn_in_front(truth, scene) is True  # the render itself: front object in front
+        swapped = shapes.Scene(scene.background, scene.objects[::-1])
+        assert trainer.front_drawn_in_front(truth, swapped) is False
+    image = trainer.control_image(cases[0][0], SIZE, kind)
+    assert image.size == (SIZE, SIZE)
+    report = trainer.evaluate(base, opts.out, n=2, device="cpu", steps=2, size=SIZE, log=lambda _m: None,
+                              condition=condition)
+    assert kind in report and len(report[kind]["cases"]) == 2
+
+
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "ControlNet" / "builtin-canny"
 
 

@@ -1,5 +1,6 @@
 """A ControlNet trainer for the built-in model (or any SD 1.x/2.x diffusers folder) on the shapes world:
-canny edges of a render -> the render, and its evaluation through the engine and the ControlNet extension.
+canny edges, a depth map or a segmentation map of a scene -> its render (`condition`; the maps come from the
+renderer, `ldm_core.train.condition_maps`), and its evaluation through the engine and the ControlNet extension.
 
 Recipe (Zhang et al. 2023, "Adding Conditional Control to Text-to-Image Diffusion Models"): the ControlNet
 starts as a copy of the base UNet's encoder and middle block with zero-initialised output convolutions
@@ -23,8 +24,16 @@ which the extension finds in models/ControlNet. Evaluation (`evaluate`): held-ou
 the bottom right with the prompt "a red square"; success = the analyser's largest object is a red circle
 in the bottom right. Also reported: random shapes/positions with a prompt naming another shape.
 
+Depth and seg: half of the depth ControlNet's scenes are two overlapping objects in a random drawing order
+(only the map says which is in front). Their evaluations: "seg", a held-out map of one shape at one position
+with a prompt naming another shape, another position and a colour (shape, position and colour are scored
+separately: the map should decide the first two, the prompt the colour); "depth", two overlapping objects
+named in the prompt in random order, scored by which object's colour fills the overlap (the map's front one
+should; chance is one half).
+
 CLI: `python -m ldm_core.train.controlnet train --base models/builtin --out models/ControlNet/builtin-canny`
-and `python -m ldm_core.train.controlnet eval --base models/builtin --controlnet models/ControlNet/builtin-canny`.
+(`--condition depth|seg` for the others) and `python -m ldm_core.train.controlnet eval --base models/builtin
+--controlnet models/ControlNet/builtin-canny [--condition ...]`.
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ import torch.nn.functional as F
 
 from ldm_core.train import shapes
 from ldm_core.train.builtin import _save_atomic, export_fp16_folder
+from ldm_core.train.condition_maps import CONDITIONS, condition_maps, depth_maps, overlapping_scene, seg_maps
 
 CANNY_LOW, CANNY_HIGH = 100, 200
 EVAL_PROMPT = "a red square"
@@ -80,6 +90,11 @@ class ControlNetTrainOptions:
     cache_scenes: int = 0
     cache_batch: int = 256
     checkpoint_every: float = 300.0
+    condition: str = "canny"  # canny, depth or seg (ldm_core.train.condition_maps)
+
+
+#: The held-out cases of each condition's evaluation.
+EVAL_KINDS = {"canny": ("circle", "random"), "depth": ("depth",), "seg": ("seg",)}
 
 
 def _device(name: str) -> torch.device:
@@ -119,44 +134,70 @@ def training_captions(scenes: Sequence[shapes.Scene], rng: random.Random, opts: 
     return captions
 
 
+def condition_scenes(stream: str, n: int, condition: str) -> list[shapes.Scene]:
+    """`n` training scenes; for depth every other one is two overlapping objects (captioned)."""
+    scenes = shapes.sample_scenes(stream, n)
+    if condition != "depth":
+        return scenes
+    from dataclasses import replace
+
+    rng = random.Random(f"{stream}:overlap")
+    for i in range(0, n, 2):
+        sc = overlapping_scene(rng)
+        scenes[i] = replace(sc, caption=shapes.caption(sc, rng))
+    return scenes
+
+
 def training_batch(seed: int, step: int, n: int, opts: ControlNetTrainOptions) -> tuple[list[shapes.Scene], list[str]]:
     """Scenes and captions of batch `step` (a function of seed and step only)."""
-    scenes = shapes.sample_scenes(f"controlnet:{seed}:{step}", n)
+    scenes = condition_scenes(f"controlnet:{seed}:{step}", n, opts.condition)
     rng = random.Random(f"controlnet-captions:{seed}:{step}")
     return scenes, training_captions(scenes, rng, opts)
 
 
 def cache_scenes(opts: ControlNetTrainOptions) -> list[shapes.Scene]:
-    return shapes.sample_scenes(f"controlnet-cache:{opts.seed}", opts.cache_scenes)
+    return condition_scenes(f"controlnet-cache:{opts.seed}", opts.cache_scenes, opts.condition)
 
 
 @torch.no_grad()
 def build_cache(
-    vae, scenes: list[shapes.Scene], res: int, path: Path, batch: int, log: Callable[[str], None], seed: int = 0
+    vae, scenes: list[shapes.Scene], res: int, path: Path, batch: int, log: Callable[[str], None], seed: int = 0,
+    condition: str = "canny",
 ) -> dict:
-    """Render `scenes` once at `res`, keep the VAE posterior (mean, std; fp16) and the Canny map (packed
-    bits) of each; resumable: a partial cache at `path` for the same (seed, count, size) is continued (saved
-    about once a minute), any other is rebuilt."""
+    """Render `scenes` once at `res`, keep the VAE posterior (mean, std; fp16) and the control map of each
+    (canny: packed bits; depth: one uint8 channel; seg: three); resumable: a partial cache at `path` for the
+    same (seed, count, size, condition) is continued (saved about once a minute), any other is rebuilt."""
     n = len(scenes)
     cache = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
-    if cache is None or [int(cache.get("seed", -1)), int(cache["n"]), int(cache["res"])] != [seed, n, res]:
-        cache = {"seed": seed, "n": n, "res": res, "done": 0, "mean": None, "std": None, "edges": None}
+    key = [seed, n, res, condition]
+    if cache is None or [int(cache.get("seed", -1)), int(cache["n"]), int(cache["res"]),
+                         cache.get("condition", "canny")] != key:
+        cache = {"seed": seed, "n": n, "res": res, "condition": condition, "done": 0, "mean": None, "std": None,
+                 "edges": None, "maps": None}
     done, t0, last = int(cache["done"]), time.monotonic(), time.monotonic()
     dev = next(vae.parameters()).device
     while done < n:
         chunk = scenes[done : done + batch]
         images = shapes.render(chunk, res, device=dev)
-        edges = canny_maps(images)[:, 0].bool().numpy()
         post = vae.encode(images * 2 - 1).latent_dist
         if cache["mean"] is None:
             shape = (n, *post.mean.shape[1:])
             cache["mean"] = torch.zeros(shape, dtype=torch.float16)
             cache["std"] = torch.zeros(shape, dtype=torch.float16)
-            cache["edges"] = torch.zeros((n, res, (res + 7) // 8), dtype=torch.uint8)
+            if condition == "canny":
+                cache["edges"] = torch.zeros((n, res, (res + 7) // 8), dtype=torch.uint8)
+            else:
+                cache["maps"] = torch.zeros((n, 1 if condition == "depth" else 3, res, res), dtype=torch.uint8)
         j = done + len(chunk)
         cache["mean"][done:j] = post.mean.half().cpu()
         cache["std"][done:j] = post.std.half().cpu()
-        cache["edges"][done:j] = torch.from_numpy(np.packbits(edges, axis=-1))
+        if condition == "canny":
+            edges = canny_maps(images)[:, 0].bool().numpy()
+            cache["edges"][done:j] = torch.from_numpy(np.packbits(edges, axis=-1))
+        else:
+            maps = condition_maps(condition, shapes.pack_scenes(chunk), images, res)
+            maps = maps[:, :1] if condition == "depth" else maps
+            cache["maps"][done:j] = (maps * 255).round().byte().cpu()
         done = cache["done"] = j
         if time.monotonic() - last > 60 or done >= n:
             last = time.monotonic()
@@ -166,7 +207,10 @@ def build_cache(
 
 
 def cached_control(cache: dict, idx: torch.Tensor) -> torch.Tensor:
-    """The Canny maps of cache rows `idx` as float32 (B, 3, res, res) in {0, 1}, like `canny_maps`."""
+    """The control maps of cache rows `idx` as float32 (B, 3, res, res) in [0, 1], like `condition_maps`."""
+    if cache.get("maps") is not None:
+        maps = cache["maps"][idx].float() / 255
+        return maps.expand(-1, 3, -1, -1).contiguous()
     res = int(cache["res"])
     bits = np.unpackbits(cache["edges"][idx].numpy(), axis=-1)[..., :res]
     return torch.from_numpy(bits).float().unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
@@ -251,7 +295,9 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         if work is None:
             raise ValueError("cache_scenes needs a work_dir to keep the cache in")
         scenes_all = cache_scenes(opts)
-        cache = build_cache(vae, scenes_all, res, work / "controlnet-cache.pt", opts.cache_batch, log, opts.seed)
+        cache = build_cache(
+            vae, scenes_all, res, work / "controlnet-cache.pt", opts.cache_batch, log, opts.seed, opts.condition
+        )
     losses: list[float] = []
     ema = None
     step = 0
@@ -270,7 +316,8 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
 
     def record() -> dict:
         return {
-            "recipe": "ldm_core.train.controlnet (canny edges -> shapes render)",
+            "recipe": f"ldm_core.train.controlnet ({opts.condition} map -> shapes render)",
+            "condition": opts.condition,
             "options": {k: str(v) for k, v in asdict(opts).items()},
             "base": str(opts.base),
             "family": model.kind.family,
@@ -300,7 +347,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         if cache is None:
             scenes, captions = training_batch(opts.seed, step, opts.batch, opts)
             images = shapes.render(scenes, res, device=dev)
-            control = canny_maps(images).to(dev)
+            control = condition_maps(opts.condition, shapes.pack_scenes(scenes).to(dev), images, res).to(dev)
             with torch.no_grad():
                 z = vae.encode(images * 2 - 1).latent_dist.sample(generator=None)
         else:
@@ -379,12 +426,18 @@ def _edge_image(scene: shapes.Scene, size: int):
 
 
 def eval_cases(n: int, size: int, kind: str = "circle", seed: int = 0) -> list[tuple[shapes.Scene, str]]:
-    """Held-out (scene whose edges are the control, prompt) pairs. "circle": a circle in the bottom right
+    """Held-out (scene whose map is the control, prompt) pairs. "circle": a circle in the bottom right
     (random colour, size, background, jitter) with the prompt "a red square"; "random": a random shape
-    and position with a prompt naming a random colour and another shape."""
+    and position with a prompt naming a random colour and another shape; "seg": the same with the prompt
+    also naming another position; "depth": two overlapping objects named in random order."""
     rng = random.Random(f"controlnet-eval:{kind}:{seed}")
     out = []
     for _ in range(n):
+        if kind == "depth":
+            scene = overlapping_scene(rng)
+            a, b = scene.objects if rng.random() < 0.5 else scene.objects[::-1]
+            out.append((scene, f"a {a.colour} {a.shape} and a {b.colour} {b.shape}"))
+            continue
         bg = rng.choice(shapes.COLOUR_NAMES)
         colour = rng.choice(
             [c for c in shapes.COLOUR_NAMES if shapes.colour_distance(c, bg) >= shapes.MIN_COLOUR_DISTANCE]
@@ -398,8 +451,32 @@ def eval_cases(n: int, size: int, kind: str = "circle", seed: int = 0) -> list[t
             want = rng.choice(["red", "blue", "green", "yellow", "purple"])
             other = rng.choice([s for s in shapes.SHAPES if s != obj.shape])
             prompt = f"a {want} {other}"
+            if kind == "seg":  # the prompt contradicts the map's position too
+                where = rng.choice([p for p in shapes.POSITIONS if p != obj.position])
+                prompt += " " + rng.choice(shapes.POSITION_PHRASES[where][:3])
         out.append((shapes.Scene(bg, (obj,)), prompt))
     return out
+
+
+def control_image(scene: shapes.Scene, size: int, kind: str):
+    """The control map of an eval case as the PIL image a user would give the ControlNet unit."""
+    if kind in ("circle", "random"):
+        return _edge_image(scene, size)
+    fn = depth_maps if kind == "depth" else seg_maps
+    return shapes.to_pil(fn(shapes.pack_scenes([scene]), size)[0])
+
+
+def front_drawn_in_front(image, scene: shapes.Scene) -> bool | None:
+    """Whether the colour in the two objects' overlap is nearer the front (second-drawn) object's than the
+    back one's; None when there is no overlap at this size."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    cover = shapes.object_coverages(shapes.pack_scenes([scene]), arr.shape[0])[0].numpy()
+    overlap = (cover[0] > 0.5) & (cover[1] > 0.5)
+    if not overlap.any():
+        return None
+    pix = arr[overlap]
+    back, front = (np.array(shapes.COLOURS[o.colour], dtype=np.float32) for o in scene.objects)
+    return float(np.linalg.norm(pix - front, axis=1).mean()) < float(np.linalg.norm(pix - back, axis=1).mean())
 
 
 def _prompt_colour(prompt: str) -> str:
@@ -419,9 +496,10 @@ def evaluate(
     sheet: Path | None = None,
     size: int | None = None,
     log: Callable[[str], None] = print,
+    condition: str = "canny",
 ) -> dict:
-    """Generate the held-out cases through the engine with the ControlNet extension (as users run it) and
-    score them with the shapes analyser. Returns rates and per-case results."""
+    """Generate the held-out cases of `condition` (`EVAL_KINDS`) through the engine with the ControlNet
+    extension (as users run it) and score them with the shapes analyser. Returns rates and per-case results."""
     from ldm_core.engine import scratch_engine
     from ldm_core.extensions import REPO_EXTENSIONS_DIR, ExtensionManager
 
@@ -432,10 +510,14 @@ def evaluate(
         rec = manager.get("controlnet")
         if rec.status != "loaded":
             raise RuntimeError(f"the ControlNet extension is {rec.status}: {rec.message}")
-        return _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log)
+        return _evaluate_cases(
+            engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log, condition
+        )
 
 
-def _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log) -> dict:
+def _evaluate_cases(
+    engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log, condition="canny"
+) -> dict:
     from ldm_core.generation_requests import GenerationRequest
     from ldm_core.train.analyser import analyse
 
@@ -447,13 +529,14 @@ def _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scal
         "sampler": sampler,
         "cfg_scale": cfg_scale,
         "n": n,
+        "condition": condition,
     }
     images = []
-    for kind in ("circle", "random"):
+    for kind in EVAL_KINDS[condition]:
         cases = eval_cases(n, size, kind, seed)
         results = []
         for i, (scene, prompt) in enumerate(cases):
-            control = _edge_image(scene, size)
+            control = control_image(scene, size, kind)
             unit = {"enabled": True, "module": "none", "model": controlnet.name, "image": control, "weight": 1.0}
             req = GenerationRequest.build(
                 prompt=prompt,
@@ -467,6 +550,14 @@ def _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scal
                 alwayson_scripts={"controlnet": {"args": [unit]}},
             )
             img = engine.generate(req).images[0]
+            if len(images) < 40:
+                images += [control, img]
+            if kind == "depth":
+                front = front_drawn_in_front(img, scene)
+                found = {o.colour for o in analyse(img).objects}
+                both = all(o.colour in found for o in scene.objects)
+                results.append({"prompt": prompt, "front": front, "both_objects": both, "ok": bool(front)})
+                continue
             a = analyse(img)
             top = a.objects[0] if a.objects else None
             want = scene.objects[0]
@@ -485,9 +576,17 @@ def _evaluate_cases(engine, model, controlnet, base, n, steps, sampler, cfg_scal
                     "colour": colour_ok,
                 }
             )
-            if kind == "circle" and len(images) < 40:
-                images += [control, img]
         m = len(results)
+        if kind == "depth":
+            report[kind] = {
+                "front_right": sum(r["ok"] for r in results) / m,
+                "both_objects": sum(r["both_objects"] for r in results) / m,
+                "chance": 0.5,
+                "cases": results,
+            }
+            log(f"depth: the map's front object drawn in front in {report[kind]['front_right']:.1%}, both objects "
+                f"present in {report[kind]['both_objects']:.1%} of {m} held-out cases")
+            continue
         report[kind] = {
             "success": sum(r["ok"] for r in results) / m,
             "shape": sum(r["shape"] for r in results) / m,
@@ -528,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ldm_core.train.controlnet", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = ControlNetTrainOptions(base=Path("."), out=Path("."))
-    t = sub.add_parser("train", help="train a canny ControlNet on the shapes world, then evaluate it")
+    t = sub.add_parser("train", help="train a canny, depth or seg ControlNet on the shapes world, then evaluate it")
     t.add_argument("--base", type=Path, default=Path("models/builtin"))
     t.add_argument("--out", type=Path, default=Path("models/ControlNet/builtin-canny"))
     for name in ("steps", "batch", "warmup_steps", "seed", "log_every", "eval_n", "cache_scenes", "cache_batch"):
@@ -543,7 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--work-dir", type=Path, default=None, help="resumable checkpoints and the latent cache (outside the repo)"
     )
     t.add_argument("--report", type=Path, default=None, help="write the evaluation report JSON here")
-    e = sub.add_parser("eval", help="measure a trained ControlNet on held-out edge maps")
+    t.add_argument("--condition", choices=CONDITIONS, default=d.condition, help="the control maps to learn")
+    e = sub.add_parser("eval", help="measure a trained ControlNet on held-out control maps")
     e.add_argument("--base", type=Path, default=Path("models/builtin"))
     e.add_argument("--controlnet", type=Path, default=Path("models/ControlNet/builtin-canny"))
     e.add_argument("--n", type=int, default=200)
@@ -553,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--report", type=Path, default=None)
     e.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (control map, output) PNG")
+    e.add_argument("--condition", choices=CONDITIONS, default="canny", help="the ControlNet's control maps")
     return p
 
 
@@ -571,8 +672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 n=opts.eval_n,
                 device=opts.device,
                 sheet=Path(opts.out).with_name(Path(opts.out).name + "-eval.png"),
+                condition=opts.condition,
             )
-            summary = {k: report[k]["success"] for k in ("circle", "random")}
+            summary = {k: report[k].get("success", report[k].get("front_right")) for k in EVAL_KINDS[opts.condition]}
             rec["eval"] = summary
             info = json.loads((Path(opts.out) / "TRAINING.json").read_text(encoding="utf-8"))
             info["eval"] = summary
@@ -590,10 +692,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         sampler=a.sampler,
         cfg_scale=a.cfg_scale,
         sheet=a.sheet,
+        condition=a.condition,
     )
     if a.report is not None:
         a.report.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    print(json.dumps({k: {m: v for m, v in report[k].items() if m != "cases"} for k in ("circle", "random")}, indent=2))
+    kinds = EVAL_KINDS[a.condition]
+    print(json.dumps({k: {m: v for m, v in report[k].items() if m != "cases"} for k in kinds}, indent=2))
     return 0
 
 

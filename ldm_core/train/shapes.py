@@ -463,21 +463,33 @@ def render_packed(packed: torch.Tensor, size: int = 64, with_coverage: bool = Fa
 
     Each object's coverage is clamp(0.5 - signed distance in pixels, 0, 1): a ~1 px antialiased edge.
     """
+    n = packed.shape[0]
+    img = packed[:, 0:3].view(n, 3, 1, 1).expand(n, 3, size, size).clone()
+    empty = torch.ones(n, 1, size, size, device=packed.device)
+    alphas = object_coverages(packed, size)
+    for k in range(MAX_OBJECTS):
+        alpha = alphas[:, k : k + 1]
+        f = packed[:, 3 + k * _OBJ_FIELDS : 3 + (k + 1) * _OBJ_FIELDS]
+        img = img * (1 - alpha) + f[:, 5:8].view(n, 3, 1, 1) * alpha
+        empty = empty * (1 - alpha)
+    return (img, 1 - empty) if with_coverage else img
+
+
+def object_coverages(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """Each object's own coverage, float32 (N, MAX_OBJECTS, size, size) in [0, 1], in drawing order (a later
+    object is drawn over an earlier one); zero for absent objects."""
     dev = packed.device
     n = packed.shape[0]
     coords = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) / size
     gy, gx = coords.view(1, size, 1), coords.view(1, 1, size)
-    img = packed[:, 0:3].view(n, 3, 1, 1).expand(n, 3, size, size).clone()
-    empty = torch.ones(n, 1, size, size, device=dev)
+    out = torch.zeros(n, MAX_OBJECTS, size, size, device=dev)
     for k in range(MAX_OBJECTS):
         f = packed[:, 3 + k * _OBJ_FIELDS : 3 + (k + 1) * _OBJ_FIELDS]
         present, shape_idx = f[:, 0].view(n, 1, 1), f[:, 1].round().long().view(n, 1, 1)
         cx, cy, rad = f[:, 2].view(n, 1, 1), f[:, 3].view(n, 1, 1), f[:, 4].view(n, 1, 1).clamp(min=1e-4)
         sd = _shape_sdf(shape_idx, (gx - cx) / rad, (gy - cy) / rad) * rad * size  # in pixels
-        alpha = ((0.5 - sd).clamp(0.0, 1.0) * present).unsqueeze(1)
-        img = img * (1 - alpha) + f[:, 5:8].view(n, 3, 1, 1) * alpha
-        empty = empty * (1 - alpha)
-    return (img, 1 - empty) if with_coverage else img
+        out[:, k] = (0.5 - sd).clamp(0.0, 1.0) * present
+    return out
 
 
 def render(scenes: list[Scene], size: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
