@@ -6,7 +6,10 @@
 - `threshold`: binarise the grey level at threshold A (default 127): brighter -> white;
 - `scribble_xdog`: difference of Gaussians (sigma 0.5 and 5 px at the processing resolution) of the grey
   image, lines where it exceeds threshold A (default 32): turns a drawing or photo into scribble lines;
-- `invert` ("invert (from white bg & black line)"): 255 - value, for black-on-white line drawings.
+- `invert` ("invert (from white bg & black line)"): 255 - value, for black-on-white line drawings;
+- `shapes_seg` / `shapes_depth`: the segmentation / depth map of an image of the built-in model's world, in
+  the form its seg and depth ControlNets were trained on (`ldm_core.train.condition_maps`: objects read by
+  colour and geometry, no learned model), so a generated image can be turned into a map and reused.
 
 Every preprocessor except `none` first resizes the image so its short side is `resolution` pixels.
 """
@@ -63,6 +66,18 @@ def identity(image: Image.Image, _resolution: int, _a: float, _b: float) -> Imag
     return image.convert("RGB")
 
 
+def shapes_seg(image: Image.Image, _resolution: int, _a: float, _b: float) -> Image.Image:
+    from ldm_core.train.condition_maps import read_seg_map
+
+    return read_seg_map(image.convert("RGB"))
+
+
+def shapes_depth(image: Image.Image, _resolution: int, _a: float, _b: float) -> Image.Image:
+    from ldm_core.train.condition_maps import read_depth_map
+
+    return read_depth_map(image.convert("RGB"))
+
+
 ALL: tuple[Preprocessor, ...] = (
     Preprocessor("none", identity, "None (the image is the control map)", uses_resolution=False),
     Preprocessor(
@@ -89,4 +104,6 @@ ALL: tuple[Preprocessor, ...] = (
     Preprocessor(
         "invert", invert, "Invert (white background, black lines)", aliases=("invert (from white bg & black line)",)
     ),
+    Preprocessor("shapes_seg", shapes_seg, "Segmentation of a built-in-model image", uses_resolution=False),
+    Preprocessor("shapes_depth", shapes_depth, "Depth of a built-in-model image", uses_resolution=False),
 )

@@ -4,8 +4,12 @@ order), for the built-in model's depth and seg ControlNets, and the scenes that 
 - **Segmentation**: each pixel painted with its class colour in the style of the ADE20K palette that seg
   ControlNets read: the background one colour, each shape class its own (`SEG_PALETTE`, colours taken from
   the ADE20K palette); objects' colours are not in the map, so the prompt decides them.
-- **Depth**: near is bright, as MiDaS-style maps are: the background 0, the first-drawn object `DEPTH[0]`, an
-  object drawn over it `DEPTH[1]` (nearer).
+- **Depth**: near is bright, as MiDaS-style maps are: the background 0, an object `DEPTH[0]`, an object drawn
+  over another `DEPTH[1]` (nearer).
+- `read_seg_map` / `read_depth_map`: the same maps read back from an image of the built-in world (a user's
+  generated image): objects are the background-distinct pixels split by palette colour (1-px rims dropped),
+  their shape read by the analyser's geometry; of two touching objects, the one that owns most of the pixels
+  where their convex hulls overlap is in front.
 - `overlapping_scene`: two objects whose shapes overlap, in a random drawing order, so which one is in front
   is something only the depth map says.
 """
@@ -15,7 +19,9 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import torch
+from PIL import Image
 
 from . import shapes
 
@@ -48,13 +54,19 @@ def seg_maps(packed: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def depth_maps(packed: torch.Tensor, size: int) -> torch.Tensor:
-    """Depth maps of packed scenes (near = bright), float32 (N, 3, size, size) in [0, 1], antialiased edges."""
+    """Depth maps of packed scenes (near = bright), float32 (N, 3, size, size) in [0, 1], antialiased edges.
+    An object is at `DEPTH[0]`, or at `DEPTH[1]` when it is drawn over an earlier one (what an image can show:
+    objects apart from each other look alike at any depth)."""
     n = packed.shape[0]
     out = torch.zeros(n, 1, size, size)
     cover = shapes.object_coverages(packed, size)
+    solid = cover > 0.5
     for k in range(shapes.MAX_OBJECTS):
         a = cover[:, k : k + 1]
-        out = out * (1 - a) + DEPTH[k] * a
+        over = (solid[:, k : k + 1] & solid[:, :k].any(1, keepdim=True)).flatten(1).any(1) if k else None
+        depth = torch.full((n, 1, 1, 1), DEPTH[0]) if over is None else torch.where(
+            over.view(n, 1, 1, 1), DEPTH[1], DEPTH[0])
+        out = out * (1 - a) + depth * a
     return out.expand(n, 3, size, size).contiguous()
 
 
@@ -92,3 +104,97 @@ def overlapping_scene(rng: random.Random) -> shapes.Scene:
 
 def _nearest_position(x: float, y: float) -> str:
     return min(shapes.POSITIONS, key=lambda p: (shapes.POSITIONS[p][0] - x) ** 2 + (shapes.POSITIONS[p][1] - y) ** 2)
+
+
+# ---------------------------------------------------------------------------------------------- from an image
+
+
+def _read_objects(image) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
+    """(H x W x 3 float image, [(mask, colour name)]) of the objects in an image of the built-in world."""
+    import cv2
+
+    from .analyser import FG_THRESHOLD, MIN_AREA_FRACTION, _background, to_rgb_array
+
+    img = to_rgb_array(image)
+    h, w = img.shape[:2]
+    bg_name, bg_rgb = _background(img)
+    fg = np.linalg.norm(img - bg_rgb[None, None], axis=2) > FG_THRESHOLD
+    palette = np.array([shapes.COLOURS[c] for c in shapes.COLOUR_NAMES], dtype=np.float32)
+    names = np.argmin(np.linalg.norm(img[:, :, None, :] - palette[None, None], axis=3), axis=2)
+    kernel = np.ones((3, 3), np.uint8)
+    groups = []
+    for i, colour in enumerate(shapes.COLOUR_NAMES):
+        mask = (fg & (names == i)).astype(np.uint8)
+        if colour == bg_name or not mask.any():
+            continue
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, kernel)  # antialiased rims are 1 px: not objects
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        for j in range(1, n):
+            if stats[j, cv2.CC_STAT_AREA] >= max(4, MIN_AREA_FRACTION * h * w):
+                groups.append((labels == j, colour))
+    return img, groups
+
+
+def _touching(a: np.ndarray, b: np.ndarray) -> bool:
+    import cv2
+
+    return bool((cv2.dilate(a.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool) & b).any())
+
+
+def _hull(mask: np.ndarray) -> np.ndarray:
+    import cv2
+
+    pts = cv2.findNonZero(mask.astype(np.uint8))
+    out = np.zeros(mask.shape, np.uint8)
+    cv2.fillConvexPoly(out, cv2.convexHull(pts), 1)
+    return out.astype(bool)
+
+
+def _paint(out: np.ndarray, mask: np.ndarray, value) -> None:
+    import cv2
+
+    grown = cv2.dilate(mask.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)  # cover the rim back
+    out[grown] = value
+
+
+def _fronts(groups: list) -> list[bool]:
+    """Per object: drawn over a touching one (owns most of the pixels where their convex hulls overlap)."""
+    front = [False] * len(groups)
+    hulls = [_hull(m) for m, _ in groups]
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            if not _touching(groups[i][0], groups[j][0]):
+                continue
+            both = hulls[i] & hulls[j]
+            mine, theirs = int((groups[i][0] & both).sum()), int((groups[j][0] & both).sum())
+            front[i if mine >= theirs else j] = True
+    return front
+
+
+def read_seg_map(image) -> Image.Image:
+    """The segmentation map (`SEG_PALETTE`) of an image of the built-in world. An object partly hidden by
+    another is classified by its convex hull (its visible part has a bite taken out)."""
+    from .analyser import classify_shape, mask_features
+
+    img, groups = _read_objects(image)
+    out = np.empty(img.shape, np.uint8)
+    out[:] = SEG_PALETTE["background"]
+    fronts = _fronts(groups)
+    order = sorted(range(len(groups)), key=lambda i: fronts[i])  # hidden ones first, the front painted over
+    for i in order:
+        mask, _ = groups[i]
+        hidden = any(_touching(mask, m) for k, (m, _) in enumerate(groups) if k != i) and not fronts[i]
+        shape = classify_shape(mask_features(_hull(mask) if hidden else mask))
+        if shape in SEG_PALETTE:
+            _paint(out, mask, SEG_PALETTE[shape])
+    return Image.fromarray(out, "RGB")
+
+
+def read_depth_map(image) -> Image.Image:
+    """The depth map (near bright, `DEPTH`) of an image of the built-in world."""
+    img, groups = _read_objects(image)
+    out = np.zeros(img.shape[:2], np.float32)
+    fronts = _fronts(groups)
+    for i in sorted(range(len(groups)), key=lambda i: fronts[i]):
+        _paint(out, groups[i][0], DEPTH[1] if fronts[i] else DEPTH[0])
+    return Image.fromarray((out * 255).round().astype(np.uint8), "L").convert("RGB")
