@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, PngImagePlugin
+from tiny_models import tiny_x4_pipeline
 
 from ldm_core.diffusion_upscalers import DiffusionUpscaleOptions, X4Upscaler, image_prompt
 from ldm_core.upscalers import UpscalerRegistry
@@ -44,50 +45,7 @@ def tiny_clip():
 
 
 def build_tiny_x4(folder: Path) -> Path:
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=7,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-        num_class_embeds=1000,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 32, 32),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=8,
-        scaling_factor=0.08333,
-    )
-    te = tiny_clip()
-    pipe = StableDiffusionUpscalePipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=CLIPTokenizer.from_pretrained(str(TOKENIZER), local_files_only=True),
-        unet=unet,
-        low_res_scheduler=DDPMScheduler(),
-        scheduler=DDIMScheduler(prediction_type="v_prediction"),
-        max_noise_level=350,
-    )
-    pipe.save_pretrained(str(folder), safe_serialization=True)
+    tiny_x4_pipeline().save_pretrained(str(folder), safe_serialization=True)
     return folder
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from tiny_models import tiny_x4_pipeline
 
 from ldm_core.config import DiffusionUpscaleOptions
 from ldm_core.models import sr_files
@@ -168,58 +169,6 @@ def test_a_checkpoint_folder_names_where_upscalers_go(ldsr_file, tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # SD x4 upscaler as one file
-
-
-def tiny_x4_pipeline():
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from ldm_core.models.configs import shipped_config
-    from ldm_core.models.loading import load_shipped_tokenizer
-
-    torch.manual_seed(2)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=16,
-        in_channels=7,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=96,
-        only_cross_attention=[True, True],  # the real model's levels 1-2: attn1 reads the text too
-        attention_head_dim=8,
-        use_linear_projection=True,
-        norm_num_groups=32,
-        num_class_embeds=1000,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 32, 64),
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.08333,
-    )
-    te = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=1,
-        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
-    ))
-    return StableDiffusionUpscalePipeline(
-        vae=vae,
-        text_encoder=te,
-        tokenizer=load_shipped_tokenizer("clip_g"),
-        unet=unet,
-        low_res_scheduler=DDPMScheduler.from_config(shipped_config("sd-x4-upscaler", "low_res_scheduler")),
-        scheduler=DDIMScheduler.from_config(shipped_config("sd-x4-upscaler", "scheduler")),
-        max_noise_level=350,
-    )
 
 
 @pytest.fixture(scope="module")

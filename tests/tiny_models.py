@@ -391,3 +391,55 @@ def build_tiny_svd(folder: Path, seed: int = SEED + 70) -> Path:
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def tiny_x4_pipeline(seed: int = SEED + 90):
+    """A tiny random SD x4 upscaler (StableDiffusionUpscalePipeline: 7-channel UNet with a noise-level class
+    embedding and cross-attention-only attention like the real one's levels 1-2, factor-4 VAE, a GELU CLIP text
+    encoder as OpenCLIP's, the shipped OpenCLIP tokenizer, the x4's schedulers)."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        DDPMScheduler,
+        StableDiffusionUpscalePipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=7,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=96,
+        only_cross_attention=[True, True],  # the real model's levels 1-2: attn1 reads the text too
+        attention_head_dim=8,
+        use_linear_projection=True,
+        norm_num_groups=32,
+        num_class_embeds=1000,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.08333,
+    )
+    te = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=96, intermediate_size=192, num_hidden_layers=2, num_attention_heads=1,
+        max_position_embeddings=77, hidden_act="gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=0,
+    ))
+    return StableDiffusionUpscalePipeline(
+        vae=vae,
+        text_encoder=te,
+        tokenizer=load_shipped_tokenizer("clip_g"),
+        unet=unet,
+        low_res_scheduler=DDPMScheduler.from_config(shipped_config("sd-x4-upscaler", "low_res_scheduler")),
+        scheduler=DDIMScheduler.from_config(shipped_config("sd-x4-upscaler", "scheduler")),
+        max_noise_level=350,
+    )
