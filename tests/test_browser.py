@@ -42,13 +42,14 @@ SOURCE_RGB = (30, 120, 200)
 
 @pytest.fixture(scope="module")
 def webui(tmp_path_factory):
-    from tiny_models import build_tiny_model, save_motion_module, tiny_motion_adapter
+    from tiny_models import build_tiny_model, save_motion_module, save_tiny_ldsr, tiny_motion_adapter
 
     models = tmp_path_factory.mktemp("ui_model")
     sd1 = build_tiny_model("sd1", models)["single_file"]
     data = make_data_dir(tmp_path_factory.mktemp("ui_data"), sd1)
     mm = data / "models" / "AnimateDiff" / "mm_sd1_tiny.safetensors"
     save_motion_module(tiny_motion_adapter("sd1"), mm, "original")  # for the Video tab
+    save_tiny_ldsr(data / "models" / "LDSR" / "model.safetensors")  # a diffusion upscaler for the Extras tab
     server = WebUI.start(data)
     yield server
     server.stop()
@@ -134,6 +135,26 @@ def test_upscale_x2_doubles_the_size(page, webui, tmp_path):
     page.wait_for_selector("#extras_image img")
     page.click("#extras_generate")
     page.wait_for_function("() => document.querySelector('#extras_size').innerText.includes('Result:')", timeout=60000)
+    assert f"{2 * SIZE}x{SIZE}" in page.inner_text("#extras_size")
+    with Image.open(webui.newest_output("extras")) as im:
+        assert im.size == (2 * SIZE, SIZE)
+
+
+def test_upscale_with_ldsr_chosen_in_the_extras_tab(page, webui, tmp_path):
+    """A diffusion upscaler is reachable where users pick upscalers: LDSR (a tiny one in models/LDSR) is in
+    the Extras dropdown and upscales 4x from there."""
+    src = tmp_path / "small.png"
+    Image.new("RGB", (SIZE // 2, SIZE // 4), (40, 160, 40)).save(src)
+    open_tab(page, "extras")
+    page.set_input_files("#extras_image input[type=file]", str(src))
+    page.wait_for_selector("#extras_image img")
+    page.locator("#extras_upscaler_1 input").first.click()
+    page.locator('#extras_upscaler_1 li[role=option][aria-label="LDSR"]').click()
+    set_number(page, "#extras_factor", 4)
+    page.click("#extras_generate")
+    page.wait_for_function(
+        "() => document.querySelector('#extras_size').innerText.includes('Result:')", timeout=120000
+    )
     assert f"{2 * SIZE}x{SIZE}" in page.inner_text("#extras_size")
     with Image.open(webui.newest_output("extras")) as im:
         assert im.size == (2 * SIZE, SIZE)

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from tiny_models import tiny_x4_pipeline
+from tiny_models import save_tiny_ldsr, tiny_ldsr_pipeline, tiny_x4_pipeline
 
 from ldm_core.config import DiffusionUpscaleOptions
 from ldm_core.models import sr_files
@@ -32,48 +32,9 @@ def _save(sd: dict, path: Path) -> Path:
     return path
 
 
-def tiny_ldsr_pipeline():
-    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
-
-    from ldm_core.models.configs import shipped_config
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=16,
-        in_channels=6,
-        out_channels=3,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=32,  # LDSR's head width: 2 heads at 64 channels
-        norm_num_groups=32,
-    )
-    vq = VQModel(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 32, 64),
-        layers_per_block=1,
-        latent_channels=3,
-        num_vq_embeddings=64,
-        vq_embed_dim=3,
-        norm_num_groups=32,
-        scaling_factor=1.0,
-    )
-    for p in unet.parameters():  # diffusers zero-inits nothing here, but make the output conv matter
-        p.data.add_(torch.randn_like(p) * 0.02)
-    sched = DDIMScheduler.from_config(shipped_config("ldsr", "scheduler"))
-    return LDMSuperResolutionPipeline(vqvae=vq, unet=unet, scheduler=sched)
-
-
 @pytest.fixture(scope="module")
 def ldsr_file(tmp_path_factory) -> Path:
-    pipe = tiny_ldsr_pipeline()
-    sd = sr_files.ldsr_to_original(pipe)
-    sd["betas"] = torch.linspace(0.0015, 0.0155, 1000)  # schedule buffers the CompVis files carry: ignored
-    return _save(sd, tmp_path_factory.mktemp("ldsr") / "LDSR" / "model.safetensors")
+    return save_tiny_ldsr(tmp_path_factory.mktemp("ldsr") / "LDSR" / "model.safetensors")
 
 
 def smooth(w: int = 24, h: int = 20) -> Image.Image:

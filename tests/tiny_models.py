@@ -443,3 +443,55 @@ def tiny_x4_pipeline(seed: int = SEED + 90):
         scheduler=DDIMScheduler.from_config(shipped_config("sd-x4-upscaler", "scheduler")),
         max_noise_level=350,
     )
+
+
+def tiny_ldsr_pipeline(seed: int = SEED + 80):
+    """A tiny random CompVis LDSR as diffusers holds it (LDMSuperResolutionPipeline: UNet2DModel with LDSR's
+    32-channel attention heads, 2 of them at 64 channels; a VQ-f4 autoencoder; the shipped DDIM config)."""
+    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=6,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=32,  # LDSR's head width: 2 heads at 64 channels
+        norm_num_groups=32,
+    )
+    vq = VQModel(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 32, 64),
+        layers_per_block=1,
+        latent_channels=3,
+        num_vq_embeddings=64,
+        vq_embed_dim=3,
+        norm_num_groups=32,
+        scaling_factor=1.0,
+    )
+    for p in unet.parameters():  # diffusers zero-inits nothing here, but make the output conv matter
+        p.data.add_(torch.randn_like(p) * 0.02)
+    sched = DDIMScheduler.from_config(shipped_config("ldsr", "scheduler"))
+    return LDMSuperResolutionPipeline(vqvae=vq, unet=unet, scheduler=sched)
+
+
+
+
+def save_tiny_ldsr(path: Path) -> Path:
+    """`tiny_ldsr_pipeline()` written as an LDSR single file in CompVis' key layout (with the DDPM schedule
+    buffers the CompVis files carry, which loading ignores)."""
+    from safetensors.torch import save_file
+
+    from ldm_core.models.sr_files import ldsr_to_original
+
+    sd = ldsr_to_original(tiny_ldsr_pipeline())
+    sd["betas"] = torch.linspace(0.0015, 0.0155, 1000)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in sd.items()}, str(path))
+    return path
