@@ -172,11 +172,13 @@ class X2LatentUpscaler(DiffusionUpscaler):
             **_step_callback(cancel),
         ).images
 
-    def latents(self, z: torch.Tensor, prompt: str, options: DiffusionUpscaleOptions) -> torch.Tensor:
-        """Scaled SD latents (B, 4, h, w) -> (B, 4, 2h, 2w), never decoded."""
+    def latents(self, z: torch.Tensor, prompt: str, options: DiffusionUpscaleOptions,
+                cancel: Callable[[], None] | None = None) -> torch.Tensor:
+        """Scaled SD latents (B, 4, h, w) -> (B, 4, 2h, 2w), never decoded; `cancel()` after every step."""
         pipe = self.pipeline()
         out = [
-            self._run(z[i : i + 1].to(pipe.device, pipe.unet.dtype), prompt, options, "latent") for i in range(len(z))
+            self._run(z[i : i + 1].to(pipe.device, pipe.unet.dtype), prompt, options, "latent", cancel)
+            for i in range(len(z))
         ]
         return torch.cat(out).to(z.device, z.dtype)
 

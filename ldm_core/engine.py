@@ -970,7 +970,9 @@ class Engine:
             z = upscale_latents(latents, hr["upscaler"], (th // factor, tw // factor))
         elif self.upscalers.is_latent_upscaler(hr["upscaler"]):  # SD x2 latent upscaler: 2x, then the exact size
             prompt = job.request.hr_prompt or job.request.prompt
-            z = self.upscalers.load(hr["upscaler"]).latents(latents, prompt, self.upscalers.diffusion)
+            z = self.upscalers.load(hr["upscaler"]).latents(
+                latents, prompt, self.upscalers.diffusion, cancel=job.ctx.cancel.check
+            )
             if z.shape[-2:] != (th // factor, tw // factor):
                 z = upscale_latents(z, "Latent", (th // factor, tw // factor))
         else:

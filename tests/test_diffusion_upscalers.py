@@ -242,9 +242,9 @@ def test_x2_latent_upscaler_in_the_hires_fix_keeps_latents(tmp_path, x4_dir, tin
     calls = []
     real = X2LatentUpscaler.latents
 
-    def spy(self, z, prompt, options):
-        calls.append((tuple(z.shape), prompt))
-        return real(self, z, prompt, options)
+    def spy(self, z, prompt, options, cancel=None):
+        calls.append((tuple(z.shape), prompt, cancel is not None))
+        return real(self, z, prompt, options, cancel)
 
     monkeypatch.setattr(X2LatentUpscaler, "latents", spy)
     decoded = []
@@ -269,7 +269,7 @@ def test_x2_latent_upscaler_in_the_hires_fix_keeps_latents(tmp_path, x4_dir, tin
 
     res = engine.generate(hires("tiny-sd1", "tiny-x2-latent"))
     assert res.images[0].size == (256, 256) and "Hires upscaler: tiny-x2-latent" in res.infotexts[0]
-    assert calls == [((1, 4, 16, 16), "a red circle")]
+    assert calls == [((1, 4, 16, 16), "a red circle", True)]  # and the job's interrupt reaches its steps
     assert decoded == [(1, 4, 32, 32)]  # only the final latents were decoded: the first pass never was
     plain = engine.generate(hires("tiny-sd1", "Latent"))
     assert np.abs(np.asarray(plain.images[0], np.int16) - np.asarray(res.images[0], np.int16)).max() > 0

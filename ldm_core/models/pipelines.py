@@ -24,7 +24,7 @@ def load_pipeline_folder(
     if not safe and not allow_pickle:
         raise RequestError(field, f"{folder.name}: no .safetensors weights (pickled weights need --allow-pickle)")
     try:
-        pipe = pipeline_cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe, torch_dtype=dtype)
+        pipe = pipeline_cls.from_pretrained(str(folder), local_files_only=True, use_safetensors=safe, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise RequestError(field, f"cannot load {folder.name}: {exc}") from None
     pipe.set_progress_bar_config(disable=True)
