@@ -12,7 +12,7 @@ from PIL import Image
 
 from ldm_core.config import DiffusionUpscaleOptions
 from ldm_core.train import shapes
-from ldm_core.train.sr import SRTrainOptions, border_mask, edge_ratio, train_sr
+from ldm_core.train.sr import SRTrainOptions, border_mask, edge_ratio, new_unet, train_sr
 from ldm_core.upscalers import UpscalerRegistry
 
 BUILTIN = Path(__file__).resolve().parents[1] / "models" / "builtin"
@@ -35,7 +35,15 @@ def test_a_few_steps_make_an_upscaler_the_registry_runs(tmp_path):
                        scenes=16, photo_crops=4, crop=16, channels=(16, 32), batch=4, steps=3, warmup_steps=1)
     record = train_sr(o, log=lambda m: None)
     assert record["steps"] == 3 and (out / "TRAINING.json").is_file()
-    assert (tmp_path / "work" / "sr-train.pt").is_file()  # resumable
+    ck = torch.load(tmp_path / "work" / "sr-train.pt", weights_only=True)  # resumable
+    from safetensors.torch import load_file
+
+    exported = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    name = "conv_in.weight"
+    index = [n for n, _ in new_unet((16, 32), 128, 4).named_parameters()]
+    averaged = ck["average"][index.index(name)]
+    assert torch.allclose(exported[name].float(), averaged, atol=1e-3)  # the exported UNet is the average
+    assert not torch.allclose(exported[name].float(), ck["unet"][name], atol=1e-6)  # not the last trained weights
     reg = UpscalerRegistry([out.parent], builtin=None, diffusion=DiffusionUpscaleOptions(steps=2))
     assert "builtin-x4" in reg.names()
     image = shapes.to_pil(shapes.render(shapes.sample_scenes("t", 1), 24)[0])

@@ -65,6 +65,7 @@ class SRTrainOptions:
     steps: int = 100000
     max_seconds: float | None = None
     caption_dropout: float = 0.1
+    ema_decay: float = 0.999  # the exported UNet is this average of the trained one (0: the trained weights)
     threads: int = 0
     checkpoint_every: float = 300.0
     log_every: int = 20
@@ -175,7 +176,7 @@ def _lr_at(o: SRTrainOptions, step: int, progress: float) -> float:
 
 def train_sr(o: SRTrainOptions, log=_log) -> dict:
     from ldm_core.models import load_model, load_vae
-    from ldm_core.train.builtin import _save_atomic, diffusion_target
+    from ldm_core.train.builtin import EMA, _named_shadow, _save_atomic, diffusion_target
     from ldm_core.train.controlnet import TextEncoder
 
     if o.threads:
@@ -201,13 +202,16 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     unet = new_unet(o.channels, model.text_encoder.config.hidden_size, o.heads)
     params = list(unet.parameters())
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, spent, ema = 0, 0.0, None
+    step, spent, ema, ck = 0, 0.0, None, None
     if ckpt_path and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         unet.load_state_dict(ck["unet"])
         optim.load_state_dict(ck["optim"])
         step, spent, ema = int(ck["step"]), float(ck["seconds"]), ck["ema"]
         log(f"resuming at step {step} ({spent:.0f}s spent)")
+    average = EMA(params, o.ema_decay) if o.ema_decay else None  # starts at the (resumed) weights
+    if average is not None and ck is not None and ck.get("average"):
+        average.load(ck["average"])
     unet.train()
     sched, low_sched = schedulers()
     ab, low_ab = sched.alphas_cumprod.float(), low_sched.alphas_cumprod.float()
@@ -221,7 +225,8 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     def checkpoint() -> None:
         if ckpt_path is not None:
             _save_atomic({"unet": unet.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema,
-                          "seconds": loop.seconds()}, ckpt_path)
+                          "seconds": loop.seconds(), "average": average.state_dict() if average else None},
+                         ckpt_path)
 
     while loop.step < o.steps:
         step = loop.step
@@ -250,6 +255,8 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         loop.set_lr(_lr_at(o, step, progress))
         pred = unet(torch.cat([x_t, low], 1), t, cond, class_labels=level).sample
         loop.update(F.mse_loss(pred, target))
+        if average is not None:
+            average.update(loop.step)
     checkpoint()
     record = {
         "recipe": "ldm_core.train.sr (shapes-world renders + scikit-image photos, x4-upscaler structure)",
@@ -261,6 +268,8 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         "seconds": round(loop.seconds(), 1),
         "unet_parameters": n_params,
     }
+    if average is not None:  # export the average: the weights of the last steps are noisier
+        unet.load_state_dict(_named_shadow(unet, average))
     out = export_pipeline(unet, vae, model, Path(o.out), record, Path(o.base) / "tokenizer")
     record["bytes"] = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     log(f"wrote {out} ({record['bytes'] / 1e6:.1f} MB) after {loop.step} steps, loss {loop.ema}")
