@@ -67,8 +67,8 @@ def upscaler_file_class(path: Path) -> tuple[str, type[DiffusionUpscaler]] | Non
     """(listed name, class) for a single-file diffusion upscaler, or None for other files (spandrel's).
     A safetensors file says what it is in its header; a pickle cannot be read before it is loaded, so its
     folder decides (A1111's models/LDSR/model.ckpt; a pickle in models/SD-Upscale is an x4 upscaler)."""
+    from .models.detect import LDSR, X4, sr_kind
     from .models.loading import ModelFileError, read_tensor_shapes
-    from .models.sr_files import LDSR, X4, sr_kind
 
     folder = path.parent.name
     if path.suffix.lower() == ".safetensors":

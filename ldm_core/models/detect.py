@@ -38,6 +38,15 @@ CODEBOOK_KEY = VAE_PREFIX + "quantize.embedding.weight"
 #: The SD x4 upscaler's noise-level embedding (an nn.Embedding; SDXL's `label_emb.0.0.` is a linear layer).
 NOISE_LEVEL_KEY = UNET_PREFIX + "label_emb.weight"
 
+LDSR = "ldsr"
+X4 = "sd-x4-upscaler"
+#: Diffusion upscaler files with an SD-style UNet that are not checkpoints (read by `ldm_core.models.sr_files`):
+#: kind -> (UNet input channels, marker key, what it is, where it goes).
+SR_FILES: dict[str, tuple[int, str, str, str]] = {
+    LDSR: (6, CODEBOOK_KEY, "an LDSR upscaler", "models/LDSR"),
+    X4: (7, NOISE_LEVEL_KEY, "the SD x4 upscaler", "models/SD-Upscale"),
+}
+
 #: Text-encoder prefixes of the original layouts, per family: (prefix, style). "hf_clip" is OpenAI CLIP stored
 #: with transformers' key names; "open_clip" is OpenCLIP's own layout (fused q/k/v `in_proj`).
 TEXT_ENCODER_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -179,6 +188,15 @@ def describe_non_checkpoint(keys: Mapping[str, Any] | list[str]) -> str | None:
     return None
 
 
+def sr_kind(state_dict_or_shapes: Mapping[str, Any]) -> str | None:
+    """`LDSR`, `X4` or None for a state dict or a safetensors header's {key: shape}."""
+    sd = state_dict_or_shapes
+    if UNET_IN_KEY not in sd:
+        return None
+    in_ch = _shape(sd[UNET_IN_KEY])[1]
+    return next((k for k, (ch, key, _, _) in SR_FILES.items() if in_ch == ch and key in sd), None)
+
+
 def detect_family(state_dict_or_shapes: Mapping[str, Any]) -> Family:
     """The family of an original-layout state dict (values: tensors or shapes), from `FAMILY_KEYS`."""
     sd = state_dict_or_shapes
@@ -204,10 +222,10 @@ def detect_checkpoint(state_dict_or_shapes: Mapping[str, Any]) -> CheckpointKind
     sd = state_dict_or_shapes
     family = detect_family(sd)
     in_ch = _shape(sd[UNET_IN_KEY])[1]
-    if in_ch == 6 and CODEBOOK_KEY in sd:
-        raise UnsupportedCheckpointError("an LDSR upscaler, not a checkpoint: put it in models/LDSR")
-    if in_ch == 7 and NOISE_LEVEL_KEY in sd:
-        raise UnsupportedCheckpointError("the SD x4 upscaler, not a checkpoint: put it in models/SD-Upscale")
+    upscaler = sr_kind(sd)
+    if upscaler is not None:
+        what, folder = SR_FILES[upscaler][2:]
+        raise UnsupportedCheckpointError(f"{what}, not a checkpoint: put it in {folder}")
     if in_ch not in (4, INPAINT_IN_CHANNELS):
         raise UnsupportedCheckpointError(
             f"UNet takes {in_ch} input channels; supported are 4 (text-to-image) and 9 (inpainting) "

@@ -241,14 +241,15 @@ class UNetLayout:
 
 @dataclass(frozen=True)
 class VAELayout:
-    """The structure that fixes an AutoencoderKL's key names."""
+    """The structure that fixes an AutoencoderKL's (or a VQModel's: `codebook`) key names."""
 
     levels: int
     layers_per_block: int
+    codebook: bool = False  # a VQ autoencoder's `quantize.embedding` (LDSR's first stage)
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> VAELayout:
-        return cls(len(cfg["block_out_channels"]), cfg["layers_per_block"])
+        return cls(len(cfg["block_out_channels"]), cfg["layers_per_block"], "num_vq_embeddings" in cfg)
 
     @classmethod
     def from_ldm(cls, keys: Mapping[str, Any]) -> VAELayout:
@@ -256,11 +257,13 @@ class VAELayout:
         blocks = {int(k.split(".")[4]) for k in keys if k.startswith("encoder.down.0.block.")}
         if not levels or not blocks:
             raise LayoutError("VAE has no encoder.down.* blocks")
-        return cls(max(levels) + 1, max(blocks) + 1)
+        return cls(max(levels) + 1, max(blocks) + 1, "quantize.embedding.weight" in keys)
 
     def key_map(self) -> _KeyMap:
         n, lpb = self.levels, self.layers_per_block
         pairs = [_Pair("quant_conv.", "quant_conv."), _Pair("post_quant_conv.", "post_quant_conv.")]
+        if self.codebook:
+            pairs.append(_Pair("quantize.", "quantize."))
         for part in ("encoder", "decoder"):
             pairs += [
                 _Pair(f"{part}.conv_in.", f"{part}.conv_in."),

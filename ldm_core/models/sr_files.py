@@ -29,15 +29,13 @@ from typing import Any
 import torch
 
 from .configs import shipped_config
-from .detect import CODEBOOK_KEY, NOISE_LEVEL_KEY, TEXT_ENCODER_PREFIXES, UNET_IN_KEY, UNET_PREFIX, VAE_PREFIX
+from .detect import LDSR, TEXT_ENCODER_PREFIXES, UNET_PREFIX, VAE_PREFIX, X4, sr_kind
 from .single_file import (
     LayoutError,
     StateDict,
     UNetLayout,
-    VAELayout,
     _canonical_to_open_clip,
     _convert_text_encoder,
-    _Pair,
     _shape,
     _split,
     clip_to_canonical,
@@ -50,22 +48,7 @@ from .single_file import (
 
 log = logging.getLogger(__name__)
 
-LDSR = "ldsr"
-X4 = "sd-x4-upscaler"
 _X4_TEXT_PREFIX, _X4_TEXT_STYLE = TEXT_ENCODER_PREFIXES["sd2"][0]
-
-
-def sr_kind(shapes: Mapping[str, Any]) -> str | None:
-    """LDSR, X4 or None for a state dict or a safetensors header's {key: shape}."""
-    if UNET_IN_KEY not in shapes:
-        return None
-    v = shapes[UNET_IN_KEY]
-    in_ch = (tuple(v.shape) if hasattr(v, "shape") else tuple(v))[1]
-    if in_ch == 6 and CODEBOOK_KEY in shapes:
-        return LDSR
-    if in_ch == 7 and NOISE_LEVEL_KEY in shapes:
-        return X4
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,13 +119,6 @@ def _vq_config(sd: Mapping[str, Any]) -> dict[str, Any]:
             "vq_embed_dim": dim}
 
 
-def _vq_key_map(config: Mapping[str, Any]):
-    keymap = VAELayout.from_config(config).key_map()
-    pair = _Pair("quantize.", "quantize.")
-    keymap.by_ldm[pair.ldm] = keymap.by_diffusers[pair.diffusers] = pair
-    return keymap
-
-
 def convert_ldsr(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[dict[str, Any], StateDict]]:
     """An LDSR checkpoint -> {"unet": (UNet2DModel config, weights), "vqvae": (VQModel config, weights)}.
     Keys outside the two prefixes (the DDPM schedule buffers) are ignored."""
@@ -153,10 +129,10 @@ def convert_ldsr(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tuple[dict
     if not vq:
         raise LayoutError(f"no autoencoder weights ({VAE_PREFIX}*) in this LDSR file")
     vq_cfg = _vq_config(vq)
-    vq_sd, unmatched = _vq_key_map(vq_cfg).convert(vq, to_diffusers=True)
-    if unmatched:
-        raise LayoutError(f"unexpected VQ autoencoder tensors: {', '.join(sorted(unmatched)[:5])}")
-    return {"unet": (unet_cfg, convert_unet(unet, unet_cfg, to_diffusers=True)), "vqvae": (vq_cfg, vq_sd)}
+    return {
+        "unet": (unet_cfg, convert_unet(unet, unet_cfg, to_diffusers=True)),
+        "vqvae": (vq_cfg, convert_vae(vq, vq_cfg, to_diffusers=True)),
+    }
 
 
 def ldsr_to_original(pipe: Any) -> StateDict:
@@ -165,9 +141,7 @@ def ldsr_to_original(pipe: Any) -> StateDict:
     unet, vq = comps["unet"], comps["vqvae"]
     head = unet.config.attention_head_dim
     unet_sd = _merge_qkv(convert_unet(unet.state_dict(), unet.config, to_diffusers=False), head)
-    vq_sd, unmatched = _vq_key_map(vq.config).convert(vq.state_dict(), to_diffusers=False)
-    if unmatched:
-        raise LayoutError(f"unexpected VQModel tensors: {', '.join(sorted(unmatched)[:5])}")
+    vq_sd = convert_vae(vq.state_dict(), vq.config, to_diffusers=False)
     return {**{UNET_PREFIX + k: v for k, v in unet_sd.items()}, **{VAE_PREFIX + k: v for k, v in vq_sd.items()}}
 
 
