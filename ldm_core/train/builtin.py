@@ -516,15 +516,25 @@ def _autocast(dev: torch.device, mode: str = "auto"):
 
 def export_fp16_folder(model, out: Path, record: dict) -> Path:
     """Write a diffusers model (a ControlNet, a motion module) as an fp16 folder (`save_pretrained`, safetensors)
-    with TRAINING.json beside it, atomically: readers see the old folder or the new one, never half of one."""
+    with TRAINING.json beside it, atomically (`write_folder_atomic`)."""
     import copy
 
+    return write_folder_atomic(
+        out,
+        lambda tmp: copy.deepcopy(model).to("cpu", torch.float16).save_pretrained(str(tmp), safe_serialization=True),
+        record,
+    )
+
+
+def write_folder_atomic(out: Path, write, record: dict) -> Path:
+    """`write(tmp)` fills a temporary folder beside `out`, TRAINING.json (`record`) is added, then the folder
+    takes `out`'s place: readers see the old folder or the new one, never half of one."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    copy.deepcopy(model).to("cpu", torch.float16).save_pretrained(str(tmp), safe_serialization=True)
+    write(tmp)
     (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
     old = out.with_name(out.name + f".old{os.getpid()}")
     if out.exists():

@@ -279,10 +279,11 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
 def export_pipeline(unet, vae, model, out: Path, record: dict, tokenizer_dir: Path | None = None) -> Path:
     """Write the StableDiffusionUpscalePipeline folder in fp16 (atomically replaced), TRAINING.json beside."""
     import copy
-    import os
     import shutil
 
     from diffusers import StableDiffusionUpscalePipeline
+
+    from .builtin import write_folder_atomic
 
     sched, low_sched = schedulers()
     pipe = StableDiffusionUpscalePipeline(
@@ -290,18 +291,14 @@ def export_pipeline(unet, vae, model, out: Path, record: dict, tokenizer_dir: Pa
         tokenizer=model.tokenizer, unet=copy.deepcopy(unet).eval().half(), low_res_scheduler=low_sched,
         scheduler=sched, max_noise_level=MAX_NOISE_LEVEL,
     )
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    pipe.save_pretrained(str(tmp), safe_serialization=True)
-    if tokenizer_dir is not None and tokenizer_dir.is_dir():  # the base's vocab + merges, not a 3.6 MB tokenizer.json
-        shutil.rmtree(tmp / "tokenizer")
-        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-    (tmp / "TRAINING.json").write_text(json.dumps(record, indent=2, default=str), encoding="utf-8")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return out
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        if tokenizer_dir is not None and tokenizer_dir.is_dir():  # the base's vocab + merges, not tokenizer.json
+            shutil.rmtree(tmp / "tokenizer")
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+
+    return write_folder_atomic(out, write, record)
 
 
 # -------------------------------------------------------------------------------------------- evaluation
