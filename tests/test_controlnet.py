@@ -9,6 +9,7 @@ import base64
 import dataclasses
 import importlib
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -554,6 +555,25 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
     report = trainer.evaluate(base, opts.out, n=2, device="cpu", steps=2, size=SIZE, log=lambda _m: None,
                               condition=condition)
     assert kind in report and len(report[kind]["cases"]) == 2
+
+
+def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):
+    """On a base whose VAE halves twice (the v2 built-in model's geometry) the ControlNet's hint encoder must
+    halve twice too, or the first training step fails on mismatched shapes."""
+    from tiny_models import build_tiny_f4
+
+    from ldm_core.train import controlnet as trainer
+
+    base = build_tiny_f4(tmp_path / "models")
+    opts = trainer.ControlNetTrainOptions(
+        base=base, out=tmp_path / "cn-f4", steps=1, batch=2, warmup_steps=1, device="cpu", export_every=0,
+        log_every=0, eval_n=0, condition="seg",
+    )
+    assert trainer.train_controlnet(opts, log=lambda _m: None)["steps"] == 1
+    cfg = json.loads((tmp_path / "cn-f4" / "config.json").read_text())
+    assert cfg["conditioning_embedding_out_channels"] == [16, 32, 96]
+    report = trainer.evaluate(base, opts.out, n=1, device="cpu", steps=1, log=lambda _m: None, condition="seg")
+    assert len(report["seg"]["cases"]) == 1  # and the engine runs it on that base through the extension
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "ControlNet" / "builtin-canny"

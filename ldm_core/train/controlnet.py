@@ -274,7 +274,12 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         controlnet.float()
         log(f"resuming from {opts.out}")
     else:
-        controlnet = ControlNetModel.from_unet(model.unet)
+        # the hint encoder halves the map once per channel step after the first: as often as the VAE does
+        # (diffusers' default (16, 32, 96, 256) is SD's factor 8; the v2 built-in model's VAE is factor 4)
+        steps = int(math.log2(model.vae_scale_factor))
+        controlnet = ControlNetModel.from_unet(
+            model.unet, conditioning_embedding_out_channels=(16, 32, 96, 256)[: steps + 1]
+        )
     if ckpt is not None:
         controlnet.load_state_dict(ckpt["controlnet"])
     controlnet.to(dev).train()
