@@ -9,6 +9,9 @@ Writes PNGs with their infotext into --out and shows a progress bar. Stable form
       [--ray-threads 1] [--window N] [--limit N]      (ldm_core.batch: resumable, writes DIR/manifest.jsonl)
   python -m ldm_core detect --module depth_midas --image FILE --out MAP.png [--resolution 512]
       [--threshold-a A] [--threshold-b B]    (a ControlNet preprocessor, as /controlnet/detect runs it)
+  python -m ldm_core upscale IMAGE... | FOLDER --out DIR [--upscaler NAME] [--scale 4 | --width W --height H
+      [--no-crop]] [--upscaler-2 NAME --upscaler-2-visibility V]     (the Extras tab; infotext kept)
+  python -m ldm_core upscalers       (list the upscaler names: Lanczos, model files, LDSR, SD x4, extensions)
 """
 
 from __future__ import annotations
@@ -106,7 +109,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-a", type=float, default=-1, help="default: the preprocessor's")
     p.add_argument("--threshold-b", type=float, default=-1)
     _add_engine_flags(p)
+    _upscale_parser(sub)
+    p = sub.add_parser("upscalers", help="list the upscalers found (names for upscale --upscaler)")
+    _add_engine_flags(p)
     return parser
+
+
+def _upscale_parser(sub) -> None:
+    p = sub.add_parser(
+        "upscale",
+        help="upscale images or a folder, as the Extras tab does (model files, LDSR, SD x4, Lanczos)",
+        description="Each image goes to OUT/<its name>.png (never overwriting: -1, -2, ... is appended), keeping "
+        "its infotext; the settings are recorded as A1111's postprocessing text. Model upscalers are the files in "
+        "models/ESRGAN, models/DAT, ... (see `python -m ldm_core upscalers`).",
+    )
+    p.add_argument("inputs", nargs="+", help="image files, or one folder (its images, sorted by name)")
+    p.add_argument("--out", required=True, help="folder for the PNGs")
+    p.add_argument("--upscaler", default="Lanczos", help="upscaler 1 (default: Lanczos)")
+    p.add_argument("--scale", type=float, default=None, help="scale by this factor (default 4; up to 8)")
+    p.add_argument("--width", type=int, default=None, help="scale to this width (with --height)")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--no-crop", action="store_true", help="with --width/--height: keep the aspect, no crop")
+    p.add_argument("--upscaler-2", default="None")
+    p.add_argument("--upscaler-2-visibility", type=float, default=0.0, help="0..1: how much of upscaler 2")
+    g = p.add_argument_group("diffusion upscalers (LDSR, SD x4, SD x2 latent)")
+    g.add_argument("--steps", type=int, default=None, help="SD x4 / x2 denoising steps (default: the setting, 20)")
+    g.add_argument("--ldsr-steps", type=int, default=None, help="LDSR DDIM steps (default: the setting, 100)")
+    g.add_argument("--noise-level", type=int, default=None, help="SD x4 noise level")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--prompt", default=None, help="default: each image's own prompt, from its infotext")
+    _add_engine_flags(p)
 
 
 def _batch_parser(sub) -> None:
@@ -300,18 +332,25 @@ def _batch(args) -> int:
     return 0 if report.ok else 1
 
 
-def _detect(args) -> int:
-    """One preprocessor of the loaded extensions on one image; the map is written to --out."""
+def _engine_with_extensions(cfg: EngineConfig):
+    """An engine with the enabled extensions loaded (their preprocessors, upscalers, ...), as the UI has it."""
     from .engine import Engine
     from .extensions import REPO_EXTENSIONS_DIR, STATE_FILE_NAME, ExtensionManager
 
-    out = Path(args.out)
-    cfg = EngineConfig.from_data_dir(args.data_dir, device=args.device, allow_pickle=args.allow_pickle)
-    data = Path(args.data_dir)
+    engine = Engine(cfg)
+    data = Path(cfg.data_dir)
     manager = ExtensionManager(
         [REPO_EXTENSIONS_DIR, data / "extensions"], config=cfg, state_file=data / STATE_FILE_NAME
     )
-    manager.load(Engine(cfg))
+    manager.load(engine)
+    return engine, manager
+
+
+def _detect(args) -> int:
+    """One preprocessor of the loaded extensions on one image; the map is written to --out."""
+    out = Path(args.out)
+    cfg = EngineConfig.from_data_dir(args.data_dir, device=args.device, allow_pickle=args.allow_pickle)
+    _engine, manager = _engine_with_extensions(cfg)
     pre = manager.preprocessors.get(args.module) or manager.preprocessors.get(args.module.casefold())
     if pre is None:
         names = sorted({p.name for p in manager.preprocessors.values()})
@@ -322,6 +361,96 @@ def _detect(args) -> int:
     detected.save(out)
     print(f"{out} ({detected.width}x{detected.height}, {pre.name})")
     return 0
+
+
+def _upscale_params(args):
+    from .extras import ExtrasParams
+
+    if (args.width is None) != (args.height is None):
+        raise RequestError("width" if args.width is None else "height", "give --width and --height together")
+    if args.width is not None and args.scale is not None:
+        raise RequestError("scale", "give either --scale or --width/--height, not both")
+    if args.width is not None:
+        sizing = dict(
+            resize_mode=1,
+            upscaling_resize_w=args.width,
+            upscaling_resize_h=args.height,
+            upscaling_crop=not args.no_crop,
+        )
+    else:
+        sizing = dict(resize_mode=0, upscaling_resize=4.0 if args.scale is None else args.scale)
+    return ExtrasParams(
+        upscaler_1=args.upscaler,
+        upscaler_2=args.upscaler_2,
+        extras_upscaler_2_visibility=args.upscaler_2_visibility,
+        **sizing,
+    )
+
+
+def _upscale_inputs(inputs: list[str]) -> list[Path]:
+    from .extras import IMAGE_SUFFIXES
+
+    paths = [Path(p) for p in inputs]
+    if len(paths) == 1 and paths[0].is_dir():
+        files = sorted(p for p in paths[0].iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise RequestError("inputs", f"no images ({', '.join(IMAGE_SUFFIXES)}) in {paths[0]}")
+        return files
+    for p in paths:
+        if p.is_dir():
+            raise RequestError("inputs", f"{p} is a folder: give one folder alone, or image files")
+        if not p.is_file():
+            raise RequestError("inputs", f"file not found: {p}")
+    return paths
+
+
+def _upscale_config(args) -> EngineConfig:
+    cfg = _config(args)
+    over = {
+        name: getattr(args, arg)
+        for name, arg in (
+            ("steps", "steps"),
+            ("ldsr_steps", "ldsr_steps"),
+            ("noise_level", "noise_level"),
+            ("seed", "seed"),
+            ("prompt", "prompt"),
+        )
+        if getattr(args, arg, None) is not None
+    }
+    if over:
+        cfg = dataclasses.replace(cfg, diffusion_upscale=dataclasses.replace(cfg.diffusion_upscale, **over))
+    return cfg
+
+
+def _upscale(args) -> int:
+    """The Extras tab from the command line: each input to a PNG in --out, with its infotext kept."""
+    from tqdm import tqdm
+
+    from .extras import upscale_files
+
+    params = _upscale_params(args)
+    files = _upscale_inputs(args.inputs)
+    out = Path(args.out)
+    if any(f.parent.resolve() == out.resolve() for f in files):
+        raise RequestError("out", "must differ from the folder the images are in")
+    engine, _manager = _engine_with_extensions(_upscale_config(args))
+    params, _warnings = params.with_fallbacks(engine.upscalers)  # the registry logs each warning
+    bar = tqdm(total=len(files), unit="image", file=sys.stderr)
+    done = [0]
+
+    def progress(d: int, _total: int) -> None:
+        bar.update(d - done[0])
+        done[0] = d
+
+    try:
+        result = upscale_files(files, out, params, engine.upscalers, progress=progress)
+    finally:
+        bar.close()
+    for path in result.written:
+        print(path)
+    for path, why in result.skipped:
+        print(f"skipped {path}: {why}", file=sys.stderr)
+    return 0 if not result.skipped else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,6 +483,13 @@ def main(argv: list[str] | None = None) -> int:
             return _batch(args)
         if args.command == "detect":
             return _detect(args)
+        if args.command == "upscale":
+            return _upscale(args)
+        if args.command == "upscalers":
+            engine, _manager = _engine_with_extensions(_config(args))
+            for name in engine.upscalers.names():
+                print(name)
+            return 0
         return _generate(args)
     except RequestError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -211,17 +211,26 @@ class FolderResult:
 def upscale_folder(input_dir: Path, output_dir: Path, params: ExtrasParams, registry: UpscalerRegistry, *,
                    progress: ProgressFn | None = None,
                    cancel: Callable[[], None] | None = None) -> FolderResult:
-    """Every image file directly in `input_dir` (sorted by name) to a PNG of the same stem in `output_dir`
-    (created; an existing file is never overwritten: '-1', '-2', ... is appended). The original's infotext is
-    kept and the Extras settings are added as A1111's "postprocessing" entry of the manifest. Unreadable
-    files are skipped and reported."""
+    """Every image file directly in `input_dir` (sorted by name) through `upscale_files`."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if not input_dir.is_dir():
         raise RequestError("input_dir", f"{input_dir} is not a folder")
     if input_dir.resolve() == output_dir.resolve():
         raise RequestError("output_dir", "must differ from the input folder")
-    params.validate(registry)
     files = sorted(p for p in input_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    return upscale_files(files, output_dir, params, registry, progress=progress, cancel=cancel)
+
+
+def upscale_files(files: Iterable[Path], output_dir: Path, params: ExtrasParams, registry: UpscalerRegistry, *,
+                  progress: ProgressFn | None = None,
+                  cancel: Callable[[], None] | None = None) -> FolderResult:
+    """Each image file to a PNG of the same stem in `output_dir` (created; an existing file is never
+    overwritten: '-1', '-2', ... is appended). The original's infotext is kept and the Extras settings are
+    added as A1111's "postprocessing" entry of the manifest. Unreadable files are skipped and reported;
+    `progress(done, total)` counts files."""
+    files = [Path(p) for p in files]
+    output_dir = Path(output_dir)
+    params.validate(registry)
     result = FolderResult([], [])
     for i, path in enumerate(files):
         if cancel is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 from PIL import Image
 
@@ -108,3 +109,51 @@ def test_video_writes_the_clip(tmp_path, tiny_models, capsys):
     assert len([p for p in printed if p.endswith(".png")]) == 4
     assert "AnimateDiff: " in read_image_info(Image.open(gifs[0]))[0]
     assert main([*args[:-2], "--motion-module", "nope", "--out", str(out)]) == 2  # named, no traceback
+
+
+def test_upscale_files_and_folders_keep_the_infotext(tmp_path, capsys):
+    from PIL.PngImagePlugin import PngInfo
+
+    src = tmp_path / "in"
+    src.mkdir()
+    info = PngInfo()
+    info.add_text("parameters", "a red circle\nSteps: 20, Sampler: Euler a, Seed: 1")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(src / "a.png", pnginfo=info)
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(src / "b.jpg")
+    out = tmp_path / "out"
+    flags = ["--data-dir", str(tmp_path), "--out", str(out)]
+    assert main(["upscale", str(src / "a.png"), "--scale", "2", *flags]) == 0
+    first = Path(capsys.readouterr().out.split()[0])
+    assert first == out / "a.png" and Image.open(first).size == (80, 60)
+    params, manifest, _ = read_image_info(Image.open(first))
+    assert params.startswith("a red circle\n")
+    assert manifest["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+    # a folder, to an exact size, with a client's name for a model upscaler this machine lacks: Lanczos instead
+    assert main(["upscale", str(src), "--width", "64", "--height", "32", "--upscaler", "R-ESRGAN 4x+", *flags]) == 0
+    written = [Path(p) for p in capsys.readouterr().out.split()]
+    assert [p.name for p in written] == ["a-1.png", "b.png"]  # nothing overwritten
+    assert all(Image.open(p).size == (64, 32) for p in written)
+    assert "Postprocess upscaler: Lanczos" in read_image_info(Image.open(written[1]))[1]["postprocessing"]
+
+
+def test_upscale_bad_input_names_the_field(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (16, 16)).save(img)
+    flags = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    cases = [
+        (["upscale", str(img), "--scale", "9", *flags], "upscaling_resize"),
+        (["upscale", str(tmp_path / "missing.png"), *flags], "inputs"),
+        (["upscale", str(img), "--width", "64", *flags], "height"),
+        (["upscale", str(img), "--upscaler", "Bicubic", *flags], "upscaler_1"),
+        (["upscale", str(img), "--data-dir", str(tmp_path), "--out", str(tmp_path)], "out"),
+    ]
+    for argv, field in cases:
+        assert main(argv) == 2, argv
+        assert f"error: {field}:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_upscalers_lists_the_model_files(tmp_path, capsys):
+    assert main(["upscalers", "--data-dir", str(tmp_path)]) == 0
+    names = capsys.readouterr().out.split("\n")
+    assert names[:3] == ["None", "Lanczos", "Nearest"]

@@ -68,8 +68,9 @@ def test_ldsr_file_is_recognised_and_its_attention_matches_the_original_block(ld
     original = load_file(str(ldsr_file))
     prefix = "model.diffusion_model.middle_block.1."
     assert tuple(original[prefix + "qkv.weight"].shape) == (192, 64, 1)  # fused, as CompVis stores it
-    pipe = sr_files.load_sr_file(ldsr_file, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False,
-                                 field="upscaler")
+    pipe = sr_files.load_sr_file(
+        ldsr_file, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False, field="upscaler"
+    )
     x = torch.randn(1, 64, 4, 4)
     ours = pipe.unet.mid_block.attentions[0](x)
     ref = legacy_attention_block(x, original, prefix, head_channels=32)
@@ -82,8 +83,9 @@ def test_ldsr_file_is_recognised_and_its_attention_matches_the_original_block(ld
 
 def test_ldsr_round_trip_is_exact(ldsr_file):
     pipe = tiny_ldsr_pipeline()
-    loaded = sr_files.load_sr_file(ldsr_file, device=torch.device("cpu"), dtype=torch.float32,
-                                   allow_pickle=False, field="upscaler")
+    loaded = sr_files.load_sr_file(
+        ldsr_file, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False, field="upscaler"
+    )
     for name in ("unet", "vqvae"):
         a, b = getattr(pipe, name).state_dict(), getattr(loaded, name).state_dict()
         assert a.keys() == b.keys()
@@ -147,8 +149,9 @@ def test_x4_single_file_loads_and_upscales_like_its_pipeline(x4_file):
     assert "model.diffusion_model.label_emb.weight" in shapes
     assert "cond_stage_model.model.token_embedding.weight" in shapes  # OpenCLIP layout, as Stability's file
     pipe = tiny_x4_pipeline()
-    loaded = sr_files.load_sr_file(x4_file, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False,
-                                   field="upscaler")
+    loaded = sr_files.load_sr_file(
+        x4_file, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=False, field="upscaler"
+    )
     assert loaded.unet.config.only_cross_attention[1] is True  # read from the shapes (level 0 has no attention)
     assert loaded.unet.config.num_class_embeds == 1000
     kw = dict(prompt="a red circle", image=smooth(16, 16), num_inference_steps=2, noise_level=20, output_type="pt")
@@ -185,8 +188,7 @@ def test_x4_single_file_in_the_registry_and_the_api(tmp_path, x4_file, ldsr_file
             buf = io.BytesIO()
             smooth().save(buf, format="PNG")
             for name in ("x4-upscaler-ema", "LDSR"):
-                body = {"image": base64.b64encode(buf.getvalue()).decode(), "upscaler_1": name,
-                        "upscaling_resize": 2}
+                body = {"image": base64.b64encode(buf.getvalue()).decode(), "upscaler_1": name, "upscaling_resize": 2}
                 r = client.post("/sdapi/v1/extra-single-image", json=body)
                 assert r.status_code == 200, r.text
                 out = Image.open(io.BytesIO(base64.b64decode(r.json()["image"])))
@@ -206,8 +208,17 @@ def test_ldsr_as_the_hires_fix_upscaler(tmp_path, ldsr_file, tiny_models):
     engine = make_engine(tmp_path, {"tiny-sd1": tiny_models["sd1"]["diffusers"]}, device="cpu", save_images=False)
     engine.upscalers.diffusion = FAST
     req = GenerationRequest.build(
-        prompt="a red circle", steps=2, width=64, height=64, seed=3, enable_hr=True, hr_scale=2,
-        hr_upscaler="LDSR", hr_second_pass_steps=2, denoising_strength=0.3, save_images=False,
+        prompt="a red circle",
+        steps=2,
+        width=64,
+        height=64,
+        seed=3,
+        enable_hr=True,
+        hr_scale=2,
+        hr_upscaler="LDSR",
+        hr_second_pass_steps=2,
+        denoising_strength=0.3,
+        save_images=False,
     )
     res = engine.generate(req)
     assert res.images[0].size == (128, 128)
@@ -251,3 +262,25 @@ def test_interrupt_reaches_every_denoising_step(tmp_path, ldsr_file, x4_file, ki
     with pytest.raises(Stop):
         reg.upscale(smooth(), kind, scale=4, cancel=cancel)
     assert len(calls) == 3
+
+
+def test_ldsr_from_the_command_line(tmp_path, ldsr_file, capsys):
+    import shutil
+
+    from ldm_core.cli import _upscale_config, build_parser, main
+    from ldm_core.outputs import read_image_info
+
+    shutil.copytree(ldsr_file.parent, tmp_path / "models" / "LDSR")
+    assert main(["upscalers", "--data-dir", str(tmp_path)]) == 0
+    assert "LDSR" in capsys.readouterr().out.split("\n")
+    src = tmp_path / "small.png"
+    smooth().save(src)
+    argv = ["upscale", str(src), "--upscaler", "LDSR", "--ldsr-steps", "2", "--data-dir", str(tmp_path)]
+    config = _upscale_config(build_parser().parse_args([*argv, "--out", "o", "--steps", "3", "--noise-level", "5"]))
+    assert (config.diffusion_upscale.ldsr_steps, config.diffusion_upscale.steps) == (2, 3)
+    assert config.diffusion_upscale.noise_level == 5
+    assert main([*argv, "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    path = Path(capsys.readouterr().out.split()[0])
+    out = Image.open(path)
+    assert out.size == (96, 80)
+    assert read_image_info(out)[1]["postprocessing"] == "Postprocess upscale by: 4, Postprocess upscaler: LDSR"
