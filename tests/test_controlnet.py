@@ -555,6 +555,37 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
     report = trainer.evaluate(base, opts.out, n=2, device="cpu", steps=2, size=SIZE, log=lambda _m: None,
                               condition=condition)
     assert kind in report and len(report[kind]["cases"]) == 2
+    assert len(report[kind + "-drawn"]["cases"]) == 2  # and the same on maps painted freehand
+
+
+@pytest.mark.parametrize("condition", ["seg", "depth"])
+def test_hand_drawn_maps_are_the_scene_but_not_the_renderers_geometry(condition):
+    """The evaluation's freehand maps (a user's painting, not the training renderer's): each object where the
+    scene puts it, in its class colour (seg) or grey level with the later object brighter (depth), and a
+    region that overlaps the renderer's but is not it."""
+    from ldm_core.train import condition_maps as cm
+    from ldm_core.train import controlnet as trainer
+    from ldm_core.train import shapes
+
+    ious = []
+    for scene, _prompt in trainer.eval_cases(8, 64, condition + "-drawn"):
+        image = trainer.control_image(scene, 64, condition + "-drawn")
+        assert image.size == (cm.DRAWN_CANVAS, cm.DRAWN_CANVAS)
+        arr = np.asarray(image.resize((64, 64), Image.BOX), dtype=np.float32)
+        masks = cm.drawn_masks(scene, 64)
+        cover = shapes.object_coverages(shapes.pack_scenes([scene]), 64)[0].numpy() > 0.5
+        for k, obj in enumerate(scene.objects):
+            visible = masks[k] & ~masks[k + 1 :].any(0) if k + 1 < len(masks) else masks[k]
+            core = visible & (np.abs(np.gradient(arr.mean(2))[0]) + np.abs(np.gradient(arr.mean(2))[1]) < 4)
+            pix = arr[core].mean(0)
+            if condition == "seg":
+                assert np.abs(pix - np.array(cm.SEG_PALETTE[obj.shape])).max() < 24, (obj.shape, pix)
+            ious.append((masks[k] & cover[k]).sum() / (masks[k] | cover[k]).sum())
+        if condition == "depth":
+            back = arr[masks[0] & ~masks[1]].mean()
+            front = arr[masks[1]].mean()
+            assert front > back + 40 and back > arr[~masks.any(0)].mean() + 40
+    assert 0.5 < float(np.mean(ious)) < 0.95, ious
 
 
 def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):

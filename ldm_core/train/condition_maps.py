@@ -64,8 +64,11 @@ def depth_maps(packed: torch.Tensor, size: int) -> torch.Tensor:
     for k in range(shapes.MAX_OBJECTS):
         a = cover[:, k : k + 1]
         over = (solid[:, k : k + 1] & solid[:, :k].any(1, keepdim=True)).flatten(1).any(1) if k else None
-        depth = torch.full((n, 1, 1, 1), DEPTH[0]) if over is None else torch.where(
-            over.view(n, 1, 1, 1), DEPTH[1], DEPTH[0])
+        depth = (
+            torch.full((n, 1, 1, 1), DEPTH[0])
+            if over is None
+            else torch.where(over.view(n, 1, 1, 1), DEPTH[1], DEPTH[0])
+        )
         out = out * (1 - a) + depth * a
     return out.expand(n, 3, size, size).contiguous()
 
@@ -198,3 +201,113 @@ def read_depth_map(image) -> Image.Image:
     for i in sorted(range(len(groups)), key=lambda i: fronts[i]):
         _paint(out, groups[i][0], DEPTH[1] if fronts[i] else DEPTH[0])
     return Image.fromarray((out * 255).round().astype(np.uint8), "L").convert("RGB")
+
+
+# ---------------------------------------------------------------------------------------------- drawn by hand
+
+
+#: Side of the canvas a hand-drawn map is painted on (a user's drawing, larger than the model's size).
+DRAWN_CANVAS = 512
+
+
+def _wobbly(points: list[tuple[float, float]], r: float, rng: random.Random, wobble: float) -> list:
+    """A closed polygon through `points` as a hand would draw it: each edge in short strokes that stray
+    from the straight line by up to `wobble` * r."""
+    out = []
+    for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1], strict=True):
+        for t in np.linspace(0.0, 1.0, 6, endpoint=False):
+            out.append(
+                (
+                    x0 + (x1 - x0) * t + rng.uniform(-wobble, wobble) * r,
+                    y0 + (y1 - y0) * t + rng.uniform(-wobble, wobble) * r,
+                )
+            )
+    return out
+
+
+def drawn_outline(obj: shapes.ShapeObject, rng: random.Random) -> list[tuple[float, float]]:
+    """The outline of `obj` (0..1 image units) drawn freehand: not the renderer's geometry but one of the
+    same kind, size and place, with its own proportions, a tilt, uneven corners and wobbling edges."""
+    r = obj.radius * rng.uniform(0.9, 1.12)
+    tilt = rng.uniform(-0.25, 0.25)
+    if obj.shape == "circle":
+        aspect = rng.uniform(0.85, 1.15)
+        pts = [(math.cos(a) * aspect, math.sin(a) / aspect) for a in np.linspace(0, 2 * math.pi, 24, endpoint=False)]
+    elif obj.shape == "square":
+        pts = [(-0.9, -0.9), (0.9, -0.9), (0.9, 0.9), (-0.9, 0.9)]
+    elif obj.shape == "triangle":
+        pts = [(0.0, -1.15), (1.05, 0.7), (-1.05, 0.7)]
+    elif obj.shape == "diamond":
+        w = rng.uniform(0.75, 1.05)
+        pts = [(0.0, -1.15), (w, 0.0), (0.0, 1.15), (-w, 0.0)]
+    else:  # star: five points, a hand's inner/outer ratio
+        inner = rng.uniform(0.38, 0.55)
+        pts = [
+            (
+                (1.15 if k % 2 == 0 else 1.15 * inner) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                (1.15 if k % 2 == 0 else 1.15 * inner) * math.sin(-math.pi / 2 + k * math.pi / 5),
+            )
+            for k in range(10)
+        ]
+    c, s = math.cos(tilt), math.sin(tilt)
+    corners = [
+        (
+            obj.cx + r * (x * c - y * s + rng.uniform(-0.08, 0.08)),
+            obj.cy + r * (x * s + y * c + rng.uniform(-0.08, 0.08)),
+        )
+        for x, y in pts
+    ]
+    return _wobbly(corners, r, rng, 0.025 if obj.shape == "circle" else 0.04)
+
+
+def _drawn_outlines(scene: shapes.Scene, seed: str) -> list[list[tuple[float, float]]]:
+    rng = random.Random(f"drawn:{seed}:{scene!r}")
+    return [drawn_outline(o, rng) for o in scene.objects]
+
+
+def drawn_masks(scene: shapes.Scene, size: int, seed: str = "") -> np.ndarray:
+    """Each object's hand-drawn region (`drawn_map` with the same seed) at `size`: bool (objects, size, size)."""
+    from PIL import ImageDraw
+
+    out = []
+    for poly in _drawn_outlines(scene, seed):
+        im = Image.new("L", (size * 4, size * 4), 0)
+        ImageDraw.Draw(im).polygon([(x * size * 4, y * size * 4) for x, y in poly], fill=255)
+        out.append(np.asarray(im.resize((size, size), Image.BOX)) > 127)
+    return np.stack(out)
+
+
+def drawn_map(scene: shapes.Scene, condition: str, seed: str = "", canvas: int = DRAWN_CANVAS) -> Image.Image:
+    """A seg or depth map of `scene` as a user might paint one in an image editor (not made by the renderer):
+    freehand outlines (`drawn_outline`) on a `canvas`-px image, antialiased; seg in colours a little off the
+    palette and sometimes saved as JPEG; depth as grey levels of the user's choosing (the later object
+    nearer, so brighter), softened as a depth estimator's output is."""
+    from PIL import ImageDraw, ImageFilter
+
+    rng = random.Random(f"drawn-map:{seed}:{scene!r}")
+    big = canvas * 2
+
+    def off(rgb) -> tuple[int, ...]:
+        return tuple(int(np.clip(v + rng.randint(-8, 8), 0, 255)) for v in rgb)
+
+    if condition == "seg":
+        background = off(SEG_PALETTE["background"])
+        fills = [off(SEG_PALETTE[o.shape]) for o in scene.objects]
+    else:
+        grey = [rng.uniform(0.0, 0.15), rng.uniform(0.35, 0.6), rng.uniform(0.8, 1.0)]
+        background = (round(grey[0] * 255),) * 3
+        fills = [(round(grey[1 + min(k, 1)] * 255),) * 3 for k in range(len(scene.objects))]
+    im = Image.new("RGB", (big, big), background)
+    draw = ImageDraw.Draw(im)
+    for poly, fill in zip(_drawn_outlines(scene, seed), fills, strict=True):
+        draw.polygon([(x * big, y * big) for x, y in poly], fill=fill)
+    im = im.resize((canvas, canvas), Image.LANCZOS)
+    if condition == "depth":
+        return im.filter(ImageFilter.GaussianBlur(canvas / 128))
+    if rng.random() < 0.5:
+        import io
+
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=80)
+        im = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    return im

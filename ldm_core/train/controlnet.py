@@ -56,7 +56,15 @@ import torch.nn.functional as F
 
 from ldm_core.train import shapes
 from ldm_core.train.builtin import _autocast, _save_atomic, export_fp16_folder
-from ldm_core.train.condition_maps import CONDITIONS, condition_maps, depth_maps, overlapping_scene, seg_maps
+from ldm_core.train.condition_maps import (
+    CONDITIONS,
+    condition_maps,
+    depth_maps,
+    drawn_map,
+    drawn_masks,
+    overlapping_scene,
+    seg_maps,
+)
 
 CANNY_LOW, CANNY_HIGH = 100, 200
 EVAL_PROMPT = "a red square"
@@ -95,7 +103,9 @@ class ControlNetTrainOptions:
 
 
 #: The held-out cases of each condition's evaluation.
-EVAL_KINDS = {"canny": ("circle", "random"), "depth": ("depth",), "seg": ("seg",)}
+#: "-drawn": the same cases with maps painted freehand (`condition_maps.drawn_map`), not by the renderer the
+#: ControlNet learnt from.
+EVAL_KINDS = {"canny": ("circle", "random"), "depth": ("depth", "depth-drawn"), "seg": ("seg", "seg-drawn")}
 
 
 def _device(name: str) -> torch.device:
@@ -435,8 +445,10 @@ def eval_cases(n: int, size: int, kind: str = "circle", seed: int = 0) -> list[t
     """Held-out (scene whose map is the control, prompt) pairs. "circle": a circle in the bottom right
     (random colour, size, background, jitter) with the prompt "a red square"; "random": a random shape
     and position with a prompt naming a random colour and another shape; "seg": the same with the prompt
-    also naming another position; "depth": two overlapping objects named in random order."""
+    also naming another position; "depth": two overlapping objects named in random order. A "-drawn" kind has
+    cases of its own (its maps come from `control_image`)."""
     rng = random.Random(f"controlnet-eval:{kind}:{seed}")
+    kind = kind.removesuffix("-drawn")
     out = []
     for _ in range(n):
         if kind == "depth":
@@ -468,16 +480,20 @@ def control_image(scene: shapes.Scene, size: int, kind: str):
     """The control map of an eval case as the PIL image a user would give the ControlNet unit."""
     if kind in ("circle", "random"):
         return _edge_image(scene, size)
+    if kind.endswith("-drawn"):
+        return drawn_map(scene, kind.removesuffix("-drawn"))
     fn = depth_maps if kind == "depth" else seg_maps
     return shapes.to_pil(fn(shapes.pack_scenes([scene]), size)[0])
 
 
-def front_drawn_in_front(image, scene: shapes.Scene) -> bool | None:
+def front_drawn_in_front(image, scene: shapes.Scene, masks: np.ndarray | None = None) -> bool | None:
     """Whether the colour in the two objects' overlap is nearer the front (second-drawn) object's than the
-    back one's; None when there is no overlap at this size."""
+    back one's; None when there is no overlap at this size. `masks`: the objects' regions when the map was
+    not the renderer's (bool (2, H, W)); default: the renderer's coverage."""
     arr = np.asarray(image.convert("RGB"), dtype=np.float32)
-    cover = shapes.object_coverages(shapes.pack_scenes([scene]), arr.shape[0])[0].numpy()
-    overlap = (cover[0] > 0.5) & (cover[1] > 0.5)
+    if masks is None:
+        masks = shapes.object_coverages(shapes.pack_scenes([scene]), arr.shape[0])[0].numpy() > 0.5
+    overlap = masks[0] & masks[1]
     if not overlap.any():
         return None
     pix = arr[overlap]
@@ -558,8 +574,9 @@ def _evaluate_cases(
             img = engine.generate(req).images[0]
             if len(images) < 40:
                 images += [control, img]
-            if kind == "depth":
-                front = front_drawn_in_front(img, scene)
+            if kind.startswith("depth"):
+                drawn = drawn_masks(scene, img.height) if kind.endswith("-drawn") else None
+                front = front_drawn_in_front(img, scene, drawn)
                 found = {o.colour for o in analyse(img).objects}
                 both = all(o.colour in found for o in scene.objects)
                 results.append({"prompt": prompt, "front": front, "both_objects": both, "ok": bool(front)})
@@ -583,14 +600,14 @@ def _evaluate_cases(
                 }
             )
         m = len(results)
-        if kind == "depth":
+        if kind.startswith("depth"):
             report[kind] = {
                 "front_right": sum(r["ok"] for r in results) / m,
                 "both_objects": sum(r["both_objects"] for r in results) / m,
                 "chance": 0.5,
                 "cases": results,
             }
-            log(f"depth: the map's front object drawn in front in {report[kind]['front_right']:.1%}, both objects "
+            log(f"{kind}: the map's front object drawn in front in {report[kind]['front_right']:.1%}, both objects "
                 f"present in {report[kind]['both_objects']:.1%} of {m} held-out cases")
             continue
         report[kind] = {
