@@ -252,7 +252,8 @@ def test_control_modes(setup):
     control = _provider(setup, 2)  # A1111's index for "ControlNet is more important"
     down_b, mid_b = bal["down_block_additional_residuals"], bal["mid_block_additional_residual"]
     n = len(down_b) + 1
-    # balanced: both CFG halves get control; prompt mode: residual k scaled by 0.825**(12-k)
+    # balanced: both CFG halves get control; prompt mode: SD's ramp 0.825**(12-k) over 13 residuals, spread
+    # over this model's 7: the middle block at full weight, the shallowest at 0.825**12
     assert down_b[0][:1].abs().sum() > 0 and down_b[0][1:].abs().sum() > 0
     for k, (p, q) in enumerate(
         zip(
@@ -261,8 +262,11 @@ def test_control_modes(setup):
             strict=True,
         )
     ):
-        torch.testing.assert_close(p, q * 0.825 ** (12 - k), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(p, q * 0.825 ** (12 * (n - 1 - k) / (n - 1)), rtol=1e-4, atol=1e-6)
     assert n == 7
+    torch.testing.assert_close(prompt["mid_block_additional_residual"], mid_b)
+    scales = cn_module("main").control_scales(13, 0.5, "My prompt is more important")
+    assert scales == pytest.approx([0.5 * 0.825 ** (12 - k) for k in range(13)])  # SD 1.x/2.x: as A1111
     # controlnet mode: the unconditional half gets nothing, the conditional half as in prompt mode
     for p, c in zip(prompt["down_block_additional_residuals"], control["down_block_additional_residuals"], strict=True):
         assert c[:1].abs().sum() == 0

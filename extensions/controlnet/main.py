@@ -43,16 +43,20 @@ from . import adapters, annotators, control_models, preprocessors
 from .units import CONTROL_MODES, DEFAULT_PROCESSOR_RES, ControlNetUnit, infotext_value, units_from_infotext
 
 MAX_UNITS = 3
-#: "My prompt is more important": residual k (0 = shallowest, middle block last) is scaled by SOFT**(12-k).
+#: "My prompt is more important": of SD's 13 residuals, residual k (0 = shallowest, middle block last) is
+#: scaled by SOFT**(12-k): the middle block at full weight, the shallowest at about 0.1.
 SOFT = 0.825
 SOFT_TOP = 12
 
 
 def control_scales(n: int, weight: float, mode: str) -> list[float]:
-    """Per-residual multipliers for `n` ControlNet outputs (down residuals then the middle one)."""
-    if mode == CONTROL_MODES[0]:
+    """Per-residual multipliers for `n` ControlNet outputs (down residuals then the middle one). The soft
+    modes spread SD's 13-step ramp over the model's own residuals (SDXL has 10, small models fewer), as
+    diffusers' guess mode does (a log ramp from 0.1 to 1): the middle block always at full weight. Counting
+    12-k from a 13-residual model's end instead would leave a shallower model's middle block at a fraction."""
+    if mode == CONTROL_MODES[0] or n < 2:
         return [weight] * n
-    return [weight * SOFT ** float(SOFT_TOP - k) for k in range(n)]
+    return [weight * SOFT ** (SOFT_TOP * (n - 1 - k) / (n - 1)) for k in range(n)]
 
 
 def pixel_perfect_resolution(image: Image.Image, width: int, height: int, resize_mode: str) -> int:

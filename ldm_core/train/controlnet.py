@@ -172,7 +172,13 @@ def cache_scenes(opts: ControlNetTrainOptions) -> list[shapes.Scene]:
 
 @torch.no_grad()
 def build_cache(
-    vae, scenes: list[shapes.Scene], res: int, path: Path, batch: int, log: Callable[[str], None], seed: int = 0,
+    vae,
+    scenes: list[shapes.Scene],
+    res: int,
+    path: Path,
+    batch: int,
+    log: Callable[[str], None],
+    seed: int = 0,
     condition: str = "canny",
 ) -> dict:
     """Render `scenes` once at `res`, keep the VAE posterior (mean, std; fp16) and the control map of each
@@ -181,10 +187,21 @@ def build_cache(
     n = len(scenes)
     cache = torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
     key = [seed, n, res, condition]
-    if cache is None or [int(cache.get("seed", -1)), int(cache["n"]), int(cache["res"]),
-                         cache.get("condition", "canny")] != key:
-        cache = {"seed": seed, "n": n, "res": res, "condition": condition, "done": 0, "mean": None, "std": None,
-                 "edges": None, "maps": None}
+    if (
+        cache is None
+        or [int(cache.get("seed", -1)), int(cache["n"]), int(cache["res"]), cache.get("condition", "canny")] != key
+    ):
+        cache = {
+            "seed": seed,
+            "n": n,
+            "res": res,
+            "condition": condition,
+            "done": 0,
+            "mean": None,
+            "std": None,
+            "edges": None,
+            "maps": None,
+        }
     done, t0, last = int(cache["done"]), time.monotonic(), time.monotonic()
     dev = next(vae.parameters()).device
     while done < n:
@@ -519,6 +536,8 @@ def evaluate(
     size: int | None = None,
     log: Callable[[str], None] = print,
     condition: str = "canny",
+    weight: float = 1.0,
+    control_mode: str = "Balanced",
 ) -> dict:
     """Generate the held-out cases of `condition` (`EVAL_KINDS`) through the engine with the ControlNet
     extension (as users run it) and score them with the shapes analyser. Returns rates and per-case results."""
@@ -533,12 +552,38 @@ def evaluate(
         if rec.status != "loaded":
             raise RuntimeError(f"the ControlNet extension is {rec.status}: {rec.message}")
         return _evaluate_cases(
-            engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log, condition
+            engine,
+            model,
+            controlnet,
+            base,
+            n,
+            steps,
+            sampler,
+            cfg_scale,
+            seed,
+            sheet,
+            size,
+            log,
+            condition,
+            {"weight": weight, "control_mode": control_mode},
         )
 
 
 def _evaluate_cases(
-    engine, model, controlnet, base, n, steps, sampler, cfg_scale, seed, sheet, size, log, condition="canny"
+    engine,
+    model,
+    controlnet,
+    base,
+    n,
+    steps,
+    sampler,
+    cfg_scale,
+    seed,
+    sheet,
+    size,
+    log,
+    condition="canny",
+    unit_options: dict | None = None,
 ) -> dict:
     from ldm_core.generation_requests import GenerationRequest
     from ldm_core.train.analyser import analyse
@@ -552,6 +597,7 @@ def _evaluate_cases(
         "cfg_scale": cfg_scale,
         "n": n,
         "condition": condition,
+        "unit": {"weight": 1.0, "control_mode": "Balanced", **(unit_options or {})},
     }
     images = []
     for kind in EVAL_KINDS[condition]:
@@ -559,7 +605,7 @@ def _evaluate_cases(
         results = []
         for i, (scene, prompt) in enumerate(cases):
             control = control_image(scene, size, kind)
-            unit = {"enabled": True, "module": "none", "model": controlnet.name, "image": control, "weight": 1.0}
+            unit = {"enabled": True, "module": "none", "model": controlnet.name, "image": control, **report["unit"]}
             req = GenerationRequest.build(
                 prompt=prompt,
                 steps=steps,
@@ -607,8 +653,10 @@ def _evaluate_cases(
                 "chance": 0.5,
                 "cases": results,
             }
-            log(f"{kind}: the map's front object drawn in front in {report[kind]['front_right']:.1%}, both objects "
-                f"present in {report[kind]['both_objects']:.1%} of {m} held-out cases")
+            log(
+                f"{kind}: the map's front object drawn in front in {report[kind]['front_right']:.1%}, both objects "
+                f"present in {report[kind]['both_objects']:.1%} of {m} held-out cases"
+            )
             continue
         report[kind] = {
             "success": sum(r["ok"] for r in results) / m,
@@ -680,6 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--report", type=Path, default=None)
     e.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (control map, output) PNG")
     e.add_argument("--condition", choices=CONDITIONS, default="canny", help="the ControlNet's control maps")
+    e.add_argument("--weight", type=float, default=1.0, help="the unit's control weight")
+    e.add_argument("--control-mode", default="Balanced", help='e.g. "ControlNet is more important"')
     return p
 
 
@@ -719,6 +769,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg_scale=a.cfg_scale,
         sheet=a.sheet,
         condition=a.condition,
+        weight=a.weight,
+        control_mode=a.control_mode,
     )
     if a.report is not None:
         a.report.write_text(json.dumps(report, indent=2), encoding="utf-8")
