@@ -554,6 +554,10 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
         assert trainer.front_drawn_in_front(truth, scene) is True  # the render itself: front object in front
         swapped = shapes.Scene(scene.background, scene.objects[::-1])
         assert trainer.front_drawn_in_front(truth, swapped) is False
+        # the "both objects present" count sees both overlapping objects of a render (the analyser alone
+        # reads them as one component)
+        found = [cm.object_colours(shapes.to_pil(shapes.render([s], 64)[0])) for s, _ in cases]
+        assert all({o.colour for o in s.objects} <= f for (s, _), f in zip(cases, found, strict=True)), found
     image = trainer.control_image(cases[0][0], SIZE, kind)
     assert image.size == (SIZE, SIZE)
     report = trainer.evaluate(base, opts.out, n=2, device="cpu", steps=2, size=SIZE, log=lambda _m: None,

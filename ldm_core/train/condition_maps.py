@@ -138,6 +138,12 @@ def _read_objects(image) -> tuple[np.ndarray, list[tuple[np.ndarray, str]]]:
     return img, groups
 
 
+def object_colours(image) -> set[str]:
+    """The colour names of the objects in an image of the built-in world, overlapping ones included (the
+    analyser reads touching objects as one component; here each colour is its own object)."""
+    return {colour for _, colour in _read_objects(image)[1]}
+
+
 def _touching(a: np.ndarray, b: np.ndarray) -> bool:
     import cv2
 

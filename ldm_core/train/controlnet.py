@@ -62,6 +62,7 @@ from ldm_core.train.condition_maps import (
     depth_maps,
     drawn_map,
     drawn_masks,
+    object_colours,
     overlapping_scene,
     seg_maps,
 )
@@ -623,7 +624,7 @@ def _evaluate_cases(
             if kind.startswith("depth"):
                 drawn = drawn_masks(scene, img.height) if kind.endswith("-drawn") else None
                 front = front_drawn_in_front(img, scene, drawn)
-                found = {o.colour for o in analyse(img).objects}
+                found = object_colours(img)
                 both = all(o.colour in found for o in scene.objects)
                 results.append({"prompt": prompt, "front": front, "both_objects": both, "ok": bool(front)})
                 continue
