@@ -20,6 +20,9 @@ without the module are the baseline.
     python -m ldm_core.train motion --base models/builtin --out models/AnimateDiff/builtin-motion \\
         --work-dir /tmp/motion-work --max-seconds 5400
     python -m ldm_core.train motion-eval --module models/AnimateDiff/builtin-motion --n 100
+
+A later sitting whose checkpoint is gone continues from the committed export with `--init FOLDER` (its weights,
+a new optimiser and schedule; only a module made for the same base fits).
 """
 
 from __future__ import annotations
@@ -167,6 +170,7 @@ class MotionTrainOptions:
     base: str = "models/builtin"
     out: str = "models/AnimateDiff/builtin-motion"
     work_dir: str | None = None
+    init: str | None = None  # start from this exported module's weights (fresh optimiser and schedule)
     frames: int = 16
     clips: int = 2  # clips per step (batch = clips x frames)
     resolution: int | None = None  # None: the base model's native size
@@ -212,6 +216,26 @@ def new_adapter(unet, heads: int = 8, mid_block: bool = True, max_frames: int = 
     return adapter
 
 
+def _init_from(adapter, path: str, log):
+    """`adapter` with the weights of the exported module at `path` (a folder or file; it must have the same
+    shape: made for the same base). A run continued in a later sitting, when its checkpoint is gone."""
+    from ldm_core.video.motion_modules import MotionModuleError, load_motion_module
+
+    module = load_motion_module(path)
+
+    def same(a, b) -> bool:  # a config read from JSON has lists where a built one has tuples
+        return list(a) == list(b) if isinstance(a, list | tuple) and isinstance(b, list | tuple) else a == b
+
+    diff = sorted(
+        k for k in adapter.config if not k.startswith("_") and not same(module.adapter.config.get(k), adapter.config[k])
+    )
+    if diff:
+        raise MotionModuleError(f"--init {path}: made for another base or shape (differs in {', '.join(diff)})")
+    module.adapter.float().requires_grad_(True)
+    log(f"starting from the weights of {path}")
+    return module.adapter
+
+
 def _lr(o: MotionTrainOptions, step: int, progress: float) -> float:
     w = min(1.0, (step + 1) / max(1, o.warmup_steps))
     cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -241,6 +265,8 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path and ckpt_path.exists() else None
     if ckpt is not None:
         adapter.load_state_dict(ckpt["adapter"])
+    elif o.init:
+        adapter = _init_from(adapter, o.init, log)
     adapter.train()
     params = [p for p in adapter.parameters()]
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
@@ -264,8 +290,17 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     )
     with torch.no_grad():
         empty = text([""], torch.device("cpu"))[0]
-    loop = StepLoop(optim, params, step=step, spent=spent, ema=ema, log=log, log_every=o.log_every,
-                    checkpoint=lambda: checkpoint(), checkpoint_every=o.checkpoint_every)
+    loop = StepLoop(
+        optim,
+        params,
+        step=step,
+        spent=spent,
+        ema=ema,
+        log=log,
+        log_every=o.log_every,
+        checkpoint=lambda: checkpoint(),
+        checkpoint_every=o.checkpoint_every,
+    )
     last_export = time.monotonic()
 
     def record() -> dict:
@@ -455,6 +490,9 @@ def add_arguments(p) -> None:
     p.add_argument("--base", default=d.base, help="the base model folder (default: %(default)s)")
     p.add_argument("--out", default=d.out, help="diffusers folder to write (default: %(default)s)")
     p.add_argument("--work-dir", default=None, help="checkpoints; resumed when present")
+    p.add_argument(
+        "--init", default=None, help="start from an exported module's weights (a new schedule; same base only)"
+    )
     p.add_argument("--frames", type=int, default=d.frames)
     p.add_argument("--clips", type=int, default=d.clips, help="clips per step")
     p.add_argument("--steps", type=int, default=d.steps)
@@ -473,6 +511,7 @@ def run(a) -> int:
         base=a.base,
         out=a.out,
         work_dir=a.work_dir,
+        init=a.init,
         frames=a.frames,
         clips=a.clips,
         steps=a.steps,
