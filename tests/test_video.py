@@ -531,6 +531,7 @@ def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, ti
 def test_motion_training_continues_from_an_exported_module_and_refuses_another_bases(tmp_path, tiny_models):
     """--init: a later sitting starts from the committed export (its checkpoint gone); a module made for a
     UNet of other channels is a clear error, not a silent fresh start."""
+    from diffusers import MotionAdapter
     from safetensors.torch import load_file
 
     from ldm_core.train.motion import MotionTrainOptions, train_motion
@@ -541,15 +542,11 @@ def test_motion_training_continues_from_an_exported_module_and_refuses_another_b
     proj = [k for k in first if ".proj_out.weight" in k]
     assert proj and any(first[k].abs().sum() > 0 for k in proj)  # one step moved the zeroed projections
     said = []
-    opts = MotionTrainOptions(
-        **{**base, "steps": 1, "lr": 0.0}, out=str(tmp_path / "second"), init=str(tmp_path / "first")
-    )
+    opts = MotionTrainOptions(**{**base, "lr": 0.0}, out=str(tmp_path / "second"), init=str(tmp_path / "first"))
     train_motion(opts, log=said.append)
     second = load_file(tmp_path / "second" / "diffusion_pytorch_model.safetensors")
     assert any("starting from the weights" in m for m in said)
     assert all(torch.equal(first[k], second[k]) for k in first)  # lr 0: the export is the init, unchanged
-    from diffusers import MotionAdapter
-
     other = save_motion_module(
         MotionAdapter(block_out_channels=(48, 96), motion_layers_per_block=2, motion_norm_num_groups=16),
         tmp_path / "other",

@@ -216,9 +216,9 @@ def new_adapter(unet, heads: int = 8, mid_block: bool = True, max_frames: int = 
     return adapter
 
 
-def _init_from(adapter, path: str, log):
-    """`adapter` with the weights of the exported module at `path` (a folder or file; it must have the same
-    shape: made for the same base). A run continued in a later sitting, when its checkpoint is gone."""
+def _init_from(adapter, path: str, log) -> None:
+    """Load into `adapter` the weights of the exported module at `path` (a folder or file), which must have the
+    same config: made for the same base. A run continued in a later sitting, when its checkpoint is gone."""
     from ldm_core.video.motion_modules import MotionModuleError, load_motion_module
 
     module = load_motion_module(path)
@@ -231,9 +231,8 @@ def _init_from(adapter, path: str, log):
     )
     if diff:
         raise MotionModuleError(f"--init {path}: made for another base or shape (differs in {', '.join(diff)})")
-    module.adapter.float().requires_grad_(True)
+    adapter.load_state_dict(module.adapter.state_dict())
     log(f"starting from the weights of {path}")
-    return module.adapter
 
 
 def _lr(o: MotionTrainOptions, step: int, progress: float) -> float:
@@ -266,7 +265,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     if ckpt is not None:
         adapter.load_state_dict(ckpt["adapter"])
     elif o.init:
-        adapter = _init_from(adapter, o.init, log)
+        _init_from(adapter, o.init, log)
     adapter.train()
     params = [p for p in adapter.parameters()]
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
