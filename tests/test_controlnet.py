@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 from ldm_core.config import EngineConfig
 from ldm_core.engine import Engine
@@ -594,6 +594,30 @@ def test_hand_drawn_maps_are_the_scene_but_not_the_renderers_geometry(condition)
             front = arr[masks[1]].mean()
             assert front > back + 40 and back > arr[~masks.any(0)].mean() + 40
     assert 0.5 < float(np.mean(ious)) < 0.95, ious
+
+
+def test_hand_drawn_canny_sketches_are_pen_outlines_of_the_scene():
+    """The canny evaluation's freehand kinds: a dark pen outline on light paper around each drawn region (what
+    a user sketches and gives with preprocessor `canny`), the renderer's edge map only roughly."""
+    from ldm_core.train import condition_maps as cm
+    from ldm_core.train import controlnet as trainer
+
+    assert {"circle-drawn", "random-drawn"} <= set(trainer.EVAL_KINDS["canny"])
+    for kind in ("circle-drawn", "random-drawn"):
+        for scene, _prompt in trainer.eval_cases(6, 64, kind):
+            image = trainer.control_image(scene, 64, kind)
+            assert image.size == (cm.DRAWN_CANVAS, cm.DRAWN_CANVAS)
+            ink = np.asarray(image.convert("L").resize((64, 64), Image.BOX)) < 200
+            region = cm.drawn_masks(scene, 64)[0]
+
+            def grow(mask, k):  # k > 0 dilates, k < 0 erodes (k x k window)
+                f = ImageFilter.MaxFilter(k) if k > 0 else ImageFilter.MinFilter(-k)
+                return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(f)) > 127
+
+            near = grow(region, 5) & ~grow(region, -5)
+            assert ink.sum() > 10 and (ink & near).sum() >= 0.9 * ink.sum(), kind  # strokes on the outline
+            inside = grow(region, -9)[4:-4, 4:-4]  # (a stroke that leaves the picture runs along its border)
+            assert not ink[4:-4, 4:-4][inside].any(), kind  # an outline, not a filled shape
 
 
 def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):

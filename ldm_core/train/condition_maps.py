@@ -284,14 +284,25 @@ def drawn_masks(scene: shapes.Scene, size: int, seed: str = "") -> np.ndarray:
 
 
 def drawn_map(scene: shapes.Scene, condition: str, seed: str = "", canvas: int = DRAWN_CANVAS) -> Image.Image:
-    """A seg or depth map of `scene` as a user might paint one in an image editor (not made by the renderer):
-    freehand outlines (`drawn_outline`) on a `canvas`-px image, antialiased; seg in colours a little off the
-    palette and sometimes saved as JPEG; depth as grey levels of the user's choosing (the later object
-    nearer, so brighter), softened as a depth estimator's output is."""
+    """A map of `scene` as a user might paint one in an image editor (not made by the renderer): freehand
+    outlines (`drawn_outline`) on a `canvas`-px image, antialiased. seg: filled in colours a little off the
+    palette, sometimes saved as JPEG; depth: filled in grey levels of the user's choosing (the later object
+    nearer, so brighter), softened as a depth estimator's output is; canny: a sketch to give the canny
+    preprocessor, the outlines stroked with a dark pen of some width on light paper, sometimes JPEG."""
     from PIL import ImageDraw, ImageFilter
 
     rng = random.Random(f"drawn-map:{seed}:{scene!r}")
     big = canvas * 2
+    if condition == "canny":
+        paper = tuple(rng.randint(225, 255) for _ in range(3))
+        im = Image.new("RGB", (big, big), paper)
+        draw = ImageDraw.Draw(im)
+        for poly in _drawn_outlines(scene, seed):
+            pen = tuple(rng.randint(0, 60) for _ in range(3))
+            pts = [(x * big, y * big) for x, y in poly]
+            draw.line([*pts, pts[0]], fill=pen, width=max(2, round(big * rng.uniform(0.006, 0.02))), joint="curve")
+        im = im.resize((canvas, canvas), Image.LANCZOS)
+        return _maybe_jpeg(im, rng)
 
     def off(rgb) -> tuple[int, ...]:
         return tuple(int(np.clip(v + rng.randint(-8, 8), 0, 255)) for v in rgb)
@@ -310,6 +321,11 @@ def drawn_map(scene: shapes.Scene, condition: str, seed: str = "", canvas: int =
     im = im.resize((canvas, canvas), Image.LANCZOS)
     if condition == "depth":
         return im.filter(ImageFilter.GaussianBlur(canvas / 128))
+    return _maybe_jpeg(im, rng)
+
+
+def _maybe_jpeg(im: Image.Image, rng: random.Random) -> Image.Image:
+    """`im` as it comes back from a JPEG at quality 80 half the time (users save their drawings so)."""
     if rng.random() < 0.5:
         import io
 

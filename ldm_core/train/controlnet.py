@@ -105,8 +105,12 @@ class ControlNetTrainOptions:
 
 #: The held-out cases of each condition's evaluation.
 #: "-drawn": the same cases with maps painted freehand (`condition_maps.drawn_map`), not by the renderer the
-#: ControlNet learnt from.
-EVAL_KINDS = {"canny": ("circle", "random"), "depth": ("depth", "depth-drawn"), "seg": ("seg", "seg-drawn")}
+#: ControlNet learnt from (canny: a pen sketch of the outlines, given with preprocessor `canny` as users do).
+EVAL_KINDS = {
+    "canny": ("circle", "random", "circle-drawn", "random-drawn"),
+    "depth": ("depth", "depth-drawn"),
+    "seg": ("seg", "seg-drawn"),
+}
 
 
 def _device(name: str) -> torch.device:
@@ -499,7 +503,8 @@ def control_image(scene: shapes.Scene, size: int, kind: str):
     if kind in ("circle", "random"):
         return _edge_image(scene, size)
     if kind.endswith("-drawn"):
-        return drawn_map(scene, kind.removesuffix("-drawn"))
+        drawn = kind.removesuffix("-drawn")
+        return drawn_map(scene, "canny" if drawn in ("circle", "random") else drawn)
     fn = depth_maps if kind == "depth" else seg_maps
     return shapes.to_pil(fn(shapes.pack_scenes([scene]), size)[0])
 
@@ -606,7 +611,8 @@ def _evaluate_cases(
         results = []
         for i, (scene, prompt) in enumerate(cases):
             control = control_image(scene, size, kind)
-            unit = {"enabled": True, "module": "none", "model": controlnet.name, "image": control, **report["unit"]}
+            module = "canny" if condition == "canny" and kind.endswith("-drawn") else "none"
+            unit = {"enabled": True, "module": module, "model": controlnet.name, "image": control, **report["unit"]}
             req = GenerationRequest.build(
                 prompt=prompt,
                 steps=steps,
