@@ -620,6 +620,18 @@ def test_hand_drawn_canny_sketches_are_pen_outlines_of_the_scene():
             assert not ink[4:-4, 4:-4][inside].any(), kind  # an outline, not a filled shape
 
 
+def test_cubic_timesteps_favour_high_noise():
+    from ldm_core.train import controlnet as trainer
+
+    gen = torch.Generator().manual_seed(0)
+    cubic = trainer.sample_timesteps(20000, 1000, "cubic", gen)
+    uniform = trainer.sample_timesteps(20000, 1000, "uniform", gen)
+    assert cubic.min() >= 0 and cubic.max() <= 999 and cubic.dtype == uniform.dtype
+    assert abs((cubic > 580).float().mean() - 0.75) < 0.02 and abs((uniform > 580).float().mean() - 0.42) < 0.02
+    with pytest.raises(ValueError, match="timesteps"):
+        trainer.sample_timesteps(2, 1000, "cosine", gen)
+
+
 def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):
     """On a base whose VAE halves twice (the v2 built-in model's geometry) the ControlNet's hint encoder must
     halve twice too, or the first training step fails on mismatched shapes."""
@@ -652,7 +664,12 @@ def test_shipped_controlnet_puts_the_object_where_the_edge_map_says():
 
     weights = SHIPPED / "diffusion_pytorch_model.safetensors"
     assert (SHIPPED / "config.json").is_file() and weights.stat().st_size <= 10e6
-    report = trainer.evaluate(BUILTIN_MODEL_DIR, SHIPPED, n=4, device="cpu", steps=20, log=lambda _m: None)
+    with pytest.raises(ValueError, match="depth"):  # a kind of another condition, refused before any work
+        trainer.evaluate(BUILTIN_MODEL_DIR, SHIPPED, n=4, kinds=("circle", "depth"))
+    report = trainer.evaluate(
+        BUILTIN_MODEL_DIR, SHIPPED, n=4, device="cpu", steps=20, log=lambda _m: None, kinds=("circle", "random")
+    )
+    assert set(report) >= {"circle", "random"} and "circle-drawn" not in report
     assert report["circle"]["success"] >= 0.75, report["circle"]["cases"]
     assert report["random"]["position"] >= 0.75, report["random"]["cases"]
 
