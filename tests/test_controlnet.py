@@ -632,6 +632,30 @@ def test_cubic_timesteps_favour_high_noise():
         trainer.sample_timesteps(2, 1000, "cosine", gen)
 
 
+def test_size_weights_draw_large_scenes_more_often():
+    """--size-weights large=3 must make scenes whose largest object is large three times as likely per scene."""
+    import random as _random
+
+    from ldm_core.train import controlnet as trainer
+    from ldm_core.train import shapes
+
+    weights = trainer.parse_size_weights("large=3")
+    assert weights == {"small": 1.0, "medium": 1.0, "large": 3.0}
+    scenes = shapes.sample_scenes("size-weights-test", 600)
+    per_scene = trainer.scene_sampling_weights(scenes, weights)
+    large = [any(o.size == "large" for o in s.objects) for s in scenes]
+    assert all(w == (3.0 if is_large else 1.0) for w, is_large in zip(per_scene, large, strict=True))
+    rng = _random.Random(0)
+    drawn = rng.choices(range(len(scenes)), weights=per_scene, k=20000)
+    share = sum(large[i] for i in drawn) / len(drawn)
+    base = sum(large) / len(large)
+    expected = 3 * base / (3 * base + (1 - base))
+    assert abs(share - expected) < 0.02 and share > base + 0.15
+    for bad in ("huge=2", "large", "large=-1", "large=x", "small=0,medium=0,large=0"):
+        with pytest.raises(ValueError, match="size_weights"):
+            trainer.parse_size_weights(bad)
+
+
 def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):
     """On a base whose VAE halves twice (the v2 built-in model's geometry) the ControlNet's hint encoder must
     halve twice too, or the first training step fails on mismatched shapes."""

@@ -42,6 +42,7 @@ CLI: `python -m ldm_core.train.controlnet train --base models/builtin --out mode
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import random
@@ -105,6 +106,7 @@ class ControlNetTrainOptions:
     condition: str = "canny"  # canny, depth or seg (ldm_core.train.condition_maps)
     autocast: str = "auto"  # "auto" (bf16 on CUDA), "bf16" (also on CPU: faster on AVX512-BF16/AMX), "off"
     timesteps: str = "uniform"  # "uniform" or "cubic" (more high-noise steps; see the module docstring)
+    size_weights: str = ""  # e.g. "large=3": draw cached scenes whose largest object is large 3x as often
 
 
 #: The held-out cases of each condition's evaluation.
@@ -187,6 +189,36 @@ def training_batch(seed: int, step: int, n: int, opts: ControlNetTrainOptions) -
     scenes = condition_scenes(f"controlnet:{seed}:{step}", n, opts.condition)
     rng = random.Random(f"controlnet-captions:{seed}:{step}")
     return scenes, training_captions(scenes, rng, opts)
+
+
+def parse_size_weights(text: str) -> dict[str, float]:
+    """ "large=3,small=0.5" -> {"small": 0.5, "medium": 1.0, "large": 3.0}; sizes not named weigh 1."""
+    weights = dict.fromkeys(shapes.SIZES, 1.0)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in weights:
+            raise ValueError(f"size_weights: {part!r} is not SIZE=WEIGHT with SIZE one of {', '.join(shapes.SIZES)}")
+        try:
+            w = float(value)
+        except ValueError:
+            w = -1.0
+        if not w >= 0:
+            raise ValueError(f"size_weights: the weight of {name!r} must be a number >= 0, got {value.strip()!r}")
+        weights[name] = w
+    if not any(weights.values()):
+        raise ValueError("size_weights: at least one size needs a weight above 0")
+    return weights
+
+
+def scene_sampling_weights(scenes: Sequence[shapes.Scene], size_weights: dict[str, float]) -> list[float]:
+    """Each scene's weight: that of its largest object's size (a scene without objects weighs 1)."""
+    order = {name: i for i, name in enumerate(shapes.SIZES)}
+    out = []
+    for s in scenes:
+        sizes = [o.size for o in s.objects if o.size in order]
+        out.append(size_weights[max(sizes, key=order.__getitem__)] if sizes else 1.0)
+    return out
 
 
 def cache_scenes(opts: ControlNetTrainOptions) -> list[shapes.Scene]:
@@ -346,7 +378,10 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     amp = _autocast(dev, opts.autocast)
-    cache = scenes_all = None
+    cache = scenes_all = cum_weights = None
+    size_weights = parse_size_weights(opts.size_weights)
+    if opts.size_weights and opts.cache_scenes <= 0:
+        raise ValueError("size_weights draws from the scene cache: give cache_scenes > 0 too")
     if opts.cache_scenes > 0:
         if work is None:
             raise ValueError("cache_scenes needs a work_dir to keep the cache in")
@@ -354,6 +389,8 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         cache = build_cache(
             vae, scenes_all, res, work / "controlnet-cache.pt", opts.cache_batch, log, opts.seed, opts.condition
         )
+        if opts.size_weights:
+            cum_weights = list(itertools.accumulate(scene_sampling_weights(scenes_all, size_weights)))
     losses: list[float] = []
     ema = None
     step = 0
@@ -408,7 +445,10 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
                 z = vae.encode(images * 2 - 1).latent_dist.sample(generator=None)
         else:
             rng = random.Random(f"controlnet-cached:{opts.seed}:{step}")
-            idx = torch.tensor([rng.randrange(len(scenes_all)) for _ in range(opts.batch)])
+            if cum_weights is None:
+                idx = torch.tensor([rng.randrange(len(scenes_all)) for _ in range(opts.batch)])
+            else:
+                idx = torch.tensor(rng.choices(range(len(scenes_all)), cum_weights=cum_weights, k=opts.batch))
             captions = training_captions([scenes_all[k] for k in idx.tolist()], rng, opts)
             control = cached_control(cache, idx).to(dev)
             mean, std = cache["mean"][idx].float(), cache["std"][idx].float()
@@ -747,6 +787,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--condition", choices=CONDITIONS, default=d.condition, help="the control maps to learn")
     t.add_argument(
         "--autocast", choices=("auto", "bf16", "off"), default=d.autocast, help="bf16 autocast: auto = on CUDA only"
+    )
+    t.add_argument(
+        "--size-weights",
+        default=d.size_weights,
+        help='draw cached scenes by their largest object\'s size, e.g. "large=3" (needs --cache-scenes)',
     )
     t.add_argument(
         "--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps, help="cubic: more high-noise (layout) steps"
