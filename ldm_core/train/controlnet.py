@@ -556,13 +556,26 @@ def eval_cases(n: int, size: int, kind: str = "circle", seed: int = 0) -> list[t
     return out
 
 
+def _drawn_condition(kind: str) -> str | None:
+    """The condition a "-drawn" eval kind is sketched for (canny for circle/random), None for rendered maps."""
+    if not kind.endswith("-drawn"):
+        return None
+    drawn = kind.removesuffix("-drawn")
+    return "canny" if drawn in EVAL_KINDS["canny"] else drawn
+
+
+def control_preprocessor(kind: str) -> str:
+    """The unit's preprocessor for an eval kind: a pen sketch goes through "canny" as a user's would; the
+    renderer's maps (and drawn depth/seg maps, already maps) go in as they are."""
+    return "canny" if _drawn_condition(kind) == "canny" else "none"
+
+
 def control_image(scene: shapes.Scene, size: int, kind: str):
     """The control map of an eval case as the PIL image a user would give the ControlNet unit."""
     if kind in ("circle", "random"):
         return _edge_image(scene, size)
-    if kind.endswith("-drawn"):
-        drawn = kind.removesuffix("-drawn")
-        return drawn_map(scene, "canny" if drawn in ("circle", "random") else drawn)
+    if (drawn := _drawn_condition(kind)) is not None:
+        return drawn_map(scene, drawn)
     fn = depth_maps if kind == "depth" else seg_maps
     return shapes.to_pil(fn(shapes.pack_scenes([scene]), size)[0])
 
@@ -675,8 +688,13 @@ def _evaluate_cases(
         results = []
         for i, (scene, prompt) in enumerate(cases):
             control = control_image(scene, size, kind)
-            module = "canny" if condition == "canny" and kind.endswith("-drawn") else "none"
-            unit = {"enabled": True, "module": module, "model": controlnet.name, "image": control, **report["unit"]}
+            unit = {
+                "enabled": True,
+                "module": control_preprocessor(kind),
+                "model": controlnet.name,
+                "image": control,
+                **report["unit"],
+            }
             req = GenerationRequest.build(
                 prompt=prompt,
                 steps=steps,
