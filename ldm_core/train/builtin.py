@@ -1142,9 +1142,9 @@ def train_builtin(opts: TrainOptions) -> dict:
     return Trainer(opts).run()
 
 
-def command_line() -> str:
-    """The command that started this process, shell-quoted (for TRAINING.json)."""
-    args = [Path(sys.executable).name, "-m", "ldm_core.train"] + sys.argv[1:]
+def command_line(module: str = "ldm_core.train") -> str:
+    """The command that started this process as `python -m <module> ...`, shell-quoted (for TRAINING.json)."""
+    args = [Path(sys.executable).name, "-m", module] + sys.argv[1:]
     return shlex.join(args)
 
 

@@ -46,8 +46,6 @@ import itertools
 import json
 import math
 import random
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -59,7 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.train import shapes
-from ldm_core.train.builtin import _autocast, _save_atomic, export_fp16_folder
+from ldm_core.train.builtin import _autocast, _save_atomic, command_line, export_fp16_folder
 from ldm_core.train.condition_maps import (
     CONDITIONS,
     condition_maps,
@@ -420,7 +418,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
             "seconds": round(seconds(), 1),
             "parameters": n_params,
             "canny": [CANNY_LOW, CANNY_HIGH],
-            "command": command_line(),
+            "command": command_line("ldm_core.train.controlnet"),
         }
 
     def checkpoint() -> None:
@@ -777,10 +775,6 @@ def _sheet(images: list, path: Path, cols: int = 10) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # command line
-
-
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -245,7 +244,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     from diffusers import DDPMScheduler
 
     from ldm_core.models import load_model
-    from ldm_core.train.builtin import _autocast, _save_atomic, diffusion_target, export_fp16_folder
+    from ldm_core.train.builtin import _autocast, _save_atomic, command_line, diffusion_target, export_fp16_folder
     from ldm_core.train.controlnet import TextEncoder
     from ldm_core.video.motion_modules import MotionModule, MotionPatch
 
@@ -305,7 +304,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     def record() -> dict:
         return {
             "recipe": "ldm_core.train.motion (shapes-world clips, base frozen)",
-            "command": shlex.join(sys.argv),  # the process's command line (python -m ldm_core.train motion ...)
+            "command": command_line(),
             "options": {k: str(v) for k, v in asdict(o).items()},
             "steps": loop.step,
             "clips_seen": loop.step * o.clips,
