@@ -34,3 +34,18 @@ def test_phrasing_section_runs_beside_single():
     assert prompts != [i["prompt"] for i in rep["single"]["items"]]
     assert [i["want"] for i in rep["phrasing"]["items"]] == [i["want"] for i in rep["single"]["items"]]
     assert len(HELDOUT_PHRASINGS) >= 5
+
+
+def test_no_background_section_names_only_colour_and_shape_and_scores_the_leak():
+    """Issue 15's default model must draw what a new user types first ("a red circle"): the section's prompts
+    name no background, and it reports how often the background took the object's own colour."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    rep = evaluate(EvalOptions(model=MODEL, n=8, device="cpu", only=("no_background",)))["no_background"]
+    assert rep["n"] == 4 and len(rep["items"]) == 4
+    for item in rep["items"]:
+        words = item["prompt"].split()
+        assert "background" not in item["prompt"] and len(words) <= 3
+        assert words[-1] in shapes.SHAPES and words[-2] in shapes.COLOUR_NAMES
+    leaks = [i["background_is_object_colour"] for i in rep["items"]]
+    assert rep["background_is_object_colour"] == sum(leaks) / 4
+    assert 0.0 <= rep["found"] <= 1.0

@@ -4,6 +4,8 @@ the deterministic analyser (`analyser.analyse`).
 
 Tests (each a key of the report):
 - single: one-object prompts naming shape, colour, position and background -> accuracy of each;
+- no_background: "a red circle" as a new user types it (colour and shape only) -> share where that object is
+  found, and share where the background came out in the object's own colour (the object then vanishes);
 - double: two-object prompts -> share of images where both (shape, colour) pairs are found;
 - negative: "a circle" with and without the negative prompt "red, blue, green" -> share of red/blue/green;
 - img2img: a clean render re-generated with another prompt at strength 0.3 (the analyser must still find
@@ -34,7 +36,7 @@ from ldm_core.train.analyser import Analysis, analyse
 SEED_BASE = 1_000_000
 NEGATIVE_PROMPT = "red, blue, green"
 NEGATIVE_COLOURS = ("red", "blue", "green")
-TESTS = ("single", "phrasing", "double", "negative", "img2img", "inpaint", "vae")
+TESTS = ("single", "phrasing", "no_background", "double", "negative", "img2img", "inpaint", "vae")
 
 #: Quality bars from the issue (report key -> minimum, or maximum for the negative ratio).
 BARS = {
@@ -264,6 +266,31 @@ class Evaluator:
     def phrasing(self) -> dict:
         """`single` with prompts phrased as `HELDOUT_PHRASINGS`: does the model follow users' wording too?"""
         return self.single("heldout")
+
+    def no_background(self) -> dict:
+        """Prompts naming only colour and shape ("a red circle", "green square"): training scenes never put an
+        object on a background of its own colour, so a model that does so here leaks the word into the scene."""
+        n = max(4, self.o.n // 2)
+        rng = random.Random("ldm-eval:no-background")
+        scenes = eval_scenes("no-background", n, 1)
+        prompts = []
+        for s in scenes:
+            noun = f"{s.objects[0].colour} {s.objects[0].shape}"
+            prompts.append(rng.choice((f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}", noun)))
+        seeds = [SEED_BASE + 400_000 + i for i in range(n)]
+        images = self.txt2img(prompts, seeds)
+        self._save("no_background", images)
+        found = leaked = 0
+        items = []
+        for s, p, seed, im in zip(scenes, prompts, seeds, images, strict=True):
+            a = analyse(im)
+            want = s.objects[0]
+            f = a.find(shape=want.shape, colour=want.colour) is not None
+            leak = a.background == want.colour
+            found += int(f)
+            leaked += int(leak)
+            items.append({"prompt": p, "seed": seed, "found": f, "background_is_object_colour": leak})
+        return {"n": n, "found": found / n, "background_is_object_colour": leaked / n, "items": items}
 
     def double(self) -> dict:
         n = max(4, self.o.n // 2)
@@ -561,6 +588,12 @@ def format_report(rep: dict) -> str:
         lines.append(
             f"single-object, held-out phrasings (n={s['n']}): shape+colour {s['shape_colour']:.1%}  background "
             f"{s['background']:.1%}  position {s['position']:.1%}"
+        )
+    if "no_background" in rep:
+        b = rep["no_background"]
+        lines.append(
+            f"colour and shape only, no background named (n={b['n']}): found {b['found']:.1%}, background in the "
+            f"object's colour {b['background_is_object_colour']:.1%}"
         )
     if "double" in rep:
         d = rep["double"]
