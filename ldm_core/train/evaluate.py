@@ -70,8 +70,7 @@ def single_prompt(obj: shapes.ShapeObject, background: str, rng: random.Random) 
     """A prompt naming shape, colour, position and background (canonical words, varied order)."""
     pos = rng.choice(shapes.POSITION_PHRASES[obj.position][:3])
     noun = f"{obj.colour} {obj.shape}"
-    art = "an" if noun[0] in "aeiou" else "a"
-    bg_art = "an" if background[0] in "aeiou" else "a"
+    art, bg_art = shapes.article(noun), shapes.article(background)
     return rng.choice(
         (
             f"{art} {noun} {pos} on {bg_art} {background} background",
@@ -102,9 +101,7 @@ def heldout_prompt(obj: shapes.ShapeObject, background: str, rng: random.Random)
 
 def double_prompt(a: shapes.ShapeObject, b: shapes.ShapeObject, background: str, rng: random.Random) -> str:
     na, nb = f"{a.colour} {a.shape}", f"{b.colour} {b.shape}"
-    art_a = "an" if na[0] in "aeiou" else "a"
-    art_b = "an" if nb[0] in "aeiou" else "a"
-    bg_art = "an" if background[0] in "aeiou" else "a"
+    art_a, art_b, bg_art = shapes.article(na), shapes.article(nb), shapes.article(background)
     return rng.choice(
         (
             f"{art_a} {na} and {art_b} {nb}",
@@ -276,7 +273,7 @@ class Evaluator:
         prompts = []
         for s in scenes:
             noun = f"{s.objects[0].colour} {s.objects[0].shape}"
-            prompts.append(rng.choice((f"{'an' if noun[0] in 'aeiou' else 'a'} {noun}", noun)))
+            prompts.append(rng.choice((f"{shapes.article(noun)} {noun}", noun)))
         seeds = [SEED_BASE + 400_000 + i for i in range(n)]
         images = self.txt2img(prompts, seeds)
         self._save("no_background", images)

@@ -327,13 +327,13 @@ def render_hearts(scenes: list[HeartScene], size: int = 64) -> torch.Tensor:
 
 
 def _heart_caption(s: HeartScene, rng: random.Random) -> str:
-    from ldm_core.train.shapes import COLOUR_WORDS, POSITION_PHRASES, POSITION_TAGS, SIZE_WORDS
+    from ldm_core.train.shapes import COLOUR_WORDS, POSITION_PHRASES, POSITION_TAGS, SIZE_WORDS, article
 
     colour = rng.choice(COLOUR_WORDS[s.colour])
     bg = rng.choice(COLOUR_WORDS[s.background])
     size = rng.choice(SIZE_WORDS[s.size]) + " " if rng.random() < 0.5 else ""
     noun = f"{size}{colour} heart"
-    article = "an" if noun[0] in "aeiou" else "a"
+    art = article(noun)
     if rng.random() < 0.2:  # tag style
         tags = [f"{colour} heart"]
         if rng.random() < 0.6:
@@ -341,7 +341,7 @@ def _heart_caption(s: HeartScene, rng: random.Random) -> str:
         if rng.random() < 0.7:
             tags.append(f"{bg} background")
         return ", ".join(tags)
-    parts = [f"{article} {noun}"]
+    parts = [f"{art} {noun}"]
     if rng.random() < 0.65:
         parts.append(rng.choice(POSITION_PHRASES[s.position]))
     if rng.random() < 0.7:

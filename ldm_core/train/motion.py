@@ -97,7 +97,7 @@ class Clip:
 def _object_phrase(shape: str, colour: str, rng: random.Random) -> str:
     word = rng.choice(shapes.SHAPE_WORDS[shape])
     c = rng.choice(shapes.COLOUR_WORDS[colour])
-    return f"{'an' if c[0] in 'aeiou' else 'a'} {c} {word}" if rng.random() < 0.85 else f"{c} {word}"
+    return f"{shapes.article(c)} {c} {word}" if rng.random() < 0.85 else f"{c} {word}"
 
 
 def _background(bg: str, rng: random.Random) -> str:

@@ -249,7 +249,8 @@ def sample_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
 
 
 # ----------------------------------------------------------------------------------------- captions
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """ "a" or "an" before `word`."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -267,7 +268,7 @@ def _noun_phrase(o: ShapeObject, rng: random.Random, p_size: float, p_colour: fl
 def _with_article(phrase: str, rng: random.Random) -> str:
     r = rng.random()
     if r < 0.8:
-        return f"{_article(phrase)} {phrase}"
+        return f"{article(phrase)} {phrase}"
     if r < 0.9:
         return f"one {phrase}"
     return phrase
@@ -275,7 +276,7 @@ def _with_article(phrase: str, rng: random.Random) -> str:
 
 def _background_phrase(bg: str, rng: random.Random) -> str:
     c = rng.choice(COLOUR_WORDS[bg])
-    a = _article(c)
+    a = article(c)
     return rng.choice(
         (
             f"on {a} {c} background",
