@@ -332,6 +332,9 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
 
     from ldm_core.models import load_model
 
+    size_weights = parse_size_weights(opts.size_weights)  # a bad spec fails before any model loads
+    if opts.size_weights and opts.cache_scenes <= 0:
+        raise ValueError("size_weights draws from the scene cache: give cache_scenes > 0 too")
     torch.manual_seed(opts.seed)
     dev = _device(opts.device)
     model = load_model(opts.base, dtype=torch.float32, allow_pickle=opts.allow_pickle)
@@ -377,9 +380,6 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     amp = _autocast(dev, opts.autocast)
     cache = scenes_all = cum_weights = None
-    size_weights = parse_size_weights(opts.size_weights)
-    if opts.size_weights and opts.cache_scenes <= 0:
-        raise ValueError("size_weights draws from the scene cache: give cache_scenes > 0 too")
     if opts.cache_scenes > 0:
         if work is None:
             raise ValueError("cache_scenes needs a work_dir to keep the cache in")
