@@ -41,6 +41,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default="Automatic", help="schedule type, e.g. Karras")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=7.0)
+    p.add_argument(
+        "--rescale-cfg",
+        type=float,
+        default=None,
+        help="CFG rescale 0..1 (0: plain CFG); default: the model's recommendation (its sidecar's rescale_cfg)",
+    )
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--subseed", type=int, default=-1)
     p.add_argument("--subseed-strength", type=float, default=0.0)
@@ -193,6 +199,7 @@ def _request(args):
         scheduler=args.scheduler,
         steps=args.steps,
         cfg_scale=args.cfg_scale,
+        rescale_cfg=args.rescale_cfg,
         seed=args.seed,
         subseed=args.subseed,
         subseed_strength=args.subseed_strength,

@@ -1117,6 +1117,7 @@ class Engine:
             s_min_uncond=request.s_min_uncond,
             sigmas=sigmas,
             switch=switch,
+            rescale_cfg=rescale_cfg(request, model),
         )
         unets = (model.unet, refiner.model.unet if switch is not None else None)
         with self._on_device(*unets), torch.inference_mode():
@@ -1227,6 +1228,8 @@ class Engine:
             p["Emphasis"] = request.emphasis
         if request.s_min_uncond:
             p["NGMS"] = infotext_number(request.s_min_uncond)
+        if rescale_cfg(request, model) > 0:
+            p["Rescale CFG"] = infotext_number(rescale_cfg(request, model))
         if request.tiling:
             p["Tiling"] = True
         if isinstance(request, Img2ImgRequest) and request.initial_noise_multiplier != 1.0:
@@ -1310,6 +1313,7 @@ def _feature_manifest(request: GenerationRequest, job: _JobState) -> dict[str, A
     out: dict[str, Any] = {
         "tiling": request.tiling,
         "s_min_uncond": request.s_min_uncond,
+        "rescale_cfg": rescale_cfg(request, job.model),
         "eta_noise_seed_delta": request.eta_noise_seed_delta,
     }
     if job.model.kind.family == "sdxl":
@@ -1342,6 +1346,11 @@ def _uses_step_noise(info: SamplerInfo, eta: float | None) -> bool:
 def _chosen(value: str | None, same: str) -> bool:
     """Whether an optional choice names something: not None, "", "None" or the `same` label."""
     return value is not None and value.strip() not in ("", "None", "none", same)
+
+
+def rescale_cfg(request: GenerationRequest, model: LoadedModel) -> float:
+    """The CFG rescale a job runs with: the request's, else the model's recommendation (its sidecar's)."""
+    return request.rescale_cfg if request.rescale_cfg is not None else model.rescale_cfg
 
 
 def _short_title(model: LoadedModel) -> str:
@@ -1387,5 +1396,3 @@ def _unet_concat(model: LoadedModel, unet_concat: torch.Tensor | None, noise: to
     b, lat_c = noise.shape[0], noise.shape[1]
     ones = torch.ones(b, 1, *noise.shape[-2:], device=noise.device)
     return torch.cat([ones, torch.zeros(b, lat_c, *noise.shape[-2:], device=noise.device)], dim=1)
-
-

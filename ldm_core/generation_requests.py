@@ -131,6 +131,10 @@ class GenerationRequest(_Request):
     scheduler: str = "Automatic"  # schedule type (A1111 >= 1.9)
     steps: int = Field(20, ge=1)
     cfg_scale: float = Field(7.0, ge=-MAX_CFG_SCALE, le=MAX_CFG_SCALE)
+    # CFG rescale (pipeline.loop.rescale_guidance; Forge's "Rescale CFG", diffusers' guidance_rescale): 0 = plain
+    # CFG; None = the model's recommendation (its sidecar's rescale_cfg, else 0). Also read from the A1111
+    # extensions' alwayson_scripts (see _rescale_cfg_script)
+    rescale_cfg: float | None = Field(None, ge=0.0, le=1.0)
     # None: the model's native size; the engine rounds other sizes down to a multiple of the model's VAE factor
     # (LoadedModel.work_size; A1111 works at size // 8 latents), so a request keeps the size as sent
     width: int | None = Field(None, ge=MIN_SIDE)
@@ -210,6 +214,30 @@ class GenerationRequest(_Request):
                 raise ValueError(f"alwayson_scripts.{key}.args[0] must be an object of AnimateDiff options")
         return data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _rescale_cfg_script(cls, data: Any) -> Any:
+        """`rescale_cfg` from the alwayson_scripts that A1111-family clients send it in, when the request does
+        not set it: Forge's built-in "RescaleCFG" (args [phi]), the A1111 "CFG Rescale Extension" (args
+        [phi, ddim_trailing]; the DDIM flag is not read: the schedule type picks the timestep spacing here)
+        and "RescaleCFG for reForge" (args [enabled, phi])."""
+        if not isinstance(data, dict) or data.get("rescale_cfg") is not None:
+            return data
+        scripts = data.get("alwayson_scripts") or {}
+        if not isinstance(scripts, dict):
+            return data
+        for key, value in scripts.items():
+            name = str(key).lower()
+            args = value.get("args") if isinstance(value, dict) else value
+            if name not in _RESCALE_SCRIPTS or not isinstance(args, list | tuple) or not args:
+                continue
+            if name == "rescalecfg for reforge":
+                if len(args) < 2:
+                    raise ValueError(f"alwayson_scripts.{key}.args must be [enabled, multiplier]")
+                return {**data, "rescale_cfg": args[1] if args[0] else 0.0}
+            return {**data, "rescale_cfg": args[0]}
+        return data
+
     @field_validator("sampler_name")
     @classmethod
     def _nonempty_sampler(cls, v: str) -> str:
@@ -234,6 +262,9 @@ class GenerationRequest(_Request):
             if self.denoising_strength > 1.0:  # A1111 runs min(strength, 0.999) of the steps: a full denoise
                 self.__dict__["denoising_strength"] = 1.0
         return self
+
+
+_RESCALE_SCRIPTS = ("rescalecfg", "cfg rescale extension", "rescalecfg for reforge")
 
 
 def _choice_by_index(v, choices: tuple[str, ...]):

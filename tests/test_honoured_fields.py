@@ -11,6 +11,7 @@ the real SDXL refiner family is tested in tests/test_sdxl_refiner.py.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -327,3 +328,78 @@ def test_a1111_payloads_reach_the_engine(engine):
     i2i.update(mask=b64(_square_mask()), mask_blur_x=10, mask_blur_y=0, initial_noise_multiplier=0.5)
     p = params(run(StableDiffusionImg2ImgProcessingAPI, i2i).infotexts[0])
     assert (p["Mask blur x"], p["Mask blur y"], p["Noise multiplier"]) == ("10", "0", "0.5")
+
+
+# ---- CFG rescale -------------------------------------------------------------------------------------------
+def test_rescale_guidance_matches_the_positive_spread_and_mixes_by_phi():
+    from ldm_core.pipeline.loop import rescale_guidance
+
+    g = torch.Generator().manual_seed(0)
+    positive = torch.randn(3, 4, 8, 8, generator=g)
+    guided = 5.0 * torch.randn(3, 4, 8, 8, generator=g) + 1.0
+    full = rescale_guidance(guided, positive, 1.0)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), positive.std(dim=(1, 2, 3)), rtol=1e-5)  # per image
+    assert torch.equal(rescale_guidance(guided, positive, 0.0), guided)
+    half = rescale_guidance(guided, positive, 0.5)
+    assert torch.allclose(half, 0.5 * full + 0.5 * guided, atol=1e-6)
+
+
+def test_rescale_cfg_from_request_alwayson_scripts_and_the_model_sidecar(engine):
+    ckpt = Path(engine.config.ckpt_dirs[0])
+    src = ckpt / "vpred.safetensors"
+    shutil.copy(src, ckpt / "rescaled.safetensors")
+    (ckpt / "rescaled.json").write_text('{"rescale_cfg": 0.7}', encoding="utf-8")
+    engine.refresh_models()
+    plain = gen(engine, model="vpred", cfg_scale=12)
+    own = gen(engine, model="rescaled", cfg_scale=12)  # the sidecar's recommendation applies
+    assert params(own.infotexts[0])["Rescale CFG"] == "0.7" and "Rescale CFG" not in params(plain.infotexts[0])
+    assert differ(plain, own)
+    off = gen(engine, model="rescaled", cfg_scale=12, rescale_cfg=0.0)  # the request's 0 wins
+    assert "Rescale CFG" not in params(off.infotexts[0])
+    assert np.array_equal(arr(off.images[0]), arr(plain.images[0]))
+    asked = gen(engine, model="vpred", cfg_scale=12, rescale_cfg=0.7)
+    assert np.array_equal(arr(asked.images[0]), arr(own.images[0]))
+    # the alwayson_scripts A1111-family clients send it in
+    for scripts, phi in (
+        ({"RescaleCFG": {"args": [0.7]}}, 0.7),  # Forge's built-in
+        ({"CFG Rescale Extension": {"args": [0.5, False]}}, 0.5),  # A1111 extension
+        ({"RescaleCFG for reForge": {"args": [True, 0.3]}}, 0.3),
+        ({"RescaleCFG for reForge": {"args": [False, 0.3]}}, 0.0),
+    ):
+        assert req(alwayson_scripts=scripts).rescale_cfg == phi, scripts
+    assert req(rescale_cfg=0.2, alwayson_scripts={"RescaleCFG": {"args": [0.7]}}).rescale_cfg == 0.2
+    with pytest.raises(RequestError) as err:
+        req(rescale_cfg=1.5)
+    assert err.value.field == "rescale_cfg"
+
+
+def test_a_bad_rescale_cfg_in_a_sidecar_names_the_file(tmp_path):
+    from ldm_core.models.sidecar import SidecarError, read_sidecar
+
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    (tmp_path / "m.json").write_text('{"rescale_cfg": 2}', encoding="utf-8")
+    with pytest.raises(SidecarError, match=r"m\.json: rescale_cfg 2 must be a number from 0 to 1"):
+        read_sidecar(tmp_path / "m.safetensors")
+    (tmp_path / "m.json").write_text('{"rescale_cfg": 0.25}', encoding="utf-8")
+    assert read_sidecar(tmp_path / "m.safetensors").rescale_cfg == 0.25
+
+
+def test_rescale_cfg_pastes_back_from_infotext():
+    from ui.common import fields_from_text
+
+    assert fields_from_text("a red circle\nSteps: 20, CFG scale: 7, Rescale CFG: 0.7")["rescale_cfg"] == 0.7
+    assert fields_from_text("a red circle\nSteps: 20, CFG scale: 7, CFG Rescale: 0.5")["rescale_cfg"] == 0.5
+    assert fields_from_text("a red circle\nSteps: 20, CFG scale: 7")["rescale_cfg"] == 0.0
+
+
+def test_rescale_cfg_through_the_a1111_request_models():
+    from api.schemas import StableDiffusionTxt2ImgProcessingAPI, a1111_engine_values, build_engine_request
+
+    def engine_request(payload):
+        return build_engine_request(a1111_engine_values(StableDiffusionTxt2ImgProcessingAPI(**payload)))
+
+    base = {"prompt": "a red circle", "steps": 4}
+    assert engine_request(base).rescale_cfg is None  # the model's recommendation
+    assert engine_request({**base, "rescale_cfg": 0.6}).rescale_cfg == 0.6
+    forge = {**base, "alwayson_scripts": {"RescaleCFG": {"args": [0.7]}}}
+    assert engine_request(forge).rescale_cfg == 0.7

@@ -491,9 +491,11 @@ def test_built_ui_handlers_generate_switch_send_and_style(ctx):
     top = web.tabs["top"]
     switch = _handler(web.blocks, name="switch", trigger=top.checkpoint)
     assert ctx.engine.current_model.entry.name == "tiny-b"  # the last job's model (native 128)
-    outs = list(switch.fn("tiny-a.safetensors", 128, 128, 128, 96, 128, 128))
+    # (then the tabs' Rescale CFG sliders: one still at the old model's recommendation follows the new one's)
+    # (four tabs: txt2img, img2img, inpaint, video)
+    outs = list(switch.fn("tiny-a.safetensors", 128, 128, 128, 96, 128, 128, 128, 128, 0.0, 0.4, 0.0, 0.0))
     assert "Loading" in outs[0][0] and "Loaded tiny-a.safetensors" in outs[-1][0]
-    assert outs[-1][2:] == [64, 64, 64, 96, 64, 64]
+    assert outs[-1][2:] == [64, 64, 64, 96, 64, 64, 64, 64, 0.7, 0.4, 0.7, 0.7]
     assert ctx.engine.current_model.entry.name == "tiny-a"
     assert ctx.settings.get("sd_model_checkpoint") == "tiny-a.safetensors"
     # "send to img2img" opens the image and fills the fields from its infotext

@@ -40,6 +40,7 @@ class FakeModel:
     entry: FakeEntry
     native_size: int
     tokenizer: Any = None
+    rescale_cfg: float = 0.0  # the sidecar's recommendation (Engine: LoadedModel.rescale_cfg)
 
 
 class FakeRegistry:
@@ -127,7 +128,8 @@ class FakeEngine:
         if entry is None:
             raise RequestError("model", "no model found")
         if self.current_model is None or self.current_model.entry != entry:
-            self.current_model = FakeModel(entry, entry.native_size)
+            # tiny-a stands for a model whose sidecar recommends CFG rescale 0.7 (as the built-in one does)
+            self.current_model = FakeModel(entry, entry.native_size, rescale_cfg=0.7 if entry.name == "tiny-a" else 0.0)
         return self.current_model
 
     def generate(self, request, ctx: JobContext) -> FakeResult:

@@ -20,6 +20,7 @@ from .common import (
     open_gallery_image,
     pick,
     readable_error,
+    recommended_rescale_cfg,
     size_after_switch,
     size_step,
     vae_titles,
@@ -124,12 +125,15 @@ def build_top_bar(ctx: UiContext) -> TopBar:
 
 def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> None:
     dims = [c for t in gen_tabs for c in (t.fields["width"], t.fields["height"])]
+    rescales = [t.fields["rescale_cfg"] for t in gen_tabs if "rescale_cfg" in t.fields]
 
-    def switch(name: str | None, *sizes):
+    def switch(name: str | None, *values):
         if not name:
             return
+        sizes, phis = values[: len(dims)], values[len(dims) :]
         old, old_step = native_size(ctx.engine), size_step(ctx.engine)
-        yield [f"<span class='ldm-saved'>Loading {html.escape(name)}…</span>", gr.skip()] + [gr.skip()] * len(dims)
+        old_phi = recommended_rescale_cfg(ctx.engine)
+        yield [f"<span class='ldm-saved'>Loading {html.escape(name)}…</span>", gr.skip()] + [gr.skip()] * len(values)
         try:
             title = ctx.service.switch_model(name)
         except Exception as exc:  # report, keep serving with the old model
@@ -147,12 +151,15 @@ def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> 
             dims_now = size_after_switch(int(sizes[i]), int(sizes[i + 1]), old, new)
             # the sliders step by the new model's VAE factor (sent only when it changed)
             out += [v if step == old_step else gr.update(value=v, step=step) for v in dims_now]
+        # a Rescale CFG slider still at the old model's recommendation follows the new one's
+        new_phi = recommended_rescale_cfg(ctx.engine)
+        out += [new_phi if abs(float(phi) - old_phi) < 1e-6 else phi for phi in phis]
         yield out
 
     top.checkpoint.input(
         switch,
-        [top.checkpoint, *dims],
-        [top.status, top.checkpoint, *dims],
+        [top.checkpoint, *dims, *rescales],
+        [top.status, top.checkpoint, *dims, *rescales],
         concurrency_limit=None,
         show_progress="minimal",
     )

@@ -31,6 +31,7 @@ from ldm_core.generation_requests import (
     check_limits,
 )
 from ldm_core.infotext import parse_infotext
+from ldm_core.models.sidecar import read_sidecar
 from ldm_core.progress import ProgressState
 
 from .settings_store import SettingsStore
@@ -153,6 +154,18 @@ def size_step(engine) -> int:
         except Exception:
             step = None
     return int(step) if step else SIZE_STEP
+
+
+def recommended_rescale_cfg(engine) -> float:
+    """The loaded (or default) model's recommended CFG rescale: its sidecar's `rescale_cfg`, 0 when it has none
+    or the model is unknown. Does not load a model."""
+    model = getattr(engine, "current_model", None)
+    if model is not None:
+        return float(getattr(model, "rescale_cfg", 0.0) or 0.0)
+    try:
+        return read_sidecar(engine.current_model_entry().path).rescale_cfg or 0.0
+    except Exception:  # no model yet, or a sidecar the load will report
+        return 0.0
 
 
 def default_dims(engine, settings: SettingsStore) -> tuple[int, int]:
@@ -411,6 +424,7 @@ def fields_from_infotext(
         hr_sampler_name=SAME_SAMPLER,
         hr_scheduler=SAME_SCHEDULER,
         refiner_checkpoint="None",
+        rescale_cfg=0.0,  # an infotext without the key was made with plain CFG
     )
     ints = {
         "Steps": "steps",
@@ -435,6 +449,8 @@ def fields_from_infotext(
         "Hires upscale": "hr_scale",
         "Eta": "eta",
         "Refiner switch at": "refiner_switch_at",
+        "Rescale CFG": "rescale_cfg",  # Forge's key (what we write)
+        "CFG Rescale": "rescale_cfg",  # the A1111 CFG Rescale extension's
     }
     for key, name in ints.items():
         if key in params and _num(params[key], int) is not None:

@@ -34,6 +34,7 @@ from .common import (
     outputs_note,
     pick,
     readable_error,
+    recommended_rescale_cfg,
     result_record,
     sampler_names,
     schedule_types,
@@ -266,6 +267,16 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
         label="CFG Scale",
         elem_id=f"{m}_cfg_scale",
     )
+    rescale = gr.Slider(
+        0.0,
+        1.0,
+        value=recommended_rescale_cfg(eng),
+        step=0.05,
+        label="Rescale CFG (0: off; starts at the model's recommendation)",
+        info="Scales the guided prediction back to the spread of the prompt's own: high CFG then stops "
+        "blowing colours out (v-prediction models, the built-in one)",
+        elem_id=f"{m}_rescale_cfg",
+    )
     with gr.Row(equal_height=True):
         seed = gr.Number(value=-1, precision=0, label="Seed (-1: random)", elem_id=f"{m}_seed", scale=4)
         random_seed = tool_button(ICON_RANDOM, f"{m}_random_seed")
@@ -309,6 +320,7 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
         n_iter=n_iter,
         batch_size=batch_size,
         cfg_scale=cfg,
+        rescale_cfg=rescale,
         seed=seed,
         subseed=subseed,
         subseed_strength=subseed_strength,
@@ -325,6 +337,7 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
             width: lambda: gr.update(value=default_dims(ctx.engine, st)[0], step=size_step(ctx.engine)),
             height: lambda: gr.update(value=default_dims(ctx.engine, st)[1], step=size_step(ctx.engine)),
             cfg: lambda: st.get("default_cfg_scale"),
+            rescale: lambda: recommended_rescale_cfg(ctx.engine),
         }
     )
     swap.click(lambda w, h: (h, w), [width, height], [width, height], queue=False)

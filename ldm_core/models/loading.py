@@ -32,7 +32,7 @@ from .detect import CheckpointKind, UnsupportedCheckpointError, detect_checkpoin
 from .entry import ModelEntry
 from .geometry import round_down, vae_scale_factor
 from .hashes import file_sha256  # re-exported: A1111 "Model hash" = file_sha256(path)[:10]
-from .sidecar import SidecarError, read_sidecar
+from .sidecar import Sidecar, SidecarError, read_sidecar
 from .single_file import (
     LayoutError,
     convert_checkpoint,
@@ -292,6 +292,7 @@ class LoadedModel:
     native_size: int
     vae_scale_factor: int
     force_zeros_for_empty_prompt: bool = False
+    rescale_cfg: float = 0.0  # the sidecar's recommended CFG rescale (0: off), for requests that set none
 
     def work_size(self, width: int | None, height: int | None) -> tuple[int, int]:
         """The size in pixels a request of `width` x `height` runs at: None/0 = `native_size`, other sizes
@@ -423,11 +424,15 @@ def _build_text_encoder(
     return model.eval()
 
 
-def _kind_with_sidecar(path: Path, kind: CheckpointKind) -> CheckpointKind:
+def _sidecar(path: Path) -> Sidecar:
     try:
-        side = read_sidecar(path)
+        return read_sidecar(path)
     except SidecarError as e:
         raise ModelFileError(path, f"bad sidecar: {e}") from None
+
+
+def _kind_with_sidecar(path: Path, kind: CheckpointKind) -> CheckpointKind:
+    side = _sidecar(path)
     if side.family or side.prediction_type:
         log.info(
             "%s: sidecar %s sets family=%s prediction_type=%s",
@@ -476,8 +481,18 @@ def load_model(
     naming the file for unreadable, refused or unrecognised checkpoints.
     """
     e = _entry(entry)
-    if e.format == "diffusers":
-        return _load_diffusers(e, dtype, allow_pickle, vae_dtype, device)
+    model = (
+        _load_diffusers(e, dtype, allow_pickle, vae_dtype, device)
+        if e.format == "diffusers"
+        else _load_single_file(e, dtype, allow_pickle, vae_dtype, device)
+    )
+    model.rescale_cfg = _sidecar(e.path).rescale_cfg or 0.0
+    return model
+
+
+def _load_single_file(
+    e: ModelEntry, dtype: torch.dtype, allow_pickle: bool, vae_dtype: VaeDtype, device: torch.device | str | None
+) -> LoadedModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     sd = load_state_dict(e.path, allow_pickle=allow_pickle)

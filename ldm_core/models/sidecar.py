@@ -5,11 +5,12 @@ to the folder). Recognised content:
 
 - our own keys (JSON or YAML), any subset::
 
-      {"prediction_type": "v_prediction", "family": "sd2"}
+      {"prediction_type": "v_prediction", "family": "sd2", "rescale_cfg": 0.7}
 
   `prediction_type` is "epsilon" or "v_prediction" ("eps" and "v" are accepted too); `family` is "sd1",
-  "sd2", "sdxl" or "sdxl-refiner". Other keys are ignored, so A1111's per-model user-metadata JSON
-  (description, activation text, ...) is harmless.
+  "sd2", "sdxl" or "sdxl-refiner"; `rescale_cfg` (0..1) is the model's recommended CFG rescale, used when a
+  request does not set one (v-prediction models that blow colours out at CFG 7 want about 0.7).
+  Other keys are ignored, so A1111's per-model user-metadata JSON (description, activation text, ...) is harmless.
 - an original LDM/SGM inference config, as A1111 users already keep next to SD 2.x models
   (`v2-inference-v.yaml`, ...): `model.params.parameterization: "v"` means v-prediction, its absence
   epsilon; an SGM config whose denoiser uses `VScaling` means v-prediction.
@@ -51,6 +52,7 @@ class Sidecar:
 
     family: str | None = None
     prediction_type: str | None = None
+    rescale_cfg: float | None = None
     sources: tuple[Path, ...] = ()
 
 
@@ -89,12 +91,12 @@ def _parse(path: Path) -> dict[str, Any]:
         return {}
     if isinstance(data.get("model"), dict) and "target" in data["model"]:
         return _from_ldm_config(data)
-    return {k: data[k] for k in ("family", "prediction_type") if k in data}
+    return {k: data[k] for k in ("family", "prediction_type", "rescale_cfg") if k in data}
 
 
 def read_sidecar(model_path: str | Path) -> Sidecar:
     """Merge the sidecar files of `model_path` (see the module docstring). Raises `SidecarError`."""
-    family = prediction = None
+    family = prediction = rescale = None
     sources = []
     for path in sidecar_paths(model_path):
         if not path.is_file():
@@ -116,4 +118,16 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
                     "epsilon, v_prediction (or eps, v)"
                 )
             prediction = pt
-    return Sidecar(family, prediction, tuple(sources))
+        if "rescale_cfg" in values:
+            rescale = _rescale(path, values["rescale_cfg"])
+    return Sidecar(family, prediction, rescale, tuple(sources))
+
+
+def _rescale(path: Path, value: Any) -> float:
+    try:
+        phi = float(value)
+    except (TypeError, ValueError):
+        phi = float("nan")
+    if not 0.0 <= phi <= 1.0:  # (NaN fails too)
+        raise SidecarError(f"{path}: rescale_cfg {value!r} must be a number from 0 to 1")
+    return phi

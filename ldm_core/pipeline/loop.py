@@ -114,6 +114,17 @@ class ModelSwitch:
     keep_unet_inputs: bool = True
 
 
+def rescale_guidance(guided: torch.Tensor, positive: torch.Tensor, phi: float) -> torch.Tensor:
+    """CFG rescale (Lin et al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed", 3.4):
+    the guided prediction scaled, per image, to the standard deviation of the positive (conditional) one, and
+    mixed back with the unscaled guided prediction by `phi` (0 = plain CFG, 1 = fully rescaled). High CFG
+    inflates the guided prediction's spread, which a v-prediction model turns into blown-out colours (the
+    built-in model paints the background in the object's colour); rescaling undoes the inflation."""
+    dims = tuple(range(1, guided.ndim))
+    ratio = positive.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8)
+    return guided + phi * (guided * ratio - guided)
+
+
 def skips_uncond(index: int, sigma: float, s_min_uncond: float) -> bool:
     """A1111's s_min_uncond rule: the unconditional pass of evaluation `index` is skipped when the noise
     level `sigma` is below `s_min_uncond` (> 0), on odd evaluations only (alternating keeps the quality)."""
@@ -141,6 +152,7 @@ class LoopInputs:
     s_min_uncond: float = 0.0  # see `skips_uncond`; needs `sigmas`
     sigmas: Sequence[float] | None = None  # noise level (sigma) of each evaluation
     switch: ModelSwitch | None = None
+    rescale_cfg: float = 0.0  # see `rescale_guidance`; 0 = plain CFG
 
 
 @dataclass
@@ -238,6 +250,9 @@ def denoise(
             guided = sum(w * p for w, p in zip(weights, parts, strict=True)) / max(sum(weights), 1e-8)
         else:
             guided = u + inputs.cfg_scale * sum(w * (p - u) for w, p in zip(weights, parts, strict=True))
+            if inputs.rescale_cfg > 0:
+                positive = sum(w * p for w, p in zip(weights, parts, strict=True)) / max(sum(weights), 1e-8)
+                guided = rescale_guidance(guided, positive, inputs.rescale_cfg)
         for hook in hooks.cfg:
             guided = hook(state, u, parts, guided)
         if pass_uncond:

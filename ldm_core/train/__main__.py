@@ -153,6 +153,12 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument(
+        "--rescale-cfg",
+        type=float,
+        default=None,
+        help="CFG rescale 0..1 of the text-to-image tests; default: the model's sidecar recommendation",
+    )
     p.add_argument("--batch", type=int, default=16, help="images per pipeline call")
     p.add_argument("--save-images", type=Path, default=None, help="also write a contact sheet per test here")
     p.add_argument("--only", default=None, help="comma list of tests: single,double,negative,img2img,inpaint,vae")
@@ -169,6 +175,7 @@ def _run_eval(a: argparse.Namespace) -> int:
             device=a.device,
             steps=a.steps,
             cfg=a.cfg,
+            rescale_cfg=a.rescale_cfg,
             batch=a.batch,
             save_images=a.save_images,
             only=only,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_core.models.sidecar import read_sidecar
 from ldm_core.train import shapes
 from ldm_core.train.analyser import Analysis, analyse
 
@@ -59,6 +60,10 @@ class EvalOptions:
     device: str = "auto"
     steps: int = 20
     cfg: float = 7.0
+    # CFG rescale of the text-to-image tests (diffusers' guidance_rescale); None = the model's recommendation
+    # (its sidecar's rescale_cfg, as the engine does). Its img2img and inpaint pipelines have no such option:
+    # those two tests run plain CFG
+    rescale_cfg: float | None = None
     batch: int = 16
     save_images: Path | None = None
     only: tuple[str, ...] | None = None
@@ -192,6 +197,9 @@ class Evaluator:
         self.dev = _device(opts.device)
         self.pipe, self.i2i, self.inp = pipes if pipes is not None else load_pipelines(opts.model, self.dev)
         self.res = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.rescale_cfg = opts.rescale_cfg
+        if self.rescale_cfg is None:
+            self.rescale_cfg = read_sidecar(opts.model).rescale_cfg or 0.0
 
     def _save(self, name: str, images: list[Image.Image]) -> None:
         if self.o.save_images is not None:
@@ -204,6 +212,7 @@ class Evaluator:
                 negative_prompt=[negative[i] for i in idx] if negative else None,
                 num_inference_steps=self.o.steps,
                 guidance_scale=self.o.cfg,
+                guidance_rescale=self.rescale_cfg,
                 height=self.res,
                 width=self.res,
                 generator=_generators([seeds[i] for i in idx]),
@@ -551,6 +560,7 @@ def evaluate(opts: EvalOptions, pipes=None) -> dict:
         "model": str(opts.model),
         "steps": opts.steps,
         "cfg": opts.cfg,
+        "rescale_cfg": ev.rescale_cfg,  # text-to-image tests only
         "sampler": "Euler a",
         "device": str(ev.dev),
         "resolution": ev.res,
@@ -571,7 +581,7 @@ def format_report(rep: dict) -> str:
     """A short human-readable summary of `evaluate`'s report."""
     lines = [
         f"model {rep['model']} ({rep['resolution']}px, {rep['sampler']}, {rep['steps']} steps, "
-        f"CFG {rep['cfg']}, {rep['device']})"
+        f"CFG {rep['cfg']}, rescale {rep.get('rescale_cfg', 0)} (txt2img tests), {rep['device']})"
     ]
     if "single" in rep:
         s = rep["single"]
