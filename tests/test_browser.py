@@ -85,10 +85,14 @@ def generate(page, mode: str, states=("done",), timeout: float = 120.0) -> str:
 def test_txt2img_shows_image_and_infotext(page, webui):
     page.fill("#txt2img_prompt textarea", "a red circle")
     page.fill("#txt2img_seed input", "7")
+    # the tiny model recommends no CFG rescale: the slider starts at 0; set it as a user would
+    assert page.input_value("#txt2img_rescale_cfg input[type=number]") == "0"
+    set_number(page, "#txt2img_rescale_cfg", 0.5)
     generate(page, "txt2img")
     assert page.locator("#txt2img_gallery img").count() >= 1
     info = page.input_value("#txt2img_infotext textarea")
     assert info.startswith("a red circle\n") and "Seed: 7" in info and f"Size: {SIZE}x{SIZE}" in info
+    assert "Rescale CFG: 0.5" in info
     saved = webui.newest_output("txt2img")
     with Image.open(saved) as im:
         assert im.size == (SIZE, SIZE) and im.text["parameters"] == info
@@ -99,6 +103,7 @@ def test_pnginfo_reads_file_and_sends_to_txt2img(page, webui):
     saved = webui.newest_output("txt2img")
     page.fill("#txt2img_prompt textarea", "something else")
     page.fill("#txt2img_seed input", "-1")
+    set_number(page, "#txt2img_rescale_cfg", 0)
     open_tab(page, "pnginfo")
     page.set_input_files("#pnginfo_image input[type=file]", str(saved))
     page.wait_for_function("() => document.querySelector('#pnginfo_text textarea').value.includes('Seed: 7')")
@@ -110,6 +115,7 @@ def test_pnginfo_reads_file_and_sends_to_txt2img(page, webui):
     assert page.input_value("#txt2img_seed input") == "7"
     assert page.input_value("#txt2img_sampler input") == "Euler a"
     assert page.input_value("#txt2img_steps input[type=number]") == "2"
+    assert page.input_value("#txt2img_rescale_cfg input[type=number]") == "0.5"
 
 
 def test_send_to_img2img_then_img2img_from_uploaded_image(page, source_png):
