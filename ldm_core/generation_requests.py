@@ -134,7 +134,13 @@ class GenerationRequest(_Request):
     # CFG rescale (pipeline.loop.rescale_guidance; Forge's "Rescale CFG", diffusers' guidance_rescale): 0 = plain
     # CFG; None = the model's recommendation (its sidecar's rescale_cfg, else 0). Also read from the A1111
     # extensions' alwayson_scripts (see _rescale_cfg_script)
-    rescale_cfg: float | None = Field(None, ge=0.0, le=1.0)
+    rescale_cfg: float | None = Field(
+        None,
+        ge=0.0,
+        le=1.0,
+        description="CFG rescale 0..1 (Forge's 'Rescale CFG'; 0 = plain CFG); null = the model's recommendation "
+        "(its sidecar's rescale_cfg, else 0). Also read from alwayson_scripts RescaleCFG / CFG Rescale Extension",
+    )
     # None: the model's native size; the engine rounds other sizes down to a multiple of the model's VAE factor
     # (LoadedModel.work_size; A1111 works at size // 8 latents), so a request keeps the size as sent
     width: int | None = Field(None, ge=MIN_SIDE)
