@@ -19,9 +19,10 @@ def test_vae_section_reads_reconstructions_and_renders():
     rep = _vae_section(pipes)
     assert rep["n"] == 16
     assert rep["render_shape_colour"] == 1.0  # the analyser reads every clean render
-    assert rep["psnr_db"] > 25 and rep["recon_shape_colour"] >= 0.5
-    # the shipped v1 latent space puts the named colours on nearly one line through their mean (issue 15)
-    assert 0.9 < rep["colour_ray_cos"] <= 1.0 and rep["colour_spread"] > 0
+    assert rep["psnr_db"] > 30 and rep["recon_shape_colour"] >= 0.6
+    # v1's latent space put the named colours on nearly one line through their mean (cos 0.9+, issue 15);
+    # the shipped v2 VAE spreads them (0.44 at n=256)
+    assert 0.0 < rep["colour_ray_cos"] < 0.7 and rep["colour_spread"] > 0
 
     with torch.no_grad():  # a decoder that outputs flat grey: nothing readable, low PSNR
         for p in pipes[0].vae.decoder.conv_out.parameters():
