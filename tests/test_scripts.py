@@ -196,6 +196,7 @@ def test_xyz_axes_set_their_request_fields(service):
     assert [c.clip_skip for c in cells("Clip skip", "1,2")] == [1, 2]
     assert [(c.width, c.height) for c in cells("Size", "96x64, 64x128")] == [(96, 64), (64, 128)]
     assert [c.subseed_strength for c in cells("Var. strength", "0, 0.5")] == [0.0, 0.5]
+    assert [c.rescale_cfg for c in cells("Rescale CFG", "0-1 [3]")] == [0.0, 0.5, 1.0]
     assert [c.hr_second_pass_steps for c in cells("Hires steps", "1, 3")] == [1, 3]
     assert [c.hr_upscaler for c in cells("Hires upscaler", "Latent, Lanczos")] == ["Latent", "Lanczos"]
     assert [c.hr_sampler_name for c in cells("Hires sampler", "DDIM")] == ["DDIM"]

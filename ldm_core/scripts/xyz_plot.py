@@ -126,6 +126,7 @@ AXES: tuple[Axis, ...] = (
     # not in A1111's list (after it, so A1111's indexes are unchanged)
     Axis("Width", "int", "width"),
     Axis("Height", "int", "height"),
+    Axis("Rescale CFG", "float", "rescale_cfg"),  # the CFG Rescale extension's axis name
 )
 
 
