@@ -1228,8 +1228,9 @@ class Engine:
             p["Emphasis"] = request.emphasis
         if request.s_min_uncond:
             p["NGMS"] = infotext_number(request.s_min_uncond)
-        if rescale_cfg(request, model) > 0:
-            p["Rescale CFG"] = infotext_number(rescale_cfg(request, model))
+        phi = rescale_cfg(request, model)
+        if phi > 0:
+            p["Rescale CFG"] = infotext_number(phi)
         if request.tiling:
             p["Tiling"] = True
         if isinstance(request, Img2ImgRequest) and request.initial_noise_multiplier != 1.0:

@@ -9,6 +9,7 @@ request.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -206,13 +207,7 @@ class GenerationRequest(_Request):
     def _animatediff_script(cls, data: Any) -> Any:
         if not isinstance(data, dict) or data.get("animatediff") is not None:
             return data
-        scripts = data.get("alwayson_scripts") or {}
-        if not isinstance(scripts, dict):
-            return data
-        for key, value in scripts.items():
-            if str(key).lower() != "animatediff":
-                continue
-            args = value.get("args") if isinstance(value, dict) else value
+        for key, _name, args in _alwayson_args(data, ("animatediff",)):
             first = args[0] if isinstance(args, list | tuple) and args else None
             if isinstance(first, dict) and first.get("enable", True):
                 data = {**data, "animatediff": first}
@@ -229,13 +224,8 @@ class GenerationRequest(_Request):
         and "RescaleCFG for reForge" (args [enabled, phi])."""
         if not isinstance(data, dict) or data.get("rescale_cfg") is not None:
             return data
-        scripts = data.get("alwayson_scripts") or {}
-        if not isinstance(scripts, dict):
-            return data
-        for key, value in scripts.items():
-            name = str(key).lower()
-            args = value.get("args") if isinstance(value, dict) else value
-            if name not in _RESCALE_SCRIPTS or not isinstance(args, list | tuple) or not args:
+        for key, name, args in _alwayson_args(data, _RESCALE_SCRIPTS):
+            if not isinstance(args, list | tuple) or not args:
                 continue
             if name == "rescalecfg for reforge":
                 if len(args) < 2:
@@ -271,6 +261,18 @@ class GenerationRequest(_Request):
 
 
 _RESCALE_SCRIPTS = ("rescalecfg", "cfg rescale extension", "rescalecfg for reforge")
+
+
+def _alwayson_args(data: dict, names: tuple[str, ...]) -> Iterator[tuple[Any, str, Any]]:
+    """(key as sent, its lowercase name, its args) of each `alwayson_scripts` entry whose name, in any case,
+    is in `names`; args are the entry's "args", or the entry itself when a client sends a bare list."""
+    scripts = data.get("alwayson_scripts") or {}
+    if not isinstance(scripts, dict):
+        return
+    for key, value in scripts.items():
+        name = str(key).lower()
+        if name in names:
+            yield key, name, value.get("args") if isinstance(value, dict) else value
 
 
 def _choice_by_index(v, choices: tuple[str, ...]):
