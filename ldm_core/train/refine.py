@@ -428,7 +428,7 @@ class Refiner:
         point = {
             "unet_step": self.p.unet_step,
             "samples_seen": self.p.unet_step * self.o.unet_batch,
-            "unet_seconds": round(self.p.unet_seconds, 1),
+            "unet_seconds": round(self.p.unet_seconds, 3),  # finer than a step, so the next export is due on time
             "time": time.time(),
         }
         if self.o.eval_n > 0:
