@@ -1117,7 +1117,9 @@ class Engine:
             s_min_uncond=request.s_min_uncond,
             sigmas=sigmas,
             switch=switch,
-            rescale_cfg=rescale_cfg(request, model),
+            # the job's model decides, also in a hires pass with another checkpoint: one value per job, the
+            # one its infotext records
+            rescale_cfg=rescale_cfg(request, job.model),
         )
         unets = (model.unet, refiner.model.unet if switch is not None else None)
         with self._on_device(*unets), torch.inference_mode():

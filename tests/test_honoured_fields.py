@@ -359,6 +359,13 @@ def test_rescale_cfg_from_request_alwayson_scripts_and_the_model_sidecar(engine)
     assert np.array_equal(arr(off.images[0]), arr(plain.images[0]))
     asked = gen(engine, model="vpred", cfg_scale=12, rescale_cfg=0.7)
     assert np.array_equal(arr(asked.images[0]), arr(own.images[0]))
+    # a hires pass on another checkpoint runs at the job's value (the one its infotext records), not at
+    # that checkpoint's recommendation: "rescaled" is "vpred"'s weights with a sidecar saying 0.7
+    hr = dict(model="vpred", cfg_scale=12, enable_hr=True, hr_scale=1.5, denoising_strength=0.6, hr_second_pass_steps=4)
+    same = gen(engine, **hr)
+    other = gen(engine, **hr, hr_checkpoint_name="rescaled")
+    assert "Rescale CFG" not in params(other.infotexts[0])
+    assert np.array_equal(arr(other.images[0]), arr(same.images[0]))
     # the alwayson_scripts A1111-family clients send it in
     for scripts, phi in (
         ({"RescaleCFG": {"args": [0.7]}}, 0.7),  # Forge's built-in
