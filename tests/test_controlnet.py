@@ -524,8 +524,19 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
     base = tiny_models["sd1"]["diffusers"]
     work = tmp_path / "work"
     opts = trainer.ControlNetTrainOptions(
-        base=base, out=tmp_path / f"tiny-{condition}", steps=2, batch=2, warmup_steps=1, device="cpu",
-        resolution=SIZE, export_every=0, log_every=0, eval_n=0, work_dir=work, cache_scenes=4, cache_batch=2,
+        base=base,
+        out=tmp_path / f"tiny-{condition}",
+        steps=2,
+        batch=2,
+        warmup_steps=1,
+        device="cpu",
+        resolution=SIZE,
+        export_every=0,
+        log_every=0,
+        eval_n=0,
+        work_dir=work,
+        cache_scenes=4,
+        cache_batch=2,
         condition=condition,
     )
     rec = trainer.train_controlnet(opts, log=lambda _m: None)
@@ -560,8 +571,9 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
         assert all({o.colour for o in s.objects} <= f for (s, _), f in zip(cases, found, strict=True)), found
     image = trainer.control_image(cases[0][0], SIZE, kind)
     assert image.size == (SIZE, SIZE)
-    report = trainer.evaluate(base, opts.out, n=2, device="cpu", steps=2, size=SIZE, log=lambda _m: None,
-                              condition=condition)
+    report = trainer.evaluate(
+        base, opts.out, n=2, device="cpu", steps=2, size=SIZE, log=lambda _m: None, condition=condition
+    )
     assert kind in report and len(report[kind]["cases"]) == 2
     assert len(report[kind + "-drawn"]["cases"]) == 2  # and the same on maps painted freehand
 
@@ -665,8 +677,16 @@ def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):
 
     base = build_tiny_f4(tmp_path / "models")
     opts = trainer.ControlNetTrainOptions(
-        base=base, out=tmp_path / "cn-f4", steps=1, batch=2, warmup_steps=1, device="cpu", export_every=0,
-        log_every=0, eval_n=0, condition="seg",
+        base=base,
+        out=tmp_path / "cn-f4",
+        steps=1,
+        batch=2,
+        warmup_steps=1,
+        device="cpu",
+        export_every=0,
+        log_every=0,
+        eval_n=0,
+        condition="seg",
     )
     assert trainer.train_controlnet(opts, log=lambda _m: None)["steps"] == 1
     cfg = json.loads((tmp_path / "cn-f4" / "config.json").read_text())
@@ -696,6 +716,33 @@ def test_shipped_controlnet_puts_the_object_where_the_edge_map_says():
     assert set(report) >= {"circle", "random"} and "circle-drawn" not in report
     assert report["circle"]["success"] >= 0.75, report["circle"]["cases"]
     assert report["random"]["position"] >= 0.75, report["random"]["cases"]
+
+
+SHIPPED_SEG = SHIPPED.parent / "builtin-seg"
+
+
+def test_shipped_seg_controlnet_puts_the_object_where_the_map_says_in_the_prompts_colour():
+    """The built-in model's segmentation ControlNet (shipped, <= 10 MB), as users run it (the extension, an
+    ADE20K-palette map with preprocessor `none`): a map of one shape at one place, with a prompt naming another
+    shape at another place, gives an object at the map's place in the prompt's colour."""
+    from ldm_core.config import BUILTIN_MODEL_DIR
+    from ldm_core.train import controlnet as trainer
+
+    weights = SHIPPED_SEG / "diffusion_pytorch_model.safetensors"
+    assert (SHIPPED_SEG / "config.json").is_file() and weights.stat().st_size <= 10e6
+    assert json.loads((SHIPPED_SEG / "TRAINING.json").read_text())["condition"] == "seg"
+    report = trainer.evaluate(
+        BUILTIN_MODEL_DIR,
+        SHIPPED_SEG,
+        n=4,
+        device="cpu",
+        steps=20,
+        log=lambda _m: None,
+        condition="seg",
+        kinds=("seg",),
+    )
+    assert report["seg"]["position"] >= 0.75, report["seg"]["cases"]
+    assert report["seg"]["colour"] >= 0.75, report["seg"]["cases"]
 
 
 def test_controlnet_acts_on_every_frame_of_a_clip_in_context_windows(setup):
