@@ -460,18 +460,7 @@ def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
     out = tmp_path / "models" / "ControlNet" / "tiny-canny"
-    opts = trainer.ControlNetTrainOptions(
-        base=base,
-        out=out,
-        steps=3,
-        batch=2,
-        warmup_steps=1,
-        device="cpu",
-        resolution=SIZE,
-        export_every=0,
-        log_every=1,
-        eval_n=0,
-    )
+    opts = _tiny_train_options(base, out, steps=3, resolution=SIZE, log_every=1)
     logs: list[str] = []
     rec = trainer.train_controlnet(opts, log=logs.append)
     assert rec["steps"] == 3 and np.isfinite(rec["final_loss"]) and rec["bytes"] > 0
@@ -523,17 +512,11 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
 
     base = tiny_models["sd1"]["diffusers"]
     work = tmp_path / "work"
-    opts = trainer.ControlNetTrainOptions(
-        base=base,
-        out=tmp_path / f"tiny-{condition}",
+    opts = _tiny_train_options(
+        base,
+        tmp_path / f"tiny-{condition}",
         steps=2,
-        batch=2,
-        warmup_steps=1,
-        device="cpu",
         resolution=SIZE,
-        export_every=0,
-        log_every=0,
-        eval_n=0,
         work_dir=work,
         cache_scenes=4,
         cache_batch=2,
@@ -676,23 +659,21 @@ def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):
     from ldm_core.train import controlnet as trainer
 
     base = build_tiny_f4(tmp_path / "models")
-    opts = trainer.ControlNetTrainOptions(
-        base=base,
-        out=tmp_path / "cn-f4",
-        steps=1,
-        batch=2,
-        warmup_steps=1,
-        device="cpu",
-        export_every=0,
-        log_every=0,
-        eval_n=0,
-        condition="seg",
-    )
+    opts = _tiny_train_options(base, tmp_path / "cn-f4", steps=1, condition="seg")
     assert trainer.train_controlnet(opts, log=lambda _m: None)["steps"] == 1
     cfg = json.loads((tmp_path / "cn-f4" / "config.json").read_text())
     assert cfg["conditioning_embedding_out_channels"] == [16, 32, 96]
     report = trainer.evaluate(base, opts.out, n=1, device="cpu", steps=1, log=lambda _m: None, condition="seg")
     assert len(report["seg"]["cases"]) == 1  # and the engine runs it on that base through the extension
+
+
+def _tiny_train_options(base, out, **kw):
+    """Training options for a test-sized ControlNet run on the CPU: batch 2, no exports, logs or evaluation
+    unless `kw` says otherwise."""
+    from ldm_core.train import controlnet as trainer
+
+    defaults = dict(batch=2, warmup_steps=1, device="cpu", export_every=0, log_every=0, eval_n=0)
+    return trainer.ControlNetTrainOptions(base=base, out=out, **{**defaults, **kw})
 
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "ControlNet" / "builtin-canny"
