@@ -3,6 +3,8 @@
 Writes PNGs with their infotext into --out and shows a progress bar. Stable form:
   python -m ldm_core txt2img --prompt "..." [--negative-prompt "..."] [--model NAME] [--sampler "Euler a"]
       [--steps 20] [--cfg-scale 7] [--seed 1] [--width 512] [--height 512] [--batch-size 1] --out DIR
+      [--controlnet MODEL --control-image FILE [--control-module canny] [--control-weight 1] [--control-mode M]
+       [--guidance-start 0] [--guidance-end 1]] [--alwayson-scripts JSON|@file.json]
   python -m ldm_core img2img --init-image FILE [--denoising-strength 0.75] ... --out DIR
   python -m ldm_core inpaint --init-image FILE --mask FILE ... --out DIR
   python -m ldm_core batch prompts.jsonl|prompts.csv --out DIR [--model NAME] [--ray-local N | --ray-address auto]
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import threading
@@ -56,7 +59,77 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-iter", type=int, default=1, help="batch count")
     p.add_argument("--clip-skip", type=int, default=1)
     p.add_argument("--out", required=True, help="folder for the PNGs")
+    _add_control_flags(p)
     _add_engine_flags(p)
+
+
+def _add_control_flags(p: argparse.ArgumentParser) -> None:
+    """One ControlNet / T2I-Adapter unit by flags, and any extension's arguments as A1111's alwayson_scripts."""
+    g = p.add_argument_group("ControlNet (one unit here; more units and other extensions by --alwayson-scripts)")
+    g.add_argument(
+        "--controlnet", default=None, metavar="MODEL", help="a model in models/ControlNet, e.g. builtin-canny"
+    )
+    g.add_argument("--control-image", default=None, help="the unit's image (img2img/inpaint: default the init image)")
+    g.add_argument(
+        "--control-module",
+        default="none",
+        help="preprocessor run on the image: canny, scribble, shapes_seg, depth_midas, ... (none: it is a map already)",
+    )
+    g.add_argument("--control-weight", type=float, default=1.0)
+    g.add_argument(
+        "--control-mode",
+        default="Balanced",
+        help='"Balanced", "My prompt is more important" or "ControlNet is more important"',
+    )
+    g.add_argument("--guidance-start", type=float, default=0.0, help="fraction of the steps where the unit starts")
+    g.add_argument("--guidance-end", type=float, default=1.0, help="fraction of the steps where it stops")
+    g.add_argument(
+        "--alwayson-scripts",
+        default=None,
+        metavar="JSON",
+        help='extensions\' arguments as the API takes them, JSON text or @file.json: {"controlnet": {"args": [...]}}',
+    )
+
+
+def _alwayson_scripts(args) -> dict:
+    """The request's alwayson_scripts: --alwayson-scripts, plus the unit the --controlnet flags describe."""
+    text = args.alwayson_scripts
+    scripts: dict = {}
+    if text:
+        if text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text(encoding="utf-8")
+            except OSError as exc:
+                raise RequestError("alwayson_scripts", f"cannot read {text[1:]}: {exc}") from None
+        try:
+            scripts = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RequestError("alwayson_scripts", f"not JSON: {exc}") from None
+        if not isinstance(scripts, dict):
+            raise RequestError("alwayson_scripts", "must be a JSON object keyed by extension name")
+    if args.control_image and not args.controlnet:
+        raise RequestError("controlnet", "--control-image needs --controlnet MODEL (see models/ControlNet)")
+    if args.controlnet:
+        if not args.control_image and args.command in ("txt2img", "video") and not getattr(args, "init_image", None):
+            raise RequestError(
+                "control_image", "--controlnet needs --control-image FILE (the map or the image to detect it from)"
+            )
+        unit = {
+            "enabled": True,
+            "model": args.controlnet,
+            "module": args.control_module,
+            "weight": args.control_weight,
+            "control_mode": args.control_mode,
+            "guidance_start": args.guidance_start,
+            "guidance_end": args.guidance_end,
+        }
+        if args.control_image:
+            unit["image"] = _open_image(args.control_image, "control_image")
+        entry = scripts.setdefault("controlnet", {})
+        if not isinstance(entry, dict):
+            raise RequestError("alwayson_scripts", "alwayson_scripts.controlnet must be an object with args")
+        entry["args"] = [*(entry.get("args") or []), unit]
+    return scripts
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -209,6 +282,8 @@ def _request(args):
         n_iter=args.n_iter,
         clip_skip=args.clip_skip,
     )
+    if scripts := _alwayson_scripts(args):
+        values["alwayson_scripts"] = scripts
     if args.command == "txt2img":
         return GenerationRequest.build(**values)
     if args.command == "video":
@@ -258,7 +333,8 @@ def _generate(args) -> int:
     from .progress import JobContext
 
     request = _request(args)
-    engine = Engine(_config(args))
+    # extensions run their alwayson_scripts (ControlNet units, ...), as in the UI; without any, none are loaded
+    engine = _engine_with_extensions(_config(args))[0] if request.alwayson_scripts else Engine(_config(args))
     ctx = JobContext()
     done = threading.Event()
     result: dict = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ldm_core.cli import main
@@ -157,3 +158,49 @@ def test_upscalers_lists_the_model_files(tmp_path, capsys):
     assert main(["upscalers", "--data-dir", str(tmp_path)]) == 0
     names = capsys.readouterr().out.split("\n")
     assert names[:3] == ["None", "Lanczos", "Nearest"]
+
+
+def test_txt2img_with_a_controlnet_unit_from_flags_and_from_alwayson_scripts(tmp_path, capsys):
+    """The shipped canny ControlNet from the command line, on a circle outline drawn here (not by the trainer's
+    renderer) in the bottom right with the prompt "a red square": the image has a circle there, the infotext
+    names the unit; without the unit the prompt's square wins. A bad unit names its field and exits 2."""
+    from PIL import ImageDraw
+
+    from ldm_core.train.analyser import analyse
+
+    data = tmp_path / "data"
+    (data / "models" / "ControlNet").mkdir(parents=True)
+    (data / "models" / "ControlNet" / "builtin-canny").symlink_to(
+        Path(__file__).resolve().parents[1] / "models" / "ControlNet" / "builtin-canny"
+    )
+    sketch = tmp_path / "circle.png"
+    img = Image.new("RGB", (64, 64), "black")
+    ImageDraw.Draw(img).ellipse((36, 36, 58, 58), outline="white", width=2)
+    img.save(sketch)
+    out = tmp_path / "out"
+    common = ["txt2img", "--data-dir", str(data), "--prompt", "a red square", "--steps", "20", "--seed", "5"]
+
+    def run(*extra: str):
+        assert main([*common, *extra, "--out", str(out)]) == 0
+        path = capsys.readouterr().out.split()[-1]
+        return Image.open(path)
+
+    plain = analyse(run()).objects[0]
+    assert (plain.shape, plain.position) != ("circle", "bottom right")
+    made = run("--controlnet", "builtin-canny", "--control-image", str(sketch), "--control-module", "none")
+    top = analyse(made).objects[0]
+    assert (top.shape, top.position) == ("circle", "bottom right"), top
+    assert "ControlNet 0: " in read_image_info(made)[0] and "builtin-canny" in read_image_info(made)[0]
+    import base64
+    import json
+
+    unit = {"model": "builtin-canny", "module": "none", "image": base64.b64encode(sketch.read_bytes()).decode()}
+    (tmp_path / "scripts.json").write_text(json.dumps({"controlnet": {"args": [unit]}}))
+    same = run("--alwayson-scripts", f"@{tmp_path / 'scripts.json'}")
+    assert np.array_equal(np.asarray(same), np.asarray(made))
+    assert main([*common, "--controlnet", "builtin-canny", "--out", str(out)]) == 2
+    assert "control_image" in capsys.readouterr().err
+    assert main([*common, "--controlnet", "nope", "--control-image", str(sketch), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main([*common, "--alwayson-scripts", "{not json", "--out", str(out)]) == 2
+    assert "alwayson_scripts" in capsys.readouterr().err
