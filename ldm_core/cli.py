@@ -387,6 +387,11 @@ def _batch(args) -> int:
     except (RuntimeError, ValueError) as exc:  # Ray flags without Ray installed, no cluster at the address, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from .extensions import load_extensions
+
+    # extensions run the lines' alwayson_scripts (ControlNet units, ...), as the server's do; Ray replicas load
+    # the same ones when a job says the head has them
+    service.extensions = load_extensions(service.engine, service.config)
     # keep every worker busy with one job in hand and one waiting (the queue runs `workers` jobs at once)
     window = args.window or 2 * max(1, int(getattr(service.queue, "workers", 1)), args.ray_local)
     try:
@@ -418,15 +423,10 @@ def _batch(args) -> int:
 def _engine_with_extensions(cfg: EngineConfig):
     """An engine with the enabled extensions loaded (their preprocessors, upscalers, ...), as the UI has it."""
     from .engine import Engine
-    from .extensions import REPO_EXTENSIONS_DIR, STATE_FILE_NAME, ExtensionManager
+    from .extensions import load_extensions
 
     engine = Engine(cfg)
-    data = Path(cfg.data_dir)
-    manager = ExtensionManager(
-        [REPO_EXTENSIONS_DIR, data / "extensions"], config=cfg, state_file=data / STATE_FILE_NAME
-    )
-    manager.load(engine)
-    return engine, manager
+    return engine, load_extensions(engine, cfg)
 
 
 def _detect(args) -> int:

@@ -160,10 +160,11 @@ def test_upscalers_lists_the_model_files(tmp_path, capsys):
     assert names[:3] == ["None", "Lanczos", "Nearest"]
 
 
-def test_txt2img_with_a_controlnet_unit_from_flags_and_from_alwayson_scripts(tmp_path, capsys):
-    """The shipped canny ControlNet from the command line, on a circle outline drawn here (not by the trainer's
-    renderer) in the bottom right with the prompt "a red square": the image has a circle there, the infotext
-    names the unit; without the unit the prompt's square wins. A bad unit names its field and exits 2."""
+def test_txt2img_and_batch_with_a_controlnet_unit_from_flags_and_from_alwayson_scripts(tmp_path, capsys):
+    """The shipped canny ControlNet from the command line (txt2img flags, --alwayson-scripts, a batch line),
+    on a circle outline drawn here (not by the trainer's renderer) in the bottom right with the prompt "a red
+    square": the image has a circle there, the infotext names the unit; without the unit no circle lands
+    there. A bad unit names its field and exits 2."""
     from PIL import ImageDraw
 
     from ldm_core.train.analyser import analyse
@@ -198,6 +199,15 @@ def test_txt2img_with_a_controlnet_unit_from_flags_and_from_alwayson_scripts(tmp
     (tmp_path / "scripts.json").write_text(json.dumps({"controlnet": {"args": [unit]}}))
     same = run("--alwayson-scripts", f"@{tmp_path / 'scripts.json'}")
     assert np.array_equal(np.asarray(same), np.asarray(made))
+    line = {"prompt": "a red square", "steps": 20, "seed": 5, "width": 64, "height": 64}
+    line["alwayson_scripts"] = {"controlnet": {"args": [unit]}}
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(line) + "\n")
+    batch = ["batch", str(tmp_path / "jobs.jsonl"), "--data-dir", str(data), "--no-progress", "--out"]
+    assert main([*batch, str(tmp_path / "batch")]) == 0
+    (png,) = (tmp_path / "batch").rglob("*.png")
+    top = analyse(Image.open(png)).objects[0]
+    assert (top.shape, top.position) == ("circle", "bottom right"), top
+    assert "ControlNet 0: " in read_image_info(Image.open(png))[0]
     assert main([*common, "--controlnet", "builtin-canny", "--out", str(out)]) == 2
     assert "control_image" in capsys.readouterr().err
     assert main([*common, "--controlnet", "nope", "--control-image", str(sketch), "--out", str(out)]) == 2
