@@ -12,7 +12,7 @@ from PIL import Image
 
 from ldm_core.config import DiffusionUpscaleOptions
 from ldm_core.train import shapes
-from ldm_core.train.sr import SRTrainOptions, border_mask, edge_ratio, new_unet, train_sr
+from ldm_core.train.sr import X4_SCALING, SRTrainOptions, border_mask, edge_ratio, new_unet, train_sr
 from ldm_core.upscalers import UpscalerRegistry
 
 BUILTIN = Path(__file__).resolve().parents[1] / "models" / "builtin"
@@ -22,14 +22,16 @@ def test_a_few_steps_make_an_upscaler_the_registry_runs(tmp_path):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    AutoencoderKL(
+    vae = AutoencoderKL(
         block_out_channels=(8, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
         norm_num_groups=8,
         layers_per_block=1,
-    ).save_pretrained(str(tmp_path / "f4" / "vae"))
+        scaling_factor=0.9,  # the built-in VAE's is about 0.9: the UNet learns latents at that scale
+    )
+    vae.save_pretrained(str(tmp_path / "f4" / "vae"))
     out = tmp_path / "SD-Upscale" / "builtin-x4"
     o = SRTrainOptions(base=str(BUILTIN), vae=str(tmp_path / "f4"), out=str(out), work_dir=str(tmp_path / "work"),
                        scenes=16, photo_crops=4, crop=16, channels=(16, 32), batch=4, steps=3, warmup_steps=1)
@@ -44,6 +46,16 @@ def test_a_few_steps_make_an_upscaler_the_registry_runs(tmp_path):
     averaged = ck["average"][index.index(name)]
     assert torch.allclose(exported[name].float(), averaged, atol=1e-3)  # the exported UNet is the average
     assert not torch.allclose(exported[name].float(), ck["unet"][name], atol=1e-6)  # not the last trained weights
+    # the x4 pipeline forces its VAE's scaling factor to 0.08333 and decodes latents / 0.08333: the exported VAE
+    # must turn the latents the UNet learnt (this VAE's, times 0.9) into the same images
+    x = shapes.render(shapes.sample_scenes("vae", 2), 64) * 2 - 1
+    exported_vae = AutoencoderKL.from_pretrained(str(out / "vae")).float()
+    assert exported_vae.config.scaling_factor == X4_SCALING
+    with torch.no_grad():
+        learnt = vae.encode(x).latent_dist.mean * 0.9
+        assert torch.allclose(exported_vae.encode(x).latent_dist.mean * X4_SCALING, learnt, atol=2e-3)
+        want = vae.decode(learnt / 0.9).sample
+        assert torch.allclose(exported_vae.decode(learnt / X4_SCALING).sample, want, atol=2e-2)
     reg = UpscalerRegistry([out.parent], builtin=None, diffusion=DiffusionUpscaleOptions(steps=2))
     assert "builtin-x4" in reg.names()
     image = shapes.to_pil(shapes.render(shapes.sample_scenes("t", 1), 24)[0])

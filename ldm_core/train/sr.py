@@ -15,8 +15,8 @@ pixels; latents are cached once. Captions are the scenes' (dropped 10% of the ti
 the empty prompt.
 
     python -m ldm_core.train sr --base models/builtin --vae /tmp/v2/v2-f4-vae \\
-        --out models/SD-Upscale/builtin-x4 --work-dir /tmp/sr-work --max-seconds 2700
-    python -m ldm_core.train sr-eval --model models/SD-Upscale/builtin-x4 --n 200
+        --out models/SD-Upscale/ldm-builtin-x4 --work-dir /tmp/sr-work --max-seconds 2700
+    python -m ldm_core.train sr-eval --model models/SD-Upscale/ldm-builtin-x4 --n 200
 
 `sr-eval` upscales held-out scenes (and the held-out photographs) 4x with the model, Lanczos and the shipped
 x2 model applied twice, and reports PSNR, an edge measure (mean gradient magnitude at the ground truth's
@@ -44,13 +44,15 @@ from .step_loop import StepLoop
 
 SCALE = 4
 MAX_NOISE_LEVEL = 350
+#: The VAE scaling factor StableDiffusionUpscalePipeline sets on any VAE it is given (Stability's x4 value).
+X4_SCALING = 0.08333
 
 
 @dataclass
 class SRTrainOptions:
     base: str = "models/builtin"  # text encoder + tokenizer
     vae: str = ""  # a folder with a factor-4 `vae/` (default: the base's, which must be factor 4)
-    out: str = "models/SD-Upscale/builtin-x4"
+    out: str = "models/SD-Upscale/ldm-builtin-x4"
     work_dir: str | None = None
     seed: int = 0
     scenes: int = 3000
@@ -276,6 +278,28 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     return record
 
 
+@torch.no_grad()
+def x4_vae(vae):
+    """A copy of `vae` that the x4 pipeline decodes right. The pipeline forces the VAE's scaling factor to 0.08333
+    (Stability's VAE has latents about 12 wide) and decodes `latents / 0.08333`, while the UNet learns latents at
+    this VAE's own scaling. The copy's latent space is stretched by k = scaling / 0.08333 (the encoder's mean
+    moments times k, its log-variance plus 2 ln k; the decoder's first convolution divided by k), so it encodes
+    and decodes the same images, and its latents times 0.08333 are the original's times its scaling."""
+    import copy
+
+    k = vae.config.scaling_factor / X4_SCALING
+    out = copy.deepcopy(vae)
+    enc = out.quant_conv if out.quant_conv is not None else out.encoder.conv_out  # -> (mean, log-variance)
+    c = enc.out_channels // 2
+    enc.weight[:c] *= k
+    enc.bias[:c] *= k
+    enc.bias[c:] += 2 * math.log(k)
+    dec = out.post_quant_conv if out.post_quant_conv is not None else out.decoder.conv_in
+    dec.weight /= k
+    out.register_to_config(scaling_factor=X4_SCALING)
+    return out
+
+
 def export_pipeline(unet, vae, model, out: Path, record: dict, tokenizer_dir: Path | None = None) -> Path:
     """Write the StableDiffusionUpscalePipeline folder in fp16 (atomically replaced), TRAINING.json beside."""
     import copy
@@ -287,7 +311,7 @@ def export_pipeline(unet, vae, model, out: Path, record: dict, tokenizer_dir: Pa
 
     sched, low_sched = schedulers()
     pipe = StableDiffusionUpscalePipeline(
-        vae=copy.deepcopy(vae).half(), text_encoder=copy.deepcopy(model.text_encoder).half(),
+        vae=x4_vae(vae).half(), text_encoder=copy.deepcopy(model.text_encoder).half(),
         tokenizer=model.tokenizer, unet=copy.deepcopy(unet).eval().half(), low_res_scheduler=low_sched,
         scheduler=sched, max_noise_level=MAX_NOISE_LEVEL,
     )
