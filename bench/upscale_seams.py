@@ -8,7 +8,7 @@ relative to the gradient just outside them (`band_ratio`), for the tiled and the
 places (the untiled one has no seams, so its ratio is what the picture itself has there), and the PSNR of each
 against the pattern's true high-resolution render.
 
-    python bench/upscale_seams.py --upscaler builtin-x4 --steps 20
+    python bench/upscale_seams.py --upscaler ldm-builtin-x4 --steps 20
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def bands(length: int, tile: int, overlap: int, scale: int) -> list[tuple[int, i
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--upscaler", default="builtin-x4")
+    ap.add_argument("--upscaler", default="ldm-builtin-x4")
     ap.add_argument("--dirs", nargs="*", default=[str(ROOT / "models" / "SD-Upscale"), str(ROOT / "models" / "LDSR")])
     ap.add_argument("--size", type=int, default=160, help="low-resolution pattern side (the tile is 128)")
     ap.add_argument("--steps", type=int, default=20)

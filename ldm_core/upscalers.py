@@ -19,7 +19,7 @@ import logging
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: The upscaler trained and shipped by the project (see ldm_core.train.upscaler).
 BUILTIN_UPSCALER = Path(__file__).resolve().parent.parent / "models" / "ESRGAN" / "ldm-builtin-x2.safetensors"
+#: the shipped diffusion upscaler for the built-in model (a StableDiffusionUpscalePipeline folder)
+BUILTIN_DIFFUSION_UPSCALER = BUILTIN_UPSCALER.parent.parent / "SD-Upscale" / "ldm-builtin-x4"
 #: Folder names (under models/) that hold model upscalers, as in A1111.
 UPSCALER_FOLDERS: tuple[str, ...] = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT", "HAT")
 #: Names that are not model files; "None" resizes with Lanczos when a size is asked (A1111 behaviour).
@@ -104,8 +106,9 @@ def upscale_latents(latents: torch.Tensor, mode: str, size: tuple[int, int]) -> 
     return F.interpolate(x, size=(h, w), mode=interp, **kwargs).to(dtype)
 
 
-def target_size(image_size: tuple[int, int], *, scale: float | None = None,
-                size: tuple[int, int] | None = None) -> tuple[int, int]:
+def target_size(
+    image_size: tuple[int, int], *, scale: float | None = None, size: tuple[int, int] | None = None
+) -> tuple[int, int]:
     """The (width, height) asked: `size` as given, or the image size times `scale` (rounded, at least 1)."""
     if size is not None:
         w, h = int(size[0]), int(size[1])
@@ -164,22 +167,31 @@ class UpscalerRegistry:
     `dirs`: folders scanned for model files (missing ones are fine). `device`/`dtype`: where models run and
     the preferred half type (fp16/bf16 is used only on CUDA and only when the architecture supports it).
     `allow_pickle`: load .pth/.pt/.ckpt files (through the safe loader; refused otherwise).
-    `tile`/`overlap`: tile size and overlap in input pixels. `builtin`: the shipped upscaler file (listed
-    whenever it exists). `cache_size`: how many loaded models stay in memory. `diffusion`: the options of
-    diffusion upscalers (steps, noise level, CFG, seed, tile).
+    `tile`/`overlap`: tile size and overlap in input pixels. `builtin`: the shipped upscalers (a file or a
+    pipeline folder each; listed whenever they exist; None: none). `cache_size`: how many loaded models stay in
+    memory. `diffusion`: the options of diffusion upscalers (steps, noise level, CFG, seed, tile).
     """
 
-    def __init__(self, dirs: list[Path] | tuple[Path, ...], *, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32, allow_pickle: bool = False, tile: int = 256,
-                 overlap: int = 16, builtin: Path | None = BUILTIN_UPSCALER, cache_size: int = 1,
-                 diffusion: DiffusionUpscaleOptions | None = None):
+    def __init__(
+        self,
+        dirs: list[Path] | tuple[Path, ...],
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        allow_pickle: bool = False,
+        tile: int = 256,
+        overlap: int = 16,
+        builtin: Sequence[Path] | None = (BUILTIN_UPSCALER, BUILTIN_DIFFUSION_UPSCALER),
+        cache_size: int = 1,
+        diffusion: DiffusionUpscaleOptions | None = None,
+    ):
         self.dirs = [Path(d) for d in dirs]
         self.device = torch.device(device)
         self.dtype = dtype
         self.allow_pickle = allow_pickle
         self.tile = tile
         self.overlap = overlap
-        self.builtin = builtin
+        self.builtin = [Path(b) for b in builtin or ()]
         self.cache_size = max(0, cache_size)
         self.diffusion = diffusion or DiffusionUpscaleOptions()  # steps, noise level, ... of diffusion upscalers
         self._entries: dict[str, UpscalerEntry] = {}
@@ -193,13 +205,12 @@ class UpscalerRegistry:
         """Rescan the folders. Files are listed by stem; the first of two equal stems wins (logged)."""
         suffixes = UPSCALER_SUFFIXES  # pickles are listed; loading refuses them unless allowed
         entries: dict[str, UpscalerEntry] = {n: UpscalerEntry(n, "basic") for n in BASIC_UPSCALERS}
-        files: list[Path] = []
-        if self.builtin is not None and self.builtin.is_file():
-            files.append(self.builtin)
+        files: list[Path] = [b for b in self.builtin if b.is_file()]
         for d in self.dirs:
             if d.is_dir():
                 files.extend(sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in suffixes))
-        folders = [p for d in self.dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir()]
+        folders = [b for b in self.builtin if b.is_dir()]
+        folders += [p for d in self.dirs if d.is_dir() for p in sorted(d.iterdir()) if p.is_dir()]
         seen: set[Path] = set()
         for p in folders:
             cls = upscaler_class(p)
@@ -228,7 +239,7 @@ class UpscalerRegistry:
             self._entries = entries
 
     def names(self) -> list[str]:
-        """"None", "Lanczos", "Nearest", then model and diffusion upscalers (sorted), then extension ones.
+        """ "None", "Lanczos", "Nearest", then model and diffusion upscalers (sorted), then extension ones.
         Latent modes are not here: see `latent_modes()`."""
         with self._lock:
             basic = [n for n in BASIC_UPSCALERS]
@@ -330,12 +341,12 @@ class UpscalerRegistry:
         except UnsupportedModelError:
             raise RequestError("upscaler", f"{path.name}: not an architecture spandrel knows") from None
         if not isinstance(desc, ImageModelDescriptor) or desc.input_channels not in (1, 3):
-            raise RequestError("upscaler",
-                               f"{path.name}: a {desc.architecture.name} model, not an image upscaler")
+            raise RequestError("upscaler", f"{path.name}: a {desc.architecture.name} model, not an image upscaler")
         dtype = self._run_dtype(desc)
         desc.to(self.device, dtype).eval()
-        log.info("loaded upscaler %s (%s x%d, %s on %s)", path.name, desc.architecture.name, desc.scale,
-                 dtype, self.device)
+        log.info(
+            "loaded upscaler %s (%s x%d, %s on %s)", path.name, desc.architecture.name, desc.scale, dtype, self.device
+        )
         return desc
 
     def _run_dtype(self, desc: Any) -> torch.dtype:
@@ -361,9 +372,16 @@ class UpscalerRegistry:
             self._loaded.clear()
 
     # ---- running ------------------------------------------------------------------------------------
-    def upscale(self, image: Image.Image, name: str, *, scale: float | None = None,
-                size: tuple[int, int] | None = None, progress: ProgressFn | None = None,
-                cancel: Callable[[], None] | None = None) -> Image.Image:
+    def upscale(
+        self,
+        image: Image.Image,
+        name: str,
+        *,
+        scale: float | None = None,
+        size: tuple[int, int] | None = None,
+        progress: ProgressFn | None = None,
+        cancel: Callable[[], None] | None = None,
+    ) -> Image.Image:
         """Upscale `image` with upscaler `name` by `scale` or to `size` = (width, height) exactly.
 
         Model upscalers run (tiled) until the image is at least the target size, at most MAX_PASSES times,
@@ -375,8 +393,11 @@ class UpscalerRegistry:
         e = self.entry(name)
         tw, th = target_size(image.size, scale=scale, size=size)
         if e.kind == "basic":
-            out = image if (tw, th) == image.size else image.resize(
-                (tw, th), Image.NEAREST if name == "Nearest" else Image.LANCZOS)
+            out = (
+                image
+                if (tw, th) == image.size
+                else image.resize((tw, th), Image.NEAREST if name == "Nearest" else Image.LANCZOS)
+            )
             if progress is not None:
                 progress(1, 1)
             return out
@@ -400,8 +421,15 @@ class UpscalerRegistry:
             out = out.convert("L")
         return out
 
-    def _run_model(self, image: Image.Image, name: str, target: tuple[int, int], progress: ProgressFn | None,
-                   cancel: Callable[[], None] | None, prompt: str = "") -> Image.Image:
+    def _run_model(
+        self,
+        image: Image.Image,
+        name: str,
+        target: tuple[int, int],
+        progress: ProgressFn | None,
+        cancel: Callable[[], None] | None,
+        prompt: str = "",
+    ) -> Image.Image:
         desc = self.load(name)
         diffusion = isinstance(desc, DiffusionUpscaler)
         opts = self.diffusion

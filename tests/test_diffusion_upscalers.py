@@ -127,6 +127,17 @@ def test_listed_and_upscales_4x_through_the_registry(x4_dir):
     assert half.size == (48, 40)
 
 
+def test_a_shipped_pipeline_folder_is_listed_beside_the_users_folders(x4_dir, tmp_path):
+    """The registry's `builtin` takes pipeline folders as well as files (the project ships its diffusion upscaler
+    as one), once even when a scanned folder holds it too."""
+    reg = UpscalerRegistry([tmp_path / "none"], builtin=[x4_dir / "tiny-x4"], diffusion=FAST)
+    assert "tiny-x4" in reg.names() and "tiny-x2-latent" not in reg.names()
+    info = next(i for i in reg.infos() if i["name"] == "tiny-x4")
+    assert info["scale"] == 4 and Path(info["model_path"]) == x4_dir / "tiny-x4"
+    both = UpscalerRegistry([x4_dir], builtin=[x4_dir / "tiny-x4"], diffusion=FAST)
+    assert both.names().count("tiny-x4") == 1 and "tiny-x2-latent" in both.names()
+
+
 def test_large_images_go_tile_by_tile(x4_dir, monkeypatch):
     reg = UpscalerRegistry([x4_dir], builtin=None, diffusion=FAST)
     seen = []
