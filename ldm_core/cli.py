@@ -387,14 +387,14 @@ def _batch(args) -> int:
     except (RuntimeError, ValueError) as exc:  # Ray flags without Ray installed, no cluster at the address, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from .extensions import load_extensions
-
-    # extensions run the lines' alwayson_scripts (ControlNet units, ...), as the server's do; Ray replicas load
-    # the same ones when a job says the head has them
-    service.extensions = load_extensions(service.engine, service.config)
     # keep every worker busy with one job in hand and one waiting (the queue runs `workers` jobs at once)
     window = args.window or 2 * max(1, int(getattr(service.queue, "workers", 1)), args.ray_local)
     try:
+        from .extensions import load_extensions
+
+        # extensions run the lines' alwayson_scripts (ControlNet units, ...), as the server's do; Ray replicas
+        # load the same ones when a job says the head has them
+        service.extensions = load_extensions(service.engine, service.config)
         expected = count_images(read_items(source, fmt=args.format), Path(args.out), limit=args.limit)
         items = read_items(source, fmt=args.format)
         report = run_batch(
