@@ -521,19 +521,32 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
         cache_scenes=4,
         cache_batch=2,
         condition=condition,
+        overlap_weight=4.0 if condition == "depth" else 1.0,
     )
     rec = trainer.train_controlnet(opts, log=lambda _m: None)
-    assert rec["condition"] == condition and rec["steps"] == 2
+    assert rec["condition"] == condition and rec["steps"] == 2 and np.isfinite(rec["final_loss"])
     cache = torch.load(work / "controlnet-cache.pt", weights_only=True)
     scenes = trainer.cache_scenes(opts)
     want = cm.condition_maps(condition, shapes.pack_scenes(scenes[:2]), None, SIZE)
     got = trainer.cached_control(cache, torch.tensor([0, 1]))
     assert got.shape == want.shape and (got - want).abs().max() <= 1 / 255 + 1e-6
+    # a cache left by other scenes of the same count (an older scene generator) is rebuilt, not paired with
+    # these scenes' captions
+    from ldm_core.models import load_model
+
+    vae = load_model(base, dtype=torch.float32).vae
+    other = trainer.build_cache(vae, scenes[::-1], SIZE, work / "controlnet-cache.pt", 2, lambda _m: None, 0, condition)
+    flipped = cm.condition_maps(condition, shapes.pack_scenes(scenes[::-1][:2]), None, SIZE)
+    assert (trainer.cached_control(other, torch.tensor([0, 1])) - flipped).abs().max() <= 1 / 255 + 1e-6
     if condition == "depth":  # half the depth scenes overlap, and the map says which object is in front
         assert len(scenes[0].objects) == 2 and scenes[0].caption
+        assert scenes[0].objects[0].shape != scenes[0].objects[1].shape  # the prompt can tell them apart
         cover = shapes.object_coverages(shapes.pack_scenes(scenes[:1]), SIZE)[0]
         overlap = (cover[0] > 0.5) & (cover[1] > 0.5)
         assert overlap.any() and torch.allclose(want[0, 0][overlap], torch.tensor(cm.DEPTH[1]))
+        # the overlap-weighted loss weighs exactly the cells both objects cover
+        w = trainer.overlap_loss_weights(scenes[:1], SIZE, 4.0)
+        assert w.shape == (1, 1, SIZE, SIZE) and torch.equal(w[0, 0] == 4.0, overlap) and (w[0, 0][~overlap] == 1).all()
     # the evaluation's cases contradict the map in the prompt, and the depth score reads the overlap's colour
     kind = trainer.EVAL_KINDS[condition][0]
     cases = trainer.eval_cases(6, SIZE, kind)

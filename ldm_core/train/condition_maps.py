@@ -10,8 +10,8 @@ order), for the built-in model's depth and seg ControlNets, and the scenes that 
   generated image): objects are the background-distinct pixels split by palette colour (1-px rims dropped),
   their shape read by the analyser's geometry; of two touching objects, the one that owns most of the pixels
   where their convex hulls overlap is in front.
-- `overlapping_scene`: two objects whose shapes overlap, in a random drawing order, so which one is in front
-  is something only the depth map says.
+- `overlapping_scene`: two objects of different shapes that overlap, in a random drawing order, so which one is
+  in front is something only the depth map says.
 """
 
 from __future__ import annotations
@@ -87,8 +87,10 @@ def condition_maps(condition: str, packed: torch.Tensor, images: torch.Tensor, s
 
 
 def overlapping_scene(rng: random.Random) -> shapes.Scene:
-    """Two objects of different colours and one size whose shapes overlap (centres 0.7-1.1 radii apart);
-    the first one is drawn first (behind)."""
+    """Two objects of different shapes and colours and one size whose shapes overlap (centres 0.7-1.1 radii
+    apart); the first one is drawn first (behind). Different shapes, so that a prompt naming both ("a red circle
+    and a blue star") says which colour each silhouette of the map takes: of two circles, the map could not say
+    which colour is in front."""
     background = rng.choice(shapes.COLOUR_NAMES)
     a_colour = shapes._pick_colour(rng, [background])
     b_colour = shapes._pick_colour(rng, [background, a_colour])
@@ -98,8 +100,10 @@ def overlapping_scene(rng: random.Random) -> shapes.Scene:
     angle = rng.uniform(0, 2 * math.pi)
     dx, dy = r * rng.uniform(0.35, 0.55) * math.cos(angle), r * rng.uniform(0.35, 0.55) * math.sin(angle)
     objs = []
+    left = list(shapes.SHAPES)
     for colour, (x, y) in ((a_colour, (cx - dx, cy - dy)), (b_colour, (cx + dx, cy + dy))):
-        shape = rng.choice(shapes.SHAPES)
+        shape = rng.choice(left)
+        left.remove(shape)
         obj = shapes.make_object(shape, colour, size, _nearest_position(x, y))
         objs.append(shapes.ShapeObject(shape, colour, size, obj.position, x, y, r))
     return shapes.Scene(background, tuple(objs))
