@@ -752,3 +752,29 @@ def test_controlnet_acts_on_every_frame_of_a_clip_in_context_windows(setup):
     assert len(ctrl.images) == 5
     diffs = [np.abs(arr(a) - arr(b)).mean() for a, b in zip(plain.images, ctrl.images, strict=True)]
     assert min(diffs) > 0.5  # the residuals reach every frame, sliced window by window
+
+
+SHIPPED_DEPTH = SHIPPED.parent / "builtin-depth"
+
+
+def test_shipped_depth_controlnet_draws_the_maps_front_object_in_front():
+    """The built-in model's depth ControlNet (shipped, <= 10 MB), as users run it (the extension, a depth map
+    with preprocessor `none`): two overlapping objects named in the prompt in either order, and the one the map
+    puts nearer (brighter) is the one whose colour fills the overlap."""
+    from ldm_core.config import BUILTIN_MODEL_DIR
+    from ldm_core.train import controlnet as trainer
+
+    weights = SHIPPED_DEPTH / "diffusion_pytorch_model.safetensors"
+    assert (SHIPPED_DEPTH / "config.json").is_file() and weights.stat().st_size <= 10e6
+    assert json.loads((SHIPPED_DEPTH / "TRAINING.json").read_text())["condition"] == "depth"
+    report = trainer.evaluate(
+        BUILTIN_MODEL_DIR,
+        SHIPPED_DEPTH,
+        n=6,
+        device="cpu",
+        steps=20,
+        log=lambda _m: None,
+        condition="depth",
+        kinds=("depth",),
+    )
+    assert report["depth"]["front_right"] >= 4 / 6, report["depth"]["cases"]
