@@ -713,30 +713,46 @@ def test_shipped_controlnet_puts_the_object_where_the_edge_map_says():
 
 
 SHIPPED_SEG = SHIPPED.parent / "builtin-seg"
+SHIPPED_DEPTH = SHIPPED.parent / "builtin-depth"
+
+
+def _shipped_eval(folder: Path, condition: str, n: int) -> dict:
+    """A shipped built-in-model ControlNet of `condition` (<= 10 MB, its TRAINING.json says so) on the first `n`
+    held-out cases of its renderer's maps, through the engine and the extension: that kind's report."""
+    from ldm_core.config import BUILTIN_MODEL_DIR
+    from ldm_core.train import controlnet as trainer
+
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    assert (folder / "config.json").is_file() and weights.stat().st_size <= 10e6
+    assert json.loads((folder / "TRAINING.json").read_text())["condition"] == condition
+    report = trainer.evaluate(
+        BUILTIN_MODEL_DIR,
+        folder,
+        n=n,
+        device="cpu",
+        steps=20,
+        log=lambda _m: None,
+        condition=condition,
+        kinds=(condition,),
+    )
+    return report[condition]
 
 
 def test_shipped_seg_controlnet_puts_the_object_where_the_map_says_in_the_prompts_colour():
     """The built-in model's segmentation ControlNet (shipped, <= 10 MB), as users run it (the extension, an
     ADE20K-palette map with preprocessor `none`): a map of one shape at one place, with a prompt naming another
     shape at another place, gives an object at the map's place in the prompt's colour."""
-    from ldm_core.config import BUILTIN_MODEL_DIR
-    from ldm_core.train import controlnet as trainer
+    seg = _shipped_eval(SHIPPED_SEG, "seg", n=4)
+    assert seg["position"] >= 0.75, seg["cases"]
+    assert seg["colour"] >= 0.75, seg["cases"]
 
-    weights = SHIPPED_SEG / "diffusion_pytorch_model.safetensors"
-    assert (SHIPPED_SEG / "config.json").is_file() and weights.stat().st_size <= 10e6
-    assert json.loads((SHIPPED_SEG / "TRAINING.json").read_text())["condition"] == "seg"
-    report = trainer.evaluate(
-        BUILTIN_MODEL_DIR,
-        SHIPPED_SEG,
-        n=4,
-        device="cpu",
-        steps=20,
-        log=lambda _m: None,
-        condition="seg",
-        kinds=("seg",),
-    )
-    assert report["seg"]["position"] >= 0.75, report["seg"]["cases"]
-    assert report["seg"]["colour"] >= 0.75, report["seg"]["cases"]
+
+def test_shipped_depth_controlnet_draws_the_maps_front_object_in_front():
+    """The built-in model's depth ControlNet (shipped, <= 10 MB), as users run it (the extension, a depth map
+    with preprocessor `none`): two overlapping objects named in the prompt in either order, and the one the map
+    puts nearer (brighter) is the one whose colour fills the overlap."""
+    depth = _shipped_eval(SHIPPED_DEPTH, "depth", n=6)
+    assert depth["front_right"] >= 4 / 6, depth["cases"]
 
 
 def test_controlnet_acts_on_every_frame_of_a_clip_in_context_windows(setup):
@@ -752,29 +768,3 @@ def test_controlnet_acts_on_every_frame_of_a_clip_in_context_windows(setup):
     assert len(ctrl.images) == 5
     diffs = [np.abs(arr(a) - arr(b)).mean() for a, b in zip(plain.images, ctrl.images, strict=True)]
     assert min(diffs) > 0.5  # the residuals reach every frame, sliced window by window
-
-
-SHIPPED_DEPTH = SHIPPED.parent / "builtin-depth"
-
-
-def test_shipped_depth_controlnet_draws_the_maps_front_object_in_front():
-    """The built-in model's depth ControlNet (shipped, <= 10 MB), as users run it (the extension, a depth map
-    with preprocessor `none`): two overlapping objects named in the prompt in either order, and the one the map
-    puts nearer (brighter) is the one whose colour fills the overlap."""
-    from ldm_core.config import BUILTIN_MODEL_DIR
-    from ldm_core.train import controlnet as trainer
-
-    weights = SHIPPED_DEPTH / "diffusion_pytorch_model.safetensors"
-    assert (SHIPPED_DEPTH / "config.json").is_file() and weights.stat().st_size <= 10e6
-    assert json.loads((SHIPPED_DEPTH / "TRAINING.json").read_text())["condition"] == "depth"
-    report = trainer.evaluate(
-        BUILTIN_MODEL_DIR,
-        SHIPPED_DEPTH,
-        n=6,
-        device="cpu",
-        steps=20,
-        log=lambda _m: None,
-        condition="depth",
-        kinds=("depth",),
-    )
-    assert report["depth"]["front_right"] >= 4 / 6, report["depth"]["cases"]
