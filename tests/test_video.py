@@ -528,6 +528,22 @@ def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, ti
     assert (tmp_path / "mm" / "diffusion_pytorch_model.safetensors").stat().st_size < 10e6
 
 
+def test_motion_training_timesteps_are_one_per_clip_and_cubic_spends_them_at_high_noise(tmp_path, tiny_models):
+    from ldm_core.train.motion import MotionTrainOptions, clip_timesteps, train_motion
+
+    t = clip_timesteps(3, 4, 1000, "uniform", torch.Generator().manual_seed(0))
+    assert t.shape == (12,) and all(len(set(t[i * 4 : i * 4 + 4].tolist())) == 1 for i in range(3))
+    uni = clip_timesteps(2000, 1, 1000, "uniform", torch.Generator().manual_seed(1)).float()
+    cub = clip_timesteps(2000, 1, 1000, "cubic", torch.Generator().manual_seed(1)).float()
+    assert 0.38 < (uni > 580).float().mean() < 0.46 and 0.71 < (cub > 580).float().mean() < 0.79
+    assert cub.min() >= 0 and cub.max() <= 999
+    base = dict(base=str(tiny_models["sd1"]["diffusers"]), frames=4, clips=1, steps=1, log_every=0, resolution=64)
+    rec = train_motion(MotionTrainOptions(**base, out=str(tmp_path / "c"), timesteps="cubic"), log=lambda m: None)
+    assert rec["options"]["timesteps"] == "cubic"
+    with pytest.raises(ValueError, match="timesteps"):
+        train_motion(MotionTrainOptions(**base, out=str(tmp_path / "x"), timesteps="late"), log=lambda m: None)
+
+
 def test_motion_training_continues_from_an_exported_module_and_refuses_another_bases(tmp_path, tiny_models):
     """--init: a later sitting starts from the committed export (its checkpoint gone); a module made for a
     UNet of other channels is a clear error, not a silent fresh start."""
