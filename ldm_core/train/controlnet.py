@@ -163,12 +163,17 @@ TIMESTEP_SAMPLING = ("uniform", "cubic")
 def sample_timesteps(n: int, n_train: int, mode: str, gen: torch.Generator) -> torch.Tensor:
     """`n` training timesteps in [0, n_train): uniform, or "cubic" (t = (1 - u^3) n_train, u uniform: three
     quarters of them above t = 0.58 n_train, against 42% uniformly: the high-noise steps that decide the layout)."""
+    check_timestep_sampling(mode)
     if mode == "uniform":
         return torch.randint(0, n_train, (n,), generator=gen)
-    if mode == "cubic":
-        u = torch.rand(n, generator=gen)
-        return ((1 - u**3) * n_train).long().clamp(0, n_train - 1)
-    raise ValueError(f"timesteps: {mode!r} is not one of {', '.join(TIMESTEP_SAMPLING)}")
+    u = torch.rand(n, generator=gen)
+    return ((1 - u**3) * n_train).long().clamp(0, n_train - 1)
+
+
+def check_timestep_sampling(mode: str) -> None:
+    """ValueError naming `timesteps` unless `mode` is one of TIMESTEP_SAMPLING (a trainer checks before loading)."""
+    if mode not in TIMESTEP_SAMPLING:
+        raise ValueError(f"timesteps: {mode!r} is not one of {', '.join(TIMESTEP_SAMPLING)}")
 
 
 def condition_scenes(stream: str, n: int, condition: str) -> list[shapes.Scene]:

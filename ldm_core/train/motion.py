@@ -254,11 +254,10 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
 
     from ldm_core.models import load_model
     from ldm_core.train.builtin import _autocast, _save_atomic, command_line, diffusion_target, export_fp16_folder
-    from ldm_core.train.controlnet import TIMESTEP_SAMPLING, TextEncoder
+    from ldm_core.train.controlnet import TextEncoder, check_timestep_sampling
     from ldm_core.video.motion_modules import MotionModule, MotionPatch
 
-    if o.timesteps not in TIMESTEP_SAMPLING:
-        raise ValueError(f"timesteps: {o.timesteps!r} is not one of {', '.join(TIMESTEP_SAMPLING)}")
+    check_timestep_sampling(o.timesteps)
     if o.threads:
         torch.set_num_threads(o.threads)
     torch.manual_seed(o.seed)
@@ -495,6 +494,8 @@ def evaluate_motion(
 
 
 def add_arguments(p) -> None:
+    from ldm_core.train.controlnet import TIMESTEP_SAMPLING
+
     d = MotionTrainOptions()
     p.add_argument("--base", default=d.base, help="the base model folder (default: %(default)s)")
     p.add_argument("--out", default=d.out, help="diffusers folder to write (default: %(default)s)")
@@ -515,7 +516,7 @@ def add_arguments(p) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument(
         "--timesteps",
-        choices=("uniform", "cubic"),
+        choices=TIMESTEP_SAMPLING,
         default=d.timesteps,
         help="training noise levels: uniform, or cubic (t = (1 - u^3) T: three quarters above 0.58 T, where the "
         "layout of every frame, and so the motion, is decided)",
