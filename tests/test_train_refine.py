@@ -3,6 +3,7 @@ pre-training, and a reduced end-to-end run over all four phases on a tiny model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import types
@@ -156,6 +157,28 @@ def test_decoder_only_polish_leaves_text_encoder_unet_and_encoder_alone(tiny_fol
         assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("decoder."))
     with pytest.raises(ValueError, match="include cache"):
         main(["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--phases", "unet,decoder"])
+
+
+@pytest.mark.parametrize("mode", ["off", "bf16"])
+def test_decoder_phase_runs_in_the_autocast_the_run_asks_for(tiny_folder, monkeypatch, mode):
+    from ldm_core.train import refine
+    from ldm_core.train.__main__ import main
+
+    seen = []
+    real_step = refine.decoder_step
+
+    def recording_step(*args, amp=None, **kw):
+        with amp if amp is not None else contextlib.nullcontext():
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_step(*args, amp=amp, **kw)
+
+    monkeypatch.setattr(refine, "decoder_step", recording_step)
+    base = tiny_folder / "base" / "out"
+    out, work = tiny_folder / f"polished-{mode}", tiny_folder / f"polish-work-{mode}"
+    args = ["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--phases", "decoder"]
+    args += ["--decoder-steps", "2", "--decoder-batch", "2", "--autocast", mode]
+    assert main(args) == 0
+    assert seen == [mode == "bf16"] * 2
 
 
 def test_edge_weight_marks_object_rims_only():

@@ -100,7 +100,7 @@ class RefineOptions:
     eval_n: int = 200  # held-out prompts evaluated at each curve point (0: record samples and time only)
     threads: int | None = None
     fresh_unet: str | None = None  # a preset name: a new, randomly initialised UNet of that preset's layout
-    autocast: str = "off"  # "bf16": the UNet's forward in bf16 autocast (AMX / AVX512-BF16 CPUs: ~2-3x faster)
+    autocast: str = "off"  # "bf16": the UNet's forward and the decoder's in bf16 autocast (AMX / AVX512-BF16 CPUs)
     phases: tuple[str, ...] = PHASES[:-1]
     command: str = ""
 
@@ -393,7 +393,15 @@ class Refiner:
             lr = warmup_cosine(o.decoder_lr, step, frac, o.decoder_warmup, 0.0)
             self.vae.decoder.train()
             loss = decoder_step(
-                self.vae, self.dec_params, self.dec_opt, raw, ims, lr, weight=weight, grad_weight=o.decoder_grad_weight
+                self.vae,
+                self.dec_params,
+                self.dec_opt,
+                raw,
+                ims,
+                lr,
+                amp=_autocast(torch.device("cpu"), o.autocast),
+                weight=weight,
+                grad_weight=o.decoder_grad_weight,
             )
             p.decoder_step += 1
             lv = float(loss.detach())
@@ -565,7 +573,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--autocast",
         choices=("off", "bf16"),
         default=d.autocast,
-        help="bf16: the UNet phase in bf16 autocast (fast on CPUs with AMX or AVX512-BF16)",
+        help="bf16: the UNet and decoder phases in bf16 autocast (fast on CPUs with AMX or AVX512-BF16; the decoder "
+        "step at batch 32 on 2 cores: 0.59 s against 0.95 s in fp32)",
     )
     p.add_argument(
         "--phases",
