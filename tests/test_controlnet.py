@@ -504,6 +504,36 @@ def test_trainer_runs_on_a_tiny_model_and_its_output_loads(tmp_path, tiny_models
     assert len(report["circle"]["cases"]) == 2
 
 
+def test_shape_weight_weighs_the_cells_where_a_shape_differs_from_a_blob():
+    from ldm_core.train import controlnet as trainer
+    from ldm_core.train import shapes
+
+    def scene(shape, position="centre"):
+        return shapes.Scene("white", (shapes.make_object(shape, "red", "large", position),))
+
+    sq, circ, star = scene("square"), scene("circle"), scene("star", "top left")
+    w = trainer.shape_loss_weights([sq, circ, star], 16, 4.0)
+    assert w.shape == (3, 1, 16, 16) and set(w.unique().tolist()) == {1.0, 4.0}
+    cover = shapes.object_coverages(shapes.pack_scenes([sq, circ, star]), 16)[:, 0]
+    ys, xs = torch.nonzero(cover[0] > 0.5, as_tuple=True)
+    top, left, bottom, right = int(ys.min()), int(xs.min()), int(ys.max()), int(xs.max())
+    # the square's corners tell it from a circle; its middle and the far background do not
+    assert all(float(w[0, 0, y, x]) == 4.0 for y in (top, bottom) for x in (left, right))
+    assert float(w[0, 0, (top + bottom) // 2, (left + right) // 2]) == 1.0 and float(w[0, 0, 0, 0]) == 1.0
+    # a circle's marked cells are the corners it leaves empty: weighed, though no object covers them
+    assert bool(((w[1, 0] == 4.0) & (cover[1] < 0.5)).any())
+    # the weighted cells follow the object: the star's lie in the top left quarter
+    ys, xs = torch.nonzero(w[2, 0] == 4.0, as_tuple=True)
+    assert len(ys) and int(ys.max()) < 10 and int(xs.max()) < 10
+    # few cells against the plain mean's 256: the point of the weight
+    assert 0 < int((w[0] == 4.0).sum()) < 64
+    # overlap and shape weights multiply; both at 1 is the plain mean
+    opts = trainer.ControlNetTrainOptions(base=Path("."), out=Path("."), overlap_weight=2.0, shape_weight=4.0)
+    both = trainer.loss_weights([sq], 16, opts)
+    assert torch.equal(both, trainer.overlap_loss_weights([sq], 16, 2.0) * w[:1])
+    assert trainer.loss_weights([sq], 16, trainer.ControlNetTrainOptions(base=Path("."), out=Path("."))) is None
+
+
 @pytest.mark.parametrize("condition", ["depth", "seg"])
 def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_models, condition):
     from ldm_core.train import condition_maps as cm
@@ -522,6 +552,7 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
         cache_batch=2,
         condition=condition,
         overlap_weight=4.0 if condition == "depth" else 1.0,
+        shape_weight=1.0 if condition == "depth" else 4.0,
     )
     rec = trainer.train_controlnet(opts, log=lambda _m: None)
     assert rec["condition"] == condition and rec["steps"] == 2 and np.isfinite(rec["final_loss"])

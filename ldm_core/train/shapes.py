@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 #: Named colours, sRGB 0-255. Pairwise distances are >= ~95 so the analyser can tell them apart.
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -491,6 +492,32 @@ def object_coverages(packed: torch.Tensor, size: int) -> torch.Tensor:
         sd = _shape_sdf(shape_idx, (gx - cx) / rad, (gy - cy) / rad) * rad * size  # in pixels
         out[:, k] = (0.5 - sd).clamp(0.0, 1.0) * present
     return out
+
+
+def shape_contrast(packed: torch.Tensor, size: int, supersample: int = 4) -> torch.Tensor:
+    """Where the objects' shapes show, bool (N, 1, size, size): the cells in which a present object's own shape
+    and a blob of the same centre and radius disagree on coverage — a circle for the other shapes (a square's
+    corners, a star's points and notches, a triangle's apex), a square for a circle (the corners it leaves
+    empty). A model that does not know the shape draws the blob, so these cells are the ones that tell.
+    Worked out at `supersample` x `size` and kept where any sub-cell disagrees, so a small object's few
+    telling pixels still mark their cell."""
+    fine = size * supersample
+    dev = packed.device
+    n = packed.shape[0]
+    coords = (torch.arange(fine, device=dev, dtype=torch.float32) + 0.5) / fine
+    gy, gx = coords.view(1, fine, 1), coords.view(1, 1, fine)
+    out = torch.zeros(n, fine, fine, dtype=torch.bool, device=dev)
+    for k in range(MAX_OBJECTS):
+        f = packed[:, 3 + k * _OBJ_FIELDS : 3 + (k + 1) * _OBJ_FIELDS]
+        present, own = f[:, 0].view(n, 1, 1) > 0.5, f[:, 1].round().long().view(n, 1, 1)
+        cx, cy, rad = f[:, 2].view(n, 1, 1), f[:, 3].view(n, 1, 1), f[:, 4].view(n, 1, 1).clamp(min=1e-4)
+        px, py = (gx - cx) / rad, (gy - cy) / rad
+        circle, square = SHAPES.index("circle"), SHAPES.index("square")
+        blob = torch.where(own == circle, torch.full_like(own, square), torch.full_like(own, circle))
+        differs = (_shape_sdf(own, px, py) < 0) != (_shape_sdf(blob, px, py) < 0)
+        out |= differs & present
+    pooled = F.max_pool2d(out.float().unsqueeze(1), supersample)
+    return pooled > 0
 
 
 def render(scenes: list[Scene], size: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
