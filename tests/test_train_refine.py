@@ -181,6 +181,59 @@ def test_decoder_phase_runs_in_the_autocast_the_run_asks_for(tiny_folder, monkey
     assert seen == [mode == "bf16"] * 2
 
 
+def test_decoder_unet_share_decodes_the_unets_own_estimates_of_the_latents(tiny_folder):
+    from ldm_core.train.__main__ import main
+    from ldm_core.train.builtin import build_scheduler
+    from ldm_core.train.refine import RefineOptions, Refiner
+
+    base = tiny_folder / "base" / "out"
+
+    def estimates(share, max_t, oracle=False):
+        r = Refiner(
+            RefineOptions(
+                init=base,
+                out=tiny_folder / "unet-share",
+                work_dir=tiny_folder / f"unet-share-{share}-{max_t}",
+                decoder_unet_share=share,
+                decoder_unet_max_t=max_t,
+            )
+        )
+        scenes = shapes.sample_scenes("unet-share", 6)
+        with torch.no_grad():
+            raw = r.vae.encode(shapes.render(scenes, r.spec.resolution) * 2 - 1).latent_dist.mean
+            ab = build_scheduler(r.spec).alphas_cumprod.float()
+            if oracle:  # a UNet that knows the answer: its v gives back exactly the latents it was noised from
+                clean, prediction = raw * r.sf, r.spec.prediction_type
+
+                def unet(x_t, t, cond):
+                    a = ab[t].view(-1, 1, 1, 1)
+                    if prediction == "v_prediction":
+                        return types.SimpleNamespace(sample=(a.sqrt() * x_t - clean) / (1 - a).sqrt())
+                    return types.SimpleNamespace(sample=(x_t - a.sqrt() * clean) / (1 - a).sqrt())
+
+                r.unet = unet
+            return raw, r._unet_estimates(raw, scenes, 0, ab)
+
+    raw, none = estimates(0.0, 400)
+    assert torch.equal(raw, none)
+    raw, low = estimates(1.0, 1)  # t = 0: the x0 estimate is the latent itself, up to a little noise
+    _, high = estimates(1.0, 1000)  # any noise level: the UNet's guess
+    scale = float(raw.abs().mean())
+    assert float((low - raw).abs().mean()) < 0.1 * scale
+    assert float((high - raw).abs().mean()) > 3 * float((low - raw).abs().mean())
+    _, exact = estimates(1.0, 1000, oracle=True)  # the x0 formula and the latent scaling are right
+    assert torch.allclose(exact, raw, atol=1e-3 * scale)
+    # the option reaches the command line and the run's record
+    out, work = tiny_folder / "unet-share-run", tiny_folder / "unet-share-run-work"
+    args = ["refine", "--init", str(base), "--out", str(out), "--work-dir", str(work), "--phases", "decoder"]
+    args += ["--decoder-steps", "2", "--decoder-batch", "2"]
+    args += ["--decoder-unet-share", "0.5", "--decoder-unet-max-t", "300"]
+    assert main(args) == 0
+    info = json.loads((out / "TRAINING.json").read_text())
+    assert info["progress"]["decoder_step"] == 2
+    assert info["options"]["decoder_unet_share"] == 0.5 and info["options"]["decoder_unet_max_t"] == 300
+
+
 def test_edge_weight_marks_object_rims_only():
     from ldm_core.train.builtin import edge_weight
 

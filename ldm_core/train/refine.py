@@ -12,7 +12,11 @@ it buys most, in four resumable phases:
 3. **unet**: the UNet (started from the folder's) learns from the cache with the frozen text encoder,
    object-weighted v/epsilon loss, caption dropout, EMA.
 4. **decoder**: the VAE decoder alone is fine-tuned on fresh renders (L1 + MSE); the encoder, hence the
-   latent space the UNet learned, does not move.
+   latent space the UNet learned, does not move. With `--decoder-unet-share P` a share P of each batch is
+   decoded not from the encoder's latents but from the folder's UNet's own estimate of them (its x0 from
+   the latents noised at a timestep below `--decoder-unet-max-t`, given a caption of the scene), still
+   against the render: at generation the decoder sees the UNet's latents, whose shapes carry the UNet's
+   habits (pinched squares), not the encoder's.
 
 `--phases` picks which of them run (e.g. `--phases decoder` polishes only the decoder of a folder and leaves
 its text encoder and UNet as they are); a skipped phase changes nothing. The UNet phase needs the cache.
@@ -94,6 +98,8 @@ class RefineOptions:
     decoder_warmup: int = 25
     decoder_edge_weight: float = 0.0  # extra loss weight on object edges (see builtin.edge_weight)
     decoder_grad_weight: float = 0.0  # image-gradient L1 in the decoder loss
+    decoder_unet_share: float = 0.0  # share of each decoder batch decoded from the UNet's x0 estimate
+    decoder_unet_max_t: int = 400  # ... from the renders' latents noised at a timestep below this
     unet_cycle: int = 0  # raise it to run the UNet phase again: a new cosine cycle of --unet-seconds more
     checkpoint_every: float = 300.0
     export_every: float | None = None  # seconds of UNet training between exports to --out (a learning-curve point)
@@ -368,6 +374,11 @@ class Refiner:
         self.vae.quant_conv.requires_grad_(False)
         for q in self.dec_params:
             q.requires_grad_(True)
+        alpha_bar = None
+        if o.decoder_unet_share > 0:  # decode the UNet's own latents too (see the module docstring)
+            alpha_bar = build_scheduler(self.spec).alphas_cumprod.float()
+            self.te.eval().requires_grad_(False)
+            self.unet.eval().requires_grad_(False)
         budget = None if o.decoder_seconds is None else max(0.0, o.decoder_seconds - p.decoder_seconds)
         t0 = last_log = last_ck = time.monotonic()
         sec0 = p.decoder_seconds
@@ -387,6 +398,8 @@ class Refiner:
                 ims = shapes.render(scenes, self.spec.resolution)
             with torch.no_grad():
                 raw = self.vae.encode(ims * 2 - 1).latent_dist.mean
+                if alpha_bar is not None:
+                    raw = self._unet_estimates(raw, scenes, step, alpha_bar)
             frac = step / max(1, o.decoder_steps)
             if budget is not None:
                 frac = max(frac, (now - t0) / max(budget, 1e-9))
@@ -423,6 +436,31 @@ class Refiner:
             _log("decoder tuning lowered the PSNR: the previous decoder is kept")
         p.phase = "done"
         self.save()
+
+    def _unet_estimates(self, raw: torch.Tensor, scenes: list, step: int, alpha_bar: torch.Tensor) -> torch.Tensor:
+        """`raw` (unscaled encoder latents of `scenes`) with a `decoder_unet_share` of its rows replaced by the
+        UNet's x0 estimate from them noised at a timestep in [0, decoder_unet_max_t), given a caption."""
+        o = self.o
+        rng = random.Random(f"refine-decoder-unet:{o.seed}:{step}")
+        rows = [i for i in range(raw.shape[0]) if rng.random() < o.decoder_unet_share]
+        if not rows:
+            return raw
+        gen = torch.Generator().manual_seed(rng.getrandbits(62))
+        idx = torch.tensor(rows)
+        lat = raw[idx] * self.sf
+        t = torch.randint(0, max(1, o.decoder_unet_max_t), (len(rows),), generator=gen)
+        x_t, _ = diffusion_target(lat, torch.randn(lat.shape, generator=gen), alpha_bar[t], "epsilon")
+        cond = self.te(self.tokenizer([shapes.caption(scenes[i], rng) for i in rows]))[0]
+        with _autocast(torch.device("cpu"), o.autocast):
+            pred = self.unet(x_t, t, cond).sample.float()
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        if self.spec.prediction_type == "v_prediction":
+            x0 = a.sqrt() * x_t - (1 - a).sqrt() * pred
+        else:
+            x0 = (x_t - (1 - a).sqrt() * pred) / a.sqrt()
+        out = raw.clone()
+        out[idx] = x0 / self.sf
+        return out
 
     # -- learning curve
     def _last_point_seconds(self) -> float:
@@ -545,6 +583,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "unet_cycle",
         "threads",
         "eval_n",
+        "decoder_unet_max_t",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in (
@@ -559,6 +598,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "decoder_lr",
         "decoder_edge_weight",
         "decoder_grad_weight",
+        "decoder_unet_share",
         "checkpoint_every",
         "export_every",
     ):
