@@ -35,7 +35,7 @@ from .infotext import build_infotext, infotext_number
 from .memory import FaultHook, JobMemoryPlan, free_memory, run_with_fallbacks
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .models.detect import SDXL_FAMILIES
-from .models.geometry import SD_VAE_FACTOR, checkpoint_vae_factor, round_down
+from .models.geometry import SD_VAE_FACTOR, checkpoint_vae_factor, round_down, vae_scale_factor
 from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
@@ -398,7 +398,16 @@ class Engine:
             )
             self._place_vae(vae)
             self._vae_cache[key] = vae
-        return self._vae_cache[key], entry
+        vae = self._vae_cache[key]
+        have = (vae_scale_factor(vae.config), vae.config.latent_channels)
+        want = (model.vae_scale_factor, model.vae.config.latent_channels)
+        if have != want:  # the same key names fit, but it would decode another latent space (e.g. f4 on f8)
+            raise RequestError(
+                "vae",
+                f"{entry.name} decodes {have[1]}-channel latents at factor {have[0]}, but {model.entry.name} makes "
+                f"{want[1]}-channel latents at factor {want[0]}: pick a VAE made for this model, or Automatic",
+            )
+        return vae, entry
 
     @contextlib.contextmanager
     def _on_device(self, *modules):
