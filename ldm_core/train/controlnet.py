@@ -667,9 +667,11 @@ def evaluate(
     weight: float = 1.0,
     control_mode: str = "Balanced",
     kinds: Sequence[str] | None = None,
+    vae: Path | None = None,
 ) -> dict:
     """Generate the held-out cases of `condition` (`EVAL_KINDS`) through the engine with the ControlNet
-    extension (as users run it) and score them with the shapes analyser. Returns rates and per-case results."""
+    extension (as users run it) and score them with the shapes analyser. Returns rates and per-case results.
+    `vae`: a VAE folder or file the jobs pick as their SD VAE (default: the base's own)."""
     from ldm_core.engine import scratch_engine
     from ldm_core.extensions import REPO_EXTENSIONS_DIR, ExtensionManager
 
@@ -677,7 +679,8 @@ def evaluate(
     if unknown:
         raise ValueError(f"kinds: {sorted(unknown)} are not {condition} kinds ({', '.join(EVAL_KINDS[condition])})")
     controlnet = Path(controlnet)
-    with scratch_engine(base, device=device, controlnet_dirs=(controlnet.parent,)) as (engine, model):
+    extra = {} if vae is None else {"vae_dirs": (Path(vae).parent,)}
+    with scratch_engine(base, device=device, controlnet_dirs=(controlnet.parent,), **extra) as (engine, model):
         manager = ExtensionManager([REPO_EXTENSIONS_DIR], config=engine.config)
         manager.load(engine)
         rec = manager.get("controlnet")
@@ -699,6 +702,7 @@ def evaluate(
             condition,
             {"weight": weight, "control_mode": control_mode},
             kinds,
+            None if vae is None else Path(vae).stem if Path(vae).is_file() else Path(vae).name,
         )
 
 
@@ -718,6 +722,7 @@ def _evaluate_cases(
     condition="canny",
     unit_options: dict | None = None,
     kinds: Sequence[str] | None = None,
+    vae_name: str | None = None,
 ) -> dict:
     from ldm_core.generation_requests import GenerationRequest
     from ldm_core.train.analyser import analyse
@@ -732,6 +737,7 @@ def _evaluate_cases(
         "n": n,
         "condition": condition,
         "unit": {"weight": 1.0, "control_mode": "Balanced", **(unit_options or {})},
+        "vae": vae_name or "Automatic",
     }
     images = []
     for kind in kinds or EVAL_KINDS[condition]:
@@ -755,6 +761,7 @@ def _evaluate_cases(
                 width=size,
                 height=size,
                 save_images=False,
+                vae=report["vae"],
                 alwayson_scripts={"controlnet": {"args": [unit]}},
             )
             img = engine.generate(req).images[0]
@@ -884,6 +891,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weight", type=float, default=1.0, help="the unit's control weight")
     e.add_argument("--control-mode", default="Balanced", help='e.g. "ControlNet is more important"')
     e.add_argument("--kinds", nargs="+", default=None, help="only these held-out kinds (default: all of --condition)")
+    e.add_argument(
+        "--vae", type=Path, default=None, help="a VAE the jobs pick as SD VAE, e.g. models/VAE/builtin-sharp"
+    )
     return p
 
 
@@ -926,6 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         weight=a.weight,
         control_mode=a.control_mode,
         kinds=a.kinds,
+        vae=a.vae,
     )
     if a.report is not None:
         a.report.write_text(json.dumps(report, indent=2), encoding="utf-8")
