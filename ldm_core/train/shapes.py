@@ -477,19 +477,26 @@ def render_packed(packed: torch.Tensor, size: int = 64, with_coverage: bool = Fa
     return (img, 1 - empty) if with_coverage else img
 
 
-def object_coverages(packed: torch.Tensor, size: int) -> torch.Tensor:
-    """Each object's own coverage, float32 (N, MAX_OBJECTS, size, size) in [0, 1], in drawing order (a later
-    object is drawn over an earlier one); zero for absent objects."""
-    dev = packed.device
+def _object_frames(packed: torch.Tensor, size: int):
+    """For each object slot k in drawing order: (k, present (N, 1, 1) float, shape index (N, 1, 1) long, radius
+    (N, 1, 1), px, py), with px, py the centres of a `size` x `size` pixel grid relative to the object's centre
+    in units of its radius (what `_shape_sdf` takes)."""
     n = packed.shape[0]
-    coords = (torch.arange(size, device=dev, dtype=torch.float32) + 0.5) / size
+    coords = (torch.arange(size, device=packed.device, dtype=torch.float32) + 0.5) / size
     gy, gx = coords.view(1, size, 1), coords.view(1, 1, size)
-    out = torch.zeros(n, MAX_OBJECTS, size, size, device=dev)
     for k in range(MAX_OBJECTS):
         f = packed[:, 3 + k * _OBJ_FIELDS : 3 + (k + 1) * _OBJ_FIELDS]
         present, shape_idx = f[:, 0].view(n, 1, 1), f[:, 1].round().long().view(n, 1, 1)
         cx, cy, rad = f[:, 2].view(n, 1, 1), f[:, 3].view(n, 1, 1), f[:, 4].view(n, 1, 1).clamp(min=1e-4)
-        sd = _shape_sdf(shape_idx, (gx - cx) / rad, (gy - cy) / rad) * rad * size  # in pixels
+        yield k, present, shape_idx, rad, (gx - cx) / rad, (gy - cy) / rad
+
+
+def object_coverages(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """Each object's own coverage, float32 (N, MAX_OBJECTS, size, size) in [0, 1], in drawing order (a later
+    object is drawn over an earlier one); zero for absent objects."""
+    out = torch.zeros(packed.shape[0], MAX_OBJECTS, size, size, device=packed.device)
+    for k, present, shape_idx, rad, px, py in _object_frames(packed, size):
+        sd = _shape_sdf(shape_idx, px, py) * rad * size  # in pixels
         out[:, k] = (0.5 - sd).clamp(0.0, 1.0) * present
     return out
 
@@ -502,20 +509,12 @@ def shape_contrast(packed: torch.Tensor, size: int, supersample: int = 4) -> tor
     Worked out at `supersample` x `size` and kept where any sub-cell disagrees, so a small object's few
     telling pixels still mark their cell."""
     fine = size * supersample
-    dev = packed.device
-    n = packed.shape[0]
-    coords = (torch.arange(fine, device=dev, dtype=torch.float32) + 0.5) / fine
-    gy, gx = coords.view(1, fine, 1), coords.view(1, 1, fine)
-    out = torch.zeros(n, fine, fine, dtype=torch.bool, device=dev)
-    for k in range(MAX_OBJECTS):
-        f = packed[:, 3 + k * _OBJ_FIELDS : 3 + (k + 1) * _OBJ_FIELDS]
-        present, own = f[:, 0].view(n, 1, 1) > 0.5, f[:, 1].round().long().view(n, 1, 1)
-        cx, cy, rad = f[:, 2].view(n, 1, 1), f[:, 3].view(n, 1, 1), f[:, 4].view(n, 1, 1).clamp(min=1e-4)
-        px, py = (gx - cx) / rad, (gy - cy) / rad
-        circle, square = SHAPES.index("circle"), SHAPES.index("square")
+    circle, square = SHAPES.index("circle"), SHAPES.index("square")
+    out = torch.zeros(packed.shape[0], fine, fine, dtype=torch.bool, device=packed.device)
+    for _k, present, own, _rad, px, py in _object_frames(packed, fine):
         blob = torch.where(own == circle, torch.full_like(own, square), torch.full_like(own, circle))
         differs = (_shape_sdf(own, px, py) < 0) != (_shape_sdf(blob, px, py) < 0)
-        out |= differs & present
+        out |= differs & (present > 0.5)
     pooled = F.max_pool2d(out.float().unsqueeze(1), supersample)
     return pooled > 0
 
