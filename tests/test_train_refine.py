@@ -312,3 +312,38 @@ def test_export_every_records_learning_curve_points_and_curve_draws_them(tiny_fo
     assert main(["curve", "--model", str(out), "--out", str(png)]) == 0
     assert Image.open(png).size == (720, 420)
     assert main(["curve", "--model", str(tiny_folder / "base" / "out"), "--out", str(tmp_path / "none.png")]) == 1
+
+
+def test_low_noise_lies_swap_only_low_noise_undropped_captions(tiny_folder):
+    from ldm_core.train.__main__ import main
+    from ldm_core.train.refine import low_noise_lies
+
+    own = torch.arange(6, dtype=torch.float32).view(6, 1, 1).expand(6, 3, 2).clone()
+    empty = torch.full((1, 3, 2), -1.0)
+    dropped = torch.tensor([False, False, True, False, False, False])
+    cond = torch.where(dropped.view(-1, 1, 1), empty.expand_as(own), own)
+    t = torch.tensor([10, 399, 50, 400, 999, 0])
+    out, lie = low_noise_lies(cond, own, t, dropped, 1.0, 400, torch.Generator().manual_seed(0))
+    assert lie.tolist() == [True, True, False, False, False, True]
+    assert out[:, 0, 0].tolist() == [5.0, 0.0, -1.0, 3.0, 4.0, 4.0]  # the previous row's own caption
+    same, none = low_noise_lies(cond, own, t, dropped, 0.0, 400, torch.Generator().manual_seed(0))
+    assert not none.any() and torch.equal(same, cond)
+    _, half = low_noise_lies(
+        own.repeat(200, 1, 1),
+        own.repeat(200, 1, 1),
+        torch.zeros(1200, dtype=torch.long),
+        torch.zeros(1200, dtype=torch.bool),
+        0.3,
+        400,
+        torch.Generator().manual_seed(1),
+    )
+    assert 0.25 < float(half.float().mean()) < 0.35
+    # the option reaches the command line, trains, and is recorded
+    out_dir, work = tiny_folder / "lies", tiny_folder / "lies-work"
+    args = ["refine", "--init", str(tiny_folder / "base" / "out"), "--out", str(out_dir), "--work-dir", str(work)]
+    args += ["--phases", "cache,unet", "--cache-scenes", "16", "--cache-batch", "16", "--unet-steps", "2"]
+    args += ["--unet-batch", "4", "--low-noise-lies", "0.5", "--low-noise-max-t", "300"]
+    assert main(args) == 0
+    info = json.loads((out_dir / "TRAINING.json").read_text())
+    assert info["progress"]["unet_step"] == 2
+    assert info["options"]["low_noise_lies"] == 0.5 and info["options"]["low_noise_max_t"] == 300

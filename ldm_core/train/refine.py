@@ -91,6 +91,11 @@ class RefineOptions:
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     object_weight: float = 3.0
+    # share of the captions below --low-noise-max-t swapped for another scene's (the target stays this image):
+    # teaches the UNet to keep what a lightly noised image shows when the prompt says otherwise (img2img at low
+    # denoising strength); no effect where the caption and the image agree
+    low_noise_lies: float = 0.0
+    low_noise_max_t: int = 400
     decoder_steps: int = 400
     decoder_seconds: float | None = None
     decoder_batch: int = 32
@@ -144,6 +149,23 @@ class _Progress:
     decoder_kept: bool = True
     sittings: list = field(default_factory=list)  # one entry per invocation: command, phase and step at start
     curve: list = field(default_factory=list)  # learning-curve points: samples seen, seconds, eval summary
+
+
+def low_noise_lies(
+    cond: torch.Tensor,
+    own: torch.Tensor,
+    t: torch.Tensor,
+    dropped: torch.Tensor,
+    share: float,
+    max_t: int,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's text states with a `share` of the rows whose timestep is below `max_t` (and whose caption
+    was not dropped) replaced by the next row's own caption state (`own`, before dropout): another random
+    scene's caption, which names other colours, shapes or places than the image the row is trained to give
+    back. Returns (states, which rows lie)."""
+    lie = (t < max_t) & ~dropped & (torch.rand(len(t), generator=gen) < share)
+    return torch.where(lie.view(-1, 1, 1), own.roll(1, 0), cond), lie
 
 
 def _log(msg: str) -> None:
@@ -311,12 +333,16 @@ class Refiner:
             with torch.no_grad():
                 cond = self.te(self.tokenizer(caps))[0]
             drop = torch.rand(len(caps), generator=gen) < o.caption_dropout
+            own = cond
             cond = torch.where(drop.view(-1, 1, 1), empty.expand_as(cond), cond)
             mean, std = cache["mean"][idx].float(), cache["std"][idx].float()
             lat = (mean + std * torch.randn(mean.shape, generator=gen)) * self.sf
             noise = torch.randn(lat.shape, generator=gen)
             t = torch.randint(0, self.spec.num_train_timesteps, (len(caps),), generator=gen)
             x_t, target = diffusion_target(lat, noise, ab[t], self.spec.prediction_type)
+            if o.low_noise_lies > 0:
+                lie_gen = torch.Generator().manual_seed(rng.getrandbits(62))
+                cond, _ = low_noise_lies(cond, own, t, drop, o.low_noise_lies, o.low_noise_max_t, lie_gen)
             lr = lr_at(o.unet_lr, step - step0, p.unet_progress, o.warmup_steps, o.min_lr_ratio)
             for g in self.unet_opt.param_groups:
                 g["lr"] = lr
@@ -584,6 +610,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "threads",
         "eval_n",
         "decoder_unet_max_t",
+        "low_noise_max_t",
     ):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in (
@@ -594,6 +621,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "ema_decay",
         "caption_dropout",
         "object_weight",
+        "low_noise_lies",
         "decoder_seconds",
         "decoder_lr",
         "decoder_edge_weight",
