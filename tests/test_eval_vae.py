@@ -30,3 +30,26 @@ def test_vae_section_reads_reconstructions_and_renders():
     broken = _vae_section(pipes)
     assert broken["recon_shape_colour"] == 0.0
     assert broken["psnr_db"] < rep["psnr_db"] - 10
+
+
+def test_eval_runs_a_picked_sampler_of_the_engines_registry(tmp_path):
+    import pytest
+
+    from ldm_core.generation_requests import RequestError
+    from ldm_core.train.__main__ import main
+
+    txt2img, i2i, inp = load_pipelines(MODEL, torch.device("cpu"), "DPM++ 2M", "Karras")
+    assert type(txt2img.scheduler).__name__ != "EulerAncestralDiscreteScheduler"
+    assert type(i2i.scheduler).__name__ == type(inp.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
+    default = load_pipelines(MODEL, torch.device("cpu"))[0].scheduler
+    assert type(default).__name__ == "EulerAncestralDiscreteScheduler"  # what every recorded report used
+    with pytest.raises(RequestError, match="sampler_name"):
+        load_pipelines(MODEL, torch.device("cpu"), "no such sampler")
+    out = tmp_path / "rep.json"
+    args = ["eval", "--model", str(MODEL), "--n", "4", "--device", "cpu", "--only", "single,img2img"]
+    assert main(args + ["--sampler", "DPM++ 2M", "--schedule", "Karras", "--json", str(out)]) == 0
+    import json
+
+    rep = json.loads(out.read_text())
+    assert rep["sampler"] == "DPM++ 2M Karras" and rep["single"]["n"] == 4 and rep["img2img"]["n"] == 4
+    assert rep["single"]["found"] >= 0.5  # the pictures come out readable through the engine's scheduler

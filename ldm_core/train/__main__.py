@@ -159,6 +159,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         default=None,
         help="CFG rescale 0..1 of the text-to-image tests; default: the model's sidecar recommendation",
     )
+    p.add_argument(
+        "--sampler",
+        default="Euler a",
+        help="the text-to-image tests' sampler, a name the UI lists (img2img and inpaint run Euler a; "
+        "default: %(default)s)",
+    )
+    p.add_argument("--schedule", default="Automatic", help="its schedule type, e.g. Karras (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="images per pipeline call")
     p.add_argument("--save-images", type=Path, default=None, help="also write a contact sheet per test here")
     p.add_argument("--only", default=None, help="comma list of tests: single,double,negative,img2img,inpaint,vae")
@@ -179,6 +186,8 @@ def _run_eval(a: argparse.Namespace) -> int:
             batch=a.batch,
             save_images=a.save_images,
             only=only,
+            sampler=a.sampler,
+            schedule=a.schedule,
         )
     )
     print(format_report(rep))

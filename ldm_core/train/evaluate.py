@@ -65,6 +65,11 @@ class EvalOptions:
     # those two tests run plain CFG
     rescale_cfg: float | None = None
     batch: int = 16
+    # the text-to-image tests' sampler from the engine's registry (ldm_core.schedulers) and its schedule type;
+    # "Euler a" with "Automatic" keeps diffusers' EulerAncestralDiscreteScheduler, which every recorded report
+    # used, and which img2img and inpaint always run
+    sampler: str = "Euler a"
+    schedule: str = "Automatic"
     save_images: Path | None = None
     only: tuple[str, ...] | None = None
     vae_images: int = 256
@@ -129,8 +134,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_pipelines(model: Path, device: torch.device):
-    """(txt2img, img2img, inpaint) diffusers pipelines sharing one set of weights, Euler a scheduler."""
+def load_pipelines(model: Path, device: torch.device, sampler: str = "Euler a", schedule: str = "Automatic"):
+    """(txt2img, img2img, inpaint) diffusers pipelines sharing one set of weights, with diffusers' Euler a; the
+    text-to-image one runs `sampler` / `schedule` instead (built by the engine's sampler registry) when picked."""
     from diffusers import (
         EulerAncestralDiscreteScheduler,
         StableDiffusionImg2ImgPipeline,
@@ -155,6 +161,11 @@ def load_pipelines(model: Path, device: torch.device):
     inp = StableDiffusionInpaintPipeline(**comps)
     for p in (i2i, inp):
         p.set_progress_bar_config(disable=True)
+    if (sampler, schedule) != ("Euler a", "Automatic"):  # the text-to-image tests' sampler only: diffusers'
+        # img2img and inpaint pipelines cannot start the engine's own samplers mid-schedule
+        from ldm_core.schedulers import default_sampler_registry
+
+        pipe.scheduler = default_sampler_registry().create(sampler, schedule, pipe.scheduler.config)
     return pipe, i2i, inp
 
 
@@ -195,7 +206,9 @@ class Evaluator:
     def __init__(self, opts: EvalOptions, pipes=None):
         self.o = opts
         self.dev = _device(opts.device)
-        self.pipe, self.i2i, self.inp = pipes if pipes is not None else load_pipelines(opts.model, self.dev)
+        self.pipe, self.i2i, self.inp = (
+            pipes if pipes is not None else load_pipelines(opts.model, self.dev, opts.sampler, opts.schedule)
+        )
         self.res = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.rescale_cfg = opts.rescale_cfg
         if self.rescale_cfg is None:
@@ -561,7 +574,8 @@ def evaluate(opts: EvalOptions, pipes=None) -> dict:
         "steps": opts.steps,
         "cfg": opts.cfg,
         "rescale_cfg": ev.rescale_cfg,  # text-to-image tests only
-        "sampler": "Euler a",
+        # of the text-to-image tests; img2img and inpaint run Euler a
+        "sampler": opts.sampler if opts.schedule == "Automatic" else f"{opts.sampler} {opts.schedule}",
         "device": str(ev.dev),
         "resolution": ev.res,
     }
