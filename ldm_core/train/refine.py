@@ -10,7 +10,10 @@ it buys most, in four resumable phases:
    64x64 images costs more than a UNet step on 8x8 latents, so every UNet step after this is ~2x cheaper;
    each scene gets a fresh caption, noise and timestep every time it is drawn.
 3. **unet**: the UNet (started from the folder's) learns from the cache with the frozen text encoder,
-   object-weighted v/epsilon loss, caption dropout, EMA.
+   object-weighted v/epsilon loss, caption dropout, EMA. With `--low-noise-lies P` a share P of the captions
+   of samples noised below `--low-noise-max-t` is swapped for another scene's while the target stays the
+   image: where a lightly noised image and the prompt disagree (img2img at a low denoising strength), the UNet
+   learns to keep what the image shows instead of redrawing it from the words.
 4. **decoder**: the VAE decoder alone is fine-tuned on fresh renders (L1 + MSE); the encoder, hence the
    latent space the UNet learned, does not move. With `--decoder-unet-share P` a share P of each batch is
    decoded not from the encoder's latents but from the folder's UNet's own estimate of them (its x0 from
