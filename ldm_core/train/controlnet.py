@@ -686,6 +686,9 @@ def evaluate(
         rec = manager.get("controlnet")
         if rec.status != "loaded":
             raise RuntimeError(f"the ControlNet extension is {rec.status}: {rec.message}")
+        picked = None if vae is None else engine.models.find_path(vae)
+        if vae is not None and picked is None:
+            raise ValueError(f"vae: {vae} is not a VAE folder or file the engine can list")
         return _evaluate_cases(
             engine,
             model,
@@ -702,7 +705,7 @@ def evaluate(
             condition,
             {"weight": weight, "control_mode": control_mode},
             kinds,
-            None if vae is None else Path(vae).stem if Path(vae).is_file() else Path(vae).name,
+            None if picked is None else picked.name,  # the name the engine lists it under
         )
 
 
