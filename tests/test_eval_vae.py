@@ -1,8 +1,10 @@
 """The evaluation's VAE section: PSNR and the analyser's shape+colour reading on reconstructions (issue 15's
 autoencoder bar), on the shipped built-in model, and a broken decoder must score low (the check can fail)."""
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from ldm_core.train.evaluate import EvalOptions, Evaluator, load_pipelines
@@ -33,8 +35,6 @@ def test_vae_section_reads_reconstructions_and_renders():
 
 
 def test_eval_runs_a_picked_sampler_of_the_engines_registry(tmp_path):
-    import pytest
-
     from ldm_core.generation_requests import RequestError
     from ldm_core.train.__main__ import main
 
@@ -48,8 +48,6 @@ def test_eval_runs_a_picked_sampler_of_the_engines_registry(tmp_path):
     out = tmp_path / "rep.json"
     args = ["eval", "--model", str(MODEL), "--n", "4", "--device", "cpu", "--only", "single,img2img"]
     assert main(args + ["--sampler", "DPM++ 2M", "--schedule", "Karras", "--json", str(out)]) == 0
-    import json
-
     rep = json.loads(out.read_text())
     assert rep["sampler"] == "DPM++ 2M Karras" and rep["single"]["n"] == 4 and rep["img2img"]["n"] == 4
     assert rep["single"]["found"] >= 0.5  # the pictures come out readable through the engine's scheduler
