@@ -895,7 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--control-mode", default="Balanced", help='e.g. "ControlNet is more important"')
     e.add_argument("--kinds", nargs="+", default=None, help="only these held-out kinds (default: all of --condition)")
     e.add_argument(
-        "--vae", type=Path, default=None, help="a VAE the jobs pick as SD VAE, e.g. models/VAE/builtin-sharp"
+        "--vae", type=Path, default=None, help="a VAE the jobs pick as SD VAE (a folder or file in models/VAE)"
     )
     return p
 
