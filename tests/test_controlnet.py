@@ -534,6 +534,41 @@ def test_shape_weight_weighs_the_cells_where_a_shape_differs_from_a_blob():
     assert trainer.loss_weights([sq], 16, trainer.ControlNetTrainOptions(base=Path("."), out=Path("."))) is None
 
 
+def test_depth_jitter_gives_other_levels_and_keeps_near_bright(tmp_path):
+    import random
+
+    from ldm_core.train import condition_maps as cm
+    from ldm_core.train import controlnet as trainer
+    from ldm_core.train import shapes
+
+    scenes = [cm.overlapping_scene(random.Random(k)) for k in range(16)]
+    maps = cm.depth_maps(shapes.pack_scenes(scenes), 32)
+    assert torch.equal(cm.jitter_depth_maps(maps, torch.Generator().manual_seed(0), 0.0), maps)
+    out = cm.jitter_depth_maps(maps, torch.Generator().manual_seed(0), 1.0)
+    assert out.shape == maps.shape and out.min() >= 0 and out.max() <= 1
+    levels = set()
+    for m, j in zip(maps[:, 0], out[:, 0], strict=True):
+        bg, back, front = (m == 0), (m - cm.DEPTH[0]).abs() < 1e-6, (m - cm.DEPTH[1]).abs() < 1e-6
+        # read the levels away from the (maybe blurred) edges: the median of each region
+        b, k, f = (float(j[r].median()) for r in (bg, back, front))
+        assert b < k < f, (b, k, f)  # nearer stays brighter
+        levels.add(round(k, 2))
+    assert len(levels) > 8  # the back object's grey differs from map to map: not the renderer's one level
+    # half the maps at p=0.5, the others untouched
+    half = cm.jitter_depth_maps(maps, torch.Generator().manual_seed(1), 0.5)
+    same = sum(torch.equal(a, b) for a, b in zip(half, maps, strict=True))
+    assert 2 <= same <= 14
+    # the option is for depth maps only, and a share
+    with pytest.raises(ValueError, match="depth_jitter"):
+        trainer.train_controlnet(
+            trainer.ControlNetTrainOptions(base=tmp_path, out=tmp_path, condition="seg", depth_jitter=0.5)
+        )
+    with pytest.raises(ValueError, match="0 to 1"):
+        trainer.train_controlnet(
+            trainer.ControlNetTrainOptions(base=tmp_path, out=tmp_path, condition="depth", depth_jitter=2.0)
+        )
+
+
 @pytest.mark.parametrize("condition", ["depth", "seg"])
 def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_models, condition):
     from ldm_core.train import condition_maps as cm
@@ -553,6 +588,7 @@ def test_depth_and_seg_controlnets_train_from_the_renderers_maps(tmp_path, tiny_
         condition=condition,
         overlap_weight=4.0 if condition == "depth" else 1.0,
         shape_weight=1.0 if condition == "depth" else 4.0,
+        depth_jitter=0.5 if condition == "depth" else 0.0,
     )
     rec = trainer.train_controlnet(opts, log=lambda _m: None)
     assert rec["condition"] == condition and rec["steps"] == 2 and np.isfinite(rec["final_loss"])

@@ -5,7 +5,8 @@ order), for the built-in model's depth and seg ControlNets, and the scenes that 
   ControlNets read: the background one colour, each shape class its own (`SEG_PALETTE`, colours taken from
   the ADE20K palette); objects' colours are not in the map, so the prompt decides them.
 - **Depth**: near is bright, as MiDaS-style maps are: the background 0, an object `DEPTH[0]`, an object drawn
-  over another `DEPTH[1]` (nearer).
+  over another `DEPTH[1]` (nearer). `jitter_depth_maps` gives training maps the levels and softness of other
+  depth sources (an estimator's relative depth, a user's painting), keeping the order near-bright.
 - `read_seg_map` / `read_depth_map`: the same maps read back from an image of the built-in world (a user's
   generated image): objects are the background-distinct pixels split by palette colour (1-px rims dropped),
   their shape read by the analyser's geometry; of two touching objects, the one that owns most of the pixels
@@ -24,6 +25,7 @@ import torch
 from PIL import Image
 
 from . import shapes
+from .blur import gaussian_blur
 
 #: class -> RGB (0-255), from the ADE20K palette (wall, then the colours of five other ADE20K classes).
 SEG_PALETTE: dict[str, tuple[int, int, int]] = {
@@ -71,6 +73,31 @@ def depth_maps(packed: torch.Tensor, size: int) -> torch.Tensor:
         )
         out = out * (1 - a) + depth * a
     return out.expand(n, 3, size, size).contiguous()
+
+
+def jitter_depth_maps(maps: torch.Tensor, gen: torch.Generator, p: float) -> torch.Tensor:
+    """Depth maps (N, C, H, W) in [0, 1], each with probability `p` given the look of another depth source: a
+    depth estimator's output is relative, normalised per image, and a user paints grey levels of their own,
+    so neither has the renderer's levels or hard edges. A chosen map's values v go through a random increasing
+    curve lo + (hi - lo) * v ** gamma (lo 0-0.2, hi 0.75-1, gamma 0.5-2 log-uniform: the background is then lo, the
+    renderer's back object anywhere from ~0.3 to ~0.75) and, half the time, a Gaussian blur of 0.3-1.2 px.
+    Nearer stays brighter; the others are returned as they are."""
+    n = maps.shape[0]
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    chosen = torch.rand(n, generator=gen) < p
+    lo, hi, gamma = uniform(0.0, 0.2), uniform(0.75, 1.0), uniform(-1.0, 1.0).exp2()  # gamma log-uniform
+    blur = torch.rand(n, generator=gen) < 0.5
+    sigma = uniform(0.3, 1.2)
+    out = maps.clone()
+    for i in torch.nonzero(chosen).flatten().tolist():
+        m = float(lo[i]) + float(hi[i] - lo[i]) * maps[i : i + 1].clamp(0, 1) ** float(gamma[i])
+        if blur[i]:
+            m = gaussian_blur(m, float(sigma[i]))
+        out[i] = m[0]
+    return out
 
 
 def condition_maps(condition: str, packed: torch.Tensor, images: torch.Tensor, size: int) -> torch.Tensor:

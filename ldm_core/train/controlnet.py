@@ -30,7 +30,8 @@ in the bottom right. Also reported: random shapes/positions with a prompt naming
 Depth and seg: half of the depth ControlNet's scenes are two overlapping objects of different shapes in a
 random drawing order (only the map says which is in front; `overlap_weight` > 1 weighs the loss on the few
 latent cells where they overlap, where that order shows; `shape_weight` > 1 likewise weighs the cells where a
-shape differs from a blob of its size, where the map's shape shows against the prompt's). Their evaluations:
+shape differs from a blob of its size, where the map's shape shows against the prompt's; `depth_jitter` gives
+that share of the depth maps other levels and softer edges, as an estimator's or a user's maps have). Their evaluations:
 "seg", a held-out map of one shape at one position with a prompt naming another shape, another position and a
 colour (shape, position and colour are scored separately: the map should decide the first two, the prompt the
 colour); "depth", two overlapping objects of different shapes named in the prompt in random order, scored by
@@ -67,6 +68,7 @@ from ldm_core.train.condition_maps import (
     depth_maps,
     drawn_map,
     drawn_masks,
+    jitter_depth_maps,
     object_colours,
     overlapping_scene,
     seg_maps,
@@ -110,6 +112,7 @@ class ControlNetTrainOptions:
     size_weights: str = ""  # e.g. "large=3": draw cached scenes whose largest object is large 3x as often
     overlap_weight: float = 1.0  # loss weight of the latent cells where two objects overlap (depth: the front)
     shape_weight: float = 1.0  # loss weight of the latent cells where a shape differs from a blob (seg, canny)
+    depth_jitter: float = 0.0  # depth: share of maps given another source's levels and blur (jitter_depth_maps)
 
 
 #: The held-out cases of each condition's evaluation.
@@ -381,6 +384,10 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
     from ldm_core.models import load_model
 
     size_weights = parse_size_weights(opts.size_weights)  # a bad spec fails before any model loads
+    if opts.depth_jitter and opts.condition != "depth":
+        raise ValueError(f"depth_jitter is for depth maps; condition is {opts.condition!r}")
+    if not 0 <= opts.depth_jitter <= 1:
+        raise ValueError(f"depth_jitter is a share of the maps: 0 to 1, got {opts.depth_jitter}")
     if opts.size_weights and opts.cache_scenes <= 0:
         raise ValueError("size_weights draws from the scene cache: give cache_scenes > 0 too")
     torch.manual_seed(opts.seed)
@@ -500,6 +507,9 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
             control = cached_control(cache, idx).to(dev)
             mean, std = cache["mean"][idx].float(), cache["std"][idx].float()
             z = (mean + std * torch.randn(mean.shape, generator=gen)).to(dev)
+        if opts.depth_jitter > 0:
+            jitter_gen = torch.Generator().manual_seed(opts.seed * 1_000_003 + step)
+            control = jitter_depth_maps(control, jitter_gen, opts.depth_jitter)
         latents = (z - shift) * scaling
         with torch.no_grad():
             embeds, pooled = text(captions, dev)
@@ -858,6 +868,7 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint_every",
         "overlap_weight",
         "shape_weight",
+        "depth_jitter",
     ):
         t.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     t.add_argument("--resolution", type=int, default=None)

@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .blur import gaussian_blur
+
 log = logging.getLogger(__name__)
 
 #: scikit-image sample images kept out of training, used only to measure PSNR.
@@ -166,17 +168,6 @@ class PatchSampler:
         return torch.from_numpy(out).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    radius = max(1, math.ceil(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    k = k / k.sum()
-    c = x.shape[1]
-    x = F.pad(x, (radius, radius, radius, radius), mode="reflect")
-    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
 def _jpeg(x: torch.Tensor, quality: int) -> torch.Tensor:
     arr = x.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
     buf = io.BytesIO()
@@ -196,7 +187,7 @@ def degrade(hr: torch.Tensor, scale: int, rng: np.random.Generator, *, light: bo
     outs = []
     for img in hr.split(1):
         if light and rng.random() < 0.2:
-            img = _gaussian_blur(img, float(rng.uniform(0.2, 0.7)))
+            img = gaussian_blur(img, float(rng.uniform(0.2, 0.7)))
         if not light or rng.random() < 0.7:
             lr = F.interpolate(img, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
         else:
