@@ -347,3 +347,22 @@ def test_low_noise_lies_swap_only_low_noise_undropped_captions(tiny_folder):
     info = json.loads((out_dir / "TRAINING.json").read_text())
     assert info["progress"]["unet_step"] == 2
     assert info["options"]["low_noise_lies"] == 0.5 and info["options"]["low_noise_max_t"] == 300
+
+
+def test_shape_weight_reaches_the_unet_loss(tiny_folder):
+    """--shape-weight changes what the UNet learns (same seed, batches and noise; only the corner cells weigh
+    more) and is recorded; at 1 it is off."""
+    from ldm_core.train.__main__ import main
+
+    base = tiny_folder / "base" / "out"
+    unets = {}
+    for w in ("1", "4"):
+        out_dir, work = tiny_folder / f"shape-{w}", tiny_folder / f"shape-{w}-work"
+        args = ["refine", "--init", str(base), "--out", str(out_dir), "--work-dir", str(work), "--phases"]
+        args += ["cache,unet", "--cache-scenes", "16", "--cache-batch", "16", "--unet-steps", "2", "--unet-batch"]
+        args += ["4", "--shape-weight", w]
+        assert main(args) == 0
+        info = json.loads((out_dir / "TRAINING.json").read_text())
+        assert info["options"]["shape_weight"] == float(w) and info["progress"]["unet_step"] == 2
+        unets[w] = (out_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert unets["1"] != unets["4"]

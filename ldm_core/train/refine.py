@@ -13,7 +13,9 @@ it buys most, in four resumable phases:
    object-weighted v/epsilon loss, caption dropout, EMA. With `--low-noise-lies P` a share P of the captions
    of samples noised below `--low-noise-max-t` is swapped for another scene's while the target stays the
    image: where a lightly noised image and the prompt disagree (img2img at a low denoising strength), the UNet
-   learns to keep what the image shows instead of redrawing it from the words.
+   learns to keep what the image shows instead of redrawing it from the words. With `--shape-weight W` the
+   cells where an object's shape differs from a blob of its size (a square's corners, a star's points) weigh W
+   times more: the last v2.1 misses are squares drawn with pinched sides, a few cells of 256.
 4. **decoder**: the VAE decoder alone is fine-tuned on fresh renders (L1 + MSE); the encoder, hence the
    latent space the UNet learned, does not move. With `--decoder-unet-share P` a share P of each batch is
    decoded not from the encoder's latents but from the folder's UNet's own estimate of them (its x0 from
@@ -69,6 +71,7 @@ from ldm_core.train.builtin import (
     vae_psnr,
     warmup_cosine,
 )
+from ldm_core.train.cell_weights import shape_loss_weights
 from ldm_core.train.step_loop import STALL_SECONDS
 
 PHASES = ("text", "cache", "unet", "decoder", "done")
@@ -94,6 +97,9 @@ class RefineOptions:
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
     object_weight: float = 3.0
+    # loss weight of the cells where an object's shape differs from a blob of its size (a square's corners, a
+    # star's points; cell_weights.shape_loss_weights), on top of object_weight: 1 = off
+    shape_weight: float = 1.0
     # share of the captions below --low-noise-max-t swapped for another scene's (the target stays this image):
     # teaches the UNet to keep what a lightly noised image shows when the prompt says otherwise (img2img at low
     # denoising strength); no effect where the caption and the image agree
@@ -355,6 +361,8 @@ class Refiner:
             if o.object_weight > 0:
                 c = F.max_pool2d(cache["cover"][idx].float(), 3, stride=1, padding=1)
                 err = err * (1.0 + o.object_weight * c)
+            if o.shape_weight != 1:
+                err = err * shape_loss_weights([scenes[k] for k in idx.tolist()], lat.shape[-1], o.shape_weight)
             loss = err.mean()
             self.unet_opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -624,6 +632,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "ema_decay",
         "caption_dropout",
         "object_weight",
+        "shape_weight",
         "low_noise_lies",
         "decoder_seconds",
         "decoder_lr",
