@@ -9,8 +9,10 @@ How it works (all plain numpy/OpenCV, no learned parts):
 4. shape: the component's coverage map (distance to background / object-to-background distance) is
    upsampled 4x and thresholded at 0.5, then classified by mask geometry: solidity (area / convex hull
    area) tells the star, fill ratio of the bounding box tells square (1.0) from circle (0.79) from the
-   half-filled triangle and diamond, and the share of the area in the top half tells triangle (0.25) from
-   diamond (0.5) and names a heart (0.65, lobes up; the example LoRA's shape);
+   half-filled triangle and diamond (a mask between circle and square by extent, such as a square drawn with
+   bowed sides, is a square when its bbox corners are filled: `corner_fill`), and the share of the area in
+   the top half tells triangle (0.25) from diamond (0.5) and names a heart (0.65, lobes up; the example
+   LoRA's shape);
 5. position: the bounding box centre in a 3x3 grid of thirds; size: the radius that gives the mask's area
    for that shape (`shapes.SHAPE_AREA`), nearest size class.
 """
@@ -35,6 +37,10 @@ FG_THRESHOLD = 40.0  # RGB (0-255) distance from the background above which a pi
 MIN_AREA_FRACTION = 0.004  # components smaller than this share of the image are noise
 _PALETTE = np.array([COLOURS[c] for c in COLOUR_NAMES], dtype=np.float32)
 _UPSAMPLE = 4
+CORNER_BOX = 0.2  # side of the corner boxes of `corner_fill`, as a share of the bbox side
+#: corner_fill from which a round-ish mask is a square: halfway between a rendered circle's (0.13) and a
+#: rendered square's (1.0), as the extent threshold 0.89 is halfway between theirs (0.785 and 1.0)
+SQUARE_CORNER_FILL = 0.565
 
 _GRID = (
     ("top left", "top", "top right"),
@@ -120,7 +126,8 @@ def classify_shape(features: dict) -> str:
     if extent > 0.89:
         return "square"
     if extent > 0.64:
-        return "circle"
+        # a square drawn with bowed sides fills its bbox less than 0.89 but keeps its corners
+        return "square" if features.get("corner_fill", 0.0) >= SQUARE_CORNER_FILL else "circle"
     return "triangle" if features["top_share"] < 0.375 else "diamond"
 
 
@@ -138,6 +145,7 @@ def mask_features(mask: np.ndarray) -> dict:
             "solidity": 0.0,
             "top_share": 0.0,
             "aspect": 1.0,
+            "corner_fill": 0.0,
         }
     x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
     w, h = float(x1 - x0), float(y1 - y0)
@@ -147,6 +155,13 @@ def mask_features(mask: np.ndarray) -> dict:
     # a pixel mask's contour runs through pixel centres: add back the half-pixel rim of the hull
     hull_area += cv2.arcLength(cv2.convexHull(pts), True) / 2.0 + 1.0
     mid = (y0 + y1) / 2.0
+    # corners: the fill of the four boxes CORNER_BOX x (w, h) in the bbox's corners (a square's corners are
+    # there however its sides bow; a circle leaves them nearly empty)
+    cw, ch = max(1, round(CORNER_BOX * w)), max(1, round(CORNER_BOX * h))
+    sub = mask[y0:y1, x0:x1]
+    corner_fill = float(
+        np.mean([sub[:ch, :cw].mean(), sub[:ch, -cw:].mean(), sub[-ch:, :cw].mean(), sub[-ch:, -cw:].mean()])
+    )
     top = float(np.count_nonzero(ys + 0.5 < mid)) + 0.5 * float(np.count_nonzero(np.abs(ys + 0.5 - mid) < 1e-6))
     return {
         "area": area,
@@ -156,6 +171,7 @@ def mask_features(mask: np.ndarray) -> dict:
         "solidity": min(1.0, area / max(hull_area, 1.0)),
         "top_share": top / area,
         "aspect": w / h,
+        "corner_fill": corner_fill,
         "x0": float(x0),
         "y0": float(y0),
     }
