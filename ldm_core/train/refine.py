@@ -15,8 +15,9 @@ it buys most, in four resumable phases:
    image: where a lightly noised image and the prompt disagree (img2img at a low denoising strength), the UNet
    learns to keep what the image shows instead of redrawing it from the words. With `--shape-weight W` the
    cells where an object's shape differs from a blob of its size (a square's corners, a star's points) weigh W
-   times more (a few cells of 256). Measured from v2.1 with W=3 (2026-12-06): squares 39 of 39 but circles
-   drawn squarer (47 of 51), so it is off by default.
+   times more (a few cells of 256). Measured from v2.1 with W=3 (2026-12-06, n=200): after one sitting squares
+   and circles read as on v2.1 (37 of 39, 48 of 51), after a second squares 39 of 39 but circles 47 of 51; off
+   by default.
 4. **decoder**: the VAE decoder alone is fine-tuned on fresh renders (L1 + MSE); the encoder, hence the
    latent space the UNet learned, does not move. With `--decoder-unet-share P` a share P of each batch is
    decoded not from the encoder's latents but from the folder's UNet's own estimate of them (its x0 from
