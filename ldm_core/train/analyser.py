@@ -127,7 +127,7 @@ def classify_shape(features: dict) -> str:
         return "square"
     if extent > 0.64:
         # a square drawn with bowed sides fills its bbox less than 0.89 but keeps its corners
-        return "square" if features.get("corner_fill", 0.0) >= SQUARE_CORNER_FILL else "circle"
+        return "square" if features["corner_fill"] >= SQUARE_CORNER_FILL else "circle"
     return "triangle" if features["top_share"] < 0.375 else "diamond"
 
 
