@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=16, help="frames the module sees at once")
     p.add_argument("--overlap", type=int, default=-1, help="-1: context / 4")
     p.add_argument("--closed-loop", default="R-P", choices=["N", "R-P", "R+P", "A"])
+    p.add_argument(
+        "--shared-noise", type=float, default=0.0, help="0-1: share of each frame's noise from the first frame's"
+    )
     p.add_argument("--format", default="GIF,MP4", help="comma-separated: GIF, MP4, WEBP, WEBM, PNG, TXT")
     p.add_argument("--init-image", default=None, help="image-to-video: the start image")
     p.add_argument("--video-source", default=None, help="video-to-video: a clip (GIF, WebP, MP4, WebM)")
@@ -311,6 +314,7 @@ def _video_request(args, values: dict):
         "batch_size": args.context,
         "overlap": args.overlap,
         "closed_loop": args.closed_loop,
+        "shared_noise": args.shared_noise,
         "format": [f.strip() for f in args.format.split(",") if f.strip()],
     }
     init = _open_image(args.init_image, "init_image") if args.init_image else None

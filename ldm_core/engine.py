@@ -886,6 +886,8 @@ class Engine:
             noise_seed_delta=request.eta_noise_seed_delta,
             device="cpu" if self.config.cpu_noise else dev,  # the RNG source option (randn_source)
         )
+        if job.video is not None:  # a clip: its frames may share part of their noise
+            noise = job.video.starting_noise(noise)
         noise = noise.to(dev)
 
         init_latents = blend = unet_concat = None

@@ -20,7 +20,7 @@ from ldm_core.generation_requests import GenerationRequest, Img2ImgRequest, Requ
 from ldm_core.outputs import read_image_info
 from ldm_core.video.clips import CLIP_TYPES, decode_clip, encode_clip
 from ldm_core.video.context_windows import context_windows
-from ldm_core.video.job import blend_image_to_video
+from ldm_core.video.job import VideoPlan, blend_image_to_video
 from ldm_core.video.motion_modules import (
     MotionModule,
     MotionModuleError,
@@ -244,6 +244,33 @@ def test_prompt_travel_conditions_each_frame(sd1_video):
     first = np.abs(np.asarray(travel.images[0], np.float32) - np.asarray(fixed.images[0], np.float32)).mean()
     last = np.abs(np.asarray(travel.images[-1], np.float32) - np.asarray(fixed.images[-1], np.float32)).mean()
     assert last > first  # the travelling prompt moves away from the first keyframe over the clip
+
+
+def test_shared_noise_blends_each_frame_towards_the_first_frames_noise():
+    noise = torch.randn(8, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def plan(share):
+        return VideoPlan(AnimateDiffArgs(shared_noise=share), None, 8, 8, [list(range(8))], 8.0)
+
+    assert torch.equal(plan(0.0).starting_noise(noise), noise)  # independent frames, as every tool has them
+    assert all(torch.equal(f, noise[0]) for f in plan(1.0).starting_noise(noise))
+    half = plan(0.5).starting_noise(noise)
+    assert torch.equal(half[0], noise[0])
+    corr = [float(torch.corrcoef(torch.stack([f.flatten(), noise[0].flatten()]))[0, 1]) for f in half[1:]]
+    assert all(0.6 < c < 0.8 for c in corr)  # cos(pi/4) of the first frame's noise in each frame
+    assert abs(float(half.std()) - float(noise.std())) < 0.05  # still noise of one draw's scale
+    with pytest.raises(ValueError, match="shared_noise"):
+        AnimateDiffArgs(shared_noise=1.5)
+
+
+def test_shared_noise_makes_frames_alike_and_is_in_the_infotext(sd1_video):
+    from ui.common import fields_from_text
+
+    apart = sd1_video.generate(vreq())
+    alike = sd1_video.generate(vreq(animatediff={"shared_noise": 0.9}))
+    assert _frames_differ(alike.images) < 0.5 * _frames_differ(apart.images)
+    assert "shared_noise" not in apart.infotexts[0] and "shared_noise: 0.9" in alike.infotexts[0]
+    assert fields_from_text(alike.infotexts[0])["video_shared_noise"] == pytest.approx(0.9)
 
 
 def test_image_to_video_blend_follows_latent_power_and_scale():

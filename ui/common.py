@@ -328,6 +328,7 @@ VIDEO_FIELDS = {
     "video_closed_loop": "closed_loop",
     "video_format": "format",
     "video_loop_number": "loop_number",
+    "video_shared_noise": "shared_noise",
     "video_latent_power": "latent_power",
     "video_latent_scale": "latent_scale",
     "video_motion_bucket_id": "motion_bucket_id",
@@ -505,7 +506,7 @@ def _video_fields(value: str) -> dict[str, Any]:
         if field in ("video_model", "video_closed_loop"):
             out[field] = text
         elif _num(text) is not None:
-            out[field] = _num(text, int) if field != "video_fps" else _num(text)
+            out[field] = _num(text) if field in ("video_fps", "video_shared_noise") else _num(text, int)
     return out
 
 

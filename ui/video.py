@@ -53,6 +53,15 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
         with gr.Row():
             closed = gr.Radio(CLOSED_LOOP, value="R-P", label="Closed loop", elem_id="video_closed_loop")
             loops = gr.Number(0, precision=0, minimum=0, label="Loops (0: forever)", elem_id="video_loop_number")
+            shared = gr.Slider(
+                0.0,
+                1.0,
+                value=0.0,
+                step=0.05,
+                label="Shared noise",
+                info="share of each frame's starting noise taken from the first frame's: frames start alike",
+                elem_id="video_shared_noise",
+            )
         formats = gr.CheckboxGroup(FORMATS, value=["GIF", "MP4"], label="Save as", elem_id="video_format")
     with gr.Accordion("Start from an image or a clip", open=False, elem_id="video_start"):
         image = gr.Image(label="Start image (image-to-video)", type="pil", elem_id="video_init_image", height=200)
@@ -81,6 +90,7 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
         video_stride=stride,
         video_closed_loop=closed,
         video_loop_number=loops,
+        video_shared_noise=shared,
         video_format=formats,
         init_image=image,
         video_source=clip,

@@ -430,6 +430,7 @@ def evaluate_motion(
     sheet: Path | None = None,
     log=_log,
     phrasing: str = "heldout",
+    shared_noise: float = 0.0,
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
     frames are then independent images of one batch) and score them (see `score_clip`)."""
@@ -450,6 +451,7 @@ def evaluate_motion(
                     "batch_size": frames,
                     "format": [],
                     "closed_loop": "N",
+                    "shared_noise": shared_noise,
                 }
             else:
                 values["batch_size"] = frames
@@ -465,6 +467,7 @@ def evaluate_motion(
         "module": module,
         "n": n,
         "phrasing": phrasing,
+        "shared_noise": shared_noise,
         "frames": frames,
         "steps": steps,
         "direction": sum(r["direction_ok"] for r in results) / n,
@@ -553,6 +556,9 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--n", type=int, default=100, help="clips (directions in turn)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--shared-noise", type=float, default=0.0, help="the clips' shared_noise option (default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
@@ -567,7 +573,9 @@ def add_eval_arguments(p) -> None:
 def run_eval(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
-    rep = evaluate_motion(a.module, a.n, a.frames, a.steps, a.base, a.sheet, phrasing=a.phrasing)
+    rep = evaluate_motion(
+        a.module, a.n, a.frames, a.steps, a.base, a.sheet, phrasing=a.phrasing, shared_noise=a.shared_noise
+    )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(rep, indent=2))

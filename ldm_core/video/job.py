@@ -20,6 +20,7 @@ from PIL import Image
 from ..generation_requests import GenerationRequest, Img2ImgRequest, RequestError
 from ..infotext import infotext_number
 from ..outputs import encode_png_bytes, output_folder, save_bytes
+from ..rng import slerp
 from .clips import CLIP_TYPES, ClipError, decode_clip, encode_clip
 from .context_windows import ContextWindowUNet, context_windows
 from .motion_modules import MotionModule, MotionModuleError, MotionModules, MotionPatch, check_fits
@@ -67,7 +68,17 @@ class VideoPlan:
         return (
             f"model: {self.module.name}, video_length: {self.frames}, fps: {infotext_number(self.fps)}, "
             f"closed_loop: {a.closed_loop}, batch_size: {self.context}, stride: {a.stride}, overlap: {overlap}"
+            + (f", shared_noise: {infotext_number(a.shared_noise)}" if a.shared_noise > 0 else "")
         )
+
+    def starting_noise(self, noise: torch.Tensor) -> torch.Tensor:
+        """The frames' starting noise (F,C,H,W): each frame's own noise blended towards the first frame's by
+        `shared_noise` (the variation-seed slerp, so each frame's noise keeps the statistics of one draw)."""
+        share = self.args.shared_noise
+        if share <= 0 or noise.shape[0] < 2:
+            return noise
+        first = noise[0]
+        return torch.stack([first] + [slerp(share, n, first) for n in noise[1:]])
 
 
 def plan_video(request: GenerationRequest, modules: MotionModules, unet, model_name: str, family: str):

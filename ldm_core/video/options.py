@@ -5,6 +5,11 @@ Unknown keys that extension accepts (`interp_x`, `request_id`, `is_i2i_batch`, `
 are accepted and ignored; values this engine cannot honour are accepted and reported in the job's `info`:
 FILM frame interpolation (`interp: "FILM"`) needs Deforum's model, and `video_path` (a folder on the server)
 is not read (send the clip as `video_source`).
+
+`shared_noise` is this engine's own option (sd-webui-animatediff has none; ComfyUI's AnimateDiff-Evolved mixes
+noise layers in the same spirit): the share of each frame's starting noise taken from the first frame's, by the
+variation-seed blend (`ldm_core.rng.slerp`). 0 keeps the frames' noises independent, as every AnimateDiff tool
+does; above it the frames start alike, so they agree on what the object is, and the motion module has to move it.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class AnimateDiffArgs(BaseModel):
     interp: str = "Off"
     video_source: Any = None  # a clip (base64 or bytes; GIF/WebP/MP4/WebM) for video-to-video
     video_path: str | None = None
+    shared_noise: float = Field(0.0, ge=0.0, le=1.0)  # share of each frame's noise from the first frame's
     latent_power: float = 1.0  # image-to-video: frame i keeps 1 - i**latent_power / latent_scale of the image
     latent_scale: float = Field(32.0, gt=0)
     last_frame: Any = None  # image-to-video: an image the clip ends on
