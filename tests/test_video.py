@@ -555,6 +555,30 @@ def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, ti
     assert (tmp_path / "mm" / "diffusion_pytorch_model.safetensors").stat().st_size < 10e6
 
 
+def test_motion_training_object_weight_changes_what_is_learned(tmp_path, tiny_models):
+    from ldm_core.models import load_state_dict
+    from ldm_core.train.motion import MotionTrainOptions, train_motion
+
+    def trained(name, weight):
+        o = MotionTrainOptions(
+            base=str(tiny_models["sd1"]["diffusers"]),
+            out=str(tmp_path / name),
+            frames=4,
+            clips=1,
+            steps=2,
+            log_every=0,
+            resolution=64,
+            object_weight=weight,
+        )
+        rec = train_motion(o, log=lambda m: None)
+        assert rec["options"]["object_weight"] == str(weight)
+        return load_state_dict(tmp_path / name / "diffusion_pytorch_model.safetensors")
+
+    plain, again, weighted = trained("a", 0.0), trained("b", 0.0), trained("c", 4.0)
+    assert all(torch.equal(plain[k], again[k]) for k in plain)  # the same seed learns the same
+    assert any(not torch.equal(plain[k], weighted[k]) for k in plain)
+
+
 def test_motion_training_timesteps_are_one_per_clip_and_cubic_spends_them_at_high_noise(tmp_path, tiny_models):
     from ldm_core.train.motion import MotionTrainOptions, clip_timesteps, train_motion
 
