@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import shutil
 from pathlib import Path
 
@@ -522,6 +523,12 @@ def test_training_clips_move_the_way_their_caption_says():
         assert measured_direction(centres) == motion, clip.caption
     train = {t for ts in TRAIN_TEMPLATES.values() for t in ts}
     assert not train & {t for ts in EVAL_TEMPLATES.values() for t in ts}  # held-out phrasings
+
+    def words(templates):
+        return {w for ts in templates.values() for t in ts for w in re.findall(r"[a-z]+", t.format(o="", b="", c2=""))}
+
+    # held-out words too: the two share only the directions' own nouns
+    assert words(TRAIN_TEMPLATES) & words(EVAL_TEMPLATES) <= {"the", "left", "right", "top", "bottom"}
     assert measured_direction([(0.5, 0.5), (0.52, 0.5)]) is None  # too small a move is no direction
 
 
