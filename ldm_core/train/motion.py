@@ -84,6 +84,8 @@ TRAIN_TEMPLATES = {
         "{o} moving from bottom to top {b}",
         "{o} ascending {b}",
         "{o}, lifting up, {b}",
+        "{o} rising to the top {b}",
+        "{o} going up to the top {b}",
     ),
     "down": (
         "{o} moving down {b}",
@@ -96,6 +98,8 @@ TRAIN_TEMPLATES = {
         "{o} moving from top to bottom {b}",
         "{o} descending {b}",
         "{o}, coming down, {b}",
+        "{o} falling to the bottom {b}",
+        "{o} going down to the bottom {b}",
     ),
     "grow": ("{o} growing {b}", "{o} getting bigger {b}", "{o}, growing, {b}"),
     "shrink": ("{o} shrinking {b}", "{o} getting smaller {b}", "{o}, shrinking, {b}"),
