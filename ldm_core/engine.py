@@ -926,7 +926,9 @@ class Engine:
                 if job.video is not None:  # image-to-video: later frames keep less of the image
                     init_latents = self._image_to_video(job, init_latents, seeds, width, height, pixel_mode)
             if work_mask is not None:
-                lmask = imgs.mask_to_latent(work_mask, (lh, lw)).to(dev).repeat(b, 1, 1, 1)
+                # A1111 rounds the (blurred) mask at latent size: a cell is repainted or kept, never half of each
+                # (a half-kept cell fades what is drawn at the mask's edge towards the original)
+                lmask = imgs.mask_to_latent(work_mask, (lh, lw)).round().to(dev).repeat(b, 1, 1, 1)
                 if request.inpainting_fill == "latent noise":
                     init_latents = init_latents * (1 - lmask) + noise * lmask
                 elif request.inpainting_fill == "latent nothing":
