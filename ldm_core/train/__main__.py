@@ -169,6 +169,13 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per pipeline call")
     p.add_argument("--save-images", type=Path, default=None, help="also write a contact sheet per test here")
     p.add_argument("--only", default=None, help="comma list of tests: single,double,negative,img2img,inpaint,vae")
+    p.add_argument(
+        "--edits",
+        choices=("diffusers", "engine"),
+        default="diffusers",
+        help="what runs the img2img and inpaint tests: diffusers' pipelines (plain CFG), or the engine as the "
+        "img2img and inpaint tabs run it (the model's recommended CFG rescale, mask blur 4) (default: %(default)s)",
+    )
 
 
 def _run_eval(a: argparse.Namespace) -> int:
@@ -188,6 +195,7 @@ def _run_eval(a: argparse.Namespace) -> int:
             only=only,
             sampler=a.sampler,
             schedule=a.schedule,
+            edits=a.edits,
         )
     )
     print(format_report(rep))

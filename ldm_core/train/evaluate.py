@@ -20,6 +20,7 @@ generation seeds start at 1,000,000 (training draws its noise from hashed per-st
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ldm_core.generation_requests import Img2ImgRequest, InpaintRequest
 from ldm_core.models.sidecar import read_sidecar
 from ldm_core.train import shapes
 from ldm_core.train.analyser import Analysis, analyse
@@ -37,6 +39,7 @@ from ldm_core.train.analyser import Analysis, analyse
 SEED_BASE = 1_000_000
 NEGATIVE_PROMPT = "red, blue, green"
 NEGATIVE_COLOURS = ("red", "blue", "green")
+EDIT_PATHS = ("diffusers", "engine")
 TESTS = ("single", "phrasing", "no_background", "double", "negative", "img2img", "inpaint", "vae")
 
 #: Quality bars from the issue (report key -> minimum, or maximum for the negative ratio).
@@ -72,6 +75,10 @@ class EvalOptions:
     schedule: str = "Automatic"
     save_images: Path | None = None
     only: tuple[str, ...] | None = None
+    # what runs the img2img and inpaint tests: "diffusers" (its img2img and inpaint pipelines, plain CFG; every
+    # recorded report until 2026-12-06) or "engine" (the img2img and inpaint tabs' path: ldm_core's engine with
+    # the model's recommended CFG rescale, mask blur 4 and the A1111 inpainting rules)
+    edits: str = "diffusers"
     vae_images: int = 256
 
 
@@ -205,6 +212,8 @@ class Evaluator:
 
     def __init__(self, opts: EvalOptions, pipes=None):
         self.o = opts
+        if opts.edits not in EDIT_PATHS:
+            raise ValueError(f"edits must be one of {', '.join(EDIT_PATHS)}, not {opts.edits!r}")
         self.dev = _device(opts.device)
         self.pipe, self.i2i, self.inp = (
             pipes if pipes is not None else load_pipelines(opts.model, self.dev, opts.sampler, opts.schedule)
@@ -213,6 +222,19 @@ class Evaluator:
         self.rescale_cfg = opts.rescale_cfg
         if self.rescale_cfg is None:
             self.rescale_cfg = read_sidecar(opts.model).rescale_cfg or 0.0
+        self._stack = contextlib.ExitStack()
+        self._engine = None
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def _edit(self, request) -> Image.Image:
+        """One img2img/inpaint image through the engine (built on first use over the evaluated folder)."""
+        if self._engine is None:
+            from ldm_core.engine import scratch_engine
+
+            self._engine, _ = self._stack.enter_context(scratch_engine(self.o.model))
+        return self._engine.generate(request).images[0]
 
     def _save(self, name: str, images: list[Image.Image]) -> None:
         if self.o.save_images is not None:
@@ -403,6 +425,23 @@ class Evaluator:
         for strength in (0.3, 0.9):
 
             def run(idx, strength=strength):
+                if self.o.edits == "engine":
+                    return [
+                        self._edit(
+                            Img2ImgRequest.build(
+                                prompt=prompts[i][2],
+                                init_images=[sources[i]],
+                                denoising_strength=strength,
+                                steps=max(self.o.steps, 4),
+                                cfg_scale=self.o.cfg,
+                                seed=seeds[i],
+                                sampler_name="Euler a",
+                                width=self.res,
+                                height=self.res,
+                            )
+                        )
+                        for i in idx
+                    ]
                 return self.i2i(
                     prompt=[prompts[i][2] for i in idx],
                     image=[sources[i] for i in idx],
@@ -452,6 +491,24 @@ class Evaluator:
         seeds = [SEED_BASE + 400_000 + i for i in range(n)]
 
         def run(idx):
+            if self.o.edits == "engine":  # repaint the mask fully, as diffusers' pipeline does by default
+                return [
+                    self._edit(
+                        InpaintRequest.build(
+                            prompt="a blue star",
+                            init_images=[sources[i]],
+                            mask=masks[i],
+                            denoising_strength=1.0,
+                            steps=self.o.steps,
+                            cfg_scale=self.o.cfg,
+                            seed=seeds[i],
+                            sampler_name="Euler a",
+                            width=r,
+                            height=r,
+                        )
+                    )
+                    for i in idx
+                ]
             return self.inp(
                 prompt=["a blue star"] * len(idx),
                 image=[sources[i] for i in idx],
@@ -578,14 +635,16 @@ def evaluate(opts: EvalOptions, pipes=None) -> dict:
         "sampler": opts.sampler if opts.schedule == "Automatic" else f"{opts.sampler} {opts.schedule}",
         "device": str(ev.dev),
         "resolution": ev.res,
+        "edits": opts.edits,  # what ran img2img and inpaint
     }
     t0 = time.monotonic()
-    for name in opts.only or TESTS:
-        if name not in TESTS:
-            raise ValueError(f"unknown test {name!r}; choose from {', '.join(TESTS)}")
-        t = time.monotonic()
-        rep[name] = getattr(ev, name)()
-        rep[name]["seconds"] = round(time.monotonic() - t, 1)
+    with contextlib.closing(ev):
+        for name in opts.only or TESTS:
+            if name not in TESTS:
+                raise ValueError(f"unknown test {name!r}; choose from {', '.join(TESTS)}")
+            t = time.monotonic()
+            rep[name] = getattr(ev, name)()
+            rep[name]["seconds"] = round(time.monotonic() - t, 1)
     rep["seconds"] = round(time.monotonic() - t0, 1)
     rep["bars"] = _bar_checks(rep)
     return rep
@@ -631,14 +690,16 @@ def format_report(rep: dict) -> str:
     if "img2img" in rep:
         i = rep["img2img"]
         lines.append(
-            f"img2img (n={i['n']}): strength 0.3 keeps layout {i['keep_layout_at_0.3']:.1%} "
+            f"img2img (n={i['n']}, {rep.get('edits', 'diffusers')}): strength 0.3 keeps layout "
+            f"{i['keep_layout_at_0.3']:.1%} "
             f"(follows new prompt {i['follow_prompt_at_0.3']:.1%}); strength 0.9 follows new prompt "
             f"{i['follow_prompt_at_0.9']:.1%} (keeps {i['keep_layout_at_0.9']:.1%})"
         )
     if "inpaint" in rep:
         p = rep["inpaint"]
         lines.append(
-            f"inpaint 'a blue star' (n={p['n']}): in mask {p['blue_star_in_mask']:.1%}, original "
+            f"inpaint 'a blue star' (n={p['n']}, {rep.get('edits', 'diffusers')}): in mask "
+            f"{p['blue_star_in_mask']:.1%}, original "
             f"object kept {p['original_object_kept']:.1%}"
         )
     if "vae" in rep:

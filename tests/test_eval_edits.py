@@ -1,0 +1,38 @@
+"""The evaluation's img2img and inpaint tests through the engine (`eval --edits engine`): the path the img2img
+and inpaint tabs take, with the model's recommended CFG rescale, rather than diffusers' pipelines."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ldm_core.engine import Engine
+from ldm_core.generation_requests import Img2ImgRequest, InpaintRequest
+from ldm_core.train.evaluate import EvalOptions, Evaluator
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "builtin"
+
+
+def test_eval_edits_through_the_engine(tmp_path, monkeypatch):
+    from ldm_core.train.__main__ import main
+
+    seen = []
+    real = Engine.generate
+
+    def spy(self, request, ctx=None):
+        seen.append(type(request))
+        return real(self, request, ctx)
+
+    monkeypatch.setattr(Engine, "generate", spy)
+    out = tmp_path / "rep.json"
+    args = ["eval", "--model", str(MODEL), "--n", "16", "--device", "cpu", "--only", "img2img,inpaint"]
+    assert main(args + ["--edits", "engine", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["edits"] == "engine" and rep["img2img"]["n"] == 4 and rep["inpaint"]["n"] == 4
+    assert seen.count(Img2ImgRequest) == 8 and seen.count(InpaintRequest) == 4  # two strengths, one inpaint
+    assert rep["img2img"]["follow_prompt_at_0.9"] > 0  # the pictures come out readable
+
+
+def test_eval_edits_must_name_a_path():
+    with pytest.raises(ValueError, match="edits"):
+        Evaluator(EvalOptions(model=MODEL, device="cpu", edits="comfy"), pipes=(None, None, None))
