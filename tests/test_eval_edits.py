@@ -20,16 +20,18 @@ def test_eval_edits_through_the_engine(tmp_path, monkeypatch):
     real = Engine.generate
 
     def spy(self, request, ctx=None):
-        seen.append(type(request))
+        seen.append((type(request), request.rescale_cfg))
         return real(self, request, ctx)
 
     monkeypatch.setattr(Engine, "generate", spy)
     out = tmp_path / "rep.json"
     args = ["eval", "--model", str(MODEL), "--n", "16", "--device", "cpu", "--only", "img2img,inpaint"]
-    assert main(args + ["--edits", "engine", "--json", str(out)]) == 0
+    assert main(args + ["--edits", "engine", "--rescale-cfg", "0", "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["edits"] == "engine" and rep["img2img"]["n"] == 4 and rep["inpaint"]["n"] == 4
-    assert seen.count(Img2ImgRequest) == 8 and seen.count(InpaintRequest) == 4  # two strengths, one inpaint
+    kinds = [k for k, _ in seen]
+    assert kinds.count(Img2ImgRequest) == 8 and kinds.count(InpaintRequest) == 4  # two strengths, one inpaint
+    assert {r for _, r in seen} == {0.0}  # --rescale-cfg reaches the engine's requests
     assert rep["img2img"]["follow_prompt_at_0.9"] > 0  # the pictures come out readable
 
 

@@ -157,7 +157,8 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--rescale-cfg",
         type=float,
         default=None,
-        help="CFG rescale 0..1 of the text-to-image tests; default: the model's sidecar recommendation",
+        help="CFG rescale 0..1 of the text-to-image tests (and of img2img and inpaint with --edits engine); "
+        "default: the model's sidecar recommendation",
     )
     p.add_argument(
         "--sampler",

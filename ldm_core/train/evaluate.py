@@ -64,8 +64,8 @@ class EvalOptions:
     steps: int = 20
     cfg: float = 7.0
     # CFG rescale of the text-to-image tests (diffusers' guidance_rescale); None = the model's recommendation
-    # (its sidecar's rescale_cfg, as the engine does). Its img2img and inpaint pipelines have no such option:
-    # those two tests run plain CFG
+    # (its sidecar's rescale_cfg, as the engine does). Diffusers' img2img and inpaint pipelines have no such
+    # option: those two tests run plain CFG there, and this rescale with `edits="engine"`
     rescale_cfg: float | None = None
     batch: int = 16
     # the text-to-image tests' sampler from the engine's registry (ldm_core.schedulers) and its schedule type;
@@ -438,6 +438,7 @@ class Evaluator:
                                 sampler_name="Euler a",
                                 width=self.res,
                                 height=self.res,
+                                rescale_cfg=self.o.rescale_cfg,
                             )
                         )
                         for i in idx
@@ -505,6 +506,7 @@ class Evaluator:
                             sampler_name="Euler a",
                             width=r,
                             height=r,
+                            rescale_cfg=self.o.rescale_cfg,
                         )
                     )
                     for i in idx
@@ -630,7 +632,7 @@ def evaluate(opts: EvalOptions, pipes=None) -> dict:
         "model": str(opts.model),
         "steps": opts.steps,
         "cfg": opts.cfg,
-        "rescale_cfg": ev.rescale_cfg,  # text-to-image tests only
+        "rescale_cfg": ev.rescale_cfg,  # text-to-image tests (and img2img, inpaint with edits="engine")
         # of the text-to-image tests; img2img and inpaint run Euler a
         "sampler": opts.sampler if opts.schedule == "Automatic" else f"{opts.sampler} {opts.schedule}",
         "device": str(ev.dev),
