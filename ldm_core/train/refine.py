@@ -69,6 +69,7 @@ from ldm_core.train.builtin import (
     heldout_renders,
     load_folder_state,
     lr_at,
+    object_loss_weight,
     spec_from_folder,
     vae_psnr,
     warmup_cosine,
@@ -360,9 +361,8 @@ class Refiner:
             with _autocast(torch.device("cpu"), o.autocast):
                 pred = self.unet(x_t, t, cond).sample
             err = (pred.float() - target).pow(2)
-            if o.object_weight > 0:
-                c = F.max_pool2d(cache["cover"][idx].float(), 3, stride=1, padding=1)
-                err = err * (1.0 + o.object_weight * c)
+            if o.object_weight > 0:  # the cache's cover is already averaged per latent cell
+                err = err * object_loss_weight(cache["cover"][idx], lat.shape[-1], o.object_weight)
             if o.shape_weight != 1:
                 err = err * shape_loss_weights([scenes[k] for k in idx.tolist()], lat.shape[-1], o.shape_weight)
             loss = err.mean()
