@@ -228,12 +228,21 @@ class Evaluator:
     def close(self) -> None:
         self._stack.close()
 
-    def _edit(self, request) -> Image.Image:
-        """One img2img/inpaint image through the engine (built on first use over the evaluated folder)."""
+    def _edit(self, request_type, **fields) -> Image.Image:
+        """One img2img/inpaint image through the engine (built on first use over the evaluated folder), with
+        the eval's CFG, rescale (None: the model's recommendation), Euler a and native size."""
         if self._engine is None:
             from ldm_core.engine import scratch_engine
 
             self._engine, _ = self._stack.enter_context(scratch_engine(self.o.model))
+        request = request_type.build(
+            cfg_scale=self.o.cfg,
+            rescale_cfg=self.o.rescale_cfg,
+            sampler_name="Euler a",
+            width=self.res,
+            height=self.res,
+            **fields,
+        )
         return self._engine.generate(request).images[0]
 
     def _save(self, name: str, images: list[Image.Image]) -> None:
@@ -428,18 +437,12 @@ class Evaluator:
                 if self.o.edits == "engine":
                     return [
                         self._edit(
-                            Img2ImgRequest.build(
-                                prompt=prompts[i][2],
-                                init_images=[sources[i]],
-                                denoising_strength=strength,
-                                steps=max(self.o.steps, 4),
-                                cfg_scale=self.o.cfg,
-                                seed=seeds[i],
-                                sampler_name="Euler a",
-                                width=self.res,
-                                height=self.res,
-                                rescale_cfg=self.o.rescale_cfg,
-                            )
+                            Img2ImgRequest,
+                            prompt=prompts[i][2],
+                            init_images=[sources[i]],
+                            denoising_strength=strength,
+                            steps=max(self.o.steps, 4),
+                            seed=seeds[i],
                         )
                         for i in idx
                     ]
@@ -495,19 +498,13 @@ class Evaluator:
             if self.o.edits == "engine":  # repaint the mask fully, as diffusers' pipeline does by default
                 return [
                     self._edit(
-                        InpaintRequest.build(
-                            prompt="a blue star",
-                            init_images=[sources[i]],
-                            mask=masks[i],
-                            denoising_strength=1.0,
-                            steps=self.o.steps,
-                            cfg_scale=self.o.cfg,
-                            seed=seeds[i],
-                            sampler_name="Euler a",
-                            width=r,
-                            height=r,
-                            rescale_cfg=self.o.rescale_cfg,
-                        )
+                        InpaintRequest,
+                        prompt="a blue star",
+                        init_images=[sources[i]],
+                        mask=masks[i],
+                        denoising_strength=1.0,
+                        steps=self.o.steps,
+                        seed=seeds[i],
                     )
                     for i in idx
                 ]
