@@ -840,16 +840,37 @@ class Engine:
             "warning": fallback.warning,
         }
 
-    def _encode_images(self, vae, images: list[Image.Image]) -> torch.Tensor:
-        """RGB images (same size) -> scaled latents (B,C,h,w) on the engine's device."""
+    def _encode_images(self, vae, images: list[Image.Image], keep: torch.Tensor | None = None) -> torch.Tensor:
+        """RGB images (same size) -> scaled latents (B,C,h,w) on the engine's device; `keep` (H,W bool): the
+        pixels left as they are, the others set to 0 in [-1, 1] before encoding (an inpainting model's input)."""
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         with self._on_device(vae), torch.inference_mode():
             dtype = next(vae.parameters()).dtype
             dev = execution_device(vae, self.policy.device)
-            pix = torch.cat([imgs.pil_to_tensor(im) for im in images]).to(dev, dtype)
+            pix = torch.cat([imgs.pil_to_tensor(im) for im in images])
+            if keep is not None:
+                pix = pix * keep.to(pix.dtype)
+            pix = pix.to(dev, dtype)
             z = vae.encode(pix).latent_dist.mode().float()
         return ((z - shift) * scaling).to(self.policy.device)
+
+    def _unet_concat(
+        self, job: _JobState, model: LoadedModel, unet_concat: torch.Tensor | None, noise: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The extra UNet input channels: None for a normal model; for a 9-channel inpainting model the job's
+        mask + masked-image latents, or outside inpainting A1111's "everything masked": a mask of ones and the
+        latent of an image that is all masked (0 in [-1, 1], mid grey) through the job's VAE."""
+        if not model.kind.inpaint:
+            return None
+        if unet_concat is not None:
+            return unet_concat
+        b, (h, w) = noise.shape[0], noise.shape[-2:]
+        f = model.vae_scale_factor
+        grey = Image.new("RGB", (w * f, h * f))
+        z = self._encode_images(job.vae, [grey], keep=torch.zeros(h * f, w * f, dtype=torch.bool))
+        ones = torch.ones(b, 1, h, w, device=noise.device)
+        return torch.cat([ones, z.to(noise.device).expand(b, -1, -1, -1)], dim=1)
 
     def _image_to_video(self, job: _JobState, init: torch.Tensor, seeds: list[int], width, height, mode):
         """Image-to-video init latents (ldm_core.video.job.blend_image_to_video), with the last frame if given."""
@@ -934,9 +955,10 @@ class Engine:
                 elif request.inpainting_fill == "latent nothing":
                     init_latents = init_latents * (1 - lmask)
                 if model.kind.inpaint:
-                    keep = np.asarray(work_mask.convert("L")) < 128
-                    masked_img = Image.fromarray(np.asarray(work_rs) * keep[..., None].astype(np.uint8))
-                    mz = self._encode_images(vae, [masked_img]).repeat(b, 1, 1, 1)
+                    # the masked pixels at 0 in [-1, 1] (mid grey), as SD's inpainting models were trained and
+                    # as A1111 (source * (1 - mask)) and diffusers (image * (mask < 0.5)) give them; not black
+                    keep = torch.from_numpy(np.asarray(work_mask.convert("L")) < 128)
+                    mz = self._encode_images(vae, [work_rs], keep=keep).repeat(b, 1, 1, 1)
                     unet_concat = torch.cat([(lmask > 0.5).float(), mz], dim=1)
                 else:
                     blend = InpaintBlend(init_latents, noise, lmask)
@@ -1101,7 +1123,7 @@ class Engine:
                     self.compiler.unet(refiner.model.unet),
                     r_cond,
                     r_added,
-                    _unet_concat(refiner.model, unet_concat if model.kind.inpaint else None, noise),
+                    self._unet_concat(job, refiner.model, unet_concat if model.kind.inpaint else None, noise),
                     keep_unet_inputs=refiner.model.kind.family == model.kind.family,
                 )
 
@@ -1125,7 +1147,7 @@ class Engine:
             cfg_scale=request.cfg_scale,
             generators=gens,
             added_cond_kwargs=added,
-            unet_concat=_unet_concat(model, unet_concat, noise),
+            unet_concat=self._unet_concat(job, model, unet_concat, noise),
             inpaint=blend,
             s_min_uncond=request.s_min_uncond,
             sigmas=sigmas,
@@ -1400,15 +1422,3 @@ def _switch_index(train_t: np.ndarray, num_train: int, switch_at: float | None) 
         if (num_train - 1 - round(float(t))) / num_train >= switch_at:
             return i
     return len(train_t)
-
-
-def _unet_concat(model: LoadedModel, unet_concat: torch.Tensor | None, noise: torch.Tensor):
-    """The extra UNet input channels: None for a normal model; for a 9-channel inpainting model the
-    job's mask + masked-image latents, or "everything masked, nothing known" outside inpainting."""
-    if not model.kind.inpaint:
-        return None
-    if unet_concat is not None:
-        return unet_concat
-    b, lat_c = noise.shape[0], noise.shape[1]
-    ones = torch.ones(b, 1, *noise.shape[-2:], device=noise.device)
-    return torch.cat([ones, torch.zeros(b, lat_c, *noise.shape[-2:], device=noise.device)], dim=1)

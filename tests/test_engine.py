@@ -259,6 +259,47 @@ def test_inpaint_repaints_or_keeps_whole_latent_cells(sd1_engine, monkeypatch):
     assert values == {0.0, 1.0}
 
 
+def test_inpainting_model_sees_masked_pixels_as_mid_grey(tmp_path, tiny_models, monkeypatch):
+    """A 9-channel model's extra input: the latent mask and the latent of the image with its masked pixels at
+    0 in [-1, 1], as SD's inpainting models were trained (A1111 and diffusers give them so; black there reads
+    to such a model as a black object to keep); in txt2img, all masked: a mask of ones and an all-grey image."""
+    from diffusers import AutoencoderKL
+
+    folder = tiny_models["sd1_inpaint"]["diffusers"]
+    engine = make_engine(tmp_path, {"sd1_inpaint": folder})
+    seen = []
+    real = Engine._unet_concat
+
+    def spy(self, job, model, unet_concat, noise):
+        out = real(self, job, model, unet_concat, noise)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(Engine, "_unet_concat", spy)
+    colour = (200, 30, 30)
+    init = Image.new("RGB", (SIZE, SIZE), colour)
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    fields = {**req().model_dump(exclude={"mode"}), "init_images": [init], "mask": mask, "mask_blur": 0}
+    engine.generate(InpaintRequest.build(**fields, denoising_strength=1.0))
+    engine.generate(req())
+    vae = AutoencoderKL.from_pretrained(str(Path(folder) / "vae"))
+    pix = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, SIZE, SIZE) / 127.5 - 1
+    pix = pix.clone()
+    pix[:, :, 16:48, 16:48] = 0.0
+    with torch.no_grad():
+        want = vae.encode(pix).latent_dist.mode() * vae.config.scaling_factor
+        want_grey = vae.encode(torch.zeros(1, 3, SIZE, SIZE)).latent_dist.mode() * vae.config.scaling_factor
+    got = seen[0][:1].float().cpu()
+    f = SIZE // want.shape[-1]
+    assert torch.equal(got[:, :1, 16 // f : 48 // f, 16 // f : 48 // f], torch.ones(1, 1, 32 // f, 32 // f))
+    assert got[:, :1].sum() == (32 // f) ** 2
+    assert torch.allclose(got[:, 1:], want, atol=1e-4)
+    txt = seen[-1][:1].float().cpu()
+    assert torch.equal(txt[:, :1], torch.ones_like(txt[:, :1]))
+    assert torch.allclose(txt[:, 1:], want_grey, atol=1e-4)
+
+
 def test_inpaint_only_masked(sd1_engine):
     init = Image.new("RGB", (128, 96), (10, 120, 200))
     mask = Image.new("L", (128, 96), 0)
