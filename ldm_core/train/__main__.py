@@ -336,6 +336,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         lambda p: _module("sr").add_eval_arguments(p),
         lambda a: _module("sr").run_eval(a),
     ),
+    "inpaint": (
+        "train an inpainting model (9-channel UNet, as sd-v1-5-inpainting) from a base on shapes-world masks",
+        lambda p: _module("inpaint").add_arguments(p),
+        lambda a: _module("inpaint").run(a),
+    ),
     "lora": ("train a LoRA on images + .txt captions, written in the kohya format", _add_lora, _run_lora),
     "lora-eval": (
         "does <lora:heart:1> bring hearts in? analyser counts with and without the tag",

@@ -266,6 +266,12 @@ def _noun_phrase(o: ShapeObject, rng: random.Random, p_size: float, p_colour: fl
     return " ".join(words)
 
 
+def object_phrase(o: ShapeObject, rng: random.Random) -> str:
+    """One object alone, as a user names what to paint into a mask: "a blue star", "one small red circle"
+    (the colour nearly always, the size sometimes; no position, no background)."""
+    return _with_article(_noun_phrase(o, rng, 0.3, 0.95), rng)
+
+
 def _with_article(phrase: str, rng: random.Random) -> str:
     r = rng.random()
     if r < 0.8:
