@@ -281,7 +281,7 @@ def test_inpainting_model_sees_masked_pixels_as_mid_grey(tmp_path, tiny_models, 
     mask = Image.new("L", (SIZE, SIZE), 0)
     mask.paste(255, (16, 16, 48, 48))
     fields = {**req().model_dump(exclude={"mode"}), "init_images": [init], "mask": mask, "mask_blur": 0}
-    engine.generate(InpaintRequest.build(**fields, denoising_strength=1.0))
+    engine.generate(InpaintRequest.build(**{**fields, "denoising_strength": 1.0}))
     engine.generate(req())
     vae = AutoencoderKL.from_pretrained(str(Path(folder) / "vae"))
     pix = torch.tensor(colour, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, SIZE, SIZE) / 127.5 - 1
