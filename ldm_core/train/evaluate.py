@@ -10,7 +10,8 @@ Tests (each a key of the report):
 - negative: "a circle" with and without the negative prompt "red, blue, green" -> share of red/blue/green;
 - img2img: a clean render re-generated with another prompt at strength 0.3 (the analyser must still find
   the source object) and 0.9 (it must find the new prompt's object);
-- inpaint: "a blue star" painted into an empty quadrant mask -> share with a blue star inside the mask;
+- inpaint: "a blue star" painted into an empty quadrant mask -> share with a blue star inside the mask; and the
+  same cases with a freehand (brush-scribbled) mask and user phrasings ("add a blue star", ...);
 - vae: mean PSNR of VAE reconstructions of held-out renders, and the analyser's shape+colour accuracy on
   reconstructions of held-out single-object renders (and on the renders themselves, its ceiling).
 
@@ -126,6 +127,31 @@ def double_prompt(a: shapes.ShapeObject, b: shapes.ShapeObject, background: str,
             f"{na}, {nb}, {background} background",
         )
     )
+
+
+#: Inpainting requests as users type them, in structures the shapes world's captions never use.
+USER_INPAINT_PROMPTS = ("add a blue star", "blue star here", "put a blue star in this spot", "a star, coloured blue")
+
+
+def freehand_mask(size: int, centre: tuple[float, float], rng: random.Random, canvas: int = 512) -> Image.Image:
+    """A mask scribbled with a round brush (the inpaint tab's, 24 px on a 512 px canvas, or larger) over an
+    area around `centre` (fractions of the image): a zigzag of strokes with a wobbling hand, drawn at `canvas`
+    and resized to `size` as the browser's mask is (soft edges)."""
+    import cv2
+
+    m = np.zeros((canvas, canvas), np.uint8)
+    cx, cy = centre[0] * canvas, centre[1] * canvas
+    span = canvas * rng.uniform(0.16, 0.24)  # half-width of the scribbled area
+    rows = rng.randint(3, 5)
+    brush = int(max(canvas * rng.uniform(0.05, 0.1), 1.3 * 2 * span / (rows - 1)))  # rows overlap: no gaps
+    pts = []
+    for k in range(rows):
+        y = cy - span + 2 * span * k / (rows - 1) + rng.gauss(0, canvas * 0.01)
+        xs = (cx - span, cx + span) if k % 2 == 0 else (cx + span, cx - span)
+        for x in xs:
+            pts.append((x + rng.gauss(0, canvas * 0.02), y + rng.gauss(0, canvas * 0.01)))
+    cv2.polylines(m, [np.array(pts, np.int32)], False, 255, brush, lineType=cv2.LINE_AA)
+    return Image.fromarray(m, "L").resize((size, size), Image.LANCZOS)
 
 
 def eval_scenes(stream: str, n: int, n_objects: int) -> list[shapes.Scene]:
@@ -469,6 +495,9 @@ class Evaluator:
         return result
 
     def inpaint(self) -> dict:
+        """"a blue star" into the empty quadrant farthest from a one-object scene's object (a clean square
+        mask), and the same cases with a mask scribbled there with a round brush as users paint one
+        (`freehand_mask`) and the request phrased as users type it (`USER_INPAINT_PROMPTS`)."""
         n = max(4, self.o.n // 4)
         rng = random.Random("ldm-eval:inpaint")
         cases = []
@@ -486,64 +515,72 @@ class Evaluator:
             cases.append((s, qx, qy))
         r = self.res
         half = r // 2
-        sources, masks = [], []
-        for s, qx, qy in cases:
+        sources, masks, drawn, prompts = [], [], [], []
+        for i, (s, qx, qy) in enumerate(cases):
             sources.append(shapes.to_pil(shapes.render([s], r)[0]))
             m = np.zeros((r, r), np.uint8)
             m[qy * half : (qy + 1) * half, qx * half : (qx + 1) * half] = 255
             masks.append(Image.fromarray(m, "L"))
+            drawn.append(freehand_mask(r, ((qx + 0.5) / 2, (qy + 0.5) / 2), random.Random(f"ldm-eval:brush:{i}")))
+            prompts.append(USER_INPAINT_PROMPTS[i % len(USER_INPAINT_PROMPTS)])
         seeds = [SEED_BASE + 400_000 + i for i in range(n)]
+        result: dict = {"n": n, "prompt": "a blue star", "user_prompts": list(USER_INPAINT_PROMPTS)}
+        for key, mask_set, prompt_of in (
+            ("", masks, lambda i: "a blue star"),
+            ("drawn_", drawn, lambda i: prompts[i]),
+        ):
 
-        def run(idx):
-            if self.o.edits == "engine":  # repaint the mask fully, as diffusers' pipeline does by default
-                return [
-                    self._edit(
-                        InpaintRequest,
-                        prompt="a blue star",
-                        init_images=[sources[i]],
-                        mask=masks[i],
-                        denoising_strength=1.0,
-                        steps=self.o.steps,
-                        seed=seeds[i],
-                    )
-                    for i in idx
-                ]
-            return self.inp(
-                prompt=["a blue star"] * len(idx),
-                image=[sources[i] for i in idx],
-                mask_image=[masks[i] for i in idx],
-                height=r,
-                width=r,
-                num_inference_steps=self.o.steps,
-                guidance_scale=self.o.cfg,
-                generator=_generators([seeds[i] for i in idx]),
-            ).images
+            def run(idx, mask_set=mask_set, prompt_of=prompt_of):
+                if self.o.edits == "engine":  # repaint the mask fully, as diffusers' pipeline does by default
+                    return [
+                        self._edit(
+                            InpaintRequest,
+                            prompt=prompt_of(i),
+                            init_images=[sources[i]],
+                            mask=mask_set[i],
+                            denoising_strength=1.0,
+                            steps=self.o.steps,
+                            seed=seeds[i],
+                        )
+                        for i in idx
+                    ]
+                return self.inp(
+                    prompt=[prompt_of(i) for i in idx],
+                    image=[sources[i] for i in idx],
+                    mask_image=[mask_set[i] for i in idx],
+                    height=r,
+                    width=r,
+                    num_inference_steps=self.o.steps,
+                    guidance_scale=self.o.cfg,
+                    generator=_generators([seeds[i] for i in idx]),
+                ).images
 
-        images = _batched(run, list(range(n)), self.o.batch)
-        self._save("inpaint", images)
-        hit = kept = 0
-        for (s, qx, qy), im in zip(cases, images, strict=True):
-            a = analyse(im)
-            star = next(
-                (
-                    o
-                    for o in a.objects
-                    if o.shape == "star"
-                    and o.colour == "blue"
-                    and qx * 0.5 <= o.cx < qx * 0.5 + 0.5
-                    and qy * 0.5 <= o.cy < qy * 0.5 + 0.5
-                ),
-                None,
-            )
-            hit += int(star is not None)
-            src = s.objects[0]
-            kept += int(a.find(shape=src.shape, colour=src.colour) is not None)
-        return {
-            "n": n,
-            "prompt": "a blue star",
-            "blue_star_in_mask": hit / n,
-            "original_object_kept": kept / n,
-        }
+            images = _batched(run, list(range(n)), self.o.batch)
+            self._save(f"inpaint{'-' + key.rstrip('_') if key else ''}", images)
+            hit = kept = 0
+            by_prompt: dict[str, list[int]] = {}
+            for i, ((s, _, _), m, im) in enumerate(zip(cases, mask_set, images, strict=True)):
+                a = analyse(im)
+                inside = np.asarray(m.convert("L").resize((r, r))) >= 128
+                star = next(
+                    (
+                        o
+                        for o in a.objects
+                        if o.shape == "star"
+                        and o.colour == "blue"
+                        and inside[min(r - 1, int(o.cy * r)), min(r - 1, int(o.cx * r))]
+                    ),
+                    None,
+                )
+                hit += int(star is not None)
+                by_prompt.setdefault(prompt_of(i), []).append(int(star is not None))
+                src = s.objects[0]
+                kept += int(a.find(shape=src.shape, colour=src.colour) is not None)
+            result[f"blue_star_in_{key}mask"] = hit / n
+            result[f"{key}original_object_kept"] = kept / n
+            if len(by_prompt) > 1:  # each phrasing's share (n/4 cases each)
+                result[f"{key}in_mask_by_prompt"] = {p: sum(v) / len(v) for p, v in by_prompt.items()}
+        return result
 
     def vae(self) -> dict:
         """PSNR of reconstructions of held-out renders (mixed scenes), and whether the analyser still reads
@@ -699,7 +736,8 @@ def format_report(rep: dict) -> str:
         lines.append(
             f"inpaint 'a blue star' (n={p['n']}, {rep.get('edits', 'diffusers')}): in mask "
             f"{p['blue_star_in_mask']:.1%}, original "
-            f"object kept {p['original_object_kept']:.1%}"
+            f"object kept {p['original_object_kept']:.1%}; freehand masks, user phrasings: in mask "
+            f"{p['blue_star_in_drawn_mask']:.1%}, kept {p['drawn_original_object_kept']:.1%}"
         )
     if "vae" in rep:
         v = rep["vae"]
