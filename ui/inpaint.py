@@ -11,6 +11,11 @@ from .common import INPAINT_AREAS, MASK_MODES, UiContext
 from .widgets import GenerationTab, TopBar, build_generation_tab
 
 MASK_COLOUR = "#ffffff"
+#: Shown under the mask: inpainting checkpoints are picked in the top bar, as in A1111.
+INPAINT_MODEL_HINT = (
+    "An *inpainting* checkpoint paints what the prompt names into the mask more often than its base model: "
+    "pick one in the checkpoint list above (the built-in model's is **builtin-inpainting**)."
+)
 
 
 def _inputs(tab: GenerationTab) -> None:
@@ -37,6 +42,7 @@ def _inputs(tab: GenerationTab) -> None:
             elem_id="inpaint_mask_upload",
             height=240,
         )
+    gr.Markdown(INPAINT_MODEL_HINT, elem_id="inpaint_model_hint")
     with gr.Row():
         mask_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="inpaint_mask_blur")
         mask_mode = gr.Radio(list(MASK_MODES), value=MASK_MODES[0], label="Mask mode", elem_id="inpaint_mask_mode")
