@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import time
@@ -41,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.train import shapes
-from ldm_core.train.builtin import _autocast, _save_atomic, command_line, write_folder_atomic
+from ldm_core.train.builtin import _autocast, _save_atomic, command_line, warmup_cosine, write_folder_atomic
 
 #: Mask kinds and how often each is drawn.
 MASK_KINDS = {"quadrant": 0.2, "rect": 0.2, "ellipse": 0.15, "strokes": 0.15, "object": 0.2, "all": 0.1}
@@ -183,13 +182,6 @@ def inpainting_unet(base_unet):
     return unet
 
 
-def _lr(opts: InpaintTrainOptions, step: int, progress: float) -> float:
-    if opts.warmup_steps and step < opts.warmup_steps:
-        return opts.lr * (step + 1) / opts.warmup_steps
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cos)
-
-
 def export_folder(unet, base: Path, out: Path, record: dict) -> Path:
     """`out` as a whole diffusers folder: the base's components (not its UNet or records) and `unet` in fp16."""
     import copy
@@ -278,7 +270,7 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
             break
         progress = max(step / opts.steps, seconds() / opts.max_seconds if opts.max_seconds else 0.0)
         for g in optim.param_groups:
-            g["lr"] = _lr(opts, step, progress)
+            g["lr"] = warmup_cosine(opts.lr, step, progress, opts.warmup_steps, opts.min_lr_ratio)
         step += 1
         images, masks, captions = training_batch(opts.seed, step, opts.batch, res, opts)
         images, masks = images.to(dev), masks.to(dev)
