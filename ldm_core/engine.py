@@ -840,19 +840,18 @@ class Engine:
             "warning": fallback.warning,
         }
 
-    def _encode_images(self, vae, images: list[Image.Image], keep: torch.Tensor | None = None) -> torch.Tensor:
-        """RGB images (same size) -> scaled latents (B,C,h,w) on the engine's device; `keep` (H,W bool): the
-        pixels left as they are, the others set to 0 in [-1, 1] before encoding (an inpainting model's input)."""
+    def _encode_images(self, vae, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images (same size) -> scaled latents (B,C,h,w) on the engine's device."""
+        return self._encode_pixels(vae, torch.cat([imgs.pil_to_tensor(im) for im in images]))
+
+    def _encode_pixels(self, vae, pix: torch.Tensor) -> torch.Tensor:
+        """Pixels (B,3,H,W) in [-1, 1] -> scaled latents (B,C,h,w) on the engine's device."""
         scaling = vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         with self._on_device(vae), torch.inference_mode():
             dtype = next(vae.parameters()).dtype
             dev = execution_device(vae, self.policy.device)
-            pix = torch.cat([imgs.pil_to_tensor(im) for im in images])
-            if keep is not None:
-                pix = pix * keep.to(pix.dtype)
-            pix = pix.to(dev, dtype)
-            z = vae.encode(pix).latent_dist.mode().float()
+            z = vae.encode(pix.to(dev, dtype)).latent_dist.mode().float()
         return ((z - shift) * scaling).to(self.policy.device)
 
     def _unet_concat(
@@ -867,8 +866,7 @@ class Engine:
             return unet_concat
         b, (h, w) = noise.shape[0], noise.shape[-2:]
         f = model.vae_scale_factor
-        grey = Image.new("RGB", (w * f, h * f))
-        z = self._encode_images(job.vae, [grey], keep=torch.zeros(h * f, w * f, dtype=torch.bool))
+        z = self._encode_pixels(job.vae, torch.zeros(1, 3, h * f, w * f))
         ones = torch.ones(b, 1, h, w, device=noise.device)
         return torch.cat([ones, z.to(noise.device).expand(b, -1, -1, -1)], dim=1)
 
@@ -958,8 +956,8 @@ class Engine:
                     # the masked pixels at 0 in [-1, 1] (mid grey), as SD's inpainting models were trained and
                     # as A1111 (source * (1 - mask)) and diffusers (image * (mask < 0.5)) give them; not black
                     keep = torch.from_numpy(np.asarray(work_mask.convert("L")) < 128)
-                    mz = self._encode_images(vae, [work_rs], keep=keep).repeat(b, 1, 1, 1)
-                    unet_concat = torch.cat([(lmask > 0.5).float(), mz], dim=1)
+                    mz = self._encode_pixels(vae, imgs.pil_to_tensor(work_rs) * keep).repeat(b, 1, 1, 1)
+                    unet_concat = torch.cat([lmask, mz], dim=1)  # lmask is already rounded to 0/1
                 else:
                     blend = InpaintBlend(init_latents, noise, lmask)
 
