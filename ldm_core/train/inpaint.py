@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 from ldm_core.train import shapes
 from ldm_core.train.builtin import _autocast, _save_atomic, command_line, warmup_cosine, write_folder_atomic
+from ldm_core.train.step_loop import StepLoop
 
 #: Mask kinds and how often each is drawn.
 MASK_KINDS = {"quadrant": 0.2, "rect": 0.2, "ellipse": 0.15, "strokes": 0.15, "object": 0.2, "all": 0.1}
@@ -242,37 +243,44 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
         step, ema, spent, first = int(ckpt["step"]), ckpt["ema"], float(ckpt["seconds"]), ckpt.get("first")
         gen.set_state(ckpt["gen"])
         log(f"resuming from {ckpt_path} at step {step} ({spent:.0f}s spent)")
-    t0 = last_export = last_ckpt = time.perf_counter()
-
-    def seconds() -> float:
-        return spent + time.perf_counter() - t0
 
     def record() -> dict:
         return {
             "recipe": "ldm_core.train.inpaint (9-channel inpainting UNet from the base, random masks)",
             "options": {k: str(v) for k, v in asdict(opts).items()},
             "base": str(opts.base),
-            "steps": step,
-            "samples_seen": step * opts.batch,
+            "steps": loop.step,
+            "samples_seen": loop.step * opts.batch,
             "first_loss": first,
-            "final_loss": ema,
-            "seconds": round(seconds(), 1),
+            "final_loss": loop.ema,
+            "seconds": round(loop.seconds(), 1),
             "command": command_line("ldm_core.train"),
         }
 
     def checkpoint() -> None:
-        state = {"unet": unet.state_dict(), "optim": optim.state_dict(), "step": step, "ema": ema, "first": first}
-        _save_atomic({**state, "seconds": seconds(), "gen": gen.get_state()}, ckpt_path)
+        if ckpt_path is not None:
+            state = {"unet": unet.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema}
+            _save_atomic({**state, "first": first, "seconds": loop.seconds(), "gen": gen.get_state()}, ckpt_path)
 
-    while step < opts.steps:
-        if opts.max_seconds is not None and seconds() > opts.max_seconds:
-            log(f"time budget reached after {step} steps")
+    loop = StepLoop(
+        optim,
+        list(unet.parameters()),
+        step=step,
+        spent=spent,
+        ema=ema,
+        log=log,
+        log_every=opts.log_every,
+        checkpoint=checkpoint,
+        checkpoint_every=opts.checkpoint_every,
+    )
+    last_export = time.monotonic()
+    while loop.step < opts.steps:
+        if opts.max_seconds is not None and loop.seconds() > opts.max_seconds:
+            log(f"time budget reached after {loop.step} steps")
             break
-        progress = max(step / opts.steps, seconds() / opts.max_seconds if opts.max_seconds else 0.0)
-        for g in optim.param_groups:
-            g["lr"] = warmup_cosine(opts.lr, step, progress, opts.warmup_steps, opts.min_lr_ratio)
-        step += 1
-        images, masks, captions = training_batch(opts.seed, step, opts.batch, res, opts)
+        progress = max(loop.step / opts.steps, loop.seconds() / opts.max_seconds if opts.max_seconds else 0.0)
+        loop.set_lr(warmup_cosine(opts.lr, loop.step, progress, opts.warmup_steps, opts.min_lr_ratio))
+        images, masks, captions = training_batch(opts.seed, loop.step + 1, opts.batch, res, opts)
         images, masks = images.to(dev), masks.to(dev)
         with torch.no_grad(), amp:
             z = model.vae.encode(images * 2 - 1).latent_dist.sample(generator=None).float()
@@ -285,28 +293,16 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
         target = sched.get_velocity(latents, noise, t) if prediction == "v_prediction" else noise
         with amp:
             pred = unet(torch.cat([noisy, extra], dim=1), t, encoder_hidden_states=embeds).sample
-        loss = F.mse_loss(pred.float(), target.float())
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optim.step()
-        value = float(loss.detach())
-        first = value if first is None else first
-        ema = value if ema is None else 0.98 * ema + 0.02 * value
-        if opts.log_every and step % opts.log_every == 0:
-            log(f"step {step} loss {ema:.4f} lr {optim.param_groups[0]['lr']:.2e} ({seconds():.0f}s)")
-        if ckpt_path is not None and time.perf_counter() - last_ckpt > opts.checkpoint_every:
-            checkpoint()
-            last_ckpt = time.perf_counter()
-        if opts.export_every and time.perf_counter() - last_export > opts.export_every:
+        loop.update(F.mse_loss(pred.float(), target.float()))
+        first = loop.ema if first is None else first
+        if opts.export_every and time.monotonic() - last_export > opts.export_every:
             export_folder(unet.eval(), Path(opts.base), Path(opts.out), record())
             unet.train()
-            last_export = time.perf_counter()
-    if ckpt_path is not None:
-        checkpoint()
+            last_export = time.monotonic()
+    checkpoint()
     rec = record()
     export_folder(unet.eval(), Path(opts.base), Path(opts.out), rec)
-    log(f"wrote {opts.out} after {step} steps, loss {ema}")
+    log(f"wrote {opts.out} after {loop.step} steps, loss {loop.ema}")
     return rec
 
 
