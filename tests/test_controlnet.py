@@ -731,6 +731,28 @@ def test_size_weights_draw_large_scenes_more_often():
             trainer.parse_size_weights(bad)
 
 
+def test_shape_weights_draw_scenes_with_that_shape_more_often():
+    """--shape-weights star=3 must weigh a scene holding a star three times (times its size weight), and a bad
+    spec must name the field."""
+    from ldm_core.train import controlnet as trainer
+    from ldm_core.train import shapes
+
+    weights = trainer.parse_shape_weights("star=3,square=1.5")
+    assert weights == {"circle": 1.0, "square": 1.5, "triangle": 1.0, "star": 3.0, "diamond": 1.0}
+    sizes = trainer.parse_size_weights("small=2")
+    scenes = shapes.sample_scenes("shape-weights-test", 300)
+    per_scene = trainer.scene_sampling_weights(scenes, sizes, weights)
+    for s, w in zip(scenes, per_scene, strict=True):
+        largest = max(s.objects, key=lambda o: list(shapes.SIZES).index(o.size)).size if s.objects else None
+        want = (sizes[largest] if largest else 1.0) * max((weights[o.shape] for o in s.objects), default=1.0)
+        assert w == want
+    assert any(w == 6.0 for w in per_scene)  # a small star
+    assert trainer.scene_sampling_weights(scenes, sizes) == trainer.scene_sampling_weights(scenes, sizes, None)
+    for bad in ("hexagon=2", "star", "star=-1"):
+        with pytest.raises(ValueError, match="shape_weights"):
+            trainer.parse_shape_weights(bad)
+
+
 def test_trainer_fits_the_hint_encoder_to_a_factor_4_base(tmp_path):
     """On a base whose VAE halves twice (the v2 built-in model's geometry) the ControlNet's hint encoder must
     halve twice too, or the first training step fails on mismatched shapes."""

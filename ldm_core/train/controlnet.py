@@ -111,6 +111,7 @@ class ControlNetTrainOptions:
     autocast: str = "auto"  # "auto" (bf16 on CUDA), "bf16" (also on CPU: faster on AVX512-BF16/AMX), "off"
     timesteps: str = "uniform"  # "uniform" or "cubic" (more high-noise steps; see the module docstring)
     size_weights: str = ""  # e.g. "large=3": draw cached scenes whose largest object is large 3x as often
+    shape_weights: str = ""  # e.g. "star=3": draw cached scenes with a star 3x as often (times size_weights)
     overlap_weight: float = 1.0  # loss weight of the latent cells where two objects overlap (depth: the front)
     shape_weight: float = 1.0  # loss weight of the latent cells where a shape differs from a blob (seg, canny)
     depth_jitter: float = 0.0  # depth: share of maps given another source's levels and blur (jitter_depth_maps)
@@ -203,24 +204,35 @@ def training_batch(seed: int, step: int, n: int, opts: ControlNetTrainOptions) -
     return scenes, training_captions(scenes, rng, opts)
 
 
-def parse_size_weights(text: str) -> dict[str, float]:
-    """ "large=3,small=0.5" -> {"small": 0.5, "medium": 1.0, "large": 3.0}; sizes not named weigh 1."""
-    weights = dict.fromkeys(shapes.SIZES, 1.0)
+def parse_weights(text: str, names: Sequence[str], field: str) -> dict[str, float]:
+    """ "large=3,small=0.5" -> {"small": 0.5, "medium": 1.0, "large": 3.0}: a weight per name (`names`), 1 for
+    those not given; errors name `field`."""
+    weights = dict.fromkeys(names, 1.0)
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
         name = name.strip()
         if not sep or name not in weights:
-            raise ValueError(f"size_weights: {part!r} is not SIZE=WEIGHT with SIZE one of {', '.join(shapes.SIZES)}")
+            raise ValueError(f"{field}: {part!r} is not NAME=WEIGHT with NAME one of {', '.join(names)}")
         try:
             w = float(value)
         except ValueError:
             w = -1.0
         if not w >= 0:
-            raise ValueError(f"size_weights: the weight of {name!r} must be a number >= 0, got {value.strip()!r}")
+            raise ValueError(f"{field}: the weight of {name!r} must be a number >= 0, got {value.strip()!r}")
         weights[name] = w
     if not any(weights.values()):
-        raise ValueError("size_weights: at least one size needs a weight above 0")
+        raise ValueError(f"{field}: at least one name needs a weight above 0")
     return weights
+
+
+def parse_size_weights(text: str) -> dict[str, float]:
+    """ "large=3,small=0.5" -> {"small": 0.5, "medium": 1.0, "large": 3.0}; sizes not named weigh 1."""
+    return parse_weights(text, tuple(shapes.SIZES), "size_weights")
+
+
+def parse_shape_weights(text: str) -> dict[str, float]:
+    """ "star=3" -> star 3, every other shape 1."""
+    return parse_weights(text, tuple(shapes.SHAPES), "shape_weights")
 
 
 def loss_weights(scenes: Sequence[shapes.Scene], size: int, opts: ControlNetTrainOptions) -> torch.Tensor | None:
@@ -234,13 +246,19 @@ def loss_weights(scenes: Sequence[shapes.Scene], size: int, opts: ControlNetTrai
     return w
 
 
-def scene_sampling_weights(scenes: Sequence[shapes.Scene], size_weights: dict[str, float]) -> list[float]:
-    """Each scene's weight: that of its largest object's size (a scene without objects weighs 1)."""
+def scene_sampling_weights(
+    scenes: Sequence[shapes.Scene], size_weights: dict[str, float], shape_weights: dict[str, float] | None = None
+) -> list[float]:
+    """Each scene's weight: that of its largest object's size, times the highest weight of its objects' shapes
+    (`shape_weights`, default all 1); a scene without objects weighs 1."""
     order = {name: i for i, name in enumerate(shapes.SIZES)}
     out = []
     for s in scenes:
         sizes = [o.size for o in s.objects if o.size in order]
-        out.append(size_weights[max(sizes, key=order.__getitem__)] if sizes else 1.0)
+        w = size_weights[max(sizes, key=order.__getitem__)] if sizes else 1.0
+        if shape_weights and s.objects:
+            w *= max(shape_weights.get(o.shape, 1.0) for o in s.objects)
+        out.append(w)
     return out
 
 
@@ -368,12 +386,14 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
     from ldm_core.models import load_model
 
     size_weights = parse_size_weights(opts.size_weights)  # a bad spec fails before any model loads
+    shape_weights = parse_shape_weights(opts.shape_weights)
     if opts.depth_jitter and opts.condition != "depth":
         raise ValueError(f"depth_jitter is for depth maps; condition is {opts.condition!r}")
     if not 0 <= opts.depth_jitter <= 1:
         raise ValueError(f"depth_jitter is a share of the maps: 0 to 1, got {opts.depth_jitter}")
-    if opts.size_weights and opts.cache_scenes <= 0:
-        raise ValueError("size_weights draws from the scene cache: give cache_scenes > 0 too")
+    for field in ("size_weights", "shape_weights"):
+        if getattr(opts, field) and opts.cache_scenes <= 0:
+            raise ValueError(f"{field} draws from the scene cache: give cache_scenes > 0 too")
     torch.manual_seed(opts.seed)
     dev = _device(opts.device)
     model = load_model(opts.base, dtype=torch.float32, allow_pickle=opts.allow_pickle)
@@ -426,8 +446,9 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         cache = build_cache(
             vae, scenes_all, res, work / "controlnet-cache.pt", opts.cache_batch, log, opts.seed, opts.condition
         )
-        if opts.size_weights:
-            cum_weights = list(itertools.accumulate(scene_sampling_weights(scenes_all, size_weights)))
+        if opts.size_weights or opts.shape_weights:
+            per_scene = scene_sampling_weights(scenes_all, size_weights, shape_weights)
+            cum_weights = list(itertools.accumulate(per_scene))
     losses: list[float] = []
     ema = None
     step = 0
@@ -871,6 +892,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--size-weights",
         default=d.size_weights,
         help='draw cached scenes by their largest object\'s size, e.g. "large=3" (needs --cache-scenes)',
+    )
+    t.add_argument(
+        "--shape-weights",
+        default=d.shape_weights,
+        help='draw cached scenes by their objects\' shapes, e.g. "star=3" (times --size-weights; needs --cache-scenes)',
     )
     t.add_argument(
         "--timesteps", choices=TIMESTEP_SAMPLING, default=d.timesteps, help="cubic: more high-noise (layout) steps"
