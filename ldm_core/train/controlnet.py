@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_core.train import shapes
-from ldm_core.train.builtin import _autocast, _save_atomic, command_line, export_fp16_folder
+from ldm_core.train.builtin import _autocast, _save_atomic, command_line, export_fp16_folder, warmup_cosine
 from ldm_core.train.cell_weights import overlap_loss_weights, shape_loss_weights
 from ldm_core.train.condition_maps import (
     CONDITIONS,
@@ -372,13 +372,6 @@ class TextEncoder:
         return embeds, pooled
 
 
-def _lr(opts: ControlNetTrainOptions, step: int, progress: float) -> float:
-    if opts.warmup_steps and step < opts.warmup_steps:
-        return opts.lr * (step + 1) / opts.warmup_steps
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return opts.lr * (opts.min_lr_ratio + (1 - opts.min_lr_ratio) * cos)
-
-
 def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = print) -> dict:
     """Train and export; returns the training record (steps, losses, seconds, parameters, bytes)."""
     from diffusers import ControlNetModel, DDPMScheduler
@@ -494,7 +487,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         if opts.max_seconds:
             progress = max(progress, seconds() / opts.max_seconds)
         for g in optim.param_groups:
-            g["lr"] = _lr(opts, step - 1, progress)
+            g["lr"] = warmup_cosine(opts.lr, step - 1, progress, opts.warmup_steps, opts.min_lr_ratio)
         if cache is None:
             scenes, captions = training_batch(opts.seed, step, opts.batch, opts)
             images = shapes.render(scenes, res, device=dev)

@@ -31,7 +31,6 @@ a new optimiser and schedule; only a module made for the same base fits).
 from __future__ import annotations
 
 import json
-import math
 import random
 import sys
 import time
@@ -270,12 +269,6 @@ def _init_from(adapter, path: str, log) -> None:
     log(f"starting from the weights of {path}")
 
 
-def _lr(o: MotionTrainOptions, step: int, progress: float) -> float:
-    w = min(1.0, (step + 1) / max(1, o.warmup_steps))
-    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return o.lr * w * (o.min_lr_ratio + (1 - o.min_lr_ratio) * cos)
-
-
 def clip_timesteps(clips: int, frames: int, n_train: int, mode: str, gen: torch.Generator) -> torch.Tensor:
     """One training timestep per clip, repeated for its frames (clip after clip, as the UNet batch), drawn
     uniformly or "cubic" (`ldm_core.train.controlnet.sample_timesteps`)."""
@@ -295,6 +288,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         diffusion_target,
         export_fp16_folder,
         object_loss_weight,
+        warmup_cosine,
     )
     from ldm_core.train.controlnet import TextEncoder, check_timestep_sampling
     from ldm_core.video.motion_modules import MotionModule, MotionPatch
@@ -390,7 +384,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         t = clip_timesteps(len(clips), o.frames, n_train, o.timesteps, gen)
         x_t, target = diffusion_target(z, noise, ab[t], prediction)
         progress = max(step / o.steps, loop.seconds() / o.max_seconds if o.max_seconds else 0.0)
-        loop.set_lr(_lr(o, step, progress))
+        loop.set_lr(warmup_cosine(o.lr, step, progress, o.warmup_steps, o.min_lr_ratio))
         with _autocast(torch.device("cpu"), o.autocast):
             pred = model.unet(x_t, t, cond).sample
         err = (pred.float() - target).pow(2)

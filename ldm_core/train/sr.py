@@ -43,6 +43,7 @@ from .step_loop import StepLoop
 
 SCALE = 4
 MAX_NOISE_LEVEL = 350
+MIN_LR_RATIO = 0.05  # the cosine ends at this share of the learning rate
 #: The VAE scaling factor StableDiffusionUpscalePipeline sets on any VAE it is given (Stability's x4 value).
 X4_SCALING = 0.08333
 
@@ -169,15 +170,16 @@ def build_cache(o: SRTrainOptions, vae, text, log=_log) -> dict:
             "embeds": emb, "empty": index.get("", None)}
 
 
-def _lr_at(o: SRTrainOptions, step: int, progress: float) -> float:
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    return o.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
 def train_sr(o: SRTrainOptions, log=_log) -> dict:
     from ldm_core.models import load_model, load_vae
-    from ldm_core.train.builtin import EMA, _named_shadow, _save_atomic, command_line, diffusion_target
+    from ldm_core.train.builtin import (
+        EMA,
+        _named_shadow,
+        _save_atomic,
+        command_line,
+        diffusion_target,
+        warmup_cosine,
+    )
     from ldm_core.train.controlnet import TextEncoder
 
     if o.threads:
@@ -253,7 +255,7 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         t = torch.randint(0, n_train, (o.batch,), generator=gen)
         x_t, target = diffusion_target(z, noise, ab[t], "v_prediction")
         progress = max(step / o.steps, loop.seconds() / o.max_seconds if o.max_seconds else 0.0)
-        loop.set_lr(_lr_at(o, step, progress))
+        loop.set_lr(warmup_cosine(o.lr, step, progress, o.warmup_steps, MIN_LR_RATIO))
         pred = unet(torch.cat([x_t, low], 1), t, cond, class_labels=level).sample
         loop.update(F.mse_loss(pred, target))
         if average is not None:
