@@ -278,7 +278,7 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
         if opts.max_seconds is not None and loop.seconds() > opts.max_seconds:
             log(f"time budget reached after {loop.step} steps")
             break
-        progress = max(loop.step / opts.steps, loop.seconds() / opts.max_seconds if opts.max_seconds else 0.0)
+        progress = loop.progress(opts.steps, opts.max_seconds)
         loop.set_lr(warmup_cosine(opts.lr, loop.step, progress, opts.warmup_steps, opts.min_lr_ratio))
         images, masks, captions = training_batch(opts.seed, loop.step + 1, opts.batch, res, opts)
         images, masks = images.to(dev), masks.to(dev)

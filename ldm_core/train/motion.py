@@ -383,7 +383,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         noise = torch.randn(z.shape, generator=gen)
         t = clip_timesteps(len(clips), o.frames, n_train, o.timesteps, gen)
         x_t, target = diffusion_target(z, noise, ab[t], prediction)
-        progress = max(step / o.steps, loop.seconds() / o.max_seconds if o.max_seconds else 0.0)
+        progress = loop.progress(o.steps, o.max_seconds)
         loop.set_lr(warmup_cosine(o.lr, step, progress, o.warmup_steps, o.min_lr_ratio))
         with _autocast(torch.device("cpu"), o.autocast):
             pred = model.unet(x_t, t, cond).sample

@@ -254,7 +254,7 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, n_train, (o.batch,), generator=gen)
         x_t, target = diffusion_target(z, noise, ab[t], "v_prediction")
-        progress = max(step / o.steps, loop.seconds() / o.max_seconds if o.max_seconds else 0.0)
+        progress = loop.progress(o.steps, o.max_seconds)
         loop.set_lr(warmup_cosine(o.lr, step, progress, o.warmup_steps, MIN_LR_RATIO))
         pred = unet(torch.cat([x_t, low], 1), t, cond, class_labels=level).sample
         loop.update(F.mse_loss(pred, target))

@@ -29,6 +29,11 @@ class StepLoop:
     def seconds(self) -> float:
         return self.spent + time.monotonic() - self.t0
 
+    def progress(self, steps: int, max_seconds: float | None) -> float:
+        """How far the run is, 0..1 (or past 1): the larger of steps done / `steps` and training seconds /
+        `max_seconds` (when given), so that a run the clock ends still finishes its learning-rate schedule."""
+        return max(self.step / steps, self.seconds() / max_seconds if max_seconds else 0.0)
+
     def set_lr(self, lr: float) -> None:
         for g in self.optim.param_groups:
             g["lr"] = lr
