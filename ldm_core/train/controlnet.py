@@ -901,6 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--sampler", default="Euler a")
     e.add_argument("--cfg-scale", type=float, default=5.0)
+    e.add_argument(
+        "--seed", type=int, default=0, help="which held-out set: its cases and generation seeds (0: the one reported)"
+    )
     e.add_argument("--device", default="auto")
     e.add_argument("--report", type=Path, default=None)
     e.add_argument("--sheet", type=Path, default=None, help="write a contact sheet (control map, output) PNG")
@@ -948,6 +951,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps=a.steps,
         sampler=a.sampler,
         cfg_scale=a.cfg_scale,
+        seed=a.seed,
         sheet=a.sheet,
         condition=a.condition,
         weight=a.weight,
