@@ -336,6 +336,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         lambda p: _module("sr").add_eval_arguments(p),
         lambda a: _module("sr").run_eval(a),
     ),
+    "sr-vae": (
+        "continue a factor-4 VAE on photographs and shapes renders for the diffusion upscaler (sr --vae)",
+        lambda p: _module("sr_vae").add_arguments(p),
+        lambda a: _module("sr_vae").run(a),
+    ),
     "inpaint": (
         "train an inpainting model (9-channel UNet, as sd-v1-5-inpainting) from a base on shapes-world masks",
         lambda p: _module("inpaint").add_arguments(p),
