@@ -102,3 +102,23 @@ def test_shipped_diffusion_upscaler_draws_the_scene_4x_as_sharp_as_the_truth():
         found = analyse(out)
         for obj in scene.objects:
             assert found.find(shape=obj.shape, colour=obj.colour) is not None, (i, scene.caption, found.objects)
+
+
+def test_init_unet_starts_from_an_upscaler_folders_unet(tmp_path):
+    """`sr --init-unet F` starts from F's UNet (e.g. to continue the shipped upscaler on a new VAE); a UNet of
+    other channels is refused, naming the option."""
+    import pytest
+    from safetensors.torch import load_file
+
+    base = dict(base=str(BUILTIN), scenes=4, photo_crops=0, crop=16, batch=2, warmup_steps=1, ema_decay=0.0)
+    first = tmp_path / "first"
+    train_sr(SRTrainOptions(out=str(first), channels=(16, 32), steps=2, **base), log=lambda m: None)
+    second = tmp_path / "second"
+    train_sr(SRTrainOptions(out=str(second), channels=(16, 32), steps=0, init_unet=str(first), **base),
+             log=lambda m: None)
+    a = load_file(str(first / "unet" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(second / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="--init-unet"):
+        train_sr(SRTrainOptions(out=str(tmp_path / "third"), channels=(16, 16), steps=0, init_unet=str(first), **base),
+                 log=lambda m: None)

@@ -52,6 +52,7 @@ X4_SCALING = 0.08333
 class SRTrainOptions:
     base: str = "models/builtin"  # text encoder + tokenizer
     vae: str = ""  # a folder with a factor-4 `vae/` (default: the base's, which must be factor 4)
+    init_unet: str = ""  # an upscaler folder whose `unet/` the training starts from (default: a new UNet)
     out: str = "models/SD-Upscale/ldm-builtin-x4"
     work_dir: str | None = None
     seed: int = 0
@@ -203,6 +204,8 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         if cache_path:
             _save_atomic(cache, cache_path)
     unet = new_unet(o.channels, model.text_encoder.config.hidden_size, o.heads)
+    if o.init_unet:
+        load_init_unet(unet, Path(o.init_unet))
     params = list(unet.parameters())
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
     step, spent, ema, ck = 0, 0.0, None, None
@@ -277,6 +280,21 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     record["bytes"] = sum(f.stat().st_size for f in out.rglob("*.safetensors"))
     log(f"wrote {out} ({record['bytes'] / 1e6:.1f} MB) after {loop.step} steps, loss {loop.ema}")
     return record
+
+
+@torch.no_grad()
+def load_init_unet(unet, folder: Path) -> None:
+    """Load the weights of upscaler folder `folder`'s `unet/` into `unet` (whose shape --channels set)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    if list(config["block_out_channels"]) != list(unet.config.block_out_channels):
+        raise SystemExit(
+            f"--init-unet: {folder}'s UNet has channels {config['block_out_channels']}, "
+            f"--channels gives {list(unet.config.block_out_channels)}"
+        )
+    state = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    unet.load_state_dict({k: v.float() for k, v in state.items()})
 
 
 @torch.no_grad()
@@ -456,6 +474,7 @@ def add_arguments(p) -> None:
     d = SRTrainOptions()
     p.add_argument("--base", default=d.base, help="model folder whose text encoder and tokenizer are used")
     p.add_argument("--vae", default=d.vae, help="model folder with a factor-4 vae/ (default: the base's)")
+    p.add_argument("--init-unet", default=d.init_unet, help="upscaler folder whose unet/ to start from")
     p.add_argument("--out", default=d.out, help="StableDiffusionUpscalePipeline folder to write")
     p.add_argument("--work-dir", default=None, help="latent cache and checkpoints; resumed when present")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -472,7 +491,7 @@ def add_arguments(p) -> None:
 
 def run(a) -> int:
     o = SRTrainOptions(
-        base=a.base, vae=a.vae, out=a.out, work_dir=a.work_dir, seed=a.seed, scenes=a.scenes,
+        base=a.base, vae=a.vae, init_unet=a.init_unet, out=a.out, work_dir=a.work_dir, seed=a.seed, scenes=a.scenes,
         photo_crops=a.photo_crops, crop=a.crop, channels=tuple(int(c) for c in a.channels.split(",")),
         batch=a.batch, lr=a.lr, steps=a.steps, max_seconds=a.max_seconds, threads=a.threads,
     )
