@@ -34,8 +34,18 @@ def test_sr_vae_learns_photos_exports_its_scaling_and_resumes(tmp_path):
 
     _tiny_vae(tmp_path / "f4")
     logs: list[str] = []
-    o = SRVAEOptions(init=str(tmp_path / "f4"), out=str(tmp_path / "out"), work_dir=str(tmp_path / "work"),
-                     crop=32, batch=4, lr=2e-3, warmup_steps=1, steps=40, ema_decay=0.0, grad_weight=0.0)
+    o = SRVAEOptions(
+        init=str(tmp_path / "f4"),
+        out=str(tmp_path / "out"),
+        work_dir=str(tmp_path / "work"),
+        crop=32,
+        batch=4,
+        lr=2e-3,
+        warmup_steps=1,
+        steps=40,
+        ema_decay=0.0,
+        grad_weight=0.0,
+    )
     record = train_sr_vae(o, log=logs.append)
     assert record["steps"] == 40
     before, after = record["reconstruction_before"], record["reconstruction_after"]

@@ -177,13 +177,31 @@ def train_sr_vae(o: SRVAEOptions, log=_log) -> dict:
     if average is not None and ck is not None and ck.get("average"):
         average.load(ck["average"])
     stream = CropStream(o.crop, o.photo_share, o.seed, step)
-    loop = StepLoop(optim, params, step=step, spent=spent, ema=ema, log=log, log_every=o.log_every,
-                    checkpoint=lambda: checkpoint(), checkpoint_every=o.checkpoint_every)
+    loop = StepLoop(
+        optim,
+        params,
+        step=step,
+        spent=spent,
+        ema=ema,
+        log=log,
+        log_every=o.log_every,
+        checkpoint=lambda: checkpoint(),
+        checkpoint_every=o.checkpoint_every,
+    )
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            _save_atomic({"vae": vae.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema,
-                          "seconds": loop.seconds(), "average": average.state_dict() if average else None}, ckpt_path)
+            _save_atomic(
+                {
+                    "vae": vae.state_dict(),
+                    "optim": optim.state_dict(),
+                    "step": loop.step,
+                    "ema": loop.ema,
+                    "seconds": loop.seconds(),
+                    "average": average.state_dict() if average else None,
+                },
+                ckpt_path,
+            )
 
     vae.train()
     while loop.step < o.steps:
@@ -244,9 +262,21 @@ def add_arguments(p) -> None:
 
 def run(a) -> int:
     o = SRVAEOptions(
-        init=a.init, out=a.out, work_dir=a.work_dir, seed=a.seed, crop=a.crop, batch=a.batch,
-        photo_share=a.photo_share, lr=a.lr, warmup_steps=a.warmup_steps, steps=a.steps, max_seconds=a.max_seconds,
-        grad_weight=a.grad_weight, kl_weight=a.kl_weight, autocast=a.autocast, threads=a.threads,
+        init=a.init,
+        out=a.out,
+        work_dir=a.work_dir,
+        seed=a.seed,
+        crop=a.crop,
+        batch=a.batch,
+        photo_share=a.photo_share,
+        lr=a.lr,
+        warmup_steps=a.warmup_steps,
+        steps=a.steps,
+        max_seconds=a.max_seconds,
+        grad_weight=a.grad_weight,
+        kl_weight=a.kl_weight,
+        autocast=a.autocast,
+        threads=a.threads,
     )
     print(json.dumps(train_sr_vae(o), indent=2, default=str))
     return 0
