@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from ldm_core.train import shapes
 from ldm_core.train.builtin import _autocast, _save_atomic, command_line, warmup_cosine, write_folder_atomic
-from ldm_core.train.step_loop import StepLoop
+from ldm_core.train.step_loop import StepLoop, read_checkpoint
 
 #: Mask kinds and how often each is drawn.
 MASK_KINDS = {"quadrant": 0.2, "rect": 0.2, "ellipse": 0.15, "strokes": 0.15, "object": 0.2, "all": 0.1}
@@ -215,7 +215,7 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
     ckpt_path = work / "inpaint-train.pt" if work is not None else None
     if work is not None:
         work.mkdir(parents=True, exist_ok=True)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path and ckpt_path.exists() else None
+    ckpt = read_checkpoint(ckpt_path)
     out_unet = Path(opts.out) / "unet"
     if ckpt is None and (out_unet / "config.json").is_file():  # go on from the exported weights
         unet = UNet2DConditionModel.from_pretrained(str(out_unet), torch_dtype=torch.float32)
@@ -237,12 +237,10 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
     shift = getattr(model.vae.config, "shift_factor", None) or 0.0
     amp = _autocast(dev, opts.autocast)
     gen = torch.Generator().manual_seed(opts.seed)
-    step, ema, spent, first = 0, None, 0.0, None
+    first = None
     if ckpt is not None:
-        optim.load_state_dict(ckpt["optim"])
-        step, ema, spent, first = int(ckpt["step"]), ckpt["ema"], float(ckpt["seconds"]), ckpt.get("first")
+        first = ckpt.get("first")
         gen.set_state(ckpt["gen"])
-        log(f"resuming from {ckpt_path} at step {step} ({spent:.0f}s spent)")
 
     def record() -> dict:
         return {
@@ -259,15 +257,13 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            state = {"unet": unet.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema}
-            _save_atomic({**state, "first": first, "seconds": loop.seconds(), "gen": gen.get_state()}, ckpt_path)
+            state = {"unet": unet.state_dict(), "first": first, "gen": gen.get_state()}
+            _save_atomic({**state, **loop.state()}, ckpt_path)
 
-    loop = StepLoop(
+    loop = StepLoop.resume(
+        ckpt,
         optim,
         list(unet.parameters()),
-        step=step,
-        spent=spent,
-        ema=ema,
         log=log,
         log_every=opts.log_every,
         checkpoint=checkpoint,

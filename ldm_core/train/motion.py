@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from . import shapes
-from .step_loop import StepLoop
+from .step_loop import StepLoop, read_checkpoint
 
 DIRECTIONS = {"right": (1, 0), "left": (-1, 0), "up": (0, -1), "down": (0, 1)}
 MOTIONS = (*DIRECTIONS, "grow", "shrink", "colour")
@@ -306,7 +306,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     ckpt_path = work / "motion-train.pt" if work else None
     if work:
         work.mkdir(parents=True, exist_ok=True)
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if ckpt_path and ckpt_path.exists() else None
+    ckpt = read_checkpoint(ckpt_path)
     if ckpt is not None:
         adapter.load_state_dict(ckpt["adapter"])
     elif o.init:
@@ -322,11 +322,6 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     ab = sched.alphas_cumprod.float()
     vae = model.vae
     scaling = vae.config.scaling_factor
-    step, spent, ema = 0, 0.0, None
-    if ckpt is not None:
-        optim.load_state_dict(ckpt["optim"])
-        step, spent, ema = int(ckpt["step"]), float(ckpt["seconds"]), ckpt["ema"]
-        log(f"resuming at step {step} ({spent:.0f}s spent)")
     n_params = sum(p.numel() for p in params)
     log(
         f"motion module: {n_params / 1e6:.2f}M parameters for a UNet with channels "
@@ -334,12 +329,10 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     )
     with torch.no_grad():
         empty = text([""], torch.device("cpu"))[0]
-    loop = StepLoop(
+    loop = StepLoop.resume(
+        ckpt,
         optim,
         params,
-        step=step,
-        spent=spent,
-        ema=ema,
         log=log,
         log_every=o.log_every,
         checkpoint=lambda: checkpoint(),
@@ -361,8 +354,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            state = {"adapter": adapter.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema}
-            _save_atomic({**state, "seconds": loop.seconds()}, ckpt_path)
+            _save_atomic({"adapter": adapter.state_dict(), **loop.state()}, ckpt_path)
 
     while loop.step < o.steps:
         step = loop.step

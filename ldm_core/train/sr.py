@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from . import shapes
-from .step_loop import StepLoop
+from .step_loop import StepLoop, read_checkpoint
 
 SCALE = 4
 MAX_NOISE_LEVEL = 350
@@ -208,13 +208,9 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         load_init_unet(unet, Path(o.init_unet))
     params = list(unet.parameters())
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, spent, ema, ck = 0, 0.0, None, None
-    if ckpt_path and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ck = read_checkpoint(ckpt_path)
+    if ck is not None:
         unet.load_state_dict(ck["unet"])
-        optim.load_state_dict(ck["optim"])
-        step, spent, ema = int(ck["step"]), float(ck["seconds"]), ck["ema"]
-        log(f"resuming at step {step} ({spent:.0f}s spent)")
     average = EMA(params, o.ema_decay) if o.ema_decay else None  # starts at the (resumed) weights
     if average is not None and ck is not None and ck.get("average"):
         average.load(ck["average"])
@@ -225,14 +221,13 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     n_params = sum(p.numel() for p in params)
     n = len(cache["caption"])
     log(f"diffusion upscaler UNet: {n_params / 1e6:.2f}M parameters, channels {o.channels}; {n} cached crops")
-    loop = StepLoop(optim, params, step=step, spent=spent, ema=ema, log=log, log_every=o.log_every,
-                    checkpoint=lambda: checkpoint(), checkpoint_every=o.checkpoint_every)
+    loop = StepLoop.resume(ck, optim, params, log=log, log_every=o.log_every,
+                           checkpoint=lambda: checkpoint(), checkpoint_every=o.checkpoint_every)
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            _save_atomic({"unet": unet.state_dict(), "optim": optim.state_dict(), "step": loop.step, "ema": loop.ema,
-                          "seconds": loop.seconds(), "average": average.state_dict() if average else None},
-                         ckpt_path)
+            state = {"unet": unet.state_dict(), "average": average.state_dict() if average else None}
+            _save_atomic({**state, **loop.state()}, ckpt_path)
 
     while loop.step < o.steps:
         step = loop.step

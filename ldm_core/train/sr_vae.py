@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import shapes
-from .step_loop import StepLoop
+from .step_loop import StepLoop, read_checkpoint
 
 SCALE = 4  # the VAE's factor: the upscaler's latents live at the low-resolution image's size
 HR_SIZE = 256  # the upscaler's output size for the built-in model's 64 px images
@@ -166,42 +166,27 @@ def train_sr_vae(o: SRVAEOptions, log=_log) -> dict:
         work.mkdir(parents=True, exist_ok=True)
     params = [p for p in vae.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    step, spent, ema, ck = 0, 0.0, None, None
-    if ckpt_path and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ck = read_checkpoint(ckpt_path)
+    if ck is not None:
         vae.load_state_dict(ck["vae"])
-        optim.load_state_dict(ck["optim"])
-        step, spent, ema = int(ck["step"]), float(ck["seconds"]), ck["ema"]
-        log(f"resuming at step {step} ({spent:.0f}s spent)")
     average = EMA(params, o.ema_decay) if o.ema_decay else None
     if average is not None and ck is not None and ck.get("average"):
         average.load(ck["average"])
-    stream = CropStream(o.crop, o.photo_share, o.seed, step)
-    loop = StepLoop(
+    loop = StepLoop.resume(
+        ck,
         optim,
         params,
-        step=step,
-        spent=spent,
-        ema=ema,
         log=log,
         log_every=o.log_every,
         checkpoint=lambda: checkpoint(),
         checkpoint_every=o.checkpoint_every,
     )
+    stream = CropStream(o.crop, o.photo_share, o.seed, loop.step)
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            _save_atomic(
-                {
-                    "vae": vae.state_dict(),
-                    "optim": optim.state_dict(),
-                    "step": loop.step,
-                    "ema": loop.ema,
-                    "seconds": loop.seconds(),
-                    "average": average.state_dict() if average else None,
-                },
-                ckpt_path,
-            )
+            state = {"vae": vae.state_dict(), "average": average.state_dict() if average else None}
+            _save_atomic({**state, **loop.state()}, ckpt_path)
 
     vae.train()
     while loop.step < o.steps:

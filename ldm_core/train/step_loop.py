@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 #: A step that took longer than this was a stopped process (SIGSTOP, a suspended machine), not a slow step:
 #: its time is not training time.
 STALL_SECONDS = 60.0
+
+
+def read_checkpoint(path: Path | None) -> dict | None:
+    """A trainer's checkpoint (CPU tensors; no pickled objects are loaded), None when there is none yet."""
+    if path is None or not Path(path).exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class StepLoop:
@@ -25,6 +33,22 @@ class StepLoop:
         self.log, self.log_every = log, log_every
         self.checkpoint, self.checkpoint_every = checkpoint, checkpoint_every
         self.t0 = self.prev = self.last_checkpoint = time.monotonic()
+
+    @classmethod
+    def resume(cls, saved: dict | None, optim: torch.optim.Optimizer, params: list, **kwargs) -> StepLoop:
+        """A loop that goes on where checkpoint `saved` (a dict holding `state()`) left off: the optimiser's
+        state, step, training seconds and smoothed loss; a fresh loop when it is None. `kwargs` as for the
+        constructor."""
+        if saved is None:
+            return cls(optim, params, **kwargs)
+        optim.load_state_dict(saved["optim"])
+        step, spent = int(saved["step"]), float(saved["seconds"])
+        kwargs.get("log", print)(f"resuming at step {step} ({spent:.0f}s spent)")
+        return cls(optim, params, step=step, spent=spent, ema=saved["ema"], **kwargs)
+
+    def state(self) -> dict:
+        """The loop's part of a checkpoint (`resume` reads it back): optimiser state, step, seconds, smoothed loss."""
+        return {"optim": self.optim.state_dict(), "step": self.step, "seconds": self.seconds(), "ema": self.ema}
 
     def seconds(self) -> float:
         return self.spent + time.monotonic() - self.t0
