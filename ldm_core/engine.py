@@ -35,7 +35,13 @@ from .infotext import build_infotext, infotext_number
 from .memory import FaultHook, JobMemoryPlan, free_memory, run_with_fallbacks
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
 from .models.detect import SDXL_FAMILIES
-from .models.geometry import SD_VAE_FACTOR, checkpoint_vae_factor, round_down, vae_scale_factor
+from .models.geometry import (
+    SD_VAE_FACTOR,
+    checkpoint_vae_factor,
+    latent_normalisation,
+    round_down,
+    vae_scale_factor,
+)
 from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
@@ -345,10 +351,7 @@ class Engine:
                     allow_pickle=self.config.allow_pickle,
                 )
             )
-            vae_cfg = model.vae.config
-            previewer = LatentPreviewer(
-                model.vae, vae_cfg.scaling_factor, getattr(vae_cfg, "shift_factor", 0) or 0, device=p.device
-            )
+            previewer = LatentPreviewer(model.vae, *latent_normalisation(model.vae.config), device=p.device)
             self._cache[entry.path] = _Placed(model, previewer)
             self._current = entry.path
             log.info(
@@ -846,8 +849,7 @@ class Engine:
 
     def _encode_pixels(self, vae, pix: torch.Tensor) -> torch.Tensor:
         """Pixels (B,3,H,W) in [-1, 1] -> scaled latents (B,C,h,w) on the engine's device."""
-        scaling = vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scaling, shift = latent_normalisation(vae.config)
         with self._on_device(vae), torch.inference_mode():
             dtype = next(vae.parameters()).dtype
             dev = execution_device(vae, self.policy.device)
@@ -1211,8 +1213,7 @@ class Engine:
         """Latents (scaled) -> images, decoded once in the VAE's own dtype (chosen when it was loaded:
         `devices.vae_dtype_for`, fp32 for a VAE that overflows in fp16), never decoded twice."""
         self._reached("decode")
-        scaling = vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scaling, shift = latent_normalisation(vae.config)
         z = latents / scaling + shift
         dtype = next(vae.parameters()).dtype
         x = self.compiler.vae_decode(vae)(z.to(execution_device(vae, self.policy.device), dtype))

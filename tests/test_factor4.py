@@ -204,3 +204,15 @@ def _value_and_step(update) -> tuple:
     if hasattr(update, "get_config"):
         return update.value, update.step
     return update, None
+
+
+def test_latent_normalisation_reads_the_scaling_and_an_optional_shift():
+    """Every path that turns posteriors into a model's latents (engine encode/decode, previews, trainers) takes
+    (scaling, shift) from here: SD VAEs have no shift_factor (or null), newer VAEs have one."""
+    from types import SimpleNamespace
+
+    from ldm_core.models.geometry import latent_normalisation
+
+    assert latent_normalisation(SimpleNamespace(scaling_factor=0.18215)) == (0.18215, 0.0)
+    assert latent_normalisation(SimpleNamespace(scaling_factor=0.5, shift_factor=None)) == (0.5, 0.0)
+    assert latent_normalisation(SimpleNamespace(scaling_factor=1.5, shift_factor=0.1)) == (1.5, 0.1)

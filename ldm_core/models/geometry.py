@@ -1,4 +1,5 @@
-"""Pixel geometry of a model: how many pixels one latent covers (the VAE's factor) and sizes rounded to it.
+"""Pixel geometry of a model: how many pixels one latent covers (the VAE's factor), sizes rounded to it, and how
+latents are normalised (the VAE's scaling and shift).
 
 The factor is read from the VAE's own config (`2 ** (len(block_out_channels) - 1)`, as diffusers does): 8 for
 every Stable Diffusion family, 4 for a VAE with three levels (the built-in model v2). Every path that turns a
@@ -22,6 +23,12 @@ def vae_scale_factor(config: Any) -> int:
     """Pixels per latent of a VAE, from its config (an object with `block_out_channels` or a mapping)."""
     channels = config.get("block_out_channels") if isinstance(config, Mapping) else config.block_out_channels
     return 2 ** (len(channels) - 1) if channels else SD_VAE_FACTOR
+
+
+def latent_normalisation(config: Any) -> tuple[float, float]:
+    """(scaling, shift) of a VAE config: a model's latents are (posterior - shift) * scaling. The shift is 0
+    for a VAE without one (every SD 1.x/2.x/XL VAE: no `shift_factor`, or null)."""
+    return float(config.scaling_factor), float(getattr(config, "shift_factor", None) or 0.0)
 
 
 def round_down(n: float, factor: int, minimum: int = 0) -> int:

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm_core.models.geometry import latent_normalisation
 from ldm_core.train import shapes
 from ldm_core.train.builtin import _autocast, _save_atomic, command_line, export_fp16_folder, warmup_cosine
 from ldm_core.train.cell_weights import overlap_loss_weights, shape_loss_weights
@@ -428,8 +429,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
     prediction = sched.config.prediction_type
     n_train = sched.config.num_train_timesteps
     vae = model.vae
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    scaling, shift = latent_normalisation(vae.config)
     amp = _autocast(dev, opts.autocast)
     cache = scenes_all = cum_weights = None
     if opts.cache_scenes > 0:

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ldm_core.models.geometry import latent_normalisation
 from ldm_core.train import shapes
 from ldm_core.train.builtin import _autocast, _save_atomic, command_line, warmup_cosine, write_folder_atomic
 from ldm_core.train.step_loop import StepLoop, read_checkpoint
@@ -233,8 +234,7 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
     sched = DDPMScheduler.from_config(dict(model.scheduler_config))
     prediction = sched.config.prediction_type
     n_train = sched.config.num_train_timesteps
-    scaling = model.vae.config.scaling_factor
-    shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+    scaling, shift = latent_normalisation(model.vae.config)
     amp = _autocast(dev, opts.autocast)
     gen = torch.Generator().manual_seed(opts.seed)
     first = None

@@ -144,8 +144,9 @@ def train_lora(opts: LoraTrainOptions, log: Callable[[str], None] = print) -> di
 
     # latents once (mean and std of the VAE posterior; flipped copies when asked)
     vae = model.vae
-    scaling = vae.config.scaling_factor
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    from ldm_core.models.geometry import latent_normalisation
+
+    scaling, shift = latent_normalisation(vae.config)
     with torch.no_grad():
         variants = [images] + ([images.flip(-1)] if opts.flip else [])
         means, stds = [], []
