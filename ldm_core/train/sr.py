@@ -173,6 +173,7 @@ def build_cache(o: SRTrainOptions, vae, text, log=_log) -> dict:
 
 def train_sr(o: SRTrainOptions, log=_log) -> dict:
     from ldm_core.models import load_model, load_vae
+    from ldm_core.models.geometry import vae_scale_factor
     from ldm_core.train.builtin import (
         EMA,
         _named_shadow,
@@ -188,7 +189,7 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     torch.manual_seed(o.seed)
     model = load_model(o.base, dtype=torch.float32)
     vae = load_vae(Path(o.vae) / "vae" if o.vae else Path(o.base) / "vae")
-    if 2 ** (len(vae.config.block_out_channels) - 1) != SCALE:
+    if vae_scale_factor(vae.config) != SCALE:
         raise SystemExit(f"the VAE must be factor {SCALE} (block_out_channels {vae.config.block_out_channels})")
     for m in (model.text_encoder, vae):
         m.eval().requires_grad_(False)

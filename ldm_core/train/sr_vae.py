@@ -104,22 +104,14 @@ def heldout_photos() -> list[torch.Tensor]:
 def reconstruction_psnr(vae, n_renders: int = 32) -> dict:
     """PSNR (dB) of the VAE's reconstructions (posterior mean) of the held-out photographs (mean over them) and
     of `n_renders` held-out shapes-world renders at `HR_SIZE`."""
-    from .builtin import heldout_renders, psnr
+    from .builtin import heldout_renders, vae_psnr
 
-    photos = []
-    for x in heldout_photos():
-        rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample * 0.5 + 0.5
-        photos.append(float(psnr(rec, x)[0]))
-    renders = heldout_renders(n_renders, HR_SIZE)
-    vals = []
-    for i in range(0, n_renders, 8):
-        x = renders[i : i + 8]
-        rec = vae.decode(vae.encode(x * 2 - 1).latent_dist.mean).sample * 0.5 + 0.5
-        vals.append(psnr(rec, x))
+    cpu = torch.device("cpu")
+    photos = [vae_psnr(vae, x, cpu) for x in heldout_photos()]  # one at a time: their sizes differ
     return {
         "photos_db": round(float(np.mean(photos)), 3),
         "photos_db_each": [round(p, 3) for p in photos],
-        "renders_db": round(float(torch.cat(vals).mean()), 3),
+        "renders_db": round(vae_psnr(vae, heldout_renders(n_renders, HR_SIZE), cpu, batch=8), 3),
         "n_renders": n_renders,
     }
 
@@ -145,6 +137,7 @@ def vae_loss(vae, x: torch.Tensor, grad_weight: float, kl_weight: float, autocas
 
 def train_sr_vae(o: SRVAEOptions, log=_log) -> dict:
     from ldm_core.models import load_vae
+    from ldm_core.models.geometry import vae_scale_factor
     from ldm_core.train.builtin import EMA, _named_shadow, _save_atomic, command_line, measure_latents, warmup_cosine
 
     if o.threads:
@@ -155,7 +148,7 @@ def train_sr_vae(o: SRVAEOptions, log=_log) -> dict:
         raise SystemExit(f"--photo-share must be between 0 and 1 (got {o.photo_share})")
     torch.manual_seed(o.seed)
     vae = load_vae(Path(o.init) / "vae")
-    if 2 ** (len(vae.config.block_out_channels) - 1) != SCALE:
+    if vae_scale_factor(vae.config) != SCALE:
         raise SystemExit(f"the VAE must be factor {SCALE} (block_out_channels {vae.config.block_out_channels})")
     vae.eval()
     before = reconstruction_psnr(vae)
