@@ -420,6 +420,17 @@ class EMA:
         for s, t in zip(self.shadow, tensors, strict=True):
             s.copy_(t)
 
+    @classmethod
+    def resume(cls, params: list[torch.Tensor], decay: float, saved: list[torch.Tensor] | None) -> EMA | None:
+        """The average of `params` (None when `decay` is 0), continued from `saved` (a `state_dict()`) when given,
+        else starting at the parameters' current values."""
+        if not decay:
+            return None
+        ema = cls(params, decay)
+        if saved:
+            ema.load(saved)
+        return ema
+
 
 def _named_shadow(module: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor]:
     """`module.state_dict()` with the EMA values in place of the trained parameters."""

@@ -212,9 +212,7 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     ck = read_checkpoint(ckpt_path)
     if ck is not None:
         unet.load_state_dict(ck["unet"])
-    average = EMA(params, o.ema_decay) if o.ema_decay else None  # starts at the (resumed) weights
-    if average is not None and ck is not None and ck.get("average"):
-        average.load(ck["average"])
+    average = EMA.resume(params, o.ema_decay, ck.get("average") if ck else None)
     unet.train()
     sched, low_sched = schedulers()
     ab, low_ab = sched.alphas_cumprod.float(), low_sched.alphas_cumprod.float()

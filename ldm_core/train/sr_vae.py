@@ -162,9 +162,7 @@ def train_sr_vae(o: SRVAEOptions, log=_log) -> dict:
     ck = read_checkpoint(ckpt_path)
     if ck is not None:
         vae.load_state_dict(ck["vae"])
-    average = EMA(params, o.ema_decay) if o.ema_decay else None
-    if average is not None and ck is not None and ck.get("average"):
-        average.load(ck["average"])
+    average = EMA.resume(params, o.ema_decay, ck.get("average") if ck else None)
     loop = StepLoop.resume(
         ck,
         optim,
