@@ -354,6 +354,9 @@ def edge_ratio(out: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     return float(grad(out)[mask].mean() / max(gt_g, 1e-6))
 
 
+SOFT_EDGE = 0.9  # an edge ratio below this is a visibly soft border (sr-eval's soft_edge_share)
+
+
 def border_mask(coverage: np.ndarray) -> np.ndarray:
     """Pixels within 2 px of an object border (where the coverage changes)."""
     import cv2
@@ -437,6 +440,8 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         report["scenes"][k] = {
             "psnr": float(np.mean(st["psnr"])) if st["psnr"] else None,
             "edge_ratio": float(np.mean(st["edge"])) if st["edge"] else None,
+            # scenes whose borders come out clearly softer than the truth's (the mean can hide a soft tail)
+            "soft_edge_share": float(np.mean(np.asarray(st["edge"]) < SOFT_EDGE)) if st["edge"] else None,
             "border_psnr": float(np.mean(st["border"])) if st["border"] else None,
             "shape_read": st["shape"] / total,
             "colour_read": st["colour"] / total,
