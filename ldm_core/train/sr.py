@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from . import shapes
 from .step_loop import StepLoop, read_checkpoint
 
-SCALE = 4
+SCALE = 4  # the VAE's factor: the upscaler's latents live at the low-resolution image's size
 MAX_NOISE_LEVEL = 350
 MIN_LR_RATIO = 0.05  # the cosine ends at this share of the learning rate
 #: The VAE scaling factor StableDiffusionUpscalePipeline sets on any VAE it is given (Stability's x4 value).
@@ -98,6 +98,14 @@ def new_unet(channels: tuple[int, ...], cross_dim: int, heads: int):
         norm_num_groups=8,
         num_class_embeds=1000,
     )
+
+
+def require_factor(vae) -> None:
+    """Stop (naming the VAE's blocks) unless `vae` is the factor-`SCALE` autoencoder the upscaler needs."""
+    from ldm_core.models.geometry import vae_scale_factor
+
+    if vae_scale_factor(vae.config) != SCALE:
+        raise SystemExit(f"the VAE must be factor {SCALE} (block_out_channels {vae.config.block_out_channels})")
 
 
 def schedulers():
@@ -173,7 +181,6 @@ def build_cache(o: SRTrainOptions, vae, text, log=_log) -> dict:
 
 def train_sr(o: SRTrainOptions, log=_log) -> dict:
     from ldm_core.models import load_model, load_vae
-    from ldm_core.models.geometry import vae_scale_factor
     from ldm_core.train.builtin import (
         EMA,
         _named_shadow,
@@ -189,8 +196,7 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     torch.manual_seed(o.seed)
     model = load_model(o.base, dtype=torch.float32)
     vae = load_vae(Path(o.vae) / "vae" if o.vae else Path(o.base) / "vae")
-    if vae_scale_factor(vae.config) != SCALE:
-        raise SystemExit(f"the VAE must be factor {SCALE} (block_out_channels {vae.config.block_out_channels})")
+    require_factor(vae)
     for m in (model.text_encoder, vae):
         m.eval().requires_grad_(False)
     text = TextEncoder(model)

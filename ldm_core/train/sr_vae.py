@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from . import shapes
+from .sr import SCALE, require_factor
 from .step_loop import StepLoop, read_checkpoint
 
-SCALE = 4  # the VAE's factor: the upscaler's latents live at the low-resolution image's size
 HR_SIZE = 256  # the upscaler's output size for the built-in model's 64 px images
 MIN_LR_RATIO = 0.1
 
@@ -137,7 +137,6 @@ def vae_loss(vae, x: torch.Tensor, grad_weight: float, kl_weight: float, autocas
 
 def train_sr_vae(o: SRVAEOptions, log=_log) -> dict:
     from ldm_core.models import load_vae
-    from ldm_core.models.geometry import vae_scale_factor
     from ldm_core.train.builtin import EMA, _named_shadow, _save_atomic, command_line, measure_latents, warmup_cosine
 
     if o.threads:
@@ -148,8 +147,7 @@ def train_sr_vae(o: SRVAEOptions, log=_log) -> dict:
         raise SystemExit(f"--photo-share must be between 0 and 1 (got {o.photo_share})")
     torch.manual_seed(o.seed)
     vae = load_vae(Path(o.init) / "vae")
-    if vae_scale_factor(vae.config) != SCALE:
-        raise SystemExit(f"the VAE must be factor {SCALE} (block_out_channels {vae.config.block_out_channels})")
+    require_factor(vae)
     vae.eval()
     before = reconstruction_psnr(vae)
     log(f"before: held-out photos {before['photos_db']} dB, renders {before['renders_db']} dB")
