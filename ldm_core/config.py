@@ -18,11 +18,13 @@ BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin
 @dataclass(frozen=True)
 class DiffusionUpscaleOptions:
     """What a diffusion upscaler runs with (Settings > Upscaling, `diffusion_upscale_*` options). `prompt` ""
-    means the image's own prompt, read from its infotext (none: an empty prompt)."""
+    means the image's own prompt, read from its infotext (none: an empty prompt). `guidance_scale` 0 means the
+    upscaler's recommended CFG (its sidecar's `cfg_scale`; 9, Stability's x4 default, when it has none); CFG
+    is off at 1 or below, as in diffusers."""
 
     steps: int = 20
     noise_level: int = 20
-    guidance_scale: float = 9.0
+    guidance_scale: float = 0.0
     seed: int = 0
     prompt: str = ""
     ldsr_steps: int = 100  # LDSR's DDIM steps (A1111's "ldsr_steps" setting and default)

@@ -20,7 +20,10 @@ weights only unless pickles are allowed. Images larger than one tile are upscale
 tile with feathered overlaps (`ldm_core.tiling`), each tile with the same prompt, seed and noise.
 
 The prompt is the image's own (read from its infotext, as A1111 pastes it) unless one is given; steps (20),
-noise level (20), CFG (9), seed (0) and LDSR's steps (100) are settings (`DiffusionUpscaleOptions`).
+noise level (20), CFG, seed (0) and LDSR's steps (100) are settings (`DiffusionUpscaleOptions`). CFG 0 (the
+default) runs each upscaler at its recommended scale: a `cfg_scale` in its sidecar (`NAME.json` beside the folder
+or file, `ldm_core.models.sidecar`), else Stability's default 9; the shipped upscaler recommends 3 (its
+TRAINING.json's guidance probe).
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ FOLDER = "SD-Upscale"
 LDSR_FOLDER = "LDSR"
 #: LDSR's UNet sees the image at latent resolution and halves it three times.
 LDSR_MULTIPLE = 8
+#: The CFG scale of an upscaler whose sidecar recommends none (Stability's x4 upscaler default).
+DEFAULT_GUIDANCE = 9.0
 
 
 def pipeline_class(path: Path) -> str | None:
@@ -121,7 +126,18 @@ class DiffusionUpscaler(PipelineFolder):
                 cancel: Callable[[], None] | None = None) -> torch.Tensor:
         """One image (a tile) -> (1, 3, scale*h, scale*w) float32 in [0, 1] on the CPU. `cancel()` is called
         after every denoising step and may raise (Interrupt)."""
-        return self._run(image, prompt, options, "pt", cancel).float().cpu()
+        return self._run(image, prompt, self.resolved(options), "pt", cancel).float().cpu()
+
+    def resolved(self, options: DiffusionUpscaleOptions) -> DiffusionUpscaleOptions:
+        """`options` with CFG 0 replaced by this upscaler's recommended scale (read on each call, so an edited
+        sidecar applies at once; an invalid one raises `SidecarError` naming the file)."""
+        if options.guidance_scale > 0:
+            return options
+        from dataclasses import replace
+
+        from .models.sidecar import read_sidecar
+
+        return replace(options, guidance_scale=read_sidecar(self.folder).cfg_scale or DEFAULT_GUIDANCE)
 
     def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
              cancel: Callable[[], None] | None = None):
@@ -176,6 +192,7 @@ class X2LatentUpscaler(DiffusionUpscaler):
                 cancel: Callable[[], None] | None = None) -> torch.Tensor:
         """Scaled SD latents (B, 4, h, w) -> (B, 4, 2h, 2w), never decoded; `cancel()` after every step."""
         pipe = self.pipeline()
+        options = self.resolved(options)
         out = [
             self._run(z[i : i + 1].to(pipe.device, pipe.unet.dtype), prompt, options, "latent", cancel)
             for i in range(len(z))

@@ -395,8 +395,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     _o(
         "diffusion_upscale_cfg_scale",
-        9.0,
-        "Diffusion upscalers: CFG scale",
+        0.0,
+        "Diffusion upscalers: CFG scale (0: the upscaler's recommended one, 9 when it has none; 1: no CFG)",
         "live",
         S_UPSCALE,
         minimum=0.0,

@@ -329,3 +329,53 @@ def test_settings_set_steps_noise_cfg_seed_and_prompt(tmp_path, x4_dir, monkeypa
     )
     engine.upscalers.upscale(smooth(), "tiny-x4", scale=4)
     assert seen[-1] == ("sharp shapes", 5, 60, 4.0, 9)  # applied without a restart
+
+
+def test_cfg_zero_runs_each_upscaler_at_its_recommended_scale(tmp_path, x4_dir, monkeypatch):
+    """CFG 0 (the setting's default) is the upscaler's sidecar `cfg_scale` (the shipped one recommends 3), else
+    9; a scale set in Settings wins; an invalid recommendation is an error naming the sidecar file. The hires
+    fix's latent path resolves it the same way."""
+    import shutil
+
+    from ldm_core.diffusion_upscalers import X2LatentUpscaler
+    from ldm_core.models.sidecar import SidecarError
+
+    root = tmp_path / "SD-Upscale"
+    shutil.copytree(x4_dir, root)
+    seen = []
+
+    def spy(self, image, prompt, options, output_type, cancel=None):
+        seen.append(options.guidance_scale)
+        return torch.zeros(1, 3, image.height * self.scale, image.width * self.scale)
+
+    def latent_spy(self, z, prompt, options, output_type, cancel=None):
+        seen.append(options.guidance_scale)
+        return z
+
+    monkeypatch.setattr(X4Upscaler, "_run", spy)
+    monkeypatch.setattr(X2LatentUpscaler, "_run", latent_spy)
+    default = DiffusionUpscaleOptions()
+    assert default.guidance_scale == 0
+    reg = UpscalerRegistry([root], builtin=None, diffusion=default)
+    reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == 9.0  # no sidecar: Stability's default
+    (root / "tiny-x4.json").write_text('{"cfg_scale": 3}')
+    (root / "tiny-x2-latent.json").write_text('{"cfg_scale": 2.5}')
+    reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == 3.0
+    reg.load("tiny-x2-latent").latents(torch.zeros(1, 4, 8, 8), "a", default)
+    assert seen[-1] == 2.5
+    reg.diffusion = DiffusionUpscaleOptions(guidance_scale=4)
+    reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == 4.0
+    reg.diffusion = default
+    (root / "tiny-x4.json").write_text('{"cfg_scale": 0}')
+    with pytest.raises(SidecarError, match=r"tiny-x4\.json: cfg_scale 0 must be a number from 1 to 30"):
+        reg.upscale(smooth(), "tiny-x4", scale=4)
+
+
+def test_shipped_upscaler_recommends_the_cfg_its_guidance_probe_measured():
+    from ldm_core.models.sidecar import read_sidecar
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "SD-Upscale" / "ldm-builtin-x4"
+    assert read_sidecar(shipped).cfg_scale == 3.0

@@ -6,10 +6,12 @@ to the folder). Recognised content:
 - our own keys (JSON or YAML), any subset::
 
       {"prediction_type": "v_prediction", "family": "sd2", "rescale_cfg": 0.7}
+      {"cfg_scale": 3}
 
   `prediction_type` is "epsilon" or "v_prediction" ("eps" and "v" are accepted too); `family` is "sd1",
   "sd2", "sdxl" or "sdxl-refiner"; `rescale_cfg` (0..1) is the model's recommended CFG rescale, used when a
-  request does not set one (v-prediction models that blow colours out at CFG 7 want about 0.7).
+  request does not set one (v-prediction models that blow colours out at CFG 7 want about 0.7); `cfg_scale`
+  (1..30) is a diffusion upscaler's recommended CFG scale, used when Settings > Upscaling leaves it at 0.
   Other keys are ignored, so A1111's per-model user-metadata JSON (description, activation text, ...) is harmless.
 - an original LDM/SGM inference config, as A1111 users already keep next to SD 2.x models
   (`v2-inference-v.yaml`, ...): `model.params.parameterization: "v"` means v-prediction, its absence
@@ -53,6 +55,7 @@ class Sidecar:
     family: str | None = None
     prediction_type: str | None = None
     rescale_cfg: float | None = None
+    cfg_scale: float | None = None
     sources: tuple[Path, ...] = ()
 
 
@@ -91,12 +94,12 @@ def _parse(path: Path) -> dict[str, Any]:
         return {}
     if isinstance(data.get("model"), dict) and "target" in data["model"]:
         return _from_ldm_config(data)
-    return {k: data[k] for k in ("family", "prediction_type", "rescale_cfg") if k in data}
+    return {k: data[k] for k in ("family", "prediction_type", "rescale_cfg", "cfg_scale") if k in data}
 
 
 def read_sidecar(model_path: str | Path) -> Sidecar:
     """Merge the sidecar files of `model_path` (see the module docstring). Raises `SidecarError`."""
-    family = prediction = rescale = None
+    family = prediction = rescale = cfg = None
     sources = []
     for path in sidecar_paths(model_path):
         if not path.is_file():
@@ -119,15 +122,17 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
                 )
             prediction = pt
         if "rescale_cfg" in values:
-            rescale = _rescale(path, values["rescale_cfg"])
-    return Sidecar(family, prediction, rescale, tuple(sources))
+            rescale = _number(path, "rescale_cfg", values["rescale_cfg"], 0.0, 1.0)
+        if "cfg_scale" in values:
+            cfg = _number(path, "cfg_scale", values["cfg_scale"], 1.0, 30.0)
+    return Sidecar(family, prediction, rescale, cfg, tuple(sources))
 
 
-def _rescale(path: Path, value: Any) -> float:
+def _number(path: Path, key: str, value: Any, low: float, high: float) -> float:
     try:
-        phi = float(value)
+        x = float(value)
     except (TypeError, ValueError):
-        phi = float("nan")
-    if not 0.0 <= phi <= 1.0:  # (NaN fails too)
-        raise SidecarError(f"{path}: rescale_cfg {value!r} must be a number from 0 to 1")
-    return phi
+        x = float("nan")
+    if not low <= x <= high:  # (NaN fails too)
+        raise SidecarError(f"{path}: {key} {value!r} must be a number from {low:g} to {high:g}")
+    return x

@@ -373,14 +373,20 @@ def border_mask(coverage: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int = 20, guidance: float = 9.0,
+def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int = 20, guidance: float = 0.0,
                 lr_size: int = 64, seed: str = "sr-eval", log=_log) -> dict:
     """Held-out scenes (drawn small, as the built-in model draws them) upscaled 4x by the model, Lanczos and
     the shipped x2 model twice; PSNR, edge ratio at object borders and analyser reads; then the held-out
     photographs (PSNR and edge ratio at the truth's strongest 10% gradients). "vae round trip" is the truth
-    encoded and decoded by the model's VAE: the best the model's output can be."""
+    encoded and decoded by the model's VAE: the best the model's output can be. `guidance` 0 is the model's
+    recommended CFG scale, as Extras runs it (its sidecar's `cfg_scale`, else 9)."""
     from diffusers import StableDiffusionUpscalePipeline
     from PIL import Image
+
+    from ldm_core.diffusion_upscalers import DEFAULT_GUIDANCE
+    from ldm_core.models.sidecar import read_sidecar
+
+    guidance = guidance or read_sidecar(model_dir).cfg_scale or DEFAULT_GUIDANCE
 
     from ldm_core.upscalers import UpscalerRegistry
 
@@ -517,7 +523,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--n", type=int, default=200, help="held-out scenes")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--noise-level", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=9.0)
+    p.add_argument("--guidance", type=float, default=0.0,
+                   help="CFG scale (0: the model's recommended one, its sidecar's cfg_scale, else 9)")
     p.add_argument("--out", default=None, help="write the report here as JSON too")
 
 
