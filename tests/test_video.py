@@ -532,6 +532,30 @@ def test_training_clips_move_the_way_their_caption_says():
     assert measured_direction([(0.5, 0.5), (0.52, 0.5)]) is None  # too small a move is no direction
 
 
+def test_motion_eval_says_where_consistency_breaks():
+    """score_clip counts the frames whose tracked object is lost or has another shape or colour than the first
+    frame's; a clip rendered as its caption says has none and is consistent."""
+    import random
+
+    from ldm_core.train import shapes
+    from ldm_core.train.motion import sample_clip, score_clip
+
+    clip = sample_clip(random.Random(5), 12, "right")
+    frames = lambda packed: [shapes.to_pil(im) for im in shapes.render_packed(packed, 64)]  # noqa: E731
+    clean = score_clip(frames(clip.packed), clip)
+    assert clean["consistent"] and clean["direction_ok"]
+    assert (clean["lost_frames"], clean["shape_changes"], clean["colour_changes"]) == (0, 0, 0)
+    broken = clip.packed.clone()
+    other_shape = next(i for i, s in enumerate(shapes.SHAPES) if s != clip.shape and s in ("circle", "square"))
+    broken[3, 4] = float(other_shape)  # frame 3: another shape
+    other = next(c for c in ("red", "blue", "yellow") if c not in (clip.colour, clip.background))
+    broken[6, 8:11] = torch.tensor(shapes.COLOURS[other]) / 255.0  # frame 6: another colour
+    broken[9, 3] = 0.0  # frame 9: no object
+    got = score_clip(frames(broken), clip)
+    assert not got["consistent"]
+    assert (got["lost_frames"], got["shape_changes"], got["colour_changes"]) == (1, 1, 1)
+
+
 def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, tiny_models):
     from ldm_core.train.motion import MotionTrainOptions, new_adapter, train_motion
 

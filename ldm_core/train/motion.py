@@ -426,12 +426,14 @@ def score_clip(frames_imgs, clip: Clip) -> dict:
     """The analyser's reading of one generated clip against its prompt. The object is the first frame's
     largest one, tracked by colour (then shape) through the others: `direction_ok` when its measured travel is
     the prompt's direction; `consistent` when every frame has an object of its shape and colour;
-    `matches_prompt` when that shape and colour are the prompt's (the base model's part of the job)."""
+    `matches_prompt` when that shape and colour are the prompt's (the base model's part of the job). Where
+    consistency breaks: `lost_frames` (no object found), `shape_changes` and `colour_changes` (frames whose
+    tracked object has another shape / colour than the first frame's)."""
     from ldm_core.train.analyser import analyse
 
     readings = [analyse(im) for im in frames_imgs]
     first = readings[0].objects[0] if readings[0].objects else None
-    centres, consistent = [], first is not None
+    centres, lost, shape_changes, colour_changes = [], 0, 0, 0
     for a in readings:
         o = None
         if first is not None:
@@ -441,14 +443,19 @@ def score_clip(frames_imgs, clip: Clip) -> dict:
                 or (a.objects[0] if a.objects else None)
             )
         centres.append((o.cx, o.cy) if o is not None else None)
-        consistent = consistent and o is not None and (o.shape, o.colour) == (first.shape, first.colour)
+        lost += o is None
+        shape_changes += o is not None and o.shape != first.shape
+        colour_changes += o is not None and o.colour != first.colour
     direction = measured_direction(centres)
     return {
         "want": clip.motion,
         "got": direction,
         "direction_ok": direction == clip.motion,
-        "consistent": bool(consistent),
+        "consistent": first is not None and lost == shape_changes == colour_changes == 0,
         "matches_prompt": first is not None and (first.shape, first.colour) == (clip.shape, clip.colour),
+        "lost_frames": lost,
+        "shape_changes": shape_changes,
+        "colour_changes": colour_changes,
     }
 
 
@@ -504,6 +511,10 @@ def evaluate_motion(
         "direction": sum(r["direction_ok"] for r in results) / n,
         "moved": sum(r["got"] is not None for r in results) / n,  # travelled at least 0.08 of the image
         "consistent_shape_colour": sum(r["consistent"] for r in results) / n,
+        # where consistency breaks: clips with a frame whose object is lost, or changes shape, or colour
+        "clips_losing_the_object": sum(r["lost_frames"] > 0 for r in results) / n,
+        "clips_changing_shape": sum(r["shape_changes"] > 0 for r in results) / n,
+        "clips_changing_colour": sum(r["colour_changes"] > 0 for r in results) / n,
         "first_frame_matches_prompt": sum(r["matches_prompt"] for r in results) / n,
         "by_direction": {
             d: sum(r["direction_ok"] for r in results if r["want"] == d) / max(1, sum(r["want"] == d for r in results))
