@@ -39,6 +39,10 @@ def test_eval_edits_through_the_engine(tmp_path, monkeypatch):
     assert {"blue_star_in_drawn_mask", "drawn_original_object_kept"} <= set(rep["inpaint"])
     assert {r for _, r in seen} == {0.0}  # --rescale-cfg reaches the engine's requests
     assert rep["img2img"]["follow_prompt_at_0.9"] > 0  # the pictures come out readable
+    i = rep["img2img"]  # which part of the layout each strength keeps: the layout is all three at once
+    for s in (0.3, 0.9):
+        parts = [i[f"keep_{part}_at_{s}"] for part in ("shape", "colour", "position")]
+        assert i[f"keep_layout_at_{s}"] <= min(parts) and max(parts) <= 1
 
 
 def test_eval_edits_must_name_a_path():

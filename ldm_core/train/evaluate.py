@@ -484,14 +484,19 @@ class Evaluator:
             images = _batched(run, list(range(n)), self.o.batch)
             self._save(f"img2img_{strength}", images)
             keep = follow = 0
+            kept = {"shape": 0, "colour": 0, "position": 0}  # which part of the layout survives (or not)
             for s, (shape, colour, _), im in zip(scenes, prompts, images, strict=True):
                 a = analyse(im)
                 o = s.objects[0]
                 got = a.objects[0] if a.objects else None
                 keep += int(bool(got and (got.shape, got.colour, got.position) == (o.shape, o.colour, o.position)))
                 follow += int(bool(got and (got.shape, got.colour) == (shape, colour)))
+                for part in kept:
+                    kept[part] += int(bool(got and getattr(got, part) == getattr(o, part)))
             result[f"keep_layout_at_{strength}"] = keep / n
             result[f"follow_prompt_at_{strength}"] = follow / n
+            for part, k in kept.items():
+                result[f"keep_{part}_at_{strength}"] = k / n
         return result
 
     def inpaint(self) -> dict:
@@ -731,6 +736,11 @@ def format_report(rep: dict) -> str:
             f"(follows new prompt {i['follow_prompt_at_0.3']:.1%}); strength 0.9 follows new prompt "
             f"{i['follow_prompt_at_0.9']:.1%} (keeps {i['keep_layout_at_0.9']:.1%})"
         )
+        if "keep_shape_at_0.3" in i:  # reports before 2026-12-06 have no breakdown
+            lines.append(
+                f"  at 0.3 the object keeps its shape {i['keep_shape_at_0.3']:.1%}, colour "
+                f"{i['keep_colour_at_0.3']:.1%}, position {i['keep_position_at_0.3']:.1%}"
+            )
     if "inpaint" in rep:
         p = rep["inpaint"]
         lines.append(
