@@ -174,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shared-noise", type=float, default=0.0, help="0-1: share of each frame's noise from the first frame's"
     )
+    p.add_argument(
+        "--freeinit-iters",
+        type=int,
+        default=1,
+        help="FreeInit: samplings in all (1: off; 3 is sd-webui-animatediff's default); text-to-video only",
+    )
+    p.add_argument("--freeinit-filter", default="butterworth", choices=["butterworth", "gaussian", "ideal", "box"])
     p.add_argument("--format", default="GIF,MP4", help="comma-separated: GIF, MP4, WEBP, WEBM, PNG, TXT")
     p.add_argument("--init-image", default=None, help="image-to-video: the start image")
     p.add_argument("--video-source", default=None, help="video-to-video: a clip (GIF, WebP, MP4, WebM)")
@@ -315,6 +322,9 @@ def _video_request(args, values: dict):
         "overlap": args.overlap,
         "closed_loop": args.closed_loop,
         "shared_noise": args.shared_noise,
+        "freeinit_enable": args.freeinit_iters > 1,
+        "freeinit_iters": max(1, args.freeinit_iters),
+        "freeinit_filter": args.freeinit_filter,
         "format": [f.strip() for f in args.format.split(",") if f.strip()],
     }
     init = _open_image(args.init_image, "init_image") if args.init_image else None

@@ -59,6 +59,7 @@ from .samplers.sigmas import NoiseLevels, alphas_cumprod_from_config
 from .schedulers import SamplerInfo, SamplerRegistry, default_sampler_registry, img2img_steps, img2img_timesteps
 from .seamless import circular_padding
 from .upscalers import UpscalerRegistry, is_latent_mode, upscale_latents
+from .video import free_init
 from .video.clips import decode_clip
 from .video.job import ClipFile, VideoPlan, blend_image_to_video, plan_video, write_clips
 from .video.motion_modules import MotionModules, motion_patch
@@ -965,24 +966,38 @@ class Engine:
 
         main = job.main
         first_refiner = job.refiner if job.hires is None else None
-        res = self._denoise_pass(
-            job,
-            main,
-            job.sampler,
-            job.schedule_type,
-            request.steps,
-            noise,
-            gens,
-            init_latents,
-            strength,
-            job.prompt,
-            job.negative,
-            unet_concat,
-            blend,
-            refiner=first_refiner,
-            noise_scale=noise_scale,
-            fix_steps=getattr(request, "img2img_fix_steps", False),
-        )
+
+        def denoise(start_noise):
+            return self._denoise_pass(
+                job,
+                main,
+                job.sampler,
+                job.schedule_type,
+                request.steps,
+                start_noise,
+                gens,
+                init_latents,
+                strength,
+                job.prompt,
+                job.negative,
+                unet_concat,
+                blend,
+                refiner=first_refiner,
+                noise_scale=noise_scale,
+                fix_steps=getattr(request, "img2img_fix_steps", False),
+            )
+
+        res = denoise(noise)
+        passes = job.video.free_init_passes if job.video is not None and init_latents is None else 1
+        if passes > 1:  # FreeInit: sample again from this clip's low frequencies (ldm_core.video.free_init)
+            args = job.video.args
+            mask = free_init.low_pass(b, lh, lw, args.freeinit_filter, args.freeinit_ds, args.freeinit_dt)
+            last_alpha = float(alphas_cumprod_from_config(main.model.scheduler_config)[-1])
+            for k in range(1, passes):
+                if res.stopped is not None:
+                    break
+                fresh = torch.randn(noise.shape, generator=torch.Generator().manual_seed(wrap_seed(seeds[0] + k)))
+                res = denoise(free_init.reinitialised_noise(res.latents, noise, fresh.to(dev), last_alpha, mask))
         latents, stopped = res.latents, res.stopped
         finished = first_refiner if res.switched else main
         if job.hires is not None and stopped is None:

@@ -110,6 +110,9 @@ def test_video_writes_the_clip(tmp_path, tiny_models, capsys):
     assert len([p for p in printed if p.endswith(".png")]) == 4
     assert "AnimateDiff: " in read_image_info(Image.open(gifs[0]))[0]
     assert main([*args[:-2], "--motion-module", "nope", "--out", str(out)]) == 2  # named, no traceback
+    assert main([*args[:-2], "--freeinit-iters", "2", "--out", str(tmp_path / "fi")]) == 0
+    gif = next(p for p in capsys.readouterr().out.split() if p.endswith(".gif"))
+    assert "freeinit_iters: 2, freeinit_filter: butterworth" in read_image_info(Image.open(gif))[0]
 
 
 def test_upscale_files_and_folders_keep_the_infotext(tmp_path, capsys):

@@ -274,6 +274,71 @@ def test_shared_noise_makes_frames_alike_and_is_in_the_infotext(sd1_video):
     assert fields_from_text(alike.infotexts[0])["video_shared_noise"] == pytest.approx(0.9)
 
 
+def test_free_init_filters_keep_low_frequencies_and_take_the_rest_from_fresh_noise():
+    from ldm_core.video.free_init import FILTERS, low_pass, mix_frequencies, reinitialised_noise
+
+    for kind in FILTERS:
+        m = low_pass(8, 16, 16, kind)
+        assert m.shape == (8, 16, 16) and float(m[4, 8, 8]) == 1.0  # the centre (DC) is kept
+        assert float(m[0, 0, 0]) < 0.01 and 0 <= float(m.min()) and float(m.max()) <= 1
+    assert float(low_pass(8, 16, 16, "box", ds=0.25, dt=1.0)[0, 8, 8]) == 1.0  # dt: the temporal stop alone
+    with pytest.raises(ValueError, match="filter 'median'"):
+        low_pass(8, 16, 16, "median")
+    with pytest.raises(ValueError, match="ds and dt"):
+        low_pass(8, 16, 16, ds=0)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 4, 16, 16, generator=g), torch.randn(8, 4, 16, 16, generator=g)
+    assert torch.allclose(mix_frequencies(a, b, torch.ones(8, 16, 16)), a, atol=1e-5)
+    assert torch.allclose(mix_frequencies(a, b, torch.zeros(8, 16, 16)), b, atol=1e-5)
+    mixed = mix_frequencies(a, b, low_pass(8, 16, 16))
+    assert torch.allclose(mixed.mean(dim=(0, 2, 3)), a.mean(dim=(0, 2, 3)), atol=1e-5)  # DC from the low side
+    assert float((mixed - b).abs().mean()) < 0.2 * float((a - b).abs().mean())  # most of it is the fresh noise
+    # the clip, diffused to the last timestep (alpha 0.01: a tenth of it), carries its low frequencies into the
+    # next start on top of the first noise's; the high ones are fresh
+    clean = torch.randn(1, 4, 16, 16, generator=g).repeat(8, 1, 1, 1)  # frames alike
+    mask = low_pass(8, 16, 16)
+    start = reinitialised_noise(clean, b, a, 0.01, mask)
+    without = reinitialised_noise(torch.zeros_like(clean), b, a, 0.01, mask)
+    expected = mix_frequencies(0.1 * clean, torch.zeros_like(clean), mask)
+    assert torch.allclose(start - without, expected, atol=1e-4) and float(expected.abs().mean()) > 0.01
+    assert abs(float(start.std()) - 1) < 0.15
+
+
+def test_free_init_samples_the_clip_again_and_is_in_the_infotext(sd1_video, monkeypatch):
+    from ui.common import fields_from_text
+
+    passes = []
+    real = Engine._denoise_pass
+
+    def spy(self, job, stage, sampler, schedule_type, steps, noise, *a, **k):
+        passes.append(noise.clone())
+        return real(self, job, stage, sampler, schedule_type, steps, noise, *a, **k)
+
+    monkeypatch.setattr(Engine, "_denoise_pass", spy)
+    plain = sd1_video.generate(vreq())
+    assert len(passes) == 1
+    passes.clear()
+    fi = {"freeinit_enable": True, "freeinit_iters": 3, "freeinit_filter": "gaussian", "freeinit_ds": 0.5}
+    res = sd1_video.generate(vreq(animatediff=fi))
+    assert len(passes) == 3 and not torch.equal(passes[1], passes[0]) and not torch.equal(passes[2], passes[1])
+    sd1_video.generate(vreq(animatediff=fi))  # the same seed: the same start and the same restarts
+    assert all(torch.equal(passes[i], passes[i + 3]) for i in range(3))
+    text = res.infotexts[0]
+    assert "freeinit_iters: 3, freeinit_filter: gaussian, freeinit_ds: 0.5, freeinit_dt: 0.25" in text
+    assert "freeinit" not in plain.infotexts[0]
+    fields = fields_from_text(text)
+    assert fields["video_freeinit_enable"] is True and fields["video_freeinit_iters"] == 3
+    assert fields["video_freeinit_filter"] == "gaussian" and fields["video_freeinit_ds"] == pytest.approx(0.5)
+    assert any(np.abs(np.asarray(x, np.float32) - np.asarray(y, np.float32)).mean() > 1
+               for x, y in zip(plain.images, res.images, strict=True))
+    passes.clear()  # image-to-video: one sampling, and a note saying why
+    i2v = sd1_video.generate(vreq(Img2ImgRequest, init_images=[_red(1)], denoising_strength=0.8, animatediff=fi))
+    assert len(passes) == 1 and any("FreeInit: text-to-video only" in n for n in i2v.notes)
+    with pytest.raises(RequestError) as e:
+        GenerationRequest.build(animatediff={"freeinit_filter": "median"})
+    assert e.value.field == "animatediff.freeinit_filter"
+
+
 def test_image_to_video_blend_follows_latent_power_and_scale():
     init, noise = torch.ones(4, 1, 1, 1), torch.zeros(4, 1, 1, 1)
     args = AnimateDiffArgs(latent_power=1, latent_scale=2, latent_scale_last=2)

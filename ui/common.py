@@ -329,6 +329,11 @@ VIDEO_FIELDS = {
     "video_format": "format",
     "video_loop_number": "loop_number",
     "video_shared_noise": "shared_noise",
+    "video_freeinit_enable": "freeinit_enable",
+    "video_freeinit_iters": "freeinit_iters",
+    "video_freeinit_filter": "freeinit_filter",
+    "video_freeinit_ds": "freeinit_ds",
+    "video_freeinit_dt": "freeinit_dt",
     "video_latent_power": "latent_power",
     "video_latent_scale": "latent_scale",
     "video_motion_bucket_id": "motion_bucket_id",
@@ -342,7 +347,7 @@ def _video_request(v: dict[str, Any]) -> GenerationRequest:
     from ldm_core.video.clips import read_source_clip
 
     args = {name: v.pop(key) for key, name in VIDEO_FIELDS.items() if v.get(key) is not None}
-    for key in ("video_length", "batch_size", "overlap", "stride", "loop_number", "motion_bucket_id"):
+    for key in ("video_length", "batch_size", "overlap", "stride", "loop_number", "motion_bucket_id", "freeinit_iters"):
         if key in args:
             args[key] = _int_or_none(args[key])
     init_image = v.pop("init_image", None)
@@ -503,10 +508,13 @@ def _video_fields(value: str) -> dict[str, Any]:
         field, text = names.get(key.strip()), raw.strip()
         if field is None:
             continue
-        if field in ("video_model", "video_closed_loop"):
+        if field in ("video_model", "video_closed_loop", "video_freeinit_filter"):
             out[field] = text
         elif _num(text) is not None:
-            out[field] = _num(text) if field in ("video_fps", "video_shared_noise") else _num(text, int)
+            floats = ("video_fps", "video_shared_noise", "video_freeinit_ds", "video_freeinit_dt")
+            out[field] = _num(text) if field in floats else _num(text, int)
+    if "video_freeinit_iters" in out:  # the infotext names FreeInit only when it ran
+        out["video_freeinit_enable"] = True
     return out
 
 

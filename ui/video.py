@@ -17,6 +17,7 @@ from pathlib import Path
 import gradio as gr
 
 from ldm_core.video.clips import CLIP_TYPES
+from ldm_core.video.free_init import FILTERS as FREEINIT_FILTERS
 from ldm_core.video.options import MAX_FRAMES
 
 from .common import UiContext
@@ -62,6 +63,18 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
                 info="share of each frame's starting noise taken from the first frame's: frames start alike",
                 elem_id="video_shared_noise",
             )
+        with gr.Row():  # text-to-video only (ldm_core.video.free_init)
+            freeinit = gr.Checkbox(
+                False,
+                label="FreeInit",
+                info="sample again from the clip's own low frequencies: steadier clips, iterations x the time",
+                elem_id="video_freeinit_enable",
+            )
+            fi_iters = gr.Slider(2, 5, value=3, step=1, label="FreeInit iterations", elem_id="video_freeinit_iters")
+            fi_filter = gr.Dropdown(list(FREEINIT_FILTERS), value="butterworth", label="Filter",
+                                    elem_id="video_freeinit_filter")
+            fi_ds = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="Spatial stop (ds)", elem_id="video_freeinit_ds")
+            fi_dt = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="Temporal stop (dt)", elem_id="video_freeinit_dt")
         formats = gr.CheckboxGroup(FORMATS, value=["GIF", "MP4"], label="Save as", elem_id="video_format")
     with gr.Accordion("Start from an image or a clip", open=False, elem_id="video_start"):
         image = gr.Image(label="Start image (image-to-video)", type="pil", elem_id="video_init_image", height=200)
@@ -91,6 +104,11 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
         video_closed_loop=closed,
         video_loop_number=loops,
         video_shared_noise=shared,
+        video_freeinit_enable=freeinit,
+        video_freeinit_iters=fi_iters,
+        video_freeinit_filter=fi_filter,
+        video_freeinit_ds=fi_ds,
+        video_freeinit_dt=fi_dt,
         video_format=formats,
         init_image=image,
         video_source=clip,

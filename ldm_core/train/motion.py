@@ -469,6 +469,7 @@ def evaluate_motion(
     log=_log,
     phrasing: str = "heldout",
     shared_noise: float = 0.0,
+    freeinit_iters: int = 1,
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
     frames are then independent images of one batch) and score them (see `score_clip`)."""
@@ -490,6 +491,8 @@ def evaluate_motion(
                     "format": [],
                     "closed_loop": "N",
                     "shared_noise": shared_noise,
+                    "freeinit_enable": freeinit_iters > 1,
+                    "freeinit_iters": max(1, freeinit_iters),
                 }
             else:
                 values["batch_size"] = frames
@@ -506,6 +509,7 @@ def evaluate_motion(
         "n": n,
         "phrasing": phrasing,
         "shared_noise": shared_noise,
+        "freeinit_iters": freeinit_iters,
         "frames": frames,
         "steps": steps,
         "direction": sum(r["direction_ok"] for r in results) / n,
@@ -609,6 +613,9 @@ def add_eval_arguments(p) -> None:
     p.add_argument(
         "--shared-noise", type=float, default=0.0, help="the clips' shared_noise option (default: %(default)s)"
     )
+    p.add_argument(
+        "--freeinit-iters", type=int, default=1, help="the clips' FreeInit samplings (1: off; default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
@@ -624,7 +631,15 @@ def run_eval(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     rep = evaluate_motion(
-        a.module, a.n, a.frames, a.steps, a.base, a.sheet, phrasing=a.phrasing, shared_noise=a.shared_noise
+        a.module,
+        a.n,
+        a.frames,
+        a.steps,
+        a.base,
+        a.sheet,
+        phrasing=a.phrasing,
+        shared_noise=a.shared_noise,
+        freeinit_iters=a.freeinit_iters,
     )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

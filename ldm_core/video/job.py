@@ -51,6 +51,7 @@ class VideoPlan:
     source: list[Image.Image] | None = None  # video-to-video: one init image per frame
     notes: list[str] = field(default_factory=list)
     patch: MotionPatch | None = None
+    image_start: bool = False  # image-to-video (img2img from one start image)
 
     @property
     def travel_closed(self) -> bool:
@@ -69,7 +70,19 @@ class VideoPlan:
             f"model: {self.module.name}, video_length: {self.frames}, fps: {infotext_number(self.fps)}, "
             f"closed_loop: {a.closed_loop}, batch_size: {self.context}, stride: {a.stride}, overlap: {overlap}"
             + (f", shared_noise: {infotext_number(a.shared_noise)}" if a.shared_noise > 0 else "")
+            + (
+                f", freeinit_iters: {self.free_init_passes}, freeinit_filter: {a.freeinit_filter}, "
+                f"freeinit_ds: {infotext_number(a.freeinit_ds)}, freeinit_dt: {infotext_number(a.freeinit_dt)}"
+                if self.free_init_passes > 1
+                else ""
+            )
         )
+
+    @property
+    def free_init_passes(self) -> int:
+        """Samplings of this clip: FreeInit's iterations for text-to-video, else 1."""
+        a = self.args
+        return a.freeinit_iters if a.freeinit_enable and self.source is None and not self.image_start else 1
 
     def starting_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """The frames' starting noise (F,C,H,W): each frame's own noise blended towards the first frame's by
@@ -114,6 +127,9 @@ def plan_video(request: GenerationRequest, modules: MotionModules, unet, model_n
         notes.append("AnimateDiff video_path: not read (send the clip as video_source)")
     if args.interp and args.interp != "Off":
         notes.append(f"AnimateDiff interp {args.interp}: not applied (no frame interpolation model offline)")
+    image_start = isinstance(request, Img2ImgRequest) and source is None
+    if args.freeinit_enable and (source is not None or image_start):
+        notes.append("AnimateDiff FreeInit: text-to-video only, not applied to a clip from an image or a clip")
     frames = args.frames(len(source) if source else None)
     context = args.batch_size
     if context > module.max_frames:
@@ -125,7 +141,7 @@ def plan_video(request: GenerationRequest, modules: MotionModules, unet, model_n
     if args.closed_loop == "A" and frames <= context:
         notes.append("AnimateDiff closed_loop A: the clip fits one context window, so nothing loops it")
     windows = context_windows(frames, context, args.stride, args.overlap, args.closed)
-    return VideoPlan(args, module, frames, context, windows, fps, source, notes)
+    return VideoPlan(args, module, frames, context, windows, fps, source, notes, image_start=image_start)
 
 
 def _alphas(n: int, power: float, scale: float) -> torch.Tensor:

@@ -1,8 +1,10 @@
 """The options of a video job: `AnimateDiffArgs`, with the names and defaults of sd-webui-animatediff's API
 (`alwayson_scripts: {"AnimateDiff": {"args": [{...}]}}`), so clients written for that extension work here.
 
-Unknown keys that extension accepts (`interp_x`, `request_id`, `is_i2i_batch`, `freeinit_*`, `mask_path`, ...)
-are accepted and ignored; values this engine cannot honour are accepted and reported in the job's `info`:
+FreeInit (`freeinit_enable`, `freeinit_filter`, `freeinit_ds`, `freeinit_dt`, `freeinit_iters`, that extension's
+names and defaults) re-samples a text-to-video clip from its own low frequencies (`ldm_core.video.free_init`).
+Unknown keys that extension accepts (`interp_x`, `request_id`, `is_i2i_batch`, `mask_path`, ...) are accepted
+and ignored; values this engine cannot honour are accepted and reported in the job's `info`:
 FILM frame interpolation (`interp: "FILM"`) needs Deforum's model, and `video_path` (a folder on the server)
 is not read (send the clip as `video_source`).
 
@@ -42,6 +44,11 @@ class AnimateDiffArgs(BaseModel):
     video_source: Any = None  # a clip (base64 or bytes; GIF/WebP/MP4/WebM) for video-to-video
     video_path: str | None = None
     shared_noise: float = Field(0.0, ge=0.0, le=1.0)  # share of each frame's noise from the first frame's
+    freeinit_enable: bool = False  # text-to-video only (ldm_core.video.free_init)
+    freeinit_filter: Literal["butterworth", "gaussian", "ideal", "box"] = "butterworth"
+    freeinit_ds: float = Field(0.25, gt=0.0, le=1.0)  # spatial stop frequency
+    freeinit_dt: float = Field(0.25, gt=0.0, le=1.0)  # temporal stop frequency
+    freeinit_iters: int = Field(3, ge=1, le=10)  # samplings in all, the first from plain noise
     latent_power: float = 1.0  # image-to-video: frame i keeps 1 - i**latent_power / latent_scale of the image
     latent_scale: float = Field(32.0, gt=0)
     last_frame: Any = None  # image-to-video: an image the clip ends on
