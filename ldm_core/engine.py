@@ -988,7 +988,7 @@ class Engine:
             )
 
         res = denoise(noise)
-        passes = job.video.free_init_passes if job.video is not None and init_latents is None else 1
+        passes = job.video.free_init_passes if job.video is not None else 1
         if passes > 1:  # FreeInit: sample again from this clip's low frequencies (ldm_core.video.free_init)
             args = job.video.args
             mask = free_init.low_pass(b, lh, lw, args.freeinit_filter, args.freeinit_ds, args.freeinit_dt)
