@@ -651,6 +651,72 @@ def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, ti
     assert (tmp_path / "mm" / "diffusion_pytorch_model.safetensors").stat().st_size < 10e6
 
 
+def test_motion_training_with_an_adapter_lora_writes_a_lora_the_engine_loads(tmp_path, tiny_models):
+    """--lora-rank: a LoRA on the base's cross-attention keys/values trains with the module, resumes from the
+    checkpoint, is written in kohya format next to the module's export, changes a clip when its prompt loads it
+    (<lora:NAME:1>), and --init-lora continues it (a LoRA of another rank is a clear error)."""
+    from safetensors.torch import load_file
+
+    from ldm_core.train.motion import MotionTrainOptions, train_motion
+
+    lora = tmp_path / "Lora" / "mm-adapter.safetensors"
+    opts = MotionTrainOptions(
+        base=str(tiny_models["sd1"]["diffusers"]),
+        out=str(tmp_path / "AnimateDiff" / "mm"),
+        work_dir=str(tmp_path / "work"),
+        frames=4,
+        clips=1,
+        steps=2,
+        log_every=0,
+        resolution=64,
+        lr=1e-2,
+        lora_rank=2,
+        lora_out=str(lora),
+    )
+    rec = train_motion(opts, log=lambda m: None)
+    assert rec["adapter_lora"] == str(lora) and lora.is_file()
+    first = load_file(lora)
+    keys = {k.rsplit(".", 2)[0] for k in first}
+    assert keys and all("attn2_to_k" in k or "attn2_to_v" in k for k in keys)  # cross-attention keys/values only
+    assert any(float(v.abs().max()) > 0 for k, v in first.items() if k.endswith("lora_up.weight"))  # it learned
+    rec = train_motion(MotionTrainOptions(**{**opts.__dict__, "steps": 3}), log=lambda m: None)
+    assert rec["steps"] == 3
+    resumed = load_file(lora)
+    assert any(not torch.equal(first[k], resumed[k]) for k in first)
+
+    data = tmp_path / "data"
+    engine = Engine(
+        EngineConfig.from_data_dir(
+            data,
+            ckpt_dirs=(Path(opts.base).parent,),
+            lora_dirs=(lora.parent,),
+            motion_dirs=(tmp_path / "AnimateDiff",),
+            builtin_model_dir=None,
+            device="cpu",
+            save_images=False,
+        )
+    )
+    engine.load_checkpoint(Path(opts.base).name)
+    ad = {"model": "mm", "video_length": 4, "batch_size": 4, "format": []}
+    req = dict(prompt="a red circle moving to the right", steps=2, width=64, height=64, seed=3, sampler_name="Euler")
+    plain = engine.generate(GenerationRequest.build(**req, animatediff=ad))
+    req["prompt"] += " <lora:mm-adapter:1>"
+    with_lora = engine.generate(GenerationRequest.build(**req, animatediff=ad))
+    assert any("mm-adapter" in t for t in with_lora.infotexts)
+    pairs = zip(plain.images, with_lora.images, strict=True)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in pairs)
+
+    more = MotionTrainOptions(**{**opts.__dict__, "work_dir": None, "steps": 1, "init_lora": str(lora),
+                                 "lora_out": str(tmp_path / "next.safetensors")})
+    train_motion(more, log=lambda m: None)
+    continued = load_file(tmp_path / "next.safetensors")  # started from the file's weights, not from zero
+    up = [k for k in resumed if k.endswith("lora_up.weight")]
+    assert all(float((continued[k].float() - resumed[k].float()).abs().max()) < 0.5 * float(resumed[k].abs().max())
+               for k in up if float(resumed[k].abs().max()) > 0)
+    with pytest.raises(ValueError, match="lora_down.weight: expected"):
+        train_motion(MotionTrainOptions(**{**more.__dict__, "lora_rank": 3}), log=lambda m: None)
+
+
 def test_motion_training_object_weight_changes_what_is_learned(tmp_path, tiny_models):
     from ldm_core.models import load_state_dict
     from ldm_core.train.motion import MotionTrainOptions, train_motion

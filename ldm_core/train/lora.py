@@ -94,6 +94,42 @@ def _kohya_name(prefix: str, name: str, text: bool, encoder: torch.nn.Module) ->
     return prefix + name.replace(".", "_")
 
 
+def attach_pairs(
+    module: torch.nn.Module, prefix: str, suffixes: tuple[str, ...], rank: int, alpha: float, text: bool = False
+) -> tuple[dict[str, LoraPair], list]:
+    """A LoraPair on each Linear of `module` whose name ends in one of `suffixes`, acting through a forward hook
+    on the frozen layer; returns ({kohya key: pair}, hook handles to remove afterwards)."""
+    pairs, hooks = {}, []
+    dev = next(module.parameters()).device
+    for name, layer in _targets(module, suffixes).items():
+        pair = LoraPair(layer, rank, alpha).to(dev)
+        pairs[_kohya_name(prefix, name, text, module)] = pair
+        hooks.append(layer.register_forward_hook(pair.hook))
+    return pairs, hooks
+
+
+def pair_tensors(pairs: dict[str, LoraPair], alpha: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The kohya-format tensors of trained pairs (`KEY.lora_down.weight`, `KEY.lora_up.weight`, `KEY.alpha`)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, pair in pairs.items():
+        tensors[key + ".lora_down.weight"] = pair.down.weight.detach().to("cpu", dtype).contiguous()
+        tensors[key + ".lora_up.weight"] = pair.up.weight.detach().to("cpu", dtype).contiguous()
+        tensors[key + ".alpha"] = torch.tensor(alpha, dtype=dtype)
+    return tensors
+
+
+def load_pair_tensors(pairs: dict[str, LoraPair], tensors: dict[str, torch.Tensor]) -> None:
+    """Put a kohya-format file's weights into `pairs` (the same keys, ranks and shapes, or ValueError)."""
+    for key, pair in pairs.items():
+        for part, layer in (("lora_down", pair.down), ("lora_up", pair.up)):
+            w = tensors.get(f"{key}.{part}.weight")
+            if w is None or w.shape != layer.weight.shape:
+                got = None if w is None else tuple(w.shape)
+                raise ValueError(f"{key}.{part}.weight: expected {tuple(layer.weight.shape)}, got {got}")
+            with torch.no_grad():
+                layer.weight.copy_(w.to(layer.weight))
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -107,7 +143,9 @@ def _load_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]
     return data.images, data.captions
 
 
-def _save(tensors: dict[str, torch.Tensor], meta: dict[str, str], out: Path) -> None:
+def write_lora_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], out: Path) -> None:
+    """Write a kohya-format LoRA atomically, with its `sshs_model_hash` (the data section's SHA-256) in the
+    metadata."""
     import hashlib
 
     from safetensors.torch import save
@@ -165,10 +203,9 @@ def train_lora(opts: LoraTrainOptions, log: Callable[[str], None] = print) -> di
         te_prefixes = ("lora_te1_", "lora_te2_") if family == "sdxl" else ("lora_te_",)
         groups += [(p, e, TEXT_TARGETS, True) for p, e in zip(te_prefixes, encoders, strict=False)]
     for prefix, module, suffixes, text in groups:
-        for name, layer in _targets(module, suffixes).items():
-            pair = LoraPair(layer, opts.rank, alpha).to(dev)
-            pairs[_kohya_name(prefix, name, text, module)] = pair
-            hooks.append(layer.register_forward_hook(pair.hook))
+        more, handles = attach_pairs(module, prefix, suffixes, opts.rank, alpha, text)
+        pairs.update(more)
+        hooks += handles
     if not pairs:
         raise ValueError("the base model has no attention projections to train")
     unet_params = [p for k, pair in pairs.items() if k.startswith("lora_unet_") for p in pair.parameters()]
@@ -241,11 +278,7 @@ def train_lora(opts: LoraTrainOptions, log: Callable[[str], None] = print) -> di
             h.remove()
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[opts.save_dtype]
-    tensors: dict[str, torch.Tensor] = {}
-    for key, pair in pairs.items():
-        tensors[key + ".lora_down.weight"] = pair.down.weight.detach().to("cpu", dtype).contiguous()
-        tensors[key + ".lora_up.weight"] = pair.up.weight.detach().to("cpu", dtype).contiguous()
-        tensors[key + ".alpha"] = torch.tensor(alpha, dtype=dtype)
+    tensors = pair_tensors(pairs, alpha, dtype)
     out = Path(opts.out)
     meta = {
         "ss_network_module": "networks.lora",
@@ -260,7 +293,7 @@ def train_lora(opts: LoraTrainOptions, log: Callable[[str], None] = print) -> di
         "ss_training_comment": "ldm_core LoRA trainer",
         "ldm_core_options": json.dumps({k: str(v) for k, v in asdict(opts).items()}),
     }
-    _save(tensors, meta, out)
+    write_lora_file(tensors, meta, out)
     record = {
         "out": str(out),
         "steps": step,

@@ -26,6 +26,13 @@ without the module are the baseline.
 
 A later sitting whose checkpoint is gone continues from the committed export with `--init FOLDER` (its weights,
 a new optimiser and schedule; only a module made for the same base fits).
+
+With `--lora-rank R` a LoRA on the base UNet's cross-attention keys and values (`attn2.to_k`, `attn2.to_v`:
+where the prompt's words enter the image features) trains with the module, so that direction words can shape
+what the temporal layers see (the frozen base barely tells "moving up" from "moving down"); it is written as
+a kohya-format LoRA (`--lora-out`, default `models/Lora/<module name>-adapter.safetensors`) that the clip's
+prompt loads with `<lora:NAME:1>`, as AnimateDiff v3's adapter LoRA is used beside its module.
+`--init-lora FILE` continues one. `motion-eval --lora FILE` measures the pair.
 """
 
 from __future__ import annotations
@@ -222,6 +229,17 @@ class MotionTrainOptions:
     export_every: float = 0.0
     log_every: int = 20
     timesteps: str = "uniform"  # or "cubic": more high-noise steps, where the object goes is decided
+    lora_rank: int = 0  # > 0: an adapter LoRA on the base's cross-attention keys and values trains with the module
+    lora_out: str | None = None  # None: models/Lora/<out's name>-adapter.safetensors
+    init_lora: str | None = None  # start the adapter LoRA from this file's weights
+
+
+#: the base UNet layers the adapter LoRA trains (cross-attention: where the prompt's words enter)
+ADAPTER_TARGETS = ("attn2.to_k", "attn2.to_v")
+
+
+def adapter_lora_path(o: MotionTrainOptions) -> Path:
+    return Path(o.lora_out) if o.lora_out else Path("models/Lora") / f"{Path(o.out).name}-adapter.safetensors"
 
 
 def _log(msg: str) -> None:
@@ -313,6 +331,20 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         _init_from(adapter, o.init, log)
     adapter.train()
     params = [p for p in adapter.parameters()]
+    lora_pairs, lora_hooks = {}, []
+    if o.lora_rank > 0:
+        from ldm_core.train.lora import attach_pairs, load_pair_tensors
+
+        lora_pairs, lora_hooks = attach_pairs(model.unet, "lora_unet_", ADAPTER_TARGETS, o.lora_rank, o.lora_rank)
+        if ckpt is not None and "lora" in ckpt:
+            for key, pair in lora_pairs.items():
+                pair.load_state_dict(ckpt["lora"][key])
+        elif o.init_lora:
+            from safetensors.torch import load_file
+
+            load_pair_tensors(lora_pairs, load_file(o.init_lora))
+            log(f"adapter LoRA from {o.init_lora}")
+        params += [p for pair in lora_pairs.values() for p in pair.parameters()]
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
     patch = MotionPatch(model.unet, MotionModule("training", Path(o.out), adapter, "diffusers")).install()
     patch.set_frames(o.frames)
@@ -322,7 +354,9 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     ab = sched.alphas_cumprod.float()
     vae = model.vae
     scaling = vae.config.scaling_factor
-    n_params = sum(p.numel() for p in params)
+    n_params = sum(p.numel() for p in adapter.parameters())
+    if lora_pairs:
+        log(f"adapter LoRA: {len(lora_pairs)} layers, rank {o.lora_rank}, -> {adapter_lora_path(o)}")
     log(
         f"motion module: {n_params / 1e6:.2f}M parameters for a UNet with channels "
         f"{tuple(model.unet.config.block_out_channels)}; {o.clips} clips x {o.frames} frames per step at {res}px"
@@ -350,11 +384,28 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
             "final_loss": loop.ema,
             "seconds": round(loop.seconds(), 1),
             "parameters": n_params,
+            **({"adapter_lora": str(adapter_lora_path(o)), "adapter_lora_rank": o.lora_rank} if lora_pairs else {}),
         }
 
     def checkpoint() -> None:
         if ckpt_path is not None:
-            _save_atomic({"adapter": adapter.state_dict(), **loop.state()}, ckpt_path)
+            lora = {"lora": {k: pair.state_dict() for k, pair in lora_pairs.items()}} if lora_pairs else {}
+            _save_atomic({"adapter": adapter.state_dict(), **lora, **loop.state()}, ckpt_path)
+
+    def export() -> Path:
+        out = export_fp16_folder(adapter, Path(o.out), record())
+        if lora_pairs:
+            from ldm_core.train.lora import pair_tensors, write_lora_file
+
+            meta = {
+                "ss_network_module": "networks.lora",
+                "ss_network_dim": str(o.lora_rank),
+                "ss_network_alpha": str(o.lora_rank),
+                "ss_output_name": adapter_lora_path(o).stem,
+                "ss_training_comment": f"adapter LoRA of the motion module {Path(o.out).name} (ldm_core.train.motion)",
+            }
+            write_lora_file(pair_tensors(lora_pairs, float(o.lora_rank), torch.float16), meta, adapter_lora_path(o))
+        return out
 
     while loop.step < o.steps:
         step = loop.step
@@ -385,12 +436,14 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         loop.update(err.mean())
         now = time.monotonic()
         if o.export_every and now - last_export > o.export_every:
-            export_fp16_folder(adapter, Path(o.out), record())
+            export()
             last_export = now
     patch.remove()
+    for h in lora_hooks:
+        h.remove()
     checkpoint()
     rec = record()
-    out = export_fp16_folder(adapter, Path(o.out), rec)
+    out = export()
     rec["bytes"] = (out / "diffusion_pytorch_model.safetensors").stat().st_size
     log(f"wrote {out} ({rec['bytes'] / 1e6:.1f} MB) after {loop.step} steps, loss {loop.ema}")
     return rec
@@ -470,6 +523,8 @@ def evaluate_motion(
     phrasing: str = "heldout",
     shared_noise: float = 0.0,
     freeinit_iters: int = 1,
+    lora: str | None = None,
+    lora_weight: float = 1.0,
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
     frames are then independent images of one batch) and score them (see `score_clip`)."""
@@ -480,9 +535,11 @@ def evaluate_motion(
     results = []
     sheets = []
     dirs = (Path(module).parent,) if module is not None else ()
-    with scratch_engine(base, motion_dirs=dirs) as (engine, _model):
+    lora_dirs = (Path(lora).parent,) if lora else ()
+    tag = f" <lora:{Path(lora).stem}:{lora_weight:g}>" if lora else ""  # the module's adapter LoRA, if any
+    with scratch_engine(base, motion_dirs=dirs, lora_dirs=lora_dirs) as (engine, _model):
         for i, clip in enumerate(clips):
-            values = dict(prompt=clip.caption, steps=steps, seed=1000 + i, save_images=False, cfg_scale=7.0)
+            values = dict(prompt=clip.caption + tag, steps=steps, seed=1000 + i, save_images=False, cfg_scale=7.0)
             if module is not None:
                 values["animatediff"] = {
                     "model": Path(module).name,
@@ -510,6 +567,7 @@ def evaluate_motion(
         "phrasing": phrasing,
         "shared_noise": shared_noise,
         "freeinit_iters": freeinit_iters,
+        "lora": f"{lora}:{lora_weight:g}" if lora else None,
         "frames": frames,
         "steps": steps,
         "direction": sum(r["direction_ok"] for r in results) / n,
@@ -564,6 +622,14 @@ def add_arguments(p) -> None:
         help="extra loss weight on the cells on and next to each frame's object (0: a plain mean; default: "
         "%(default)s)",
     )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        default=d.lora_rank,
+        help="> 0: train an adapter LoRA on the base's cross-attention keys/values with the module (default: off)",
+    )
+    p.add_argument("--lora-out", default=None, help="the adapter LoRA file (default: models/Lora/<out>-adapter...)")
+    p.add_argument("--init-lora", default=None, help="start the adapter LoRA from this file")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--autocast", choices=("off", "bf16"), default=d.autocast)
@@ -598,6 +664,9 @@ def run(a) -> int:
         export_every=a.export_every,
         log_every=a.log_every,
         timesteps=a.timesteps,
+        lora_rank=a.lora_rank,
+        lora_out=a.lora_out,
+        init_lora=a.init_lora,
     )
     rec = train_motion(o)
     print(json.dumps({k: v for k, v in rec.items() if k != "options"}, indent=2))
@@ -616,6 +685,8 @@ def add_eval_arguments(p) -> None:
     p.add_argument(
         "--freeinit-iters", type=int, default=1, help="the clips' FreeInit samplings (1: off; default: %(default)s)"
     )
+    p.add_argument("--lora", default=None, help="the module's adapter LoRA file, added to every prompt")
+    p.add_argument("--lora-weight", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
@@ -640,6 +711,8 @@ def run_eval(a) -> int:
         phrasing=a.phrasing,
         shared_noise=a.shared_noise,
         freeinit_iters=a.freeinit_iters,
+        lora=a.lora,
+        lora_weight=a.lora_weight,
     )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
