@@ -621,6 +621,14 @@ def test_motion_eval_says_where_consistency_breaks():
     assert (got["lost_frames"], got["shape_changes"], got["colour_changes"]) == (1, 1, 1)
 
 
+def tiny_motion_options(tiny_models, out, **kw):
+    """Motion-trainer options for the tiny SD 1.x model: 4-frame clips, one per step, 2 steps, 64 px, silent."""
+    from ldm_core.train.motion import MotionTrainOptions
+
+    base = dict(base=str(tiny_models["sd1"]["diffusers"]), frames=4, clips=1, steps=2, log_every=0, resolution=64)
+    return MotionTrainOptions(**{**base, "out": str(out), **kw})
+
+
 def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, tiny_models):
     from ldm_core.train.motion import MotionTrainOptions, new_adapter, train_motion
 
@@ -632,16 +640,7 @@ def test_motion_training_runs_resumes_and_exports_a_loadable_module(tmp_path, ti
         with motion_patch(unet, MotionModule("new", tmp_path, adapter, "diffusers")) as patch:
             patch.set_frames(4)
             assert torch.allclose(unet(x, 10, ehs).sample, plain, atol=1e-6)  # a new module is the identity
-    opts = MotionTrainOptions(
-        base=str(tiny_models["sd1"]["diffusers"]),
-        out=str(tmp_path / "mm"),
-        work_dir=str(tmp_path / "work"),
-        frames=4,
-        clips=1,
-        steps=2,
-        log_every=0,
-        resolution=64,
-    )
+    opts = tiny_motion_options(tiny_models, tmp_path / "mm", work_dir=str(tmp_path / "work"))
     rec = train_motion(opts, log=lambda m: None)
     assert rec["steps"] == 2 and (tmp_path / "work" / "motion-train.pt").is_file()
     rec = train_motion(MotionTrainOptions(**{**opts.__dict__, "steps": 3}), log=lambda m: None)
@@ -660,17 +659,8 @@ def test_motion_training_with_an_adapter_lora_writes_a_lora_the_engine_loads(tmp
     from ldm_core.train.motion import MotionTrainOptions, train_motion
 
     lora = tmp_path / "Lora" / "mm-adapter.safetensors"
-    opts = MotionTrainOptions(
-        base=str(tiny_models["sd1"]["diffusers"]),
-        out=str(tmp_path / "AnimateDiff" / "mm"),
-        work_dir=str(tmp_path / "work"),
-        frames=4,
-        clips=1,
-        steps=2,
-        log_every=0,
-        resolution=64,
-        lr=1e-2,
-        lora_rank=2,
+    opts = tiny_motion_options(
+        tiny_models, tmp_path / "AnimateDiff" / "mm", work_dir=str(tmp_path / "work"), lr=1e-2, lora_rank=2,
         lora_out=str(lora),
     )
     rec = train_motion(opts, log=lambda m: None)
@@ -719,20 +709,10 @@ def test_motion_training_with_an_adapter_lora_writes_a_lora_the_engine_loads(tmp
 
 def test_motion_training_object_weight_changes_what_is_learned(tmp_path, tiny_models):
     from ldm_core.models import load_state_dict
-    from ldm_core.train.motion import MotionTrainOptions, train_motion
+    from ldm_core.train.motion import train_motion
 
     def trained(name, weight):
-        o = MotionTrainOptions(
-            base=str(tiny_models["sd1"]["diffusers"]),
-            out=str(tmp_path / name),
-            frames=4,
-            clips=1,
-            steps=2,
-            log_every=0,
-            resolution=64,
-            object_weight=weight,
-        )
-        rec = train_motion(o, log=lambda m: None)
+        rec = train_motion(tiny_motion_options(tiny_models, tmp_path / name, object_weight=weight), log=lambda m: None)
         assert rec["options"]["object_weight"] == str(weight)
         return load_state_dict(tmp_path / name / "diffusion_pytorch_model.safetensors")
 
