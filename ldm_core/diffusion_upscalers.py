@@ -52,6 +52,14 @@ LDSR_MULTIPLE = 8
 DEFAULT_GUIDANCE = 9.0
 
 
+def recommended_guidance(path: str | Path) -> float:
+    """The CFG scale an upscaler at `path` runs with when none is set: its sidecar's `cfg_scale`, else 9
+    (`SidecarError`, naming the file, for an invalid one)."""
+    from .models.sidecar import read_sidecar
+
+    return read_sidecar(path).cfg_scale or DEFAULT_GUIDANCE
+
+
 def pipeline_class(path: Path) -> str | None:
     """The `_class_name` of a diffusers pipeline folder, or None."""
     index = path / "model_index.json"
@@ -135,9 +143,7 @@ class DiffusionUpscaler(PipelineFolder):
             return options
         from dataclasses import replace
 
-        from .models.sidecar import read_sidecar
-
-        return replace(options, guidance_scale=read_sidecar(self.folder).cfg_scale or DEFAULT_GUIDANCE)
+        return replace(options, guidance_scale=recommended_guidance(self.folder))
 
     def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
              cancel: Callable[[], None] | None = None):

@@ -383,16 +383,13 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
     from diffusers import StableDiffusionUpscalePipeline
     from PIL import Image
 
-    from ldm_core.diffusion_upscalers import DEFAULT_GUIDANCE
-    from ldm_core.models.sidecar import read_sidecar
-
-    guidance = guidance or read_sidecar(model_dir).cfg_scale or DEFAULT_GUIDANCE
-
+    from ldm_core.diffusion_upscalers import recommended_guidance
     from ldm_core.upscalers import UpscalerRegistry
 
     from .analyser import analyse
     from .upscaler import psnr, skimage_images
 
+    guidance = guidance or recommended_guidance(model_dir)
     pipe = StableDiffusionUpscalePipeline.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     import cv2
