@@ -33,6 +33,7 @@ from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintReque
 from .models.loading import ModelFileError
 from .scaleout import add_ray_flags, ray_service_args
 from .threads import thread_policy
+from .video.free_init import FILTERS as FREEINIT_FILTERS
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -180,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="FreeInit: samplings in all (1: off; 3 is sd-webui-animatediff's default); text-to-video only",
     )
-    p.add_argument("--freeinit-filter", default="butterworth", choices=["butterworth", "gaussian", "ideal", "box"])
+    p.add_argument("--freeinit-filter", default="butterworth", choices=FREEINIT_FILTERS)
     p.add_argument("--format", default="GIF,MP4", help="comma-separated: GIF, MP4, WEBP, WEBM, PNG, TXT")
     p.add_argument("--init-image", default=None, help="image-to-video: the start image")
     p.add_argument("--video-source", default=None, help="video-to-video: a clip (GIF, WebP, MP4, WebM)")

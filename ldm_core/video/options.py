@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .free_init import FILTERS as FREEINIT_FILTERS
+
 VIDEO_FORMATS = ("GIF", "MP4", "WEBP", "WEBM", "PNG", "TXT", "Frame")
 MAX_FRAMES = 128  # frames of one clip (the UI slider's range; a server may lower it)
 
@@ -45,7 +47,7 @@ class AnimateDiffArgs(BaseModel):
     video_path: str | None = None
     shared_noise: float = Field(0.0, ge=0.0, le=1.0)  # share of each frame's noise from the first frame's
     freeinit_enable: bool = False  # text-to-video only (ldm_core.video.free_init)
-    freeinit_filter: Literal["butterworth", "gaussian", "ideal", "box"] = "butterworth"
+    freeinit_filter: Literal[FREEINIT_FILTERS] = "butterworth"
     freeinit_ds: float = Field(0.25, gt=0.0, le=1.0)  # spatial stop frequency
     freeinit_dt: float = Field(0.25, gt=0.0, le=1.0)  # temporal stop frequency
     freeinit_iters: int = Field(3, ge=1, le=10)  # samplings in all, the first from plain noise
