@@ -143,6 +143,17 @@ def _load_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]
     return data.images, data.captions
 
 
+def network_metadata(rank: int, alpha: float, name: str, comment: str) -> dict[str, str]:
+    """The kohya `ss_*` metadata every LoRA file this project writes carries (network kind, rank, alpha, name)."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_output_name": name,
+        "ss_training_comment": comment,
+    }
+
+
 def write_lora_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], out: Path) -> None:
     """Write a kohya-format LoRA atomically, with its `sshs_model_hash` (the data section's SHA-256) in the
     metadata."""
@@ -281,16 +292,12 @@ def train_lora(opts: LoraTrainOptions, log: Callable[[str], None] = print) -> di
     tensors = pair_tensors(pairs, alpha, dtype)
     out = Path(opts.out)
     meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(opts.rank),
-        "ss_network_alpha": f"{alpha:g}",
+        **network_metadata(opts.rank, alpha, opts.name or out.stem, "ldm_core LoRA trainer"),
         "ss_base_model_version": BASE_MODEL_VERSION.get(family, family),
-        "ss_output_name": opts.name or out.stem,
         "ss_steps": str(step),
         "ss_learning_rate": f"{opts.lr:g}",
         "ss_resolution": f"({res}, {res})",
         "ss_num_train_images": str(len(captions)),
-        "ss_training_comment": "ldm_core LoRA trainer",
         "ldm_core_options": json.dumps({k: str(v) for k, v in asdict(opts).items()}),
     }
     write_lora_file(tensors, meta, out)

@@ -395,15 +395,10 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     def export() -> Path:
         out = export_fp16_folder(adapter, Path(o.out), record())
         if lora_pairs:
-            from ldm_core.train.lora import pair_tensors, write_lora_file
+            from ldm_core.train.lora import network_metadata, pair_tensors, write_lora_file
 
-            meta = {
-                "ss_network_module": "networks.lora",
-                "ss_network_dim": str(o.lora_rank),
-                "ss_network_alpha": str(o.lora_rank),
-                "ss_output_name": adapter_lora_path(o).stem,
-                "ss_training_comment": f"adapter LoRA of the motion module {Path(o.out).name} (ldm_core.train.motion)",
-            }
+            comment = f"adapter LoRA of the motion module {Path(o.out).name} (ldm_core.train.motion)"
+            meta = network_metadata(o.lora_rank, o.lora_rank, adapter_lora_path(o).stem, comment)
             write_lora_file(pair_tensors(lora_pairs, float(o.lora_rank), torch.float16), meta, adapter_lora_path(o))
         return out
 
