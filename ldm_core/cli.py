@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--shared-noise", type=float, default=0.0, help="0-1: share of each frame's noise from the first frame's"
     )
     p.add_argument(
+        "--motion-timeline",
+        type=float,
+        nargs=3,
+        default=(0.0, 1.0, 1.0),
+        metavar=("START", "END", "EFFECT"),
+        help="the module runs from START to END of the denoising (0: noise, 1: clean) at EFFECT (default: 0 1 1)",
+    )
+    p.add_argument(
         "--freeinit-iters",
         type=int,
         default=1,
@@ -323,6 +331,9 @@ def _video_request(args, values: dict):
         "overlap": args.overlap,
         "closed_loop": args.closed_loop,
         "shared_noise": args.shared_noise,
+        "motion_start_percent": args.motion_timeline[0],
+        "motion_end_percent": args.motion_timeline[1],
+        "motion_effect": args.motion_timeline[2],
         "freeinit_enable": args.freeinit_iters > 1,
         "freeinit_iters": max(1, args.freeinit_iters),
         "freeinit_filter": args.freeinit_filter,

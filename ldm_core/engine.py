@@ -1177,7 +1177,11 @@ class Engine:
             if model.kind.family != job.model.kind.family:  # UNet-input residuals fit the job's model only
                 hooks = Hooks(cfg=list(job.hooks.cfg))
             self._reached("denoise")
-            loop_unet = job.video.unet(model.unet) if job.video is not None else self.compiler.unet(model.unet)
+            loop_unet = (
+                job.video.unet(model.unet, levels.num_train_timesteps)
+                if job.video is not None
+                else self.compiler.unet(model.unet)
+            )
             res = denoise(loop_unet, loop_in, hooks=hooks, cancel=ctx.cancel, on_step=on_step)
         if res.switched and refiner is not None:
             job.extra["Refiner"] = _short_title(refiner.model)

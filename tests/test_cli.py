@@ -113,6 +113,10 @@ def test_video_writes_the_clip(tmp_path, tiny_models, capsys):
     assert main([*args[:-2], "--freeinit-iters", "2", "--out", str(tmp_path / "fi")]) == 0
     gif = next(p for p in capsys.readouterr().out.split() if p.endswith(".gif"))
     assert "freeinit_iters: 2, freeinit_filter: butterworth" in read_image_info(Image.open(gif))[0]
+    assert main([*args[:-2], "--motion-timeline", "0", "0.5", "0.8", "--out", str(tmp_path / "tl")]) == 0
+    gif = next(p for p in capsys.readouterr().out.split() if p.endswith(".gif"))
+    assert "motion_end_percent: 0.5, motion_effect: 0.8" in read_image_info(Image.open(gif))[0]
+    assert main([*args[:-2], "--motion-timeline", "0.6", "0.2", "1", "--out", str(tmp_path / "bad")]) == 2
 
 
 def test_upscale_files_and_folders_keep_the_infotext(tmp_path, capsys):

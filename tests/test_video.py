@@ -274,6 +274,38 @@ def test_shared_noise_makes_frames_alike_and_is_in_the_infotext(sd1_video):
     assert fields_from_text(alike.infotexts[0])["video_shared_noise"] == pytest.approx(0.9)
 
 
+def _max_diff(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max())
+
+
+def test_motion_timeline_runs_the_module_only_in_its_span_and_is_in_the_infotext(sd1_video, monkeypatch):
+    from ldm_core.video.motion_modules import MotionPatch
+    from ui.common import fields_from_text
+
+    plain = sd1_video.generate(vreq(animatediff={"enable": False}, batch_size=6, sampler_name="Euler"))
+    off = sd1_video.generate(vreq(sampler_name="Euler", animatediff={"motion_effect": 0.0}))
+    same = [_max_diff(a, b) for a, b in zip(plain.images, off.images, strict=True)]
+    assert max(same) <= 1.0  # effect 0: the base UNet alone, as a plain batch of the same seeds
+
+    effects: list[float] = []
+    apply = MotionPatch._apply
+    monkeypatch.setattr(MotionPatch, "_apply", lambda self, m, h: (effects.append(self.effect), apply(self, m, h))[1])
+    full = sd1_video.generate(vreq(sampler_name="Euler", steps=4))
+    calls_full = list(effects)
+    effects.clear()
+    half = sd1_video.generate(vreq(sampler_name="Euler", steps=4, animatediff={"motion_end_percent": 0.5}))
+    assert set(calls_full) == {1.0}
+    per_step = len(effects) // 4  # the temporal layers the UNet calls per step (one call of the batch per step)
+    assert effects[: 2 * per_step] == [1.0] * (2 * per_step) and set(effects[2 * per_step :]) == {0.0}
+    assert max(_max_diff(a, b) for a, b in zip(full.images, half.images, strict=True)) > 0
+    assert "motion_end_percent" not in full.infotexts[0]
+    assert "motion_start_percent: 0, motion_end_percent: 0.5, motion_effect: 1" in half.infotexts[0]
+    assert fields_from_text(half.infotexts[0])["video_motion_end_percent"] == pytest.approx(0.5)
+
+    with pytest.raises(RequestError, match="motion_end_percent 0.2 is before motion_start_percent 0.6"):
+        vreq(animatediff={"motion_start_percent": 0.6, "motion_end_percent": 0.2})
+
+
 def test_free_init_filters_keep_low_frequencies_and_take_the_rest_from_fresh_noise():
     from ldm_core.video.free_init import FILTERS, low_pass, mix_frequencies, reinitialised_noise
 

@@ -329,6 +329,9 @@ VIDEO_FIELDS = {
     "video_format": "format",
     "video_loop_number": "loop_number",
     "video_shared_noise": "shared_noise",
+    "video_motion_start_percent": "motion_start_percent",
+    "video_motion_end_percent": "motion_end_percent",
+    "video_motion_effect": "motion_effect",
     "video_freeinit_enable": "freeinit_enable",
     "video_freeinit_iters": "freeinit_iters",
     "video_freeinit_filter": "freeinit_filter",
@@ -511,7 +514,15 @@ def _video_fields(value: str) -> dict[str, Any]:
         if field in ("video_model", "video_closed_loop", "video_freeinit_filter"):
             out[field] = text
         elif _num(text) is not None:
-            floats = ("video_fps", "video_shared_noise", "video_freeinit_ds", "video_freeinit_dt")
+            floats = (
+                "video_fps",
+                "video_shared_noise",
+                "video_motion_start_percent",
+                "video_motion_end_percent",
+                "video_motion_effect",
+                "video_freeinit_ds",
+                "video_freeinit_dt",
+            )
             out[field] = _num(text) if field in floats else _num(text, int)
     if "video_freeinit_iters" in out:  # the infotext names FreeInit only when it ran
         out["video_freeinit_enable"] = True

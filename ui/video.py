@@ -63,6 +63,20 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
                 info="share of each frame's starting noise taken from the first frame's: frames start alike",
                 elem_id="video_shared_noise",
             )
+        with gr.Row():  # the module's timeline (AnimateDiff-Evolved's start/end percent and effect)
+            m_start = gr.Slider(
+                0.0, 1.0, value=0.0, step=0.05, label="Motion start", elem_id="video_motion_start_percent"
+            )
+            m_end = gr.Slider(
+                0.0,
+                1.0,
+                value=1.0,
+                step=0.05,
+                label="Motion end",
+                info="the module runs from start to end of the denoising; the model alone after it: crisper frames",
+                elem_id="video_motion_end_percent",
+            )
+            m_effect = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Motion effect", elem_id="video_motion_effect")
         with gr.Row():  # text-to-video only (ldm_core.video.free_init)
             freeinit = gr.Checkbox(
                 False,
@@ -104,6 +118,9 @@ def _motion_section(ctx: UiContext, tab: GenerationTab) -> None:
         video_closed_loop=closed,
         video_loop_number=loops,
         video_shared_noise=shared,
+        video_motion_start_percent=m_start,
+        video_motion_end_percent=m_end,
+        video_motion_effect=m_effect,
         video_freeinit_enable=freeinit,
         video_freeinit_iters=fi_iters,
         video_freeinit_filter=fi_filter,

@@ -69,9 +69,10 @@ class EvalOptions:
     # option: those two tests run plain CFG there, and this rescale with `edits="engine"`
     rescale_cfg: float | None = None
     batch: int = 16
-    # the text-to-image tests' sampler from the engine's registry (ldm_core.schedulers) and its schedule type;
+    # the sampler from the engine's registry (ldm_core.schedulers) and its schedule type: of the text-to-image
+    # tests, and of img2img and inpaint with edits="engine" (diffusers' edit pipelines always run Euler a);
     # "Euler a" with "Automatic" keeps diffusers' EulerAncestralDiscreteScheduler, which every recorded report
-    # used, and which img2img and inpaint always run
+    # used
     sampler: str = "Euler a"
     schedule: str = "Automatic"
     save_images: Path | None = None
@@ -256,7 +257,7 @@ class Evaluator:
 
     def _edit(self, request_type, **fields) -> Image.Image:
         """One img2img/inpaint image through the engine (built on first use over the evaluated folder), with
-        the eval's CFG, rescale (None: the model's recommendation), Euler a and native size."""
+        the eval's CFG, rescale (None: the model's recommendation), sampler, schedule type and native size."""
         if self._engine is None:
             from ldm_core.engine import scratch_engine
 
@@ -264,7 +265,8 @@ class Evaluator:
         request = request_type.build(
             cfg_scale=self.o.cfg,
             rescale_cfg=self.o.rescale_cfg,
-            sampler_name="Euler a",
+            sampler_name=self.o.sampler,
+            scheduler=self.o.schedule,
             width=self.res,
             height=self.res,
             **fields,

@@ -520,6 +520,8 @@ def evaluate_motion(
     freeinit_iters: int = 1,
     lora: str | None = None,
     lora_weight: float = 1.0,
+    sampler: str = "Euler a",
+    timeline: tuple[float, float, float] = (0.0, 1.0, 1.0),
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
     frames are then independent images of one batch) and score them (see `score_clip`)."""
@@ -534,7 +536,10 @@ def evaluate_motion(
     tag = f" <lora:{Path(lora).stem}:{lora_weight:g}>" if lora else ""  # the module's adapter LoRA, if any
     with scratch_engine(base, motion_dirs=dirs, lora_dirs=lora_dirs) as (engine, _model):
         for i, clip in enumerate(clips):
-            values = dict(prompt=clip.caption + tag, steps=steps, seed=1000 + i, save_images=False, cfg_scale=7.0)
+            values = dict(
+                prompt=clip.caption + tag, steps=steps, seed=1000 + i, save_images=False, cfg_scale=7.0,
+                sampler_name=sampler,
+            )
             if module is not None:
                 values["animatediff"] = {
                     "model": Path(module).name,
@@ -545,6 +550,9 @@ def evaluate_motion(
                     "shared_noise": shared_noise,
                     "freeinit_enable": freeinit_iters > 1,
                     "freeinit_iters": max(1, freeinit_iters),
+                    "motion_start_percent": timeline[0],
+                    "motion_end_percent": timeline[1],
+                    "motion_effect": timeline[2],
                 }
             else:
                 values["batch_size"] = frames
@@ -563,6 +571,8 @@ def evaluate_motion(
         "shared_noise": shared_noise,
         "freeinit_iters": freeinit_iters,
         "lora": f"{lora}:{lora_weight:g}" if lora else None,
+        "sampler": sampler,
+        "motion_start_end_effect": list(timeline),
         "frames": frames,
         "steps": steps,
         "direction": sum(r["direction_ok"] for r in results) / n,
@@ -682,6 +692,15 @@ def add_eval_arguments(p) -> None:
     )
     p.add_argument("--lora", default=None, help="the module's adapter LoRA file, added to every prompt")
     p.add_argument("--lora-weight", type=float, default=1.0)
+    p.add_argument("--sampler", default="Euler a", help="the clips' sampler (default: %(default)s)")
+    p.add_argument(
+        "--timeline",
+        type=float,
+        nargs=3,
+        default=(0.0, 1.0, 1.0),
+        metavar=("START", "END", "EFFECT"),
+        help="the module's motion_start_percent, motion_end_percent and motion_effect (default: 0 1 1)",
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
@@ -708,6 +727,8 @@ def run_eval(a) -> int:
         freeinit_iters=a.freeinit_iters,
         lora=a.lora,
         lora_weight=a.lora_weight,
+        sampler=a.sampler,
+        timeline=tuple(a.timeline),
     )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -75,10 +75,19 @@ def _slice(value: Any, rows: torch.Tensor, batch: int) -> Any:
 
 class ContextWindowUNet:
     """The loop's UNet for a clip of `frames` frames: runs `unet` per context window (see the module doc) and
-    tells `set_frames` each call's clip length (the motion patch's `frames`)."""
+    tells `set_frames` each call's clip length (the motion patch's `frames`); `at_timestep`, when given, hears
+    each call's timestep first (the motion patch's timeline)."""
 
-    def __init__(self, unet, frames: int, windows: list[list[int]], set_frames: Callable[[int], None]):
+    def __init__(
+        self,
+        unet,
+        frames: int,
+        windows: list[list[int]],
+        set_frames: Callable[[int], None],
+        at_timestep: Callable[[Any], None] | None = None,
+    ):
         self.unet, self.frames, self.windows, self.set_frames = unet, frames, windows, set_frames
+        self.at_timestep = at_timestep
 
     def parameters(self):
         return self.unet.parameters()
@@ -88,6 +97,8 @@ class ContextWindowUNet:
         if batch % self.frames:
             raise RuntimeError(f"UNet batch {batch} is not a whole number of {self.frames}-frame clips")
         groups = batch // self.frames
+        if self.at_timestep is not None:
+            self.at_timestep(t)
         if len(self.windows) == 1 and len(self.windows[0]) == self.frames:
             self.set_frames(self.frames)
             return _Out(

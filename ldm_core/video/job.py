@@ -58,10 +58,17 @@ class VideoPlan:
         """Whether prompt travel wraps from the last keyframe back to the first (A1111's R+P and A)."""
         return self.args.closed_loop in ("R+P", "A")
 
-    def unet(self, unet) -> ContextWindowUNet:
+    def unet(self, unet, train_timesteps: int = 1000) -> ContextWindowUNet:
         if self.patch is None:
             raise RuntimeError("the motion module is not patched into the UNet")
-        return ContextWindowUNet(unet, self.frames, self.windows, self.patch.set_frames)
+        patch, a = self.patch, self.args
+
+        def at_timestep(t) -> None:  # the module's effect on this call, by where t sits in the denoising
+            done = 1.0 - float(t.flatten()[0] if torch.is_tensor(t) else t) / train_timesteps
+            inside = a.motion_start_percent <= done <= a.motion_end_percent
+            patch.effect = a.motion_effect if inside else 0.0
+
+        return ContextWindowUNet(unet, self.frames, self.windows, patch.set_frames, at_timestep)
 
     def infotext(self) -> str:
         a = self.args
@@ -70,6 +77,13 @@ class VideoPlan:
             f"model: {self.module.name}, video_length: {self.frames}, fps: {infotext_number(self.fps)}, "
             f"closed_loop: {a.closed_loop}, batch_size: {self.context}, stride: {a.stride}, overlap: {overlap}"
             + (f", shared_noise: {infotext_number(a.shared_noise)}" if a.shared_noise > 0 else "")
+            + (
+                f", motion_start_percent: {infotext_number(a.motion_start_percent)}, "
+                f"motion_end_percent: {infotext_number(a.motion_end_percent)}, "
+                f"motion_effect: {infotext_number(a.motion_effect)}"
+                if (a.motion_start_percent, a.motion_end_percent, a.motion_effect) != (0.0, 1.0, 1.0)
+                else ""
+            )
             + (
                 f", freeinit_iters: {self.free_init_passes}, freeinit_filter: {a.freeinit_filter}, "
                 f"freeinit_ds: {infotext_number(a.freeinit_ds)}, freeinit_dt: {infotext_number(a.freeinit_dt)}"

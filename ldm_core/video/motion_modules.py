@@ -338,6 +338,7 @@ class MotionPatch:
     def __init__(self, unet, module: MotionModule):
         self.unet, self.module = unet, module
         self.frames = 1
+        self.effect = 1.0  # how much of the temporal layers' change the next UNet call keeps (0: none)
         self._handles: list = []
 
     def set_frames(self, frames: int) -> None:
@@ -359,7 +360,10 @@ class MotionPatch:
             motion.to(h.device)
         if h.shape[0] % self.frames:
             raise RuntimeError(f"UNet batch {h.shape[0]} is not a whole number of {self.frames}-frame clips")
-        return motion(h, num_frames=self.frames)
+        if self.effect == 0:
+            return h
+        out = motion(h, num_frames=self.frames)
+        return out if self.effect == 1 else h + self.effect * (out - h)
 
     def install(self) -> MotionPatch:
         a = self.module.adapter

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .free_init import FILTERS as FREEINIT_FILTERS
 
@@ -46,6 +46,12 @@ class AnimateDiffArgs(BaseModel):
     video_source: Any = None  # a clip (base64 or bytes; GIF/WebP/MP4/WebM) for video-to-video
     video_path: str | None = None
     shared_noise: float = Field(0.0, ge=0.0, le=1.0)  # share of each frame's noise from the first frame's
+    # the motion module's timeline (AnimateDiff-Evolved's start/end percent and effect): it runs from
+    # motion_start_percent to motion_end_percent of the denoising (0: pure noise, 1: the clean end) and keeps
+    # motion_effect of the change its temporal layers make; outside that span the base UNet runs alone
+    motion_start_percent: float = Field(0.0, ge=0.0, le=1.0)
+    motion_end_percent: float = Field(1.0, ge=0.0, le=1.0)
+    motion_effect: float = Field(1.0, ge=0.0, le=2.0)
     freeinit_enable: bool = False  # text-to-video only (ldm_core.video.free_init)
     freeinit_filter: Literal[FREEINIT_FILTERS] = "butterworth"
     freeinit_ds: float = Field(0.25, gt=0.0, le=1.0)  # spatial stop frequency
@@ -89,6 +95,15 @@ class AnimateDiffArgs(BaseModel):
         if isinstance(v, bool):  # older clients send a checkbox
             return "R-P" if v else "N"
         return v
+
+    @model_validator(mode="after")
+    def _timeline(self):
+        if self.motion_end_percent < self.motion_start_percent:
+            raise ValueError(
+                f"motion_end_percent {self.motion_end_percent:g} is before motion_start_percent "
+                f"{self.motion_start_percent:g}: the end must be at or after the start (0..1)"
+            )
+        return self
 
     def frames(self, source_frames: int | None = None) -> int:
         if self.video_length:
