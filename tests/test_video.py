@@ -762,11 +762,15 @@ def test_motion_training_timesteps_are_one_per_clip_and_cubic_spends_them_at_hig
     cub = clip_timesteps(2000, 1, 1000, "cubic", torch.Generator().manual_seed(1)).float()
     assert 0.38 < (uni > 580).float().mean() < 0.46 and 0.71 < (cub > 580).float().mean() < 0.79
     assert cub.min() >= 0 and cub.max() <= 999
+    late = clip_timesteps(2000, 1, 1000, "uniform", torch.Generator().manual_seed(1), min_t=500)
+    assert late.min() >= 500 and late.max() <= 999 and 700 < late.float().mean() < 800
     base = dict(base=str(tiny_models["sd1"]["diffusers"]), frames=4, clips=1, steps=1, log_every=0, resolution=64)
     rec = train_motion(MotionTrainOptions(**base, out=str(tmp_path / "c"), timesteps="cubic"), log=lambda m: None)
     assert rec["options"]["timesteps"] == "cubic"
     with pytest.raises(ValueError, match="timesteps"):
         train_motion(MotionTrainOptions(**base, out=str(tmp_path / "x"), timesteps="late"), log=lambda m: None)
+    with pytest.raises(ValueError, match="min_timestep: 1000 is outside 0..999"):
+        train_motion(MotionTrainOptions(**base, out=str(tmp_path / "y"), min_timestep=1000), log=lambda m: None)
 
 
 def test_motion_training_continues_from_an_exported_module_and_refuses_another_bases(tmp_path, tiny_models):

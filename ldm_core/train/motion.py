@@ -229,6 +229,9 @@ class MotionTrainOptions:
     export_every: float = 0.0
     log_every: int = 20
     timesteps: str = "uniform"  # or "cubic": more high-noise steps, where the object goes is decided
+    # train only at t >= min_timestep: for a module run with a timeline that ends before the low-noise steps
+    # (motion_end_percent = 1 - min_timestep / T), whose capacity then goes where the motion is decided
+    min_timestep: int = 0
     lora_rank: int = 0  # > 0: an adapter LoRA on the base's cross-attention keys and values trains with the module
     lora_out: str | None = None  # None: models/Lora/<out's name>-adapter.safetensors
     init_lora: str | None = None  # start the adapter LoRA from this file's weights
@@ -287,12 +290,15 @@ def _init_from(adapter, path: str, log) -> None:
     log(f"starting from the weights of {path}")
 
 
-def clip_timesteps(clips: int, frames: int, n_train: int, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """One training timestep per clip, repeated for its frames (clip after clip, as the UNet batch), drawn
-    uniformly or "cubic" (`ldm_core.train.controlnet.sample_timesteps`)."""
+def clip_timesteps(
+    clips: int, frames: int, n_train: int, mode: str, gen: torch.Generator, min_t: int = 0
+) -> torch.Tensor:
+    """One training timestep per clip in [min_t, n_train), repeated for its frames (clip after clip, as the UNet
+    batch), drawn uniformly or "cubic" (`ldm_core.train.controlnet.sample_timesteps`) over that range."""
     from ldm_core.train.controlnet import sample_timesteps
 
-    return sample_timesteps(clips, n_train, mode, gen).repeat_interleave(frames)
+    span = n_train - min_t
+    return (min_t + sample_timesteps(clips, span, mode, gen)).repeat_interleave(frames)
 
 
 def train_motion(o: MotionTrainOptions, log=_log) -> dict:
@@ -351,6 +357,8 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     text = TextEncoder(model)
     sched = DDPMScheduler.from_config(dict(model.scheduler_config))
     prediction, n_train = sched.config.prediction_type, sched.config.num_train_timesteps
+    if not 0 <= o.min_timestep < n_train:
+        raise ValueError(f"min_timestep: {o.min_timestep} is outside 0..{n_train - 1} (the base's timesteps)")
     ab = sched.alphas_cumprod.float()
     vae = model.vae
     scaling = vae.config.scaling_factor
@@ -419,7 +427,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         cond = torch.where(drop.view(-1, 1, 1), empty.expand_as(cond), cond)
         cond = cond.repeat_interleave(o.frames, 0)
         noise = torch.randn(z.shape, generator=gen)
-        t = clip_timesteps(len(clips), o.frames, n_train, o.timesteps, gen)
+        t = clip_timesteps(len(clips), o.frames, n_train, o.timesteps, gen, o.min_timestep)
         x_t, target = diffusion_target(z, noise, ab[t], prediction)
         progress = loop.progress(o.steps, o.max_seconds)
         loop.set_lr(warmup_cosine(o.lr, step, progress, o.warmup_steps, o.min_lr_ratio))
@@ -648,6 +656,12 @@ def add_arguments(p) -> None:
         help="training noise levels: uniform, or cubic (t = (1 - u^3) T: three quarters above 0.58 T, where the "
         "layout of every frame, and so the motion, is decided)",
     )
+    p.add_argument(
+        "--min-timestep",
+        type=int,
+        default=d.min_timestep,
+        help="train at t >= this only, for a module run with motion_end_percent 1 - this / T (default: 0)",
+    )
 
 
 def run(a) -> int:
@@ -669,6 +683,7 @@ def run(a) -> int:
         export_every=a.export_every,
         log_every=a.log_every,
         timesteps=a.timesteps,
+        min_timestep=a.min_timestep,
         lora_rank=a.lora_rank,
         lora_out=a.lora_out,
         init_lora=a.init_lora,
