@@ -34,6 +34,7 @@ from .models.loading import ModelFileError
 from .scaleout import add_ray_flags, ray_service_args
 from .threads import thread_policy
 from .video.free_init import FILTERS as FREEINIT_FILTERS
+from .video.options import add_timeline_argument, timeline_options
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -175,14 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shared-noise", type=float, default=0.0, help="0-1: share of each frame's noise from the first frame's"
     )
-    p.add_argument(
-        "--motion-timeline",
-        type=float,
-        nargs=3,
-        default=(0.0, 1.0, 1.0),
-        metavar=("START", "END", "EFFECT"),
-        help="the module runs from START to END of the denoising (0: noise, 1: clean) at EFFECT (default: 0 1 1)",
-    )
+    add_timeline_argument(p)
     p.add_argument(
         "--freeinit-iters",
         type=int,
@@ -331,9 +325,7 @@ def _video_request(args, values: dict):
         "overlap": args.overlap,
         "closed_loop": args.closed_loop,
         "shared_noise": args.shared_noise,
-        "motion_start_percent": args.motion_timeline[0],
-        "motion_end_percent": args.motion_timeline[1],
-        "motion_effect": args.motion_timeline[2],
+        **timeline_options(args.motion_timeline),
         "freeinit_enable": args.freeinit_iters > 1,
         "freeinit_iters": max(1, args.freeinit_iters),
         "freeinit_filter": args.freeinit_filter,

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 
+from ..video.options import TIMELINE_DEFAULT, add_timeline_argument, timeline_options
 from . import shapes
 from .step_loop import StepLoop, read_checkpoint
 
@@ -529,7 +530,7 @@ def evaluate_motion(
     lora: str | None = None,
     lora_weight: float = 1.0,
     sampler: str = "Euler a",
-    timeline: tuple[float, float, float] = (0.0, 1.0, 1.0),
+    timeline: tuple[float, float, float] = TIMELINE_DEFAULT,
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
     frames are then independent images of one batch) and score them (see `score_clip`)."""
@@ -558,9 +559,7 @@ def evaluate_motion(
                     "shared_noise": shared_noise,
                     "freeinit_enable": freeinit_iters > 1,
                     "freeinit_iters": max(1, freeinit_iters),
-                    "motion_start_percent": timeline[0],
-                    "motion_end_percent": timeline[1],
-                    "motion_effect": timeline[2],
+                    **timeline_options(timeline),
                 }
             else:
                 values["batch_size"] = frames
@@ -708,14 +707,7 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--lora", default=None, help="the module's adapter LoRA file, added to every prompt")
     p.add_argument("--lora-weight", type=float, default=1.0)
     p.add_argument("--sampler", default="Euler a", help="the clips' sampler (default: %(default)s)")
-    p.add_argument(
-        "--timeline",
-        type=float,
-        nargs=3,
-        default=(0.0, 1.0, 1.0),
-        metavar=("START", "END", "EFFECT"),
-        help="the module's motion_start_percent, motion_end_percent and motion_effect (default: 0 1 1)",
-    )
+    add_timeline_argument(p, "--timeline")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
@@ -743,7 +735,7 @@ def run_eval(a) -> int:
         lora=a.lora,
         lora_weight=a.lora_weight,
         sampler=a.sampler,
-        timeline=tuple(a.timeline),
+        timeline=tuple(a.motion_timeline),
     )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,32 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .free_init import FILTERS as FREEINIT_FILTERS
 
+#: the timeline's option names, in the order the command lines take them (START END EFFECT), and the defaults
+TIMELINE = ("motion_start_percent", "motion_end_percent", "motion_effect")
+TIMELINE_DEFAULT = (0.0, 1.0, 1.0)
+
+
+def add_timeline_argument(parser, *flags: str) -> None:
+    """`--motion-timeline START END EFFECT` (and `flags` as aliases) on an argparse parser; `timeline_options`
+    turns its value into the AnimateDiff options."""
+    parser.add_argument(
+        "--motion-timeline",
+        *flags,
+        dest="motion_timeline",
+        type=float,
+        nargs=3,
+        default=TIMELINE_DEFAULT,
+        metavar=("START", "END", "EFFECT"),
+        help="the motion module runs from START to END of the denoising (0: noise, 1: clean) and keeps EFFECT of "
+        "its change (default: 0 1 1)",
+    )
+
+
+def timeline_options(values) -> dict[str, float]:
+    """{motion_start_percent, motion_end_percent, motion_effect} from (START, END, EFFECT)."""
+    return dict(zip(TIMELINE, (float(v) for v in values), strict=True))
+
+
 VIDEO_FORMATS = ("GIF", "MP4", "WEBP", "WEBM", "PNG", "TXT", "Frame")
 MAX_FRAMES = 128  # frames of one clip (the UI slider's range; a server may lower it)
 
