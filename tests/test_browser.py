@@ -224,10 +224,11 @@ def test_video_tab_makes_a_clip_and_plays_it(page, webui):
     set_number(page, "#video_length", 6)
     set_number(page, "#video_width", SIZE)
     set_number(page, "#video_height", SIZE)
+    set_number(page, "#video_motion_end_percent", 0.5)  # the module's timeline: it stops halfway
     generate(page, "video")
     assert page.locator("#video_gallery img").count() >= 1
     info = page.input_value("#video_infotext textarea")
-    assert "AnimateDiff: " in info and "video_length: 6" in info
+    assert "AnimateDiff: " in info and "video_length: 6" in info and "motion_end_percent: 0.5" in info
     clips = sorted((webui.data / "outputs" / "video").rglob("*.*"))
     assert {p.suffix for p in clips} >= {".gif", ".mp4"}
     # the player has the MP4 and plays it
