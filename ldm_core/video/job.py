@@ -24,7 +24,7 @@ from ..rng import slerp
 from .clips import CLIP_TYPES, ClipError, decode_clip, encode_clip
 from .context_windows import ContextWindowUNet, context_windows
 from .motion_modules import MotionModule, MotionModuleError, MotionModules, MotionPatch, check_fits
-from .options import MAX_FRAMES, AnimateDiffArgs
+from .options import MAX_FRAMES, TIMELINE_DEFAULT, AnimateDiffArgs
 
 log = logging.getLogger(__name__)
 FIELD = "animatediff"  # how errors name the options (alwayson_scripts.AnimateDiff.args[0] in A1111 clients)
@@ -81,7 +81,7 @@ class VideoPlan:
                 f", motion_start_percent: {infotext_number(a.motion_start_percent)}, "
                 f"motion_end_percent: {infotext_number(a.motion_end_percent)}, "
                 f"motion_effect: {infotext_number(a.motion_effect)}"
-                if (a.motion_start_percent, a.motion_end_percent, a.motion_effect) != (0.0, 1.0, 1.0)
+                if (a.motion_start_percent, a.motion_end_percent, a.motion_effect) != TIMELINE_DEFAULT
                 else ""
             )
             + (
