@@ -123,3 +123,35 @@ def test_init_unet_starts_from_an_upscaler_folders_unet(tmp_path):
     with pytest.raises(SystemExit, match="--init-unet"):
         train_sr(SRTrainOptions(out=str(tmp_path / "third"), channels=(16, 16), steps=0, init_unet=str(first), **base),
                  log=lambda m: None)
+
+
+def test_a_distilled_narrower_text_encoder_trains_into_an_upscaler_that_carries_it(tmp_path):
+    """`text-distill` writes a CLIPTextModel of the base's vocabulary `hidden` wide that explains more of the
+    teacher's projected caption states after training than before; `sr --text-encoder` builds the UNet's
+    cross-attention at that width and exports the narrow encoder, which the upscaler registry runs."""
+    import json
+
+    import pytest
+    from transformers import CLIPTextModel
+
+    from ldm_core.train.text_distill import DistillOptions, distill_text_encoder
+
+    te = tmp_path / "te16"
+    o = DistillOptions(base=str(BUILTIN), out=str(te), hidden=16, layers=1, heads=2, steps=40, batch=16, log_every=0)
+    rec = distill_text_encoder(o, log=lambda m: None)
+    assert 0 < rec["variance_kept_by_projection"] <= 1 and rec["heldout_r2"] > rec["heldout_r2_before"]
+    student = CLIPTextModel.from_pretrained(str(te / "text_encoder"))
+    assert student.config.hidden_size == 16 and student.config.vocab_size == 49408
+    assert json.loads((te / "TRAINING.json").read_text())["steps"] == 40
+    with pytest.raises(ValueError, match="hidden: 15 is not a multiple of heads"):
+        distill_text_encoder(DistillOptions(base=str(BUILTIN), out=str(tmp_path / "x"), hidden=15), log=lambda m: None)
+
+    out = tmp_path / "SD-Upscale" / "narrow-x4"
+    o = SRTrainOptions(base=str(BUILTIN), text_encoder=str(te), out=str(out), scenes=4, photo_crops=0, crop=16,
+                       channels=(16, 32), batch=2, steps=1, warmup_steps=1)
+    train_sr(o, log=lambda m: None)
+    assert json.loads((out / "unet" / "config.json").read_text())["cross_attention_dim"] == 16
+    assert json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"] == 16
+    reg = UpscalerRegistry([out.parent], builtin=None, diffusion=DiffusionUpscaleOptions(steps=2))
+    image = shapes.to_pil(shapes.render(shapes.sample_scenes("t", 1), 24)[0])
+    assert reg.upscale(image, "narrow-x4", scale=4).size == (96, 96)

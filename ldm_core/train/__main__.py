@@ -341,6 +341,11 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         lambda p: _module("sr_vae").add_arguments(p),
         lambda a: _module("sr_vae").run(a),
     ),
+    "text-distill": (
+        "distil a narrower text encoder from a model's (for add-ons with a size budget: sr --text-encoder)",
+        lambda p: _module("text_distill").add_arguments(p),
+        lambda a: _module("text_distill").run(a),
+    ),
     "inpaint": (
         "train an inpainting model (9-channel UNet, as sd-v1-5-inpainting) from a base on shapes-world masks",
         lambda p: _module("inpaint").add_arguments(p),

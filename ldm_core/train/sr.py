@@ -51,6 +51,9 @@ X4_SCALING = 0.08333
 @dataclass
 class SRTrainOptions:
     base: str = "models/builtin"  # text encoder + tokenizer
+    # a `text-distill` folder whose narrower text encoder (same tokenizer) replaces the base's: the UNet's
+    # cross-attention takes its width, and the exported folder carries it
+    text_encoder: str = ""
     vae: str = ""  # a folder with a factor-4 `vae/` (default: the base's, which must be factor 4)
     init_unet: str = ""  # an upscaler folder whose `unet/` the training starts from (default: a new UNet)
     out: str = "models/SD-Upscale/ldm-builtin-x4"
@@ -195,6 +198,10 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
         torch.set_num_threads(o.threads)
     torch.manual_seed(o.seed)
     model = load_model(o.base, dtype=torch.float32)
+    if o.text_encoder:
+        from .text_distill import load_student
+
+        model.text_encoder = load_student(o.text_encoder)
     vae = load_vae(Path(o.vae) / "vae" if o.vae else Path(o.base) / "vae")
     require_factor(vae)
     for m in (model.text_encoder, vae):
@@ -490,6 +497,9 @@ def add_arguments(p) -> None:
     d = SRTrainOptions()
     p.add_argument("--base", default=d.base, help="model folder whose text encoder and tokenizer are used")
     p.add_argument("--vae", default=d.vae, help="model folder with a factor-4 vae/ (default: the base's)")
+    p.add_argument(
+        "--text-encoder", default=d.text_encoder, help="a text-distill folder whose narrower text encoder to use"
+    )
     p.add_argument("--init-unet", default=d.init_unet, help="upscaler folder whose unet/ to start from")
     p.add_argument("--out", default=d.out, help="StableDiffusionUpscalePipeline folder to write")
     p.add_argument("--work-dir", default=None, help="latent cache and checkpoints; resumed when present")
@@ -507,7 +517,8 @@ def add_arguments(p) -> None:
 
 def run(a) -> int:
     o = SRTrainOptions(
-        base=a.base, vae=a.vae, init_unet=a.init_unet, out=a.out, work_dir=a.work_dir, seed=a.seed, scenes=a.scenes,
+        base=a.base, vae=a.vae, text_encoder=a.text_encoder, init_unet=a.init_unet, out=a.out, work_dir=a.work_dir,
+        seed=a.seed, scenes=a.scenes,
         photo_crops=a.photo_crops, crop=a.crop, channels=tuple(int(c) for c in a.channels.split(",")),
         batch=a.batch, lr=a.lr, steps=a.steps, max_seconds=a.max_seconds, threads=a.threads,
     )
