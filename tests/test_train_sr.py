@@ -148,8 +148,10 @@ def test_a_distilled_narrower_text_encoder_trains_into_an_upscaler_that_carries_
 
     out = tmp_path / "SD-Upscale" / "narrow-x4"
     o = SRTrainOptions(base=str(BUILTIN), text_encoder=str(te), out=str(out), scenes=4, photo_crops=0, crop=16,
-                       channels=(16, 32), batch=2, steps=1, warmup_steps=1)
+                       channels=(16, 32), batch=2, steps=1, warmup_steps=1, work_dir=str(tmp_path / "work"))
     train_sr(o, log=lambda m: None)
+    with pytest.raises(SystemExit, match="caption cache is 16 wide, this text encoder 128"):  # resumed, base's
+        train_sr(SRTrainOptions(**{**o.__dict__, "text_encoder": "", "steps": 2}), log=lambda m: None)
     assert json.loads((out / "unet" / "config.json").read_text())["cross_attention_dim"] == 16
     assert json.loads((out / "text_encoder" / "config.json").read_text())["hidden_size"] == 16
     reg = UpscalerRegistry([out.parent], builtin=None, diffusion=DiffusionUpscaleOptions(steps=2))

@@ -213,6 +213,12 @@ def train_sr(o: SRTrainOptions, log=_log) -> dict:
     cache_path, ckpt_path = (work / "sr-cache.pt", work / "sr-train.pt") if work else (None, None)
     if cache_path and cache_path.exists():
         cache = torch.load(cache_path, map_location="cpu", weights_only=True)
+        width = model.text_encoder.config.hidden_size
+        if cache["embeds"].shape[-1] != width:  # cached by another text encoder (--text-encoder changed)
+            raise SystemExit(
+                f"--work-dir {work}: its caption cache is {cache['embeds'].shape[-1]} wide, this text encoder "
+                f"{width} (--text-encoder): use a new work folder"
+            )
     else:
         cache = build_cache(o, vae, text, log)
         if cache_path:
