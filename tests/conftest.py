@@ -7,6 +7,8 @@ A1111-style data folder holding them.
 - `models_dir`: a data dir with `models/Stable-diffusion/` (the four single files, `tiny-sd1-diffusers/`
   and `sub/tiny-sd1-copy.safetensors`), `models/VAE/tiny-vae.safetensors` (a differently seeded SD1 VAE in
   the original layout) and an empty `models/Lora/`. Read-only too.
+- `webui`: one `webui.py` started on a data dir with the tiny SD1, a tiny motion module and a tiny LDSR
+  (tests/browser_helpers.py), shared by the browser tests of every module (starting it costs ~20 s).
 """
 
 from __future__ import annotations
@@ -83,3 +85,19 @@ def sd2():
 @pytest.fixture(scope="module")
 def sdxl():
     return tiny_loaded_model("sdxl")
+
+
+@pytest.fixture(scope="session")
+def webui(tmp_path_factory):
+    """The running UI the browser tests drive (see the module docstring); stopped at the end of the session."""
+    from browser_helpers import WebUI, make_data_dir
+    from tiny_models import build_tiny_model, save_motion_module, save_tiny_ldsr, tiny_motion_adapter
+
+    sd1 = build_tiny_model("sd1", tmp_path_factory.mktemp("ui_model"))["single_file"]
+    data = make_data_dir(tmp_path_factory.mktemp("ui_data"), sd1)
+    mm = data / "models" / "AnimateDiff" / "mm_sd1_tiny.safetensors"
+    save_motion_module(tiny_motion_adapter("sd1"), mm, "original")  # for the Video tab
+    save_tiny_ldsr(data / "models" / "LDSR" / "model.safetensors")  # a diffusion upscaler for the Extras tab
+    server = WebUI.start(data)
+    yield server
+    server.stop()

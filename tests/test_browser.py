@@ -18,11 +18,9 @@ import pytest
 from browser_helpers import (
     CHROMIUM_ARGS,
     SIZE,
-    WebUI,
     chromium_path,
     close_toasts,
     js_click,
-    make_data_dir,
     mark_progress_stale,
     open_tab,
     set_number,
@@ -38,21 +36,6 @@ if chromium_path() is None:
 sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
 SOURCE_RGB = (30, 120, 200)
-
-
-@pytest.fixture(scope="module")
-def webui(tmp_path_factory):
-    from tiny_models import build_tiny_model, save_motion_module, save_tiny_ldsr, tiny_motion_adapter
-
-    models = tmp_path_factory.mktemp("ui_model")
-    sd1 = build_tiny_model("sd1", models)["single_file"]
-    data = make_data_dir(tmp_path_factory.mktemp("ui_data"), sd1)
-    mm = data / "models" / "AnimateDiff" / "mm_sd1_tiny.safetensors"
-    save_motion_module(tiny_motion_adapter("sd1"), mm, "original")  # for the Video tab
-    save_tiny_ldsr(data / "models" / "LDSR" / "model.safetensors")  # a diffusion upscaler for the Extras tab
-    server = WebUI.start(data)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

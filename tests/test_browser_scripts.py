@@ -9,7 +9,7 @@ Skipped (with the reason) when chromium or playwright is missing.
 from __future__ import annotations
 
 import pytest
-from browser_helpers import CHROMIUM_ARGS, SIZE, WebUI, chromium_path, make_data_dir, mark_progress_stale, wait_job
+from browser_helpers import CHROMIUM_ARGS, SIZE, chromium_path, mark_progress_stale, wait_job
 from PIL import Image
 
 pytestmark = pytest.mark.browser
@@ -22,25 +22,17 @@ XYZ = "#txt2img_script_x_y_z_plot"  # + _<argument index in A1111's script_args 
 
 
 @pytest.fixture(scope="module")
-def page(tmp_path_factory):
-    from tiny_models import build_tiny_model
-
-    sd1 = build_tiny_model("sd1", tmp_path_factory.mktemp("ui_model"))["single_file"]
-    data = make_data_dir(tmp_path_factory.mktemp("ui_data"), sd1)
-    server = WebUI.start(data)
-    try:
-        with sync_api.sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-            pg = browser.new_page(viewport={"width": 1400, "height": 1400})
-            pg.set_default_timeout(60000)
-            pg.goto(server.url)
-            pg.wait_for_selector("#txt2img_generate")
-            pg.wait_for_function(f"() => document.querySelector('#txt2img_width input[type=number]').value == '{SIZE}'")
-            pg.server = server
-            yield pg
-            browser.close()
-    finally:
-        server.stop()
+def page(webui):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1400})
+        pg.set_default_timeout(60000)
+        pg.goto(webui.url)
+        pg.wait_for_selector("#txt2img_generate")
+        pg.wait_for_function(f"() => document.querySelector('#txt2img_width input[type=number]').value == '{SIZE}'")
+        pg.server = webui
+        yield pg
+        browser.close()
 
 
 def choose(page, selector: str, option: str) -> None:
@@ -58,7 +50,12 @@ def fill_text(page, selector: str, text: str) -> None:
     box.press("Tab")
 
 
+def _grids(page) -> set:
+    return set((page.server.data / "outputs" / "txt2img-grids").rglob("*.png"))
+
+
 def test_xyz_plot_from_the_ui_shows_the_grid_and_every_cell(page):
+    before = _grids(page)  # the UI is shared with the other browser tests, which may have saved grids
     page.fill("#txt2img_prompt textarea", "a red circle")
     choose(page, "#txt2img_script", "X/Y/Z plot")
     page.wait_for_selector(f"{XYZ}_0", state="visible")
@@ -98,7 +95,7 @@ def test_xyz_plot_from_the_ui_shows_the_grid_and_every_cell(page):
     assert page.input_value(f"{XYZ}_4 textarea, {XYZ}_4 input") == "1,2"
     assert page.input_value(f"{XYZ}_3 input") == "Steps"
     # the grid was saved (with its infotext) beside the four images
-    grids = sorted((page.server.data / "outputs" / "txt2img-grids").rglob("*.png"))
+    grids = sorted(_grids(page) - before)
     assert len(grids) == 1
     grid = Image.open(grids[0])
     assert grid.width > 2 * SIZE and grid.height > 2 * SIZE

@@ -416,15 +416,18 @@ def test_hashes_entries_and_cache(sd1, lora_dir):
 
 
 # -------------------------------------------------------------------------------------------- trainer
-def test_trainer_writes_a_kohya_lora_that_loads_and_changes_the_output(tiny_models, tmp_path, capsys):
+def test_trainer_writes_a_kohya_lora_that_loads_and_changes_the_output(tmp_path, capsys):
     from safetensors import safe_open
+    from tiny_models import build_tiny_f4
 
     from ldm_core.models import load_model
     from ldm_core.train.__main__ import main
 
     data = tmp_path / "hearts"
     out = tmp_path / "Lora" / "heart.safetensors"
-    base = tiny_models["sd1"]["diffusers"]
+    # the built-in model's geometry (64 px, factor-4 VAE), what the heart LoRA is trained on; the evaluation
+    # generates at the base's native size, 512 px on the tiny SD1
+    base = build_tiny_f4(tmp_path / "base")
     args = ["lora", "--render-hearts", "4", "--data", str(data), "--base", str(base), "--out", str(out)]
     args += ["--rank", "2", "--steps", "3", "--lr", "1e-2", "--batch", "2", "--resolution", "64"]
     assert main([*args, "--train-text-encoder", "--device", "cpu", "--log-every", "0"]) == 0
