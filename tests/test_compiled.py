@@ -57,13 +57,13 @@ def test_auto_compiles_on_cuda_only_and_names_bad_modes():
         compile_enabled("yes", torch.device("cpu"))
 
 
-def test_compiled_matches_eager_for_every_sampler_family(engines):
+@pytest.mark.parametrize("sampler", FAMILIES)
+def test_compiled_matches_eager_for_every_sampler_family(engines, sampler):
     eager, compiled = engines
     assert compiled.compiler.enabled and not eager.compiler.enabled
-    for sampler in FAMILIES:
-        a, b = _pixels(eager, _req(sampler)), _pixels(compiled, _req(sampler))
-        assert a.std() > 0, sampler  # a real image, not a constant
-        assert np.abs(a - b).max() <= 2, f"{sampler}: compiled differs from eager by {np.abs(a - b).max()}/255"
+    a, b = _pixels(eager, _req(sampler)), _pixels(compiled, _req(sampler))
+    assert a.std() > 0, sampler  # a real image, not a constant
+    assert np.abs(a - b).max() <= 2, f"{sampler}: compiled differs from eager by {np.abs(a - b).max()}/255"
     assert compiled.compiler.count >= 1 and not compiled.compiler.failures
 
 

@@ -2,7 +2,7 @@
 xformers probe, PyTorch SDPA, eviction before a switch and out-of-memory recovery (by injection).
 
 Marked `gpu` (skipped by default, and skipped without CUDA). Quick set: `pytest -m "gpu and not slow"
-tests/test_gpu.py -s` (tiny random models). `pytest -m gpu tests/test_gpu.py -s` also builds full-size SD 1.5
+tests/test_gpu.py -s -n 0` (tiny random models). `pytest -m gpu tests/test_gpu.py -s -n 0` also builds full-size SD 1.5
 and SDXL architectures with random fp16 weights and prints their peak VRAM in each offload mode.
 """
 
