@@ -33,6 +33,7 @@ from ldm_core.generation_requests import (
 from ldm_core.infotext import parse_infotext
 from ldm_core.models.sidecar import read_sidecar
 from ldm_core.progress import ProgressState
+from ldm_core.video.options import number_kind
 
 from .settings_store import SettingsStore
 
@@ -350,8 +351,8 @@ def _video_request(v: dict[str, Any]) -> GenerationRequest:
     from ldm_core.video.clips import read_source_clip
 
     args = {name: v.pop(key) for key, name in VIDEO_FIELDS.items() if v.get(key) is not None}
-    for key in ("video_length", "batch_size", "overlap", "stride", "loop_number", "motion_bucket_id", "freeinit_iters"):
-        if key in args:
+    for key in args:
+        if number_kind(key) is int:
             args[key] = _int_or_none(args[key])
     init_image = v.pop("init_image", None)
     clip_path = v.pop("video_source", None)
@@ -511,19 +512,11 @@ def _video_fields(value: str) -> dict[str, Any]:
         field, text = names.get(key.strip()), raw.strip()
         if field is None:
             continue
+        kind = number_kind(VIDEO_FIELDS[field])
         if field in ("video_model", "video_closed_loop", "video_freeinit_filter"):
             out[field] = text
-        elif _num(text) is not None:
-            floats = (
-                "video_fps",
-                "video_shared_noise",
-                "video_motion_start_percent",
-                "video_motion_end_percent",
-                "video_motion_effect",
-                "video_freeinit_ds",
-                "video_freeinit_dt",
-            )
-            out[field] = _num(text) if field in floats else _num(text, int)
+        elif kind is not None and _num(text) is not None:
+            out[field] = _num(text, kind)
     if "video_freeinit_iters" in out:  # the infotext names FreeInit only when it ran
         out["video_freeinit_enable"] = True
     return out

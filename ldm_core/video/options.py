@@ -144,3 +144,10 @@ class AnimateDiffArgs(BaseModel):
     def files(self) -> list[str]:
         """The video files to write, in the order asked."""
         return [f for f in self.format if f in ("GIF", "MP4", "WEBP", "WEBM")]
+
+
+def number_kind(name: str) -> type | None:
+    """`int` or `float` for a numeric field of `AnimateDiffArgs` (a form's value or an infotext's text is
+    converted to it), None for any other field."""
+    field = AnimateDiffArgs.model_fields.get(name)
+    return field.annotation if field is not None and field.annotation in (int, float) else None
