@@ -11,6 +11,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -119,6 +121,26 @@ class WebUI:
 
 
 # ---- page utilities -----------------------------------------------------------------------------------
+@contextmanager
+def opened_page(ui: WebUI, height: int = 1000) -> Iterator:
+    """A Chromium page (1400 px wide, `height` tall) on `ui`, loaded, with the page-load event's defaults from
+    config.json set; `page.server` is `ui`."""
+    from playwright import sync_api
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": height})
+        page.set_default_timeout(60000)
+        page.goto(ui.url)
+        page.wait_for_selector("#txt2img_generate")
+        page.wait_for_function(f"() => document.querySelector('#txt2img_width input[type=number]').value == '{SIZE}'")
+        page.server = ui
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
 def mark_progress_stale(page, mode: str) -> None:
     """Mark a tab's progress box so `wait_job` only accepts the state of the next job."""
     page.evaluate(f"document.querySelector('#{mode}_progress .ldm-progress').dataset.state = 'stale'")

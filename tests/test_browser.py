@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 from browser_helpers import (
-    CHROMIUM_ARGS,
     SIZE,
     chromium_path,
     close_toasts,
     js_click,
     mark_progress_stale,
     open_tab,
+    opened_page,
     set_number,
     toasts,
     wait_job,
@@ -40,16 +40,8 @@ SOURCE_RGB = (30, 120, 200)
 
 @pytest.fixture(scope="module")
 def page(webui):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
-        pg.set_default_timeout(60000)
-        pg.goto(webui.url)
-        pg.wait_for_selector("#txt2img_generate")
-        # the page-load event has set the defaults from config.json
-        pg.wait_for_function(f"() => document.querySelector('#txt2img_width input[type=number]').value == '{SIZE}'")
+    with opened_page(webui) as pg:
         yield pg
-        browser.close()
 
 
 @pytest.fixture(scope="module")

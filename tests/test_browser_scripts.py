@@ -9,7 +9,7 @@ Skipped (with the reason) when chromium or playwright is missing.
 from __future__ import annotations
 
 import pytest
-from browser_helpers import CHROMIUM_ARGS, SIZE, chromium_path, mark_progress_stale, wait_job
+from browser_helpers import SIZE, chromium_path, mark_progress_stale, opened_page, wait_job
 from PIL import Image
 
 pytestmark = pytest.mark.browser
@@ -23,16 +23,8 @@ XYZ = "#txt2img_script_x_y_z_plot"  # + _<argument index in A1111's script_args 
 
 @pytest.fixture(scope="module")
 def page(webui):
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1400, "height": 1400})
-        pg.set_default_timeout(60000)
-        pg.goto(webui.url)
-        pg.wait_for_selector("#txt2img_generate")
-        pg.wait_for_function(f"() => document.querySelector('#txt2img_width input[type=number]').value == '{SIZE}'")
-        pg.server = webui
+    with opened_page(webui, height=1400) as pg:
         yield pg
-        browser.close()
 
 
 def choose(page, selector: str, option: str) -> None:
