@@ -342,7 +342,7 @@ def find_checkpoint(engine, name: str, field_name: str = "model"):
 def check_choices(engine, request: GenerationRequest, *, model_field: str = "model") -> None:
     """Fail fast (before queueing) on an unknown model, VAE, sampler or schedule type."""
     try:
-        engine.samplers.resolve(request.sampler_name, request.scheduler)
+        engine.samplers.resolve(*engine.sampling(request))
     except RequestError:
         raise
     except (KeyError, LookupError, ValueError) as exc:

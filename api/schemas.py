@@ -20,7 +20,7 @@ import copy
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 from PIL import Image
@@ -399,9 +399,15 @@ def _override(
     values.update(extra)
 
 
-def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) -> dict[str, Any]:
+def a1111_engine_values(
+    body: BaseModel,
+    options: dict[str, Any] | None = None,
+    recommend: Callable[[str | None], tuple[str | None, str | None]] | None = None,
+) -> dict[str, Any]:
     """Engine request values from an A1111 txt2img/img2img body (images decoded). `options` are the saved
-    settings (sd_vae, CLIP_stop_at_last_layers) that apply when the request does not say otherwise."""
+    settings (sd_vae, CLIP_stop_at_last_layers) that apply when the request does not say otherwise.
+    `recommend(model)` (`Engine.recommended_sampling`) says whether the model recommends a sampling: a body
+    that names no sampler then runs it (the engine's sampler None), else A1111's default (sampler_index)."""
     options = options or {}
     data = body.model_dump(warnings=False)
     set_fields = set(body.model_fields_set)
@@ -423,6 +429,9 @@ def a1111_engine_values(body: BaseModel, options: dict[str, Any] | None = None) 
             values[key] = None
     # script_name / script_args: run by api/sdapi.py through ldm_core.scripts (not engine values)
     _override(data.get("override_settings") or {}, values, options, set_fields)
+    named = data.get("sampler_name") or ("sampler_index" in set_fields and data.get("sampler_index"))
+    if not named and recommend is not None and any(recommend(values.get("model"))):
+        values["sampler_name"] = None  # the model's recommended sampling (Engine.sampling)
     _decode_images(data, values)
     return values
 

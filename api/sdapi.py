@@ -83,7 +83,7 @@ def build_router(ctx: ApiContext) -> APIRouter:
     def _prepare(body, img2img: bool):
         with ctx.lock:
             options = dict(ctx.options)
-        values = a1111_engine_values(body, options)
+        values = a1111_engine_values(body, options, engine.recommended_sampling)
         if img2img and not values.get("init_images"):
             raise RequestError("init_images", "img2img needs at least one init image")
         return build_engine_request(values, mode=None if img2img else "txt2img")

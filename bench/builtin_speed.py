@@ -1,5 +1,6 @@
 """Speed of the built-in model on the CPU: median seconds for one image at the native resolution, 20 steps,
-the default sampler (Euler a), CFG 7, through the engine as the UI's jobs run it (`Engine.generate`: prompt
+the model's recommended sampling (the built-in model's sidecar: DPM++ 2M, Exponential; Euler a for a model that
+recommends none), CFG 7, through the engine as the UI's jobs run it (`Engine.generate`: prompt
 parsing, text encoding, the loop, VAE decode, infotext), images not saved. `bench/cpu.py` puts the same
 job next to plain diffusers and the REST API in one run.
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=7.0)
+    ap.add_argument("--sampler", default=None, help="default: the model's recommendation, else Euler a")
     ap.add_argument("--threads", default="1,2", help="comma list of torch CPU thread counts to time")
     ap.add_argument("--compile", default="off", choices=["auto", "on", "off"], help="the engine's compile setting")
     a = ap.parse_args(argv)
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                     steps=a.steps,
                     cfg_scale=a.cfg,
                     seed=seed,
-                    sampler_name="Euler a",
+                    sampler_name=a.sampler,  # None: the model's recommendation, as the UI starts at
                     width=res,
                     height=res,
                     save_images=False,
@@ -76,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                 engine.generate(req)
                 return time.perf_counter() - t0
 
+            probe = GenerationRequest.build(prompt="", sampler_name=a.sampler)
+            sampling = " ".join(engine.sampling(probe))
             print(
-                f"model: {'random ' + a.preset if a.random else model}  ({res}x{res}, Euler a, {a.steps} steps, "
+                f"model: {'random ' + a.preset if a.random else model}  ({res}x{res}, {sampling}, {a.steps} steps, "
                 f"CFG {a.cfg}, CPU, through the engine, compile {a.compile}), load {load_s:.2f} s"
             )
             for n in (int(x) for x in a.threads.split(",")):

@@ -42,7 +42,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-prompt", default="")
     p.add_argument("--model", default=None, help="checkpoint name (default: the first model found, else built-in)")
     p.add_argument("--vae", default=None)
-    p.add_argument("--sampler", default="Euler a")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="sampler label, e.g. 'Euler a'; default: the model's recommendation (its sidecar's sampler_name and "
+        "scheduler), else Euler a",
+    )
     p.add_argument("--scheduler", default="Automatic", help="schedule type, e.g. Karras")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=7.0)

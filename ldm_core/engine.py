@@ -30,7 +30,14 @@ from .attention import AttentionRegistry
 from .compiled import Compiler, compile_enabled
 from .config import EngineConfig
 from .devices import DevicePolicy, enable_fast_cuda_kernels, execution_device, resolve_policy, vae_dtype_for
-from .generation_requests import MIN_SIDE, GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
+from .generation_requests import (
+    DEFAULT_SAMPLER,
+    MIN_SIDE,
+    GenerationRequest,
+    Img2ImgRequest,
+    InpaintRequest,
+    RequestError,
+)
 from .infotext import build_infotext, infotext_number
 from .memory import FaultHook, JobMemoryPlan, free_memory, run_with_fallbacks
 from .models import HashCache, LoadedModel, ModelEntry, ModelRegistry, load_model, load_vae
@@ -42,6 +49,7 @@ from .models.geometry import (
     round_down,
     vae_scale_factor,
 )
+from .models.sidecar import SidecarError, read_sidecar
 from .outputs import output_folder, save_image
 from .pipeline import images as imgs
 from .pipeline.loop import Hooks, InpaintBlend, LoopInputs, ModelSwitch, denoise
@@ -327,6 +335,36 @@ class Engine:
         except KeyError as exc:
             raise RequestError("model", str(exc.args[0] if exc.args else exc)) from None
 
+    def recommended_sampling(self, name: str | None = None) -> tuple[str | None, str | None]:
+        """(sampler, schedule type) that checkpoint `name`'s sidecar recommends (None: the current or default
+        model), each None where it names none, or one this engine does not have (logged). Reads the sidecar
+        without loading the model: the UI's dropdowns start there, and API and CLI requests that name no
+        sampler run it."""
+        try:
+            entry = self.models.find_checkpoint(name) if name else self.current_model_entry()
+            side = read_sidecar(entry.path) if entry is not None else None
+        except (KeyError, SidecarError):  # an unknown name or a bad sidecar: the job itself reports it
+            return None, None
+        if side is None or (side.sampler_name is None and side.scheduler is None):
+            return None, None
+        sampler, schedule = side.sampler_name, side.scheduler
+        try:
+            info, label = self.samplers.resolve(sampler or DEFAULT_SAMPLER, schedule or "Automatic")
+        except RequestError as exc:
+            log.warning("%s: ignoring the recommended sampling in %s: %s", entry.path.name, side.sources, exc)
+            return None, None
+        return (info.name if sampler else None), (label if schedule else None)
+
+    def sampling(self, request: GenerationRequest) -> tuple[str, str]:
+        """(sampler, schedule type) a request runs: its own sampler, or where it names none (None) the model's
+        recommended one, else DEFAULT_SAMPLER; the schedule type the request names, or with the recommended
+        sampler and "Automatic", the recommended schedule type."""
+        if request.sampler_name is not None:
+            return request.sampler_name, request.scheduler
+        sampler, schedule = self.recommended_sampling(request.model)
+        automatic = (request.scheduler or "Automatic").lower() == "automatic"
+        return sampler or DEFAULT_SAMPLER, (schedule if schedule and automatic else request.scheduler)
+
     def load_checkpoint(self, name: str | None = None) -> LoadedModel:
         """Make `name` (a title, name or short hash; None = current or default) the current model."""
         with self._lock:
@@ -445,7 +483,7 @@ class Engine:
         with self._lock:
             model = self.load_checkpoint(request.model)
             placed = self._cache[self._current]
-        info, schedule_type = self.samplers.resolve(request.sampler_name, request.scheduler)
+        info, schedule_type = self.samplers.resolve(*self.sampling(request))
         hires = None
         if request.enable_hr and request.mode == "txt2img":
             hires = self._resolve_hires(request, info.name, schedule_type)

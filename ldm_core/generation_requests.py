@@ -24,6 +24,7 @@ DEFAULT_MAX_BATCH_SIZE = 16  # the default batch size limit (--max-batch-size)
 DEFAULT_MAX_STEPS = 1000  # the default steps limit (--max-steps; 10**9 steps would allocate GBs of sigmas)
 MAX_CFG_SCALE = 100.0  # |cfg_scale| above this only overflows the latents to inf/NaN (1e30 makes a NaN image)
 MIN_SIDE = 64
+DEFAULT_SAMPLER = "Euler a"  # a request's sampler when it names none and its model recommends none
 MAX_NATIVE_SIDE = 1024  # the largest native size of a supported family (SDXL): what an unset width/height may run at
 MAX_SEED = 2**64 - 1  # any seed torch's generator takes, used as given (A1111); -1 or any negative = random
 
@@ -128,7 +129,8 @@ class GenerationRequest(_Request):
     styles: list[str] = Field(default_factory=list)
     model: str | None = None  # checkpoint name as listed; None = the current (or default) model
     vae: str | None = None  # None / "Automatic" = the checkpoint's own VAE; a name from models/VAE
-    sampler_name: str = "Euler a"
+    # None: the model's recommended sampling (its sidecar's sampler_name and scheduler), else DEFAULT_SAMPLER
+    sampler_name: str | None = None
     scheduler: str = "Automatic"  # schedule type (A1111 >= 1.9)
     steps: int = Field(20, ge=1)
     cfg_scale: float = Field(7.0, ge=-MAX_CFG_SCALE, le=MAX_CFG_SCALE)
@@ -236,10 +238,10 @@ class GenerationRequest(_Request):
 
     @field_validator("sampler_name")
     @classmethod
-    def _nonempty_sampler(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("must name a sampler")
-        return v.strip()
+    def _nonempty_sampler(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must name a sampler (or be null: the model's recommended one)")
+        return v.strip() if v is not None else None
 
     @model_validator(mode="after")
     def _used_fields(self):

@@ -57,6 +57,7 @@ def server(tmp_path_factory, request):
         tiny = request.getfixturevalue("tiny_models")["sd1"]["diffusers"]
         shutil.copytree(tiny, ckpt / "tiny-a")
         shutil.copytree(tiny, ckpt / "tiny-b")
+        (ckpt / "tiny-b.json").write_text('{"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}')
         build_tiny_vae(data / "models" / "VAE" / "tiny-vae.safetensors")
 
     args = ["--api-auth", f"{AUTH[0]}:{AUTH[1]}", "--max-queued", str(MAX_QUEUED)]
@@ -189,6 +190,32 @@ def test_txt2img_seed_is_reproducible_and_images_carry_infotext(server):
     assert a["parameters"]["prompt"] == "a red circle" and a["parameters"]["sampler_index"] == "Euler"
     rnd = server.post("/sdapi/v1/txt2img", t2i(seed=-1, steps=1, send_images=False)).json()
     assert rnd["images"] == [] and json.loads(rnd["info"])["seed"] >= 0
+
+
+def test_a_request_naming_no_sampler_runs_the_models_recommended_one(server):
+    """tiny-b's sidecar recommends DPM++ 2M with the Exponential schedule: a body that names no sampler runs
+    it, through both APIs; a named sampler (sampler_index too) wins; a model with no recommendation keeps
+    A1111's API default, Euler."""
+
+    def sampling(path, **kw):
+        body = {k: v for k, v in t2i(steps=1, **kw).items() if k != "sampler_name" or v is not None}
+        r = server.post(path, body)
+        assert r.status_code in (200, 202), r.text
+        if path == "/api/v1/jobs":
+            text = dict(_events(server, r.json()["id"]))["result"]["infotexts"][0]
+        else:
+            text = json.loads(r.json()["info"])["infotexts"][0]
+        return text.split("Sampler: ")[1].split(",")[0], text.split("Schedule type: ")[1].split(",")[0]
+
+    b = {"sd_model_checkpoint": "tiny-b"}
+    assert sampling("/sdapi/v1/txt2img", sampler_name=None, override_settings=b) == ("DPM++ 2M", "Exponential")
+    assert sampling("/sdapi/v1/txt2img", sampler_name=None, sampler_index="Euler", override_settings=b)[0] == "Euler"
+    assert sampling("/sdapi/v1/txt2img", sampler_name="Euler a", override_settings=b) == ("Euler a", "Uniform")
+    got = sampling("/sdapi/v1/txt2img", sampler_name=None, scheduler="Karras", override_settings=b)
+    assert got == ("DPM++ 2M", "Karras")
+    a = {"sd_model_checkpoint": "tiny-a"}
+    assert sampling("/sdapi/v1/txt2img", sampler_name=None, override_settings=a) == ("Euler", "Uniform")
+    assert sampling("/api/v1/jobs", sampler_name=None, model="tiny-b") == ("DPM++ 2M", "Exponential")
 
 
 def test_img2img_with_mask_inpaints(server):

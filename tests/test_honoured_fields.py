@@ -33,7 +33,8 @@ SIZE = 64
 
 def req(cls=GenerationRequest, **kw):
     base = dict(prompt="a red circle", negative_prompt="blue", steps=4, width=SIZE, height=SIZE, seed=7)
-    base.update(save_images=False, sampler_name="Euler", **kw)
+    base.update(save_images=False, sampler_name="Euler")
+    base.update(kw)
     return cls.build(**base)
 
 
@@ -380,15 +381,31 @@ def test_rescale_cfg_from_request_alwayson_scripts_and_the_model_sidecar(engine)
     assert err.value.field == "rescale_cfg"
 
 
-def test_a_bad_rescale_cfg_in_a_sidecar_names_the_file(tmp_path):
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"rescale_cfg": 2}', "rescale_cfg 2 must be a number from 0 to 1"),
+        ('{"sampler_name": ""}', "sampler_name '' must be a sampler or schedule type label"),
+        ('{"scheduler": 3}', "scheduler 3 must be a sampler or schedule type label"),
+    ],
+)
+def test_a_bad_value_in_a_sidecar_names_the_file(tmp_path, content, message):
     from ldm_core.models.sidecar import SidecarError, read_sidecar
 
     (tmp_path / "m.safetensors").write_bytes(b"")
-    (tmp_path / "m.json").write_text('{"rescale_cfg": 2}', encoding="utf-8")
-    with pytest.raises(SidecarError, match=r"m\.json: rescale_cfg 2 must be a number from 0 to 1"):
+    (tmp_path / "m.json").write_text(content, encoding="utf-8")
+    with pytest.raises(SidecarError, match=r"m\.json: " + message):
         read_sidecar(tmp_path / "m.safetensors")
-    (tmp_path / "m.json").write_text('{"rescale_cfg": 0.25}', encoding="utf-8")
-    assert read_sidecar(tmp_path / "m.safetensors").rescale_cfg == 0.25
+
+
+def test_a_sidecars_recommendations_are_read(tmp_path):
+    from ldm_core.models.sidecar import read_sidecar
+
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    text = '{"rescale_cfg": 0.25, "sampler_name": " Euler ", "scheduler": "Exponential"}'
+    (tmp_path / "m.json").write_text(text, encoding="utf-8")
+    side = read_sidecar(tmp_path / "m.safetensors")
+    assert (side.rescale_cfg, side.sampler_name, side.scheduler) == (0.25, "Euler", "Exponential")
 
 
 def test_rescale_cfg_pastes_back_from_infotext():
@@ -410,3 +427,29 @@ def test_rescale_cfg_through_the_a1111_request_models():
     assert engine_request({**base, "rescale_cfg": 0.6}).rescale_cfg == 0.6
     forge = {**base, "alwayson_scripts": {"RescaleCFG": {"args": [0.7]}}}
     assert engine_request(forge).rescale_cfg == 0.7
+
+
+# ---- the model's recommended sampling (sidecar sampler_name / scheduler) -----------------------------------
+def test_a_request_naming_no_sampler_runs_the_models_recommended_sampling(engine):
+    ckpt = Path(engine.config.ckpt_dirs[0])
+    shutil.copy(ckpt / "main.safetensors", ckpt / "advised.safetensors")
+    (ckpt / "advised.json").write_text('{"sampler_name": "dpm++ 2m", "scheduler": "exponential"}', encoding="utf-8")
+    engine.refresh_models()
+    assert engine.recommended_sampling("advised") == ("DPM++ 2M", "Exponential")  # the registry's labels
+    assert engine.recommended_sampling("main") == (None, None)
+
+    def sampling(model, **kw):
+        p = params(engine.generate(req(model=model, **kw)).infotexts[0])
+        return p["Sampler"], p.get("Schedule type")
+
+    assert sampling("advised", sampler_name=None) == ("DPM++ 2M", "Exponential")
+    assert sampling("advised", sampler_name=None, scheduler="Karras") == ("DPM++ 2M", "Karras")  # named wins
+    assert sampling("advised", sampler_name="Euler a") == ("Euler a", "Uniform")  # named: its own default
+    assert sampling("main", sampler_name=None)[0] == "Euler a"  # no recommendation: the default sampler
+    same = engine.generate(req(model="advised", sampler_name=None))
+    asked = engine.generate(req(model="main", sampler_name="DPM++ 2M", scheduler="Exponential"))
+    assert np.array_equal(arr(same.images[0]), arr(asked.images[0]))  # "advised" holds main's weights
+    # an unknown sampler in a sidecar is ignored (logged), not a failed job
+    (ckpt / "advised.json").write_text('{"sampler_name": "Euler z"}', encoding="utf-8")
+    assert engine.recommended_sampling("advised") == (None, None)
+    assert sampling("advised", sampler_name=None)[0] == "Euler a"

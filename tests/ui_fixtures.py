@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from ldm_core.config import EngineConfig
-from ldm_core.generation_requests import Img2ImgRequest, InpaintRequest, RequestError
+from ldm_core.generation_requests import DEFAULT_SAMPLER, Img2ImgRequest, InpaintRequest, RequestError
 from ldm_core.infotext import build_infotext
 from ldm_core.jobs import JobQueue
 from ldm_core.outputs import output_folder, save_image
@@ -123,6 +123,11 @@ class FakeEngine:
     def refresh_models(self) -> None:
         self.models.refresh()
 
+    def recommended_sampling(self, name: str | None = None) -> tuple[str | None, str | None]:
+        # tiny-a stands for a model whose sidecar recommends a sampling (as the built-in one does)
+        entry = self.models.find_checkpoint(name) if name else self.current_model_entry()
+        return ("DPM++ 2M", "Karras") if entry is not None and entry.name == "tiny-a" else (None, None)
+
     def load_checkpoint(self, name: str | None = None) -> FakeModel:
         entry = self.models.find_checkpoint(name) if name else self.current_model_entry()
         if entry is None:
@@ -135,7 +140,7 @@ class FakeEngine:
     def generate(self, request, ctx: JobContext) -> FakeResult:
         self.requests.append(request)
         model = self.load_checkpoint(request.model)
-        info, sched = self.samplers.resolve(request.sampler_name, request.scheduler)
+        info, sched = self.samplers.resolve(request.sampler_name or DEFAULT_SAMPLER, request.scheduler)
         w, h = request.width or model.native_size, request.height or model.native_size
         seed = request.seed if request.seed >= 0 else 1234
         res = FakeResult()

@@ -16,6 +16,7 @@ from .common import (
     UiContext,
     checkpoint_titles,
     current_checkpoint_title,
+    default_sampling,
     native_size,
     open_gallery_image,
     pick,
@@ -126,13 +127,17 @@ def build_top_bar(ctx: UiContext) -> TopBar:
 def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> None:
     dims = [c for t in gen_tabs for c in (t.fields["width"], t.fields["height"])]
     rescales = [t.fields["rescale_cfg"] for t in gen_tabs if "rescale_cfg" in t.fields]
+    # each tab's (sampler, schedule type) dropdowns
+    samplings = [t.fields[k] for t in gen_tabs if "sampler_name" in t.fields for k in ("sampler_name", "scheduler")]
 
     def switch(name: str | None, *values):
         if not name:
             return
-        sizes, phis = values[: len(dims)], values[len(dims) :]
+        sizes, phis = values[: len(dims)], values[len(dims) : len(dims) + len(rescales)]
+        picks = values[len(dims) + len(rescales) :]
         old, old_step = native_size(ctx.engine), size_step(ctx.engine)
         old_phi = recommended_rescale_cfg(ctx.engine)
+        old_sampling = default_sampling(ctx.engine, ctx.settings)
         yield [f"<span class='ldm-saved'>Loading {html.escape(name)}…</span>", gr.skip()] + [gr.skip()] * len(values)
         try:
             title = ctx.service.switch_model(name)
@@ -154,12 +159,16 @@ def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> 
         # a Rescale CFG slider still at the old model's recommendation follows the new one's
         new_phi = recommended_rescale_cfg(ctx.engine)
         out += [new_phi if abs(float(phi) - old_phi) < 1e-6 else phi for phi in phis]
+        # so do a sampler and a schedule type still at the old model's defaults (its recommendation or the
+        # settings'): the built-in model recommends DPM++ 2M with the Exponential schedule
+        new_sampling = default_sampling(ctx.engine, ctx.settings)
+        out += [new_sampling[i % 2] if pick == old_sampling[i % 2] else pick for i, pick in enumerate(picks)]
         yield out
 
     top.checkpoint.input(
         switch,
-        [top.checkpoint, *dims, *rescales],
-        [top.status, top.checkpoint, *dims, *rescales],
+        [top.checkpoint, *dims, *rescales, *samplings],
+        [top.status, top.checkpoint, *dims, *rescales, *samplings],
         concurrency_limit=None,
         show_progress="minimal",
     )

@@ -169,6 +169,28 @@ def recommended_rescale_cfg(engine) -> float:
         return 0.0
 
 
+def recommended_sampling(engine) -> tuple[str | None, str | None]:
+    """The loaded (or default) model's recommended (sampler, schedule type), each None where it names none
+    (`Engine.recommended_sampling`). Does not load a model."""
+    try:
+        return engine.recommended_sampling()
+    except Exception:  # an engine without models (or one that predates the method)
+        return None, None
+
+
+def default_sampling(engine, settings: SettingsStore) -> tuple[str, str]:
+    """(sampler, schedule type) for a new page or a model switch: the model's recommendation, else the
+    settings' defaults, each only where this engine lists it (else its first)."""
+    rec_sampler, rec_schedule = recommended_sampling(engine)
+    samplers, schedules = sampler_names(engine), schedule_types(engine)
+    sampler = rec_sampler or settings.get("default_sampler")
+    schedule = rec_schedule or settings.get("default_scheduler")
+    return (
+        sampler if sampler in samplers else samplers[0],
+        schedule if schedule in schedules else schedules[0],
+    )
+
+
 def default_dims(engine, settings: SettingsStore) -> tuple[int, int]:
     """(width, height) for a new page: the settings' defaults, where 0 means the model's native size."""
     native = native_size(engine)

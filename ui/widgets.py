@@ -25,6 +25,7 @@ from .common import (
     build_request,
     checkpoint_titles,
     default_dims,
+    default_sampling,
     error_html,
     fields_from_text,
     finished_html,
@@ -213,12 +214,10 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
     samplers, schedules = sampler_names(eng), schedule_types(eng)
 
     def default_sampler():
-        s = st.get("default_sampler")
-        return s if s in samplers else samplers[0]
+        return default_sampling(eng, st)[0]
 
     def default_schedule():
-        s = st.get("default_scheduler")
-        return s if s in schedules else schedules[0]
+        return default_sampling(eng, st)[1]
 
     with gr.Row():
         sampler = gr.Dropdown(

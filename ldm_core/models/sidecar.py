@@ -7,11 +7,15 @@ to the folder). Recognised content:
 
       {"prediction_type": "v_prediction", "family": "sd2", "rescale_cfg": 0.7}
       {"cfg_scale": 3}
+      {"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}
 
   `prediction_type` is "epsilon" or "v_prediction" ("eps" and "v" are accepted too); `family` is "sd1",
   "sd2", "sdxl" or "sdxl-refiner"; `rescale_cfg` (0..1) is the model's recommended CFG rescale, used when a
   request does not set one (v-prediction models that blow colours out at CFG 7 want about 0.7); `cfg_scale`
-  (1..30) is a diffusion upscaler's recommended CFG scale, used when Settings > Upscaling leaves it at 0.
+  (1..30) is a diffusion upscaler's recommended CFG scale, used when Settings > Upscaling leaves it at 0;
+  `sampler_name` and `scheduler` (sampler and schedule type labels, as the A1111 API names those fields) are
+  the model's recommended sampling, where the UI's dropdowns start and what an API or CLI request that names
+  no sampler runs (`Engine.recommended_sampling`).
   Other keys are ignored, so A1111's per-model user-metadata JSON (description, activation text, ...) is harmless.
 - an original LDM/SGM inference config, as A1111 users already keep next to SD 2.x models
   (`v2-inference-v.yaml`, ...): `model.params.parameterization: "v"` means v-prediction, its absence
@@ -36,6 +40,7 @@ from .detect import FAMILIES
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")  # later ones win
+_KEYS = ("family", "prediction_type", "rescale_cfg", "cfg_scale", "sampler_name", "scheduler")
 _PREDICTION_ALIASES = {
     "epsilon": "epsilon",
     "eps": "epsilon",
@@ -56,6 +61,8 @@ class Sidecar:
     prediction_type: str | None = None
     rescale_cfg: float | None = None
     cfg_scale: float | None = None
+    sampler_name: str | None = None
+    scheduler: str | None = None
     sources: tuple[Path, ...] = ()
 
 
@@ -94,12 +101,12 @@ def _parse(path: Path) -> dict[str, Any]:
         return {}
     if isinstance(data.get("model"), dict) and "target" in data["model"]:
         return _from_ldm_config(data)
-    return {k: data[k] for k in ("family", "prediction_type", "rescale_cfg", "cfg_scale") if k in data}
+    return {k: data[k] for k in _KEYS if k in data}
 
 
 def read_sidecar(model_path: str | Path) -> Sidecar:
     """Merge the sidecar files of `model_path` (see the module docstring). Raises `SidecarError`."""
-    family = prediction = rescale = cfg = None
+    family = prediction = rescale = cfg = sampler = schedule = None
     sources = []
     for path in sidecar_paths(model_path):
         if not path.is_file():
@@ -125,7 +132,19 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
             rescale = _number(path, "rescale_cfg", values["rescale_cfg"], 0.0, 1.0)
         if "cfg_scale" in values:
             cfg = _number(path, "cfg_scale", values["cfg_scale"], 1.0, 30.0)
-    return Sidecar(family, prediction, rescale, cfg, tuple(sources))
+        if "sampler_name" in values:
+            sampler = _label(path, "sampler_name", values["sampler_name"])
+        if "scheduler" in values:
+            schedule = _label(path, "scheduler", values["scheduler"])
+    return Sidecar(family, prediction, rescale, cfg, sampler, schedule, tuple(sources))
+
+
+def _label(path: Path, key: str, value: Any) -> str:
+    """A sampler or schedule-type label: a non-empty string (whether this engine has it is checked where it
+    is used, since extensions add samplers)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SidecarError(f"{path}: {key} {value!r} must be a sampler or schedule type label, e.g. 'DPM++ 2M'")
+    return value.strip()
 
 
 def _number(path: Path, key: str, value: Any, low: float, high: float) -> float:

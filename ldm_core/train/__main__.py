@@ -162,9 +162,10 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--sampler",
-        default="Euler a",
+        default=None,
         help="the sampler, a name the UI lists: of the text-to-image tests, and of img2img and inpaint with --edits "
-        "engine (diffusers' edit pipelines run Euler a; default: %(default)s)",
+        "engine (diffusers' edit pipelines run Euler a); default: the model's recommendation (its sidecar's "
+        "sampler_name and scheduler), else Euler a",
     )
     p.add_argument("--schedule", default="Automatic", help="its schedule type, e.g. Karras (default: %(default)s)")
     p.add_argument("--batch", type=int, default=16, help="images per pipeline call")

@@ -665,7 +665,7 @@ def evaluate(
     n: int = 200,
     device: str = "auto",
     steps: int = 20,
-    sampler: str = "Euler a",
+    sampler: str | None = None,  # None: the base's recommendation (as the engine runs a request naming none)
     cfg_scale: float = 5.0,
     seed: int = 0,
     sheet: Path | None = None,
@@ -776,6 +776,7 @@ def _evaluate_cases(
                 alwayson_scripts={"controlnet": {"args": [unit]}},
             )
             img = engine.generate(req).images[0]
+            report["sampler"] = " ".join(engine.sampling(req))  # what ran (the base's recommendation if None)
             if len(images) < 40:
                 images += [control, img]
             if kind.startswith("depth"):
@@ -899,7 +900,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--controlnet", type=Path, default=Path("models/ControlNet/builtin-canny"))
     e.add_argument("--n", type=int, default=200)
     e.add_argument("--steps", type=int, default=20)
-    e.add_argument("--sampler", default="Euler a")
+    e.add_argument(
+        "--sampler",
+        default=None,
+        help="default: the base's recommendation (its sidecar's sampler and schedule type), else Euler a",
+    )
     e.add_argument("--cfg-scale", type=float, default=5.0)
     e.add_argument(
         "--seed", type=int, default=0, help="which held-out set: its cases and generation seeds (0: the one reported)"

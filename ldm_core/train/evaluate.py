@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_core.generation_requests import Img2ImgRequest, InpaintRequest
+from ldm_core.generation_requests import DEFAULT_SAMPLER, Img2ImgRequest, InpaintRequest
 from ldm_core.models.sidecar import read_sidecar
 from ldm_core.train import shapes
 from ldm_core.train.analyser import Analysis, analyse
@@ -72,8 +72,9 @@ class EvalOptions:
     # the sampler from the engine's registry (ldm_core.schedulers) and its schedule type: of the text-to-image
     # tests, and of img2img and inpaint with edits="engine" (diffusers' edit pipelines always run Euler a);
     # "Euler a" with "Automatic" keeps diffusers' EulerAncestralDiscreteScheduler, which every recorded report
-    # used
-    sampler: str = "Euler a"
+    # until 2026-12-07 used; None = the model's recommendation (its sidecar's sampler_name and scheduler, with
+    # "Automatic"), else "Euler a", as the engine runs a request that names no sampler
+    sampler: str | None = None
     schedule: str = "Automatic"
     save_images: Path | None = None
     only: tuple[str, ...] | None = None
@@ -242,13 +243,19 @@ class Evaluator:
         if opts.edits not in EDIT_PATHS:
             raise ValueError(f"edits must be one of {', '.join(EDIT_PATHS)}, not {opts.edits!r}")
         self.dev = _device(opts.device)
+        side = read_sidecar(opts.model)
+        self.sampler, self.schedule = opts.sampler, opts.schedule
+        if self.sampler is None:
+            self.sampler = side.sampler_name or DEFAULT_SAMPLER
+            if side.scheduler and self.schedule == "Automatic":
+                self.schedule = side.scheduler
         self.pipe, self.i2i, self.inp = (
-            pipes if pipes is not None else load_pipelines(opts.model, self.dev, opts.sampler, opts.schedule)
+            pipes if pipes is not None else load_pipelines(opts.model, self.dev, self.sampler, self.schedule)
         )
         self.res = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.rescale_cfg = opts.rescale_cfg
         if self.rescale_cfg is None:
-            self.rescale_cfg = read_sidecar(opts.model).rescale_cfg or 0.0
+            self.rescale_cfg = side.rescale_cfg or 0.0
         self._stack = contextlib.ExitStack()
         self._engine = None
 
@@ -265,8 +272,8 @@ class Evaluator:
         request = request_type.build(
             cfg_scale=self.o.cfg,
             rescale_cfg=self.o.rescale_cfg,
-            sampler_name=self.o.sampler,
-            scheduler=self.o.schedule,
+            sampler_name=self.sampler,
+            scheduler=self.schedule,
             width=self.res,
             height=self.res,
             **fields,
@@ -675,7 +682,7 @@ def evaluate(opts: EvalOptions, pipes=None) -> dict:
         "cfg": opts.cfg,
         "rescale_cfg": ev.rescale_cfg,  # text-to-image tests (and img2img, inpaint with edits="engine")
         # of the text-to-image tests; img2img and inpaint run Euler a
-        "sampler": opts.sampler if opts.schedule == "Automatic" else f"{opts.sampler} {opts.schedule}",
+        "sampler": ev.sampler if ev.schedule == "Automatic" else f"{ev.sampler} {ev.schedule}",
         "device": str(ev.dev),
         "resolution": ev.res,
         "edits": opts.edits,  # what ran img2img and inpaint

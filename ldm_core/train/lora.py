@@ -512,11 +512,18 @@ def run(a: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_heart_lora(
-    base: Path, lora: Path, n: int = 48, steps: int = 20, cfg_scale: float = 7.0, weight: float = 1.0
+    base: Path,
+    lora: Path,
+    n: int = 48,
+    steps: int = 20,
+    cfg_scale: float = 7.0,
+    weight: float = 1.0,
+    sampler: str | None = None,
 ) -> dict:
     """Does `<lora:NAME:weight>` bring hearts in? For `n` held-out prompts "a {colour} heart on a {bg}
     background" (fixed seeds), generate through the engine with and without the tag and count the images
-    where the project's analyser finds a heart, and a heart of the asked colour."""
+    where the project's analyser finds a heart, and a heart of the asked colour. `sampler` None: the base's
+    recommended sampling (as the engine runs a request naming none; Euler a before 2026-12-07)."""
     from ldm_core.engine import scratch_engine
     from ldm_core.generation_requests import GenerationRequest
     from ldm_core.train.analyser import analyse
@@ -534,13 +541,14 @@ def evaluate_heart_lora(
                     prompt=prompt,
                     steps=steps,
                     seed=2_000_000 + i,
-                    sampler_name="Euler a",
+                    sampler_name=sampler,
                     cfg_scale=cfg_scale,
                     width=model.native_size,
                     height=model.native_size,
                     save_images=False,
                 )
                 objs = analyse(engine.generate(req).images[0]).objects
+                out["sampler"] = " ".join(engine.sampling(req))
                 hearts += any(o.shape == "heart" for o in objs)
                 right_colour += any(o.shape == "heart" and o.colour == s.colour for o in objs)
             out[label] = {"heart": hearts / n, "heart_right_colour": right_colour / n}
@@ -556,12 +564,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg-scale", type=float, default=7.0)
     p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--sampler", default=None, help="default: the base's recommendation (its sidecar's), else Euler a")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
 
 
 def run_eval(a: argparse.Namespace) -> int:
     """Run `python -m ldm_core.train lora-eval` from parsed arguments."""
-    rep = evaluate_heart_lora(a.base, a.lora, a.n, a.steps, a.cfg_scale, a.weight)
+    rep = evaluate_heart_lora(a.base, a.lora, a.n, a.steps, a.cfg_scale, a.weight, a.sampler)
     text = json.dumps(rep, indent=2)
     print(text)
     if a.json:

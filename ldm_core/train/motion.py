@@ -529,7 +529,7 @@ def evaluate_motion(
     freeinit_iters: int = 1,
     lora: str | None = None,
     lora_weight: float = 1.0,
-    sampler: str = "Euler a",
+    sampler: str | None = None,  # None: the base's recommendation, as the engine runs a request naming none
     timeline: tuple[float, float, float] = TIMELINE_DEFAULT,
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
@@ -563,7 +563,9 @@ def evaluate_motion(
                 }
             else:
                 values["batch_size"] = frames
-            res = engine.generate(GenerationRequest.build(**values))
+            req = GenerationRequest.build(**values)
+            res = engine.generate(req)
+            used = " ".join(engine.sampling(req))
             s = score_clip(res.images, clip)
             results.append(s)
             if sheet is not None and i < 8:
@@ -578,7 +580,7 @@ def evaluate_motion(
         "shared_noise": shared_noise,
         "freeinit_iters": freeinit_iters,
         "lora": f"{lora}:{lora_weight:g}" if lora else None,
-        "sampler": sampler,
+        "sampler": used if n else sampler,
         "motion_start_end_effect": list(timeline),
         "frames": frames,
         "steps": steps,
@@ -706,7 +708,12 @@ def add_eval_arguments(p) -> None:
     )
     p.add_argument("--lora", default=None, help="the module's adapter LoRA file, added to every prompt")
     p.add_argument("--lora-weight", type=float, default=1.0)
-    p.add_argument("--sampler", default="Euler a", help="the clips' sampler (default: %(default)s)")
+    p.add_argument(
+        "--sampler",
+        default=None,
+        help="the clips' sampler; default: the base's recommendation (its sidecar's sampler and schedule type), "
+        "else Euler a (every recorded report until 2026-12-07 ran Euler a)",
+    )
     add_timeline_argument(p, "--timeline")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
