@@ -449,6 +449,9 @@ def test_a_request_naming_no_sampler_runs_the_models_recommended_sampling(engine
     same = engine.generate(req(model="advised", sampler_name=None))
     asked = engine.generate(req(model="main", sampler_name="DPM++ 2M", scheduler="Exponential"))
     assert np.array_equal(arr(same.images[0]), arr(asked.images[0]))  # "advised" holds main's weights
+    # the recommendation is for images: a clip naming no sampler runs the default one
+    clip = req(model="advised", sampler_name=None, animatediff={"enable": True, "model": "any", "video_length": 8})
+    assert engine.sampling(clip) == ("Euler a", "Automatic")
     # an unknown sampler in a sidecar is ignored (logged), not a failed job
     (ckpt / "advised.json").write_text('{"sampler_name": "Euler z"}', encoding="utf-8")
     assert engine.recommended_sampling("advised") == (None, None)

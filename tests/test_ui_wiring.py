@@ -495,14 +495,17 @@ def test_built_ui_handlers_generate_switch_send_and_style(ctx):
     # (four tabs: txt2img, img2img, inpaint, video)
     # (and the tabs' sampler and schedule type dropdowns: one still at the old model's default, here the
     # settings' Euler a / Automatic, follows the new one's recommendation, DPM++ 2M / Karras for tiny-a)
-    picks = ["Euler a", "Automatic", "Euler", "Automatic", "Euler a", "Uniform", "Heun", "Karras"]
+    # (the Video tab's menus keep the settings' defaults: the recommendation is for images)
+    picks = ["Euler a", "Automatic", "Euler", "Automatic", "Euler a", "Uniform"]
     outs = list(switch.fn("tiny-a.safetensors", 128, 128, 128, 96, 128, 128, 128, 128, 0.0, 0.4, 0.0, 0.0, *picks))
     assert "Loading" in outs[0][0] and "Loaded tiny-a.safetensors" in outs[-1][0]
     assert outs[-1][2:14] == [64, 64, 64, 96, 64, 64, 64, 64, 0.7, 0.4, 0.7, 0.7]
-    assert outs[-1][14:] == ["DPM++ 2M", "Karras", "Euler", "Karras", "DPM++ 2M", "Uniform", "Heun", "Karras"]
-    # a new page starts at the loaded model's recommendation
+    assert outs[-1][14:] == ["DPM++ 2M", "Karras", "Euler", "Karras", "DPM++ 2M", "Uniform"]
+    # a new page starts at the loaded model's recommendation (the Video tab at the settings')
     assert t2i.defaults[t2i.fields["sampler_name"]]() == "DPM++ 2M"
     assert t2i.defaults[t2i.fields["scheduler"]]() == "Karras"
+    video = web.tabs["video"]
+    assert video.defaults[video.fields["sampler_name"]]() == "Euler a"
     assert ctx.engine.current_model.entry.name == "tiny-a"
     assert ctx.settings.get("sd_model_checkpoint") == "tiny-a.safetensors"
     # "send to img2img" opens the image and fills the fields from its infotext

@@ -127,8 +127,9 @@ def build_top_bar(ctx: UiContext) -> TopBar:
 def wire_top_bar(ctx: UiContext, top: TopBar, gen_tabs: list[GenerationTab]) -> None:
     dims = [c for t in gen_tabs for c in (t.fields["width"], t.fields["height"])]
     rescales = [t.fields["rescale_cfg"] for t in gen_tabs if "rescale_cfg" in t.fields]
-    # each tab's (sampler, schedule type) dropdowns
-    samplings = [t.fields[k] for t in gen_tabs if "sampler_name" in t.fields for k in ("sampler_name", "scheduler")]
+    # each image tab's (sampler, schedule type) dropdowns (the Video tab keeps the settings', see default_sampling)
+    image_tabs = [t for t in gen_tabs if "sampler_name" in t.fields and t.mode != "video"]
+    samplings = [t.fields[k] for t in image_tabs for k in ("sampler_name", "scheduler")]
 
     def switch(name: str | None, *values):
         if not name:

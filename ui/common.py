@@ -178,10 +178,11 @@ def recommended_sampling(engine) -> tuple[str | None, str | None]:
         return None, None
 
 
-def default_sampling(engine, settings: SettingsStore) -> tuple[str, str]:
-    """(sampler, schedule type) for a new page or a model switch: the model's recommendation, else the
-    settings' defaults, each only where this engine lists it (else its first)."""
-    rec_sampler, rec_schedule = recommended_sampling(engine)
+def default_sampling(engine, settings: SettingsStore, mode: str = "txt2img") -> tuple[str, str]:
+    """(sampler, schedule type) for a new page or a model switch: the model's recommendation (for images: the
+    Video tab keeps the settings', as `Engine.sampling` does for clips), else the settings' defaults, each only
+    where this engine lists it (else its first)."""
+    rec_sampler, rec_schedule = recommended_sampling(engine) if mode != "video" else (None, None)
     samplers, schedules = sampler_names(engine), schedule_types(engine)
     sampler = rec_sampler or settings.get("default_sampler")
     schedule = rec_schedule or settings.get("default_scheduler")

@@ -214,10 +214,10 @@ def build_sampling_controls(ctx: UiContext, tab: GenerationTab) -> dict[str, Any
     samplers, schedules = sampler_names(eng), schedule_types(eng)
 
     def default_sampler():
-        return default_sampling(eng, st)[0]
+        return default_sampling(eng, st, m)[0]
 
     def default_schedule():
-        return default_sampling(eng, st)[1]
+        return default_sampling(eng, st, m)[1]
 
     with gr.Row():
         sampler = gr.Dropdown(
