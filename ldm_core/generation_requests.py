@@ -34,6 +34,19 @@ InpaintFill = Literal["fill", "original", "latent noise", "latent nothing"]
 INPAINT_FILLS: tuple[str, ...] = InpaintFill.__args__  # index = A1111's integer inpainting_fill
 
 
+def sampling_choice(
+    sampler: str | None, schedule: str | None, recommended: tuple[str | None, str | None]
+) -> tuple[str, str | None]:
+    """(sampler, schedule type) to run: the named sampler with the named schedule type, or where no sampler is
+    named, the `recommended` (sampler, schedule type) pair of the model (its sidecar's), the sampler falling back
+    to DEFAULT_SAMPLER and the recommended schedule type taking the place of "Automatic" only."""
+    if sampler is not None:
+        return sampler, schedule
+    rec_sampler, rec_schedule = recommended
+    automatic = (schedule or "Automatic").lower() == "automatic"
+    return rec_sampler or DEFAULT_SAMPLER, (rec_schedule if rec_schedule and automatic else schedule)
+
+
 class RequestError(ValueError):
     """A bad request value. `field` is the request field name, `message` says what is allowed."""
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldm_core.generation_requests import DEFAULT_SAMPLER, Img2ImgRequest, InpaintRequest
+from ldm_core.generation_requests import Img2ImgRequest, InpaintRequest, sampling_choice
 from ldm_core.models.sidecar import read_sidecar
 from ldm_core.train import shapes
 from ldm_core.train.analyser import Analysis, analyse
@@ -244,11 +244,7 @@ class Evaluator:
             raise ValueError(f"edits must be one of {', '.join(EDIT_PATHS)}, not {opts.edits!r}")
         self.dev = _device(opts.device)
         side = read_sidecar(opts.model)
-        self.sampler, self.schedule = opts.sampler, opts.schedule
-        if self.sampler is None:
-            self.sampler = side.sampler_name or DEFAULT_SAMPLER
-            if side.scheduler and self.schedule == "Automatic":
-                self.schedule = side.scheduler
+        self.sampler, self.schedule = sampling_choice(opts.sampler, opts.schedule, (side.sampler_name, side.scheduler))
         self.pipe, self.i2i, self.inp = (
             pipes if pipes is not None else load_pipelines(opts.model, self.dev, self.sampler, self.schedule)
         )

@@ -548,10 +548,10 @@ def evaluate_heart_lora(
                     save_images=False,
                 )
                 objs = analyse(engine.generate(req).images[0]).objects
-                out["sampler"] = " ".join(engine.sampling(req))
                 hearts += any(o.shape == "heart" for o in objs)
                 right_colour += any(o.shape == "heart" and o.colour == s.colour for o in objs)
             out[label] = {"heart": hearts / n, "heart_right_colour": right_colour / n}
+        out["sampler"] = " ".join(engine.sampling(GenerationRequest.build(sampler_name=sampler)))  # what ran
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

@@ -565,7 +565,6 @@ def evaluate_motion(
                 values["batch_size"] = frames
             req = GenerationRequest.build(**values)
             res = engine.generate(req)
-            used = " ".join(engine.sampling(req))
             s = score_clip(res.images, clip)
             results.append(s)
             if sheet is not None and i < 8:
@@ -573,6 +572,7 @@ def evaluate_motion(
             if (i + 1) % 20 == 0:
                 ok = sum(r["direction_ok"] for r in results) / len(results)
                 log(f"{i + 1}/{n} clips: direction {ok:.2f}")
+        used = " ".join(engine.sampling(req)) if n else sampler  # what ran
     rep = {
         "module": module,
         "n": n,
@@ -580,7 +580,7 @@ def evaluate_motion(
         "shared_noise": shared_noise,
         "freeinit_iters": freeinit_iters,
         "lora": f"{lora}:{lora_weight:g}" if lora else None,
-        "sampler": used if n else sampler,
+        "sampler": used,
         "motion_start_end_effect": list(timeline),
         "frames": frames,
         "steps": steps,
