@@ -59,6 +59,16 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / so) * a + (torch.sin(t * omega) / so) * b
 
 
+def towards_first(noise: torch.Tensor, share: float) -> torch.Tensor:
+    """Each of `noise`'s items (its first dimension: a clip's frames) blended towards the first one's by `share`
+    (0: unchanged, 1: all the first's), by `slerp`, so each keeps the statistics of one draw: the video job's
+    `shared_noise`, and the correlated noise a motion module trained for it sees."""
+    if share <= 0 or noise.shape[0] < 2:
+        return noise
+    first = noise[0]
+    return torch.stack([first] + [slerp(share, n, first) for n in noise[1:]])
+
+
 def _randn(
     shape: tuple[int, ...], seed: int, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Generator]:

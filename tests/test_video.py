@@ -753,6 +753,31 @@ def test_motion_training_object_weight_changes_what_is_learned(tmp_path, tiny_mo
     assert any(not torch.equal(plain[k], weighted[k]) for k in plain)
 
 
+def test_motion_training_with_shared_noise_blends_each_clips_frames_towards_its_own_first(tmp_path, tiny_models):
+    """--shared-noise: the correlated noise a module run with that shared_noise sees (PYoCo's noise prior)."""
+    from ldm_core.models import load_state_dict
+    from ldm_core.train.motion import clip_noise, train_motion
+
+    noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(clip_noise(noise, 4, 0.0), noise)
+    same = clip_noise(noise, 4, 1.0)
+    assert all(torch.equal(same[i], noise[0]) for i in range(4))  # the first clip: all its first frame's noise
+    assert all(torch.equal(same[i], noise[4]) for i in range(4, 8))  # the second clip its own first frame's
+    half = clip_noise(noise, 4, 0.5)
+    corr = float(torch.corrcoef(torch.stack([half[5].flatten(), noise[4].flatten()]))[0, 1])
+    assert 0.6 < corr < 0.8 and torch.equal(half[4], noise[4])
+
+    def trained(name, share):
+        rec = train_motion(tiny_motion_options(tiny_models, tmp_path / name, shared_noise=share), log=lambda m: None)
+        assert rec["options"]["shared_noise"] == str(share)
+        return load_state_dict(tmp_path / name / "diffusion_pytorch_model.safetensors")
+
+    plain, shared = trained("a", 0.0), trained("b", 0.7)
+    assert any(not torch.equal(plain[k], shared[k]) for k in plain)
+    with pytest.raises(ValueError, match="shared_noise"):
+        train_motion(tiny_motion_options(tiny_models, tmp_path / "c", shared_noise=1.5), log=lambda m: None)
+
+
 def test_motion_training_timesteps_are_one_per_clip_and_cubic_spends_them_at_high_noise(tmp_path, tiny_models):
     from ldm_core.train.motion import MotionTrainOptions, clip_timesteps, train_motion
 

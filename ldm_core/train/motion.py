@@ -233,6 +233,10 @@ class MotionTrainOptions:
     # train only at t >= min_timestep: for a module run with a timeline that ends before the low-noise steps
     # (motion_end_percent = 1 - min_timestep / T), whose capacity then goes where the motion is decided
     min_timestep: int = 0
+    # > 0: each clip's frame noises blended towards its first frame's by this share (`ldm_core.rng.towards_first`,
+    # the video job's `shared_noise`), the correlated noise prior of PYoCo (Ge et al. 2023), for a module run with
+    # that shared_noise: frames that start alike leave the module only the motion to make
+    shared_noise: float = 0.0
     lora_rank: int = 0  # > 0: an adapter LoRA on the base's cross-attention keys and values trains with the module
     lora_out: str | None = None  # None: models/Lora/<out's name>-adapter.safetensors
     init_lora: str | None = None  # start the adapter LoRA from this file's weights
@@ -302,6 +306,14 @@ def clip_timesteps(
     return (min_t + sample_timesteps(clips, span, mode, gen)).repeat_interleave(frames)
 
 
+def clip_noise(noise: torch.Tensor, frames: int, share: float) -> torch.Tensor:
+    """A training batch's noise (clips x frames, C, H, W) with each clip's frames blended towards that clip's
+    first frame's noise by `share` (`ldm_core.rng.towards_first`: what the video job's `shared_noise` does)."""
+    from ldm_core.rng import towards_first
+
+    return torch.cat([towards_first(n, share) for n in noise.split(frames)]) if share > 0 else noise
+
+
 def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     from diffusers import DDPMScheduler
 
@@ -319,6 +331,8 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     from ldm_core.video.motion_modules import MotionModule, MotionPatch
 
     check_timestep_sampling(o.timesteps)
+    if not 0 <= o.shared_noise <= 1:
+        raise ValueError(f"shared_noise: {o.shared_noise} is outside 0..1")
     if o.threads:
         torch.set_num_threads(o.threads)
     torch.manual_seed(o.seed)
@@ -427,7 +441,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         drop = torch.rand(len(clips), generator=gen) < o.caption_dropout
         cond = torch.where(drop.view(-1, 1, 1), empty.expand_as(cond), cond)
         cond = cond.repeat_interleave(o.frames, 0)
-        noise = torch.randn(z.shape, generator=gen)
+        noise = clip_noise(torch.randn(z.shape, generator=gen), o.frames, o.shared_noise)
         t = clip_timesteps(len(clips), o.frames, n_train, o.timesteps, gen, o.min_timestep)
         x_t, target = diffusion_target(z, noise, ab[t], prediction)
         progress = loop.progress(o.steps, o.max_seconds)
@@ -663,6 +677,13 @@ def add_arguments(p) -> None:
         default=d.min_timestep,
         help="train at t >= this only, for a module run with motion_end_percent 1 - this / T (default: 0)",
     )
+    p.add_argument(
+        "--shared-noise",
+        type=float,
+        default=d.shared_noise,
+        help="0-1: blend each clip's frame noises towards its first frame's by this share (PYoCo's correlated "
+        "noise), for a module run with that shared_noise (default: %(default)s: independent)",
+    )
 
 
 def run(a) -> int:
@@ -685,6 +706,7 @@ def run(a) -> int:
         log_every=a.log_every,
         timesteps=a.timesteps,
         min_timestep=a.min_timestep,
+        shared_noise=a.shared_noise,
         lora_rank=a.lora_rank,
         lora_out=a.lora_out,
         init_lora=a.init_lora,

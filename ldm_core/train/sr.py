@@ -387,12 +387,13 @@ def border_mask(coverage: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int = 20, guidance: float = 0.0,
-                lr_size: int = 64, seed: str = "sr-eval", log=_log) -> dict:
+                lr_size: int = 64, seed: str = "sr-eval", eta: float = 0.0, log=_log) -> dict:
     """Held-out scenes (drawn small, as the built-in model draws them) upscaled 4x by the model, Lanczos and
     the shipped x2 model twice; PSNR, edge ratio at object borders and analyser reads; then the held-out
     photographs (PSNR and edge ratio at the truth's strongest 10% gradients). "vae round trip" is the truth
     encoded and decoded by the model's VAE: the best the model's output can be. `guidance` 0 is the model's
-    recommended CFG scale, as Extras runs it (its sidecar's `cfg_scale`, else 9)."""
+    recommended CFG scale, as Extras runs it (its sidecar's `cfg_scale`, else 9). `eta` is the DDIM sampler's step
+    noise (0: deterministic, as Extras runs it; 1: ancestral)."""
     from diffusers import StableDiffusionUpscalePipeline
     from PIL import Image
 
@@ -436,7 +437,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         mask = border_mask(cov[0, 0].numpy())
         outs = {
             "diffusion": pipe(prompt=scene.caption, image=low, num_inference_steps=steps, noise_level=noise_level,
-                              guidance_scale=guidance, generator=torch.Generator().manual_seed(i)).images[0],
+                              guidance_scale=guidance, eta=eta, generator=torch.Generator().manual_seed(i)).images[0],
             "lanczos": low.resize(gt.shape[1::-1], Image.LANCZOS),
         }
         if x2:
@@ -457,7 +458,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         if (i + 1) % 20 == 0:
             log(f"{i + 1}/{n} scenes ({time.monotonic() - t0:.0f}s)")
     report: dict = {"n_scenes": n, "n_objects": total, "steps": steps, "noise_level": noise_level,
-                    "guidance": guidance, "lr_size": lr_size, "scenes": {}}
+                    "guidance": guidance, "eta": eta, "lr_size": lr_size, "scenes": {}}
     for k, st in stats.items():
         report["scenes"][k] = {
             "psnr": float(np.mean(st["psnr"])) if st["psnr"] else None,
@@ -479,7 +480,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         mask = mag >= np.percentile(mag, 90)
         outs = {
             "diffusion": pipe(prompt="", image=low, num_inference_steps=steps, noise_level=noise_level,
-                              guidance_scale=guidance, generator=torch.Generator().manual_seed(j)).images[0],
+                              guidance_scale=guidance, eta=eta, generator=torch.Generator().manual_seed(j)).images[0],
             "lanczos": low.resize((w, h), Image.LANCZOS),
         }
         if x2:
@@ -539,11 +540,12 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--noise-level", type=int, default=20)
     p.add_argument("--guidance", type=float, default=0.0,
                    help="CFG scale (0: the model's recommended one, its sidecar's cfg_scale, else 9)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM step noise (0: deterministic, as Extras runs it)")
     p.add_argument("--out", default=None, help="write the report here as JSON too")
 
 
 def run_eval(a) -> int:
-    report = evaluate_sr(a.model, n=a.n, steps=a.steps, noise_level=a.noise_level, guidance=a.guidance)
+    report = evaluate_sr(a.model, n=a.n, steps=a.steps, noise_level=a.noise_level, guidance=a.guidance, eta=a.eta)
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:

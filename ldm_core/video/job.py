@@ -20,7 +20,7 @@ from PIL import Image
 from ..generation_requests import GenerationRequest, Img2ImgRequest, RequestError
 from ..infotext import infotext_number
 from ..outputs import encode_png_bytes, output_folder, save_bytes
-from ..rng import slerp
+from ..rng import towards_first
 from .clips import CLIP_TYPES, ClipError, decode_clip, encode_clip
 from .context_windows import ContextWindowUNet, context_windows
 from .motion_modules import MotionModule, MotionModuleError, MotionModules, MotionPatch, check_fits
@@ -101,11 +101,7 @@ class VideoPlan:
     def starting_noise(self, noise: torch.Tensor) -> torch.Tensor:
         """The frames' starting noise (F,C,H,W): each frame's own noise blended towards the first frame's by
         `shared_noise` (the variation-seed slerp, so each frame's noise keeps the statistics of one draw)."""
-        share = self.args.shared_noise
-        if share <= 0 or noise.shape[0] < 2:
-            return noise
-        first = noise[0]
-        return torch.stack([first] + [slerp(share, n, first) for n in noise[1:]])
+        return towards_first(noise, self.args.shared_noise)
 
 
 def plan_video(request: GenerationRequest, modules: MotionModules, unet, model_name: str, family: str):
