@@ -34,9 +34,12 @@ def test_a_few_steps_make_an_upscaler_the_registry_runs(tmp_path):
     vae.save_pretrained(str(tmp_path / "f4" / "vae"))
     out = tmp_path / "SD-Upscale" / "builtin-x4"
     o = SRTrainOptions(base=str(BUILTIN), vae=str(tmp_path / "f4"), out=str(out), work_dir=str(tmp_path / "work"),
-                       scenes=16, photo_crops=4, crop=16, channels=(16, 32), batch=4, steps=3, warmup_steps=1)
+                       scenes=16, photo_crops=4, dead_leaves=3, crop=16, channels=(16, 32), batch=4, steps=3,
+                       warmup_steps=1)
     record = train_sr(o, log=lambda m: None)
     assert record["steps"] == 3 and (out / "TRAINING.json").is_file()
+    cache = torch.load(tmp_path / "work" / "sr-cache.pt", weights_only=True)
+    assert len(cache["caption"]) == 16 + 4 + 3 and (cache["caption"][-7:] == cache["empty"]).all()
     ck = torch.load(tmp_path / "work" / "sr-train.pt", weights_only=True)  # resumable
     from safetensors.torch import load_file
 
@@ -60,6 +63,37 @@ def test_a_few_steps_make_an_upscaler_the_registry_runs(tmp_path):
     assert "builtin-x4" in reg.names()
     image = shapes.to_pil(shapes.render(shapes.sample_scenes("t", 1), 24)[0])
     assert reg.upscale(image, "builtin-x4", scale=4).size == (96, 96)
+
+
+def test_dead_leaves_images_have_photographs_statistics():
+    """Occluding discs with radii ~ r^-3: covered, in the palette's colours, a spectrum falling about as 1/f^2."""
+    from ldm_core.train.dead_leaves import dead_leaves, disc_radii
+
+    palette = np.array([[200, 30, 30], [20, 20, 180], [240, 240, 240], [10, 90, 10]], np.uint8)
+    a = dead_leaves(128, np.random.default_rng(1), palette, blur_share=0.0)
+    assert a.shape == (128, 128, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, dead_leaves(128, np.random.default_rng(1), palette, blur_share=0.0))  # seeded
+    exact = (a[:, :, None, :] == palette[None, None]).all(-1).any(-1)
+    assert exact.mean() > 0.6  # disc interiors are palette colours; only the antialiased rims mix them
+    assert len({tuple(c) for c in a[exact]}) == 4
+
+    r = disc_radii(np.random.default_rng(0), 20000, 1.0, 64.0)
+    assert r.min() >= 1.0 and r.max() <= 64.0
+    assert abs((r < 2.0).mean() - 0.75) < 0.02  # p(r) ~ r^-3: three quarters of the discs below twice r_min
+
+    def slope(img):
+        g = img.astype(np.float32).mean(2)
+        power = np.abs(np.fft.fftshift(np.fft.fft2(g - g.mean()))) ** 2
+        y, x = np.indices(power.shape)
+        ring = np.hypot(x - 64, y - 64).astype(int)
+        profile = np.bincount(ring.ravel(), power.ravel()) / np.bincount(ring.ravel())
+        f = np.arange(4, 60)
+        return np.polyfit(np.log(f), np.log(profile[f]), 1)[0]
+
+    slopes = [slope(dead_leaves(128, np.random.default_rng(s), blur_share=0.0)) for s in range(6)]
+    assert all(-3.2 < k < -1.6 for k in slopes)  # natural images: about -2
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3)).astype(np.uint8)
+    assert abs(slope(noise)) < 0.5  # white noise is flat: the test tells the two apart
 
 
 def test_edge_ratio_tells_blur_from_sharp():

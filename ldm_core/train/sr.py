@@ -10,9 +10,10 @@ the x4's beta schedule. Only the UNet learns.
 
 Data: shapes-world scenes rendered at 4x the low-resolution size (the low-resolution image is either the same
 scene rendered small, as the built-in model draws it, or the large render area-downscaled), and crops of the
-scikit-image photographs (bicubic-downscaled; three held out); training uses aligned crops of `crop` low-res
-pixels; latents are cached once. Captions are the scenes' (dropped 10% of the time, so CFG works); photos get
-the empty prompt.
+scikit-image photographs (bicubic-downscaled; three held out), and with `--dead-leaves N` N synthetic images with
+photographs' statistics in their colours (`ldm_core.train.dead_leaves`: endless variety where the photographs
+are twenty); training uses aligned crops of `crop` low-res pixels; latents are cached once. Captions are the
+scenes' (dropped 10% of the time, so CFG works); photos and dead-leaves images get the empty prompt.
 
     python -m ldm_core.train sr --base models/builtin --vae /tmp/v2/v2-f4-vae \\
         --out models/SD-Upscale/ldm-builtin-x4 --work-dir /tmp/sr-work --max-seconds 2700
@@ -61,6 +62,7 @@ class SRTrainOptions:
     seed: int = 0
     scenes: int = 3000
     photo_crops: int = 600
+    dead_leaves: int = 0  # dead-leaves images (`ldm_core.train.dead_leaves`: photographs' statistics, endless variety)
     lr_size: int = 64  # low-resolution scene size (the built-in model's images)
     crop: int = 32  # low-resolution pixels per training crop
     channels: tuple[int, ...] = (32, 48, 48)  # 1.03M parameters: with the text encoder and VAE copies, 19.7 MB
@@ -138,6 +140,23 @@ def _photo_pairs(n: int, hr: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return crops, torch.stack(lows).permute(0, 3, 1, 2).float() / 255
 
 
+def _dead_leaves_pairs(n: int, hr: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n (HR dead-leaves image in the training photographs' colours, bicubic LR) pairs, as `_photo_pairs`."""
+    from PIL import Image
+
+    from .dead_leaves import dead_leaves, photo_palette
+    from .upscaler import skimage_images
+
+    palette = photo_palette(skimage_images()[0], seed=seed)
+    rng = np.random.default_rng(seed)
+    highs, lows = [], []
+    for _ in range(n):
+        im = dead_leaves(hr, rng, palette)
+        highs.append(torch.from_numpy(im))
+        lows.append(torch.from_numpy(np.asarray(Image.fromarray(im).resize((hr // SCALE,) * 2, Image.BICUBIC)).copy()))
+    return (torch.stack(highs).permute(0, 3, 1, 2).float() / 255, torch.stack(lows).permute(0, 3, 1, 2).float() / 255)
+
+
 def scene_pairs(scenes: list, lr_size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """(HR renders at 4x, LR images) for scenes: half rendered small (as the model draws them), half the HR
     render area-downscaled."""
@@ -168,8 +187,10 @@ def build_cache(o: SRTrainOptions, vae, text, log=_log) -> dict:
         lat.append((vae.encode(hr * 2 - 1).latent_dist.mean * s).half())
         low.append((lr * 2 - 1).half())
         caps += [sc.caption for sc in part]
-    if o.photo_crops:
-        hr, lr = _photo_pairs(o.photo_crops, c * SCALE, o.seed)
+    for count, pairs in ((o.photo_crops, _photo_pairs), (o.dead_leaves, _dead_leaves_pairs)):
+        if not count:
+            continue
+        hr, lr = pairs(count, c * SCALE, o.seed)
         for i in range(0, len(hr), 32):
             lat.append((vae.encode(hr[i : i + 32] * 2 - 1).latent_dist.mean * s).half())
         low.append((lr * 2 - 1).half())
@@ -177,7 +198,8 @@ def build_cache(o: SRTrainOptions, vae, text, log=_log) -> dict:
     uniq = sorted(set(caps))
     emb = torch.cat([text(uniq[i : i + 64], torch.device("cpu"))[0] for i in range(0, len(uniq), 64)]).half()
     index = {t: i for i, t in enumerate(uniq)}
-    log(f"cached {len(caps)} crops ({o.scenes} scenes, {o.photo_crops} photo crops) in {time.monotonic() - t0:.0f}s")
+    log(f"cached {len(caps)} crops ({o.scenes} scenes, {o.photo_crops} photo crops, {o.dead_leaves} dead-leaves "
+        f"images) in {time.monotonic() - t0:.0f}s")
     return {"latents": torch.cat(lat), "low": torch.cat(low), "caption": torch.tensor([index[t] for t in caps]),
             "embeds": emb, "empty": index.get("", None)}
 
@@ -513,6 +535,8 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--scenes", type=int, default=d.scenes)
     p.add_argument("--photo-crops", type=int, default=d.photo_crops)
+    p.add_argument("--dead-leaves", type=int, default=d.dead_leaves,
+                   help="dead-leaves images (synthetic, with photographs' statistics) in the cache (default: 0)")
     p.add_argument("--crop", type=int, default=d.crop, help="low-resolution pixels per training crop")
     p.add_argument("--channels", default=",".join(map(str, d.channels)), help="UNet channels per level")
     p.add_argument("--batch", type=int, default=d.batch)
@@ -525,8 +549,8 @@ def add_arguments(p) -> None:
 def run(a) -> int:
     o = SRTrainOptions(
         base=a.base, vae=a.vae, text_encoder=a.text_encoder, init_unet=a.init_unet, out=a.out, work_dir=a.work_dir,
-        seed=a.seed, scenes=a.scenes,
-        photo_crops=a.photo_crops, crop=a.crop, channels=tuple(int(c) for c in a.channels.split(",")),
+        seed=a.seed, scenes=a.scenes, photo_crops=a.photo_crops, dead_leaves=a.dead_leaves,
+        crop=a.crop, channels=tuple(int(c) for c in a.channels.split(",")),
         batch=a.batch, lr=a.lr, steps=a.steps, max_seconds=a.max_seconds, threads=a.threads,
     )
     print(json.dumps(train_sr(o), indent=2, default=str))
