@@ -125,36 +125,34 @@ def schedulers():
     )
 
 
-def _photo_pairs(n: int, hr: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """n (HR crop, bicubic LR) pairs from the training photographs, float (n, 3, h, w) in [0, 1]."""
+def _bicubic_lows(images: list[np.ndarray]) -> torch.Tensor:
+    """RGB uint8 HxWx3 images bicubic-downscaled by SCALE, as the photographs' training pairs have them: float
+    (n, 3, h, w) in [0, 1]."""
     from PIL import Image
 
+    lows = [np.asarray(Image.fromarray(im).resize((im.shape[1] // SCALE, im.shape[0] // SCALE), Image.BICUBIC))
+            for im in images]
+    return torch.from_numpy(np.stack(lows)).permute(0, 3, 1, 2).float() / 255
+
+
+def _photo_pairs(n: int, hr: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n (HR crop, bicubic LR) pairs from the training photographs, float (n, 3, h, w) in [0, 1]."""
     from .upscaler import PatchSampler, skimage_images
 
     train, _, _ = skimage_images()
     crops = PatchSampler(train, hr, seed=seed).batch(n)
-    lows = []
-    for c in crops:
-        im = Image.fromarray((c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-        lows.append(torch.from_numpy(np.asarray(im.resize((hr // SCALE,) * 2, Image.BICUBIC)).copy()))
-    return crops, torch.stack(lows).permute(0, 3, 1, 2).float() / 255
+    return crops, _bicubic_lows([(c.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for c in crops])
 
 
 def _dead_leaves_pairs(n: int, hr: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """n (HR dead-leaves image in the training photographs' colours, bicubic LR) pairs, as `_photo_pairs`."""
-    from PIL import Image
-
     from .dead_leaves import dead_leaves, photo_palette
     from .upscaler import skimage_images
 
     palette = photo_palette(skimage_images()[0], seed=seed)
     rng = np.random.default_rng(seed)
-    highs, lows = [], []
-    for _ in range(n):
-        im = dead_leaves(hr, rng, palette)
-        highs.append(torch.from_numpy(im))
-        lows.append(torch.from_numpy(np.asarray(Image.fromarray(im).resize((hr // SCALE,) * 2, Image.BICUBIC)).copy()))
-    return (torch.stack(highs).permute(0, 3, 1, 2).float() / 255, torch.stack(lows).permute(0, 3, 1, 2).float() / 255)
+    highs = [dead_leaves(hr, rng, palette) for _ in range(n)]
+    return torch.from_numpy(np.stack(highs)).permute(0, 3, 1, 2).float() / 255, _bicubic_lows(highs)
 
 
 def scene_pairs(scenes: list, lr_size: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
