@@ -743,7 +743,8 @@ def _evaluate_cases(
         "controlnet": str(controlnet),
         "base": str(base),
         "steps": steps,
-        "sampler": sampler,
+        # what runs: the base's recommendation where `sampler` is None (the same for every case)
+        "sampler": " ".join(engine.sampling(GenerationRequest.build(sampler_name=sampler))),
         "cfg_scale": cfg_scale,
         "n": n,
         "condition": condition,
@@ -776,7 +777,6 @@ def _evaluate_cases(
                 alwayson_scripts={"controlnet": {"args": [unit]}},
             )
             img = engine.generate(req).images[0]
-            report["sampler"] = " ".join(engine.sampling(req))  # what ran (the base's recommendation if None)
             if len(images) < 40:
                 images += [control, img]
             if kind.startswith("depth"):
