@@ -147,6 +147,18 @@ class DiffusionUpscaler(PipelineFolder):
 
     def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
              cancel: Callable[[], None] | None = None):
+        """The diffusers pipeline's call, with this class's `_sampling` arguments."""
+        return self.pipeline()(
+            prompt=prompt,
+            image=image,
+            num_inference_steps=options.steps,
+            generator=torch.Generator(device="cpu").manual_seed(options.seed),
+            output_type=output_type,
+            **self._sampling(prompt, options),
+            **_step_callback(cancel),
+        ).images
+
+    def _sampling(self, prompt: str, options: DiffusionUpscaleOptions) -> dict:
         raise NotImplementedError
 
 
@@ -161,18 +173,8 @@ class X4Upscaler(DiffusionUpscaler):
     scale = 4
     pipeline_name = PIPELINE_CLASS
 
-    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
-             cancel: Callable[[], None] | None = None):
-        return self.pipeline()(
-            prompt=prompt,
-            image=image,
-            num_inference_steps=options.steps,
-            guidance_scale=options.guidance_scale,
-            noise_level=options.noise_level,
-            generator=torch.Generator(device="cpu").manual_seed(options.seed),
-            output_type=output_type,
-            **_step_callback(cancel),
-        ).images
+    def _sampling(self, prompt: str, options: DiffusionUpscaleOptions) -> dict:
+        return {"guidance_scale": options.guidance_scale, "noise_level": options.noise_level}
 
 
 class X2LatentUpscaler(DiffusionUpscaler):
@@ -182,17 +184,8 @@ class X2LatentUpscaler(DiffusionUpscaler):
     scale = 2
     pipeline_name = LATENT_PIPELINE_CLASS
 
-    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
-             cancel: Callable[[], None] | None = None):
-        return self.pipeline()(
-            prompt=prompt,
-            image=image,
-            num_inference_steps=options.steps,
-            guidance_scale=0.0 if not prompt else options.guidance_scale,
-            generator=torch.Generator(device="cpu").manual_seed(options.seed),
-            output_type=output_type,
-            **_step_callback(cancel),
-        ).images
+    def _sampling(self, prompt: str, options: DiffusionUpscaleOptions) -> dict:
+        return {"guidance_scale": 0.0 if not prompt else options.guidance_scale}
 
     def latents(self, z: torch.Tensor, prompt: str, options: DiffusionUpscaleOptions,
                 cancel: Callable[[], None] | None = None) -> torch.Tensor:

@@ -100,15 +100,7 @@ def outpaint_canvas(
     cw, ch = w + left + right, h + up + down
     if max(cw, ch) > MAX_SIDE:
         raise RequestError("outpaint", f"the canvas would be {cw}x{ch}; at most {MAX_SIDE} px per side")
-    box = (left, up, left + w, up + h)
-    canvas = Image.new("RGB", (cw, ch))
-    canvas.paste(image, (left, up))
-    hard = Image.new("L", (cw, ch), 255)
-    hard.paste(0, box)
-    if (cw, ch) != (w, h):
-        canvas = fill_masked(canvas, hard)
-        canvas.paste(image, (left, up))
-    return Outpaint(canvas, outpaint_mask((cw, ch), box, blend), box)
+    return _placed(image, (cw, ch), (left, up), blend)
 
 
 def resize_and_fill_canvas(image: Image.Image, width: int, height: int, *, blend: int = 16) -> Outpaint:
@@ -118,16 +110,21 @@ def resize_and_fill_canvas(image: Image.Image, width: int, height: int, *, blend
     ratio = min(width / image.width, height / image.height)
     fw, fh = max(1, round(image.width * ratio)), max(1, round(image.height * ratio))
     fitted = image.resize((fw, fh), Image.LANCZOS) if (fw, fh) != image.size else image
-    x0, y0 = (width - fw) // 2, (height - fh) // 2
-    box = (x0, y0, x0 + fw, y0 + fh)
-    canvas = Image.new("RGB", (width, height))
-    canvas.paste(fitted, (x0, y0))
-    if (fw, fh) != (width, height):
-        hard = Image.new("L", (width, height), 255)
+    return _placed(fitted, (width, height), ((width - fw) // 2, (height - fh) // 2), blend)
+
+
+def _placed(image: Image.Image, size: tuple[int, int], at: tuple[int, int], blend: int) -> Outpaint:
+    """`image` pasted at `at` on a canvas of `size`, the rest filled from its edge colours, and the mask of the
+    rest (plus a `blend` px band)."""
+    box = (at[0], at[1], at[0] + image.width, at[1] + image.height)
+    canvas = Image.new("RGB", size)
+    canvas.paste(image, at)
+    if image.size != size:
+        hard = Image.new("L", size, 255)
         hard.paste(0, box)
         canvas = fill_masked(canvas, hard)
-        canvas.paste(fitted, (x0, y0))
-    return Outpaint(canvas, outpaint_mask((width, height), box, blend), box)
+        canvas.paste(image, at)
+    return Outpaint(canvas, outpaint_mask(size, box, blend), box)
 
 
 def work_side(n: int, multiple: int = SD_VAE_FACTOR) -> int:

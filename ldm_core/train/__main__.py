@@ -223,54 +223,6 @@ def _run_data(a: argparse.Namespace) -> int:
     return 0
 
 
-def _add_lora(p: argparse.ArgumentParser) -> None:
-    from ldm_core.train.lora import add_arguments
-
-    add_arguments(p)
-
-
-def _run_lora(a: argparse.Namespace) -> int:
-    from ldm_core.train.lora import run
-
-    return run(a)
-
-
-def _add_lora_eval(p: argparse.ArgumentParser) -> None:
-    from ldm_core.train.lora import add_eval_arguments
-
-    add_eval_arguments(p)
-
-
-def _run_lora_eval(a: argparse.Namespace) -> int:
-    from ldm_core.train.lora import run_eval
-
-    return run_eval(a)
-
-
-def _add_motion(p: argparse.ArgumentParser) -> None:
-    from ldm_core.train.motion import add_arguments
-
-    add_arguments(p)
-
-
-def _run_motion(a: argparse.Namespace) -> int:
-    from ldm_core.train.motion import run
-
-    return run(a)
-
-
-def _add_motion_eval(p: argparse.ArgumentParser) -> None:
-    from ldm_core.train.motion import add_eval_arguments
-
-    add_eval_arguments(p)
-
-
-def _run_motion_eval(a: argparse.Namespace) -> int:
-    from ldm_core.train.motion import run_eval
-
-    return run_eval(a)
-
-
 def _module(name: str):
     """`ldm_core.train.<name>`, imported when its command runs (torch and diffusers load only then)."""
     import importlib
@@ -278,28 +230,10 @@ def _module(name: str):
     return importlib.import_module(f"ldm_core.train.{name}")
 
 
-def _add_refine(p: argparse.ArgumentParser) -> None:
-    from ldm_core.train.refine import add_arguments
-
-    add_arguments(p)
-
-
-def _run_refine(a: argparse.Namespace) -> int:
-    from ldm_core.train.refine import run
-
-    return run(a)
-
-
-def _add_curve(p: argparse.ArgumentParser) -> None:
-    from ldm_core.train.curve import add_arguments
-
-    add_arguments(p)
-
-
-def _run_curve(a: argparse.Namespace) -> int:
-    from ldm_core.train.curve import run
-
-    return run(a)
+def _lazy(name: str, add: str = "add_arguments", run: str = "run") -> tuple[Callable, Callable]:
+    """(add its arguments, run it) for a command whose two functions are `add` and `run` of
+    `ldm_core.train.<name>`, imported when the command is parsed."""
+    return (lambda p: getattr(_module(name), add)(p)), (lambda a: getattr(_module(name), run)(a))
 
 
 #: name -> (help, add_arguments, run)
@@ -313,50 +247,41 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
     "data": ("write sample renders of the shapes world with captions", _add_data, _run_data),
     "refine": (
         "continue a built-in model on a CPU: text-encoder pre-training, latent cache, UNet, decoder",
-        _add_refine,
-        _run_refine,
+        *_lazy("refine"),
     ),
-    "curve": ("draw a model folder's learning curve (refine --export-every points) as a PNG", _add_curve, _run_curve),
+    "curve": ("draw a model folder's learning curve (refine --export-every points) as a PNG", *_lazy("curve")),
     "motion": (
         "train the built-in model's motion module (AnimateDiff-class) on shapes-world clips, base frozen",
-        _add_motion,
-        _run_motion,
+        *_lazy("motion"),
     ),
     "motion-eval": (
         "score a motion module: does the object move the way the prompt says, and stay the same shape/colour?",
-        _add_motion_eval,
-        _run_motion_eval,
+        *_lazy("motion", "add_eval_arguments", "run_eval"),
     ),
     "sr": (
         "train the built-in diffusion upscaler (SD x4 upscaler structure) on shapes-world renders and photos",
-        lambda p: _module("sr").add_arguments(p),
-        lambda a: _module("sr").run(a),
+        *_lazy("sr"),
     ),
     "sr-eval": (
         "score a diffusion upscaler 4x against Lanczos and the x2 model twice: PSNR, edge sharpness, analyser",
-        lambda p: _module("sr").add_eval_arguments(p),
-        lambda a: _module("sr").run_eval(a),
+        *_lazy("sr", "add_eval_arguments", "run_eval"),
     ),
     "sr-vae": (
         "continue a factor-4 VAE on photographs and shapes renders for the diffusion upscaler (sr --vae)",
-        lambda p: _module("sr_vae").add_arguments(p),
-        lambda a: _module("sr_vae").run(a),
+        *_lazy("sr_vae"),
     ),
     "text-distill": (
         "distil a narrower text encoder from a model's (for add-ons with a size budget: sr --text-encoder)",
-        lambda p: _module("text_distill").add_arguments(p),
-        lambda a: _module("text_distill").run(a),
+        *_lazy("text_distill"),
     ),
     "inpaint": (
         "train an inpainting model (9-channel UNet, as sd-v1-5-inpainting) from a base on shapes-world masks",
-        lambda p: _module("inpaint").add_arguments(p),
-        lambda a: _module("inpaint").run(a),
+        *_lazy("inpaint"),
     ),
-    "lora": ("train a LoRA on images + .txt captions, written in the kohya format", _add_lora, _run_lora),
+    "lora": ("train a LoRA on images + .txt captions, written in the kohya format", *_lazy("lora")),
     "lora-eval": (
         "does <lora:heart:1> bring hearts in? analyser counts with and without the tag",
-        _add_lora_eval,
-        _run_lora_eval,
+        *_lazy("lora", "add_eval_arguments", "run_eval"),
     ),
 }
 
