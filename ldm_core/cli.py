@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .config import EngineConfig
+from .config import COLOUR_FIXES, EngineConfig
 from .generation_requests import GenerationRequest, Img2ImgRequest, InpaintRequest, RequestError
 from .models.loading import ModelFileError
 from .scaleout import add_ray_flags, ray_service_args
@@ -235,6 +235,8 @@ def _upscale_parser(sub) -> None:
     g.add_argument("--noise-level", type=int, default=None, help="SD x4 noise level")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--prompt", default=None, help="default: each image's own prompt, from its infotext")
+    g.add_argument("--colour-fix", default=None, choices=COLOUR_FIXES,
+                   help="the output's large-scale colour from the input (default: the setting, Wavelet)")
     _add_engine_flags(p)
 
 
@@ -520,6 +522,7 @@ def _upscale_config(args) -> EngineConfig:
             ("noise_level", "noise_level"),
             ("seed", "seed"),
             ("prompt", "prompt"),
+            ("colour_fix", "colour_fix"),
         )
         if getattr(args, arg, None) is not None
     }

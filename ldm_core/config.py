@@ -15,6 +15,10 @@ Offload = Literal["none", "model", "sequential"]
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin"
 
 
+#: how a diffusion upscaler's output takes its large-scale colour from its input (`ldm_core.colour_fix`)
+COLOUR_FIXES = ("Wavelet", "AdaIN", "None")
+
+
 @dataclass(frozen=True)
 class DiffusionUpscaleOptions:
     """What a diffusion upscaler runs with (Settings > Upscaling, `diffusion_upscale_*` options). `prompt` ""
@@ -28,6 +32,7 @@ class DiffusionUpscaleOptions:
     seed: int = 0
     prompt: str = ""
     ldsr_steps: int = 100  # LDSR's DDIM steps (A1111's "ldsr_steps" setting and default)
+    colour_fix: str = "Wavelet"  # the output's large-scale colour from the input: one of COLOUR_FIXES
     tile: int = 128  # input pixels per tile (the x4 model was trained on 128 px crops)
     overlap: int = 16
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import EngineConfig
+from .config import COLOUR_FIXES, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +422,15 @@ OPTIONS: tuple[Option, ...] = (
         config="diffusion_upscale",
     ),
     _o(
+        "diffusion_upscale_colour_fix",
+        "Wavelet",
+        "Diffusion upscalers: colour fix (the output's large-scale colour from the input, as StableSR's Color Fix)",
+        "live",
+        S_UPSCALE,
+        choices=COLOUR_FIXES,
+        config="diffusion_upscale",
+    ),
+    _o(
         "ldsr_steps",
         100,
         "LDSR processing steps (lower = faster)",
@@ -746,6 +755,7 @@ def config_from_options(
             ("diffusion_upscale_cfg_scale", "guidance_scale", float),
             ("diffusion_upscale_seed", "seed", int),
             ("diffusion_upscale_prompt", "prompt", str),
+            ("diffusion_upscale_colour_fix", "colour_fix", str),
             ("ldsr_steps", "ldsr_steps", int),
         )
         if values.get(key) is not None

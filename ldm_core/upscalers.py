@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .colour_fix import colour_fix
 from .diffusion_upscalers import (
     DiffusionUpscaleOptions,
     DiffusionUpscaler,
@@ -472,7 +473,10 @@ class UpscalerRegistry:
                     log.warning("upscaler %s ran out of memory; retrying with %d px tiles", name, tile)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
-            out = _to_image(y)
+            if diffusion:  # its large-scale colour from the pass's input (`ldm_core.colour_fix`)
+                out = colour_fix(_to_image(y), out, opts.colour_fix)
+            else:
+                out = _to_image(y)
             done += totals[k]
         return out
 

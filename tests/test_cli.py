@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from ldm_core.cli import main
@@ -221,3 +222,14 @@ def test_txt2img_and_batch_with_a_controlnet_unit_from_flags_and_from_alwayson_s
     assert "nope" in capsys.readouterr().err
     assert main([*common, "--alwayson-scripts", "{not json", "--out", str(out)]) == 2
     assert "alwayson_scripts" in capsys.readouterr().err
+
+
+def test_upscale_diffusion_flags_reach_the_upscalers_options(tmp_path):
+    from ldm_core.cli import _upscale_config, build_parser
+
+    base = ["upscale", "x.png", "--out", str(tmp_path), "--data-dir", str(tmp_path)]
+    cfg = _upscale_config(build_parser().parse_args([*base, "--colour-fix", "AdaIN", "--noise-level", "40"]))
+    assert (cfg.diffusion_upscale.colour_fix, cfg.diffusion_upscale.noise_level) == ("AdaIN", 40)
+    assert _upscale_config(build_parser().parse_args(base)).diffusion_upscale.colour_fix == "Wavelet"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--colour-fix", "sepia"])

@@ -379,3 +379,30 @@ def test_shipped_upscaler_recommends_the_cfg_its_guidance_probe_measured():
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "SD-Upscale" / "ldm-builtin-x4"
     assert read_sidecar(shipped).cfg_scale == 3.0
+
+
+def test_colour_fix_setting_gives_the_output_the_inputs_colour(tmp_path, x4_dir, monkeypatch):
+    """Settings > Upscaling's colour fix (default Wavelet) runs after the diffusion upscaler: an output whose
+    colour drifted comes back in the input's; "None" leaves the sample as it came."""
+    import shutil
+
+    from ldm_core.config import EngineConfig
+    from ldm_core.engine import Engine
+    from ldm_core.options import OptionsStore, bind_engine
+
+    shutil.copytree(x4_dir, tmp_path / "models" / "SD-Upscale")
+    engine = Engine(EngineConfig.from_data_dir(tmp_path, builtin_model_dir=None, device="cpu", save_images=False))
+    store = OptionsStore(tmp_path / "config.json")
+    bind_engine(store, engine)
+
+    def grey(self, image, prompt, options, output_type, cancel=None):  # a sample that lost the input's colour
+        return torch.full((1, 3, image.height * 4, image.width * 4), 0.5)
+
+    monkeypatch.setattr(X4Upscaler, "_run", grey)
+    src = smooth()
+    want = np.asarray(src.resize((96, 80), Image.BICUBIC), np.float32).mean((0, 1))
+    fixed = np.asarray(engine.upscalers.upscale(src, "tiny-x4", scale=4), np.float32)
+    assert np.abs(fixed.mean((0, 1)) - want).max() < 3
+    store.update({"diffusion_upscale_colour_fix": "None"})
+    as_sampled = np.asarray(engine.upscalers.upscale(src, "tiny-x4", scale=4), np.float32)
+    assert np.abs(as_sampled - 128).max() <= 1

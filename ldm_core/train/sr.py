@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import COLOUR_FIXES
 from . import shapes
 from .step_loop import StepLoop, read_checkpoint
 
@@ -407,16 +408,21 @@ def border_mask(coverage: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int = 20, guidance: float = 0.0,
-                lr_size: int = 64, seed: str = "sr-eval", eta: float = 0.0, log=_log) -> dict:
+                lr_size: int = 64, seed: str = "sr-eval", eta: float = 0.0, colour_fix: str = "Wavelet",
+                log=_log) -> dict:
     """Held-out scenes (drawn small, as the built-in model draws them) upscaled 4x by the model, Lanczos and
     the shipped x2 model twice; PSNR, edge ratio at object borders and analyser reads; then the held-out
     photographs (PSNR and edge ratio at the truth's strongest 10% gradients). "vae round trip" is the truth
     encoded and decoded by the model's VAE: the best the model's output can be. `guidance` 0 is the model's
     recommended CFG scale, as Extras runs it (its sidecar's `cfg_scale`, else 9). `eta` is the DDIM sampler's step
-    noise (0: deterministic, as Extras runs it; 1: ancestral)."""
+    noise (0: deterministic, as Extras runs it; 1: ancestral). `colour_fix` (`ldm_core.colour_fix`) is applied to
+    the model's output as Extras applies it (default Wavelet); the output without it is reported too, as
+    "diffusion, no colour fix"."""
     from diffusers import StableDiffusionUpscalePipeline
     from PIL import Image
 
+    from ldm_core.colour_fix import check_colour_fix
+    from ldm_core.colour_fix import colour_fix as fix_colour
     from ldm_core.diffusion_upscalers import recommended_guidance
     from ldm_core.upscalers import UpscalerRegistry
 
@@ -431,7 +437,14 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
     reg = UpscalerRegistry([])  # the shipped x2 model is always listed
     x2 = "ldm-builtin-x2" in reg.names()
     scenes = shapes.sample_scenes(seed, n)
-    methods = ["diffusion", "lanczos"] + (["x2 twice"] if x2 else []) + ["vae round trip"]
+    colour_fix = check_colour_fix(colour_fix)
+    unfixed = [] if colour_fix == "None" else ["diffusion, no colour fix"]
+    methods = ["diffusion", *unfixed, "lanczos"] + (["x2 twice"] if x2 else []) + ["vae round trip"]
+
+    def diffusion(prompt: str, low: Image.Image, k: int) -> dict:
+        out = pipe(prompt=prompt, image=low, num_inference_steps=steps, noise_level=noise_level,
+                   guidance_scale=guidance, eta=eta, generator=torch.Generator().manual_seed(k)).images[0]
+        return {"diffusion": fix_colour(out, low, colour_fix), **({unfixed[0]: out} if unfixed else {})}
 
     def round_trip(gt: np.ndarray) -> Image.Image:
         x = torch.from_numpy(gt).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -455,11 +468,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         gt = np.asarray(shapes.to_pil(hr_t[0]))
         low = shapes.to_pil(shapes.render_packed(packed, lr_size)[0])
         mask = border_mask(cov[0, 0].numpy())
-        outs = {
-            "diffusion": pipe(prompt=scene.caption, image=low, num_inference_steps=steps, noise_level=noise_level,
-                              guidance_scale=guidance, eta=eta, generator=torch.Generator().manual_seed(i)).images[0],
-            "lanczos": low.resize(gt.shape[1::-1], Image.LANCZOS),
-        }
+        outs = {**diffusion(scene.caption, low, i), "lanczos": low.resize(gt.shape[1::-1], Image.LANCZOS)}
         if x2:
             outs["x2 twice"] = reg.upscale(low, "ldm-builtin-x2", scale=SCALE)
         outs["vae round trip"] = round_trip(gt)
@@ -478,7 +487,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         if (i + 1) % 20 == 0:
             log(f"{i + 1}/{n} scenes ({time.monotonic() - t0:.0f}s)")
     report: dict = {"n_scenes": n, "n_objects": total, "steps": steps, "noise_level": noise_level,
-                    "guidance": guidance, "eta": eta, "lr_size": lr_size, "scenes": {}}
+                    "guidance": guidance, "eta": eta, "colour_fix": colour_fix, "lr_size": lr_size, "scenes": {}}
     for k, st in stats.items():
         report["scenes"][k] = {
             "psnr": float(np.mean(st["psnr"])) if st["psnr"] else None,
@@ -498,11 +507,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         g = cv2.cvtColor(gt, cv2.COLOR_RGB2GRAY).astype(np.float32)
         mag = np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
         mask = mag >= np.percentile(mag, 90)
-        outs = {
-            "diffusion": pipe(prompt="", image=low, num_inference_steps=steps, noise_level=noise_level,
-                              guidance_scale=guidance, eta=eta, generator=torch.Generator().manual_seed(j)).images[0],
-            "lanczos": low.resize((w, h), Image.LANCZOS),
-        }
+        outs = {**diffusion("", low, j), "lanczos": low.resize((w, h), Image.LANCZOS)}
         if x2:
             outs["x2 twice"] = reg.upscale(low, "ldm-builtin-x2", scale=SCALE)
         outs["vae round trip"] = round_trip(np.ascontiguousarray(gt))
@@ -563,11 +568,14 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--guidance", type=float, default=0.0,
                    help="CFG scale (0: the model's recommended one, its sidecar's cfg_scale, else 9)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM step noise (0: deterministic, as Extras runs it)")
+    p.add_argument("--colour-fix", default="Wavelet", choices=COLOUR_FIXES,
+                   help="applied to the model's output as Extras applies it (default: %(default)s)")
     p.add_argument("--out", default=None, help="write the report here as JSON too")
 
 
 def run_eval(a) -> int:
-    report = evaluate_sr(a.model, n=a.n, steps=a.steps, noise_level=a.noise_level, guidance=a.guidance, eta=a.eta)
+    report = evaluate_sr(a.model, n=a.n, steps=a.steps, noise_level=a.noise_level, guidance=a.guidance, eta=a.eta,
+                         colour_fix=a.colour_fix)
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:
