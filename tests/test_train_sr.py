@@ -12,7 +12,16 @@ from PIL import Image
 
 from ldm_core.config import DiffusionUpscaleOptions
 from ldm_core.train import shapes
-from ldm_core.train.sr import SOFT_EDGE, X4_SCALING, SRTrainOptions, border_mask, edge_ratio, new_unet, train_sr
+from ldm_core.train.sr import (
+    SOFT_EDGE,
+    X4_SCALING,
+    SRTrainOptions,
+    border_mask,
+    edge_ratio,
+    new_unet,
+    photo_crops,
+    train_sr,
+)
 from ldm_core.upscalers import UpscalerRegistry
 
 BUILTIN = Path(__file__).resolve().parents[1] / "models" / "builtin"
@@ -191,3 +200,12 @@ def test_a_distilled_narrower_text_encoder_trains_into_an_upscaler_that_carries_
     reg = UpscalerRegistry([out.parent], builtin=None, diffusion=DiffusionUpscaleOptions(steps=2))
     image = shapes.to_pil(shapes.render(shapes.sample_scenes("t", 1), 24)[0])
     assert reg.upscale(image, "narrow-x4", scale=4).size == (96, 96)
+
+
+def test_photo_crops_tile_a_photograph_from_its_top_left_corner():
+    im = np.arange(600 * 530 * 3, dtype=np.int64).reshape(600, 530, 3).astype(np.uint8)
+    crops = photo_crops(im)
+    assert len(crops) == 4 and all(c.shape == (256, 256, 3) for c in crops)  # 2 down x 2 across; the rest is left
+    assert np.array_equal(crops[0], im[:256, :256]) and np.array_equal(crops[3], im[256:512, 256:512])
+    small = photo_crops(im[:150, :203])  # smaller than a crop: one crop of its size, trimmed to a multiple of 4
+    assert len(small) == 1 and small[0].shape == (148, 200, 3)
