@@ -14,8 +14,8 @@ remedy as the "Color Fix" setting of its A1111 extension (sd-webui-stablesr: Wav
   correction; the output's local colour errors stay).
 - "None": the output as sampled.
 
-Measured on the shipped x4 upscaler (sr-eval, 200 held-out scenes and 3 held-out photographs): see its
-TRAINING.json, `eval_as_shipped`.
+Measured on the shipped x4 upscaler (sr-eval, 200 held-out scenes and 8 crops of 3 held-out photographs): see
+its TRAINING.json, `eval_as_shipped`.
 """
 
 from __future__ import annotations

@@ -508,7 +508,8 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
             "colour_read": st["colour"] / total if total else None,
         }
     _, held, _ = skimage_images()
-    photos = {m: {"psnr": [], "edge": [], "first": []} for m in methods}
+    photos = {m: {"psnr": [], "edge": []} for m in methods}
+    top_left = {m: {"psnr": [], "edge": []} for m in methods}  # each photograph's first crop alone
     crops = [(i, c, gt) for i, im in enumerate(held) for c, gt in enumerate(photo_crops(im))]
     for i, c, gt in crops:  # seed i for each photograph's top-left crop, as sr-eval ran it before reading all
         h, w = gt.shape[:2]
@@ -522,19 +523,17 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         outs["vae round trip"] = round_trip(np.ascontiguousarray(gt))
         for k, v in outs.items():
             a = np.asarray(v.convert("RGB").resize((w, h)))
-            photos[k]["psnr"].append(psnr(a, gt))
-            photos[k]["edge"].append(edge_ratio(a, gt, mask))
-            photos[k]["first"].append(c == 0)
+            p, e = psnr(a, gt), edge_ratio(a, gt, mask)
+            for acc in (photos, top_left) if c == 0 else (photos,):
+                acc[k]["psnr"].append(p)
+                acc[k]["edge"].append(e)
 
-    def mean(v: dict, only_first: bool) -> dict:
-        keep = [not only_first or f for f in v["first"]]
-        return {m: float(np.mean([x for x, k in zip(v[m], keep, strict=True) if k])) for m in ("psnr", "edge")}
+    def summary(acc: dict) -> dict:
+        return {k: {"psnr": float(np.mean(v["psnr"])), "edge_ratio": float(np.mean(v["edge"]))} for k, v in acc.items()}
 
-    report["photos"] = {k: {"psnr": (m := mean(v, False))["psnr"], "edge_ratio": m["edge"]}
-                        for k, v in photos.items()}
+    report["photos"] = summary(photos)
     # each photograph's top-left crop alone: the measure sr-eval reported before it read every crop
-    report["photos_top_left_crops"] = {k: {"psnr": (m := mean(v, True))["psnr"], "edge_ratio": m["edge"]}
-                                       for k, v in photos.items()}
+    report["photos_top_left_crops"] = summary(top_left)
     report["n_photos"] = len(held)
     report["n_photo_crops"] = len(crops)
     report["seconds"] = round(time.monotonic() - t0, 1)
