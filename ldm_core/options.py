@@ -570,7 +570,11 @@ def coerce(option: Option, value: Any) -> Any:
         raise OptionError(key, f"must be text; got {type(value).__name__}")
     out = "" if value is None else str(value).strip()
     if option.choices is not None and out not in option.choices:
-        raise OptionError(key, f"choose one of {list(option.choices)}; got {out!r}")
+        # clients write choices in their own case ("wavelet", "PNG"): take the one choice that differs only so
+        same = [c for c in option.choices if c.casefold() == out.casefold()]
+        if len(same) != 1:
+            raise OptionError(key, f"choose one of {list(option.choices)}; got {out!r}")
+        out = same[0]
     return out
 
 

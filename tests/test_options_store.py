@@ -53,6 +53,10 @@ def test_store_types_ranges_and_a1111_keys(tmp_path):
     assert store["eta_ddim"] == 0.0  # nothing of a bad update is saved
     with pytest.raises(OptionError, match="choose one of"):
         store.update({"samples_format": "gif"})
+    # a choice in another case is that choice, as A1111 clients write it ("PNG", "wavelet")
+    store.update({"samples_format": "PNG", "diffusion_upscale_colour_fix": "wavelet"})
+    assert store["samples_format"] == "png" and store["diffusion_upscale_colour_fix"] == "Wavelet"
+    store.update({"samples_format": "png"})
     with pytest.raises(OptionError, match="unknown setting"):
         store.update({"some_extension_option": 1})
     with pytest.raises(OptionError, match="cannot be set"):
