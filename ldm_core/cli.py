@@ -233,6 +233,9 @@ def _upscale_parser(sub) -> None:
     g.add_argument("--steps", type=int, default=None, help="SD x4 / x2 denoising steps (default: the setting, 20)")
     g.add_argument("--ldsr-steps", type=int, default=None, help="LDSR DDIM steps (default: the setting, 100)")
     g.add_argument("--noise-level", type=int, default=None, help="SD x4 noise level")
+    g.add_argument("--image-guidance", type=float, default=None,
+                   help="SD x4 guidance toward the low-resolution image, 0-10 (1: off; default: the setting, 0: "
+                        "the upscaler's recommended one)")
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--prompt", default=None, help="default: each image's own prompt, from its infotext")
     g.add_argument("--colour-fix", default=None, choices=COLOUR_FIXES,
@@ -523,9 +526,12 @@ def _upscale_config(args) -> EngineConfig:
             ("seed", "seed"),
             ("prompt", "prompt"),
             ("colour_fix", "colour_fix"),
+            ("image_guidance", "image_guidance"),
         )
         if getattr(args, arg, None) is not None
     }
+    if not 0 <= over.get("image_guidance", 0) <= 10:
+        raise RequestError("image_guidance", f"--image-guidance must be from 0 to 10; got {args.image_guidance}")
     if over:
         cfg = dataclasses.replace(cfg, diffusion_upscale=dataclasses.replace(cfg.diffusion_upscale, **over))
     return cfg

@@ -33,6 +33,9 @@ class DiffusionUpscaleOptions:
     prompt: str = ""
     ldsr_steps: int = 100  # LDSR's DDIM steps (A1111's "ldsr_steps" setting and default)
     colour_fix: str = "Wavelet"  # the output's large-scale colour from the input: one of COLOUR_FIXES
+    # SD x4 upscalers: guidance by the low-resolution image (`diffusion_upscalers.x4_sample`); 0: the
+    # upscaler's recommended one (its sidecar's `image_guidance`, else 1: off)
+    image_guidance: float = 0.0
     tile: int = 128  # input pixels per tile (the x4 model was trained on 128 px crops)
     overlap: int = 16
 

@@ -24,6 +24,11 @@ noise level (20), CFG, seed (0) and LDSR's steps (100) are settings (`DiffusionU
 default) runs each upscaler at its recommended scale: a `cfg_scale` in its sidecar (`NAME.json` beside the folder
 or file, `ldm_core.models.sidecar`), else Stability's default 9; the shipped upscaler recommends 3 (its
 TRAINING.json's guidance probe).
+
+SD x4 upscalers are sampled by `x4_sample` (the diffusers pipeline's loop, the same random draws) so that they
+can be guided by their low-resolution image too: image guidance s > 1 extrapolates each step's prediction away
+from the one with the image noised to the highest noise level (nearly withheld), which sharpens what the image
+shows. 0 (the default) is the upscaler's recommended value, a sidecar's `image_guidance`, else 1 (off).
 """
 
 from __future__ import annotations
@@ -173,8 +178,84 @@ class X4Upscaler(DiffusionUpscaler):
     scale = 4
     pipeline_name = PIPELINE_CLASS
 
-    def _sampling(self, prompt: str, options: DiffusionUpscaleOptions) -> dict:
-        return {"guidance_scale": options.guidance_scale, "noise_level": options.noise_level}
+    def resolved(self, options: DiffusionUpscaleOptions) -> DiffusionUpscaleOptions:
+        """As `DiffusionUpscaler.resolved`, and image guidance 0 replaced by the recommended one too."""
+        options = super().resolved(options)
+        if options.image_guidance > 0:
+            return options
+        from dataclasses import replace
+
+        return replace(options, image_guidance=recommended_image_guidance(self.folder))
+
+    def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
+             cancel: Callable[[], None] | None = None):
+        return x4_sample(self.pipeline(), image, prompt, options, output_type, cancel)
+
+
+def recommended_image_guidance(path: str | Path) -> float:
+    """The image guidance an SD x4 upscaler at `path` runs with when none is set: its sidecar's
+    `image_guidance`, else 1 (off)."""
+    from .models.sidecar import read_sidecar
+
+    return read_sidecar(path).image_guidance or 1.0
+
+
+@torch.inference_mode()
+def x4_sample(pipe, image: Image.Image, prompt: str, options: DiffusionUpscaleOptions, output_type: str = "pt",
+              cancel: Callable[[], None] | None = None, eta: float = 0.0):
+    """StableDiffusionUpscalePipeline's sampling (the same random draws, so with image guidance 1 the same
+    image for the same seed), written out for image guidance: with `options.image_guidance` s > 1 each step
+    also runs the UNet on the image noised to the pipeline's highest noise level (the image nearly withheld) and
+    takes e_far + s * (e - e_far), as InstructPix2Pix guides by its input image; text CFG g > 1 adds
+    g * (e_prompt - e_negative) on top. The result as the pipeline's `images` for `output_type` ("pt": a
+    (1, 3, 4h, 4w) tensor in [0, 1]; "pil": a list of one image). `cancel()` after every step; `eta` is the
+    DDIM step noise (0 as the pipeline runs by default; sr-eval's probes set it)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    unet, vae = pipe.unet, pipe.vae
+    device = unet.device
+    text_cfg, image_cfg = options.guidance_scale > 1.0, options.image_guidance != 1.0
+    positive, negative = pipe.encode_prompt(prompt, device, 1, text_cfg, None)
+    generator = torch.Generator(device="cpu").manual_seed(options.seed)
+    clean = pipe.image_processor.preprocess(image).to(device, positive.dtype)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # per call: the registry shares pipes
+    scheduler.set_timesteps(options.steps, device=device)
+    noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=positive.dtype)
+    levels = [options.noise_level] + ([pipe.config.max_noise_level] if image_cfg else [])
+    images = [pipe.low_res_scheduler.add_noise(clean, noise, torch.tensor([lv], device=device)) for lv in levels]
+    # branches: (text, image): [negative, level] and [prompt, level] for text CFG, then [*, far] for image CFG
+    texts, imgs, labels = [positive], [images[0]], [options.noise_level]
+    if text_cfg:
+        texts, imgs, labels = [negative, positive], [images[0]] * 2, [options.noise_level] * 2
+    if image_cfg:
+        texts, imgs, labels = [*texts, negative if text_cfg else positive], [*imgs, images[1]], [*labels, levels[1]]
+    text, low = torch.cat(texts), torch.cat(imgs)
+    label = torch.tensor(labels, dtype=torch.long, device=device)
+    shape = (1, vae.config.latent_channels, *clean.shape[2:])
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        x = scheduler.scale_model_input(torch.cat([latents] * len(texts)), t)
+        e = unet(torch.cat([x, low], dim=1), t, encoder_hidden_states=text, class_labels=label).sample
+        parts = list(e.chunk(len(texts)))
+        base = parts[-1] if image_cfg else parts[0]  # the image nearly withheld, else the (negative) prompt
+        pred = parts[0]
+        if image_cfg:
+            pred = base + options.image_guidance * (parts[0] - base)
+        if text_cfg:
+            pred = pred + options.guidance_scale * (parts[1] - parts[0])
+        latents = scheduler.step(pred, t, latents, eta=eta, generator=generator).prev_sample
+        if cancel is not None:
+            cancel()
+    if output_type == "latent":
+        return latents
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # as the pipeline decodes
+    if upcast:
+        pipe.upcast_vae()
+    decoded = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    if upcast:
+        vae.to(dtype=torch.float16)
+    return pipe.image_processor.postprocess(decoded, output_type=output_type)
 
 
 class X2LatentUpscaler(DiffusionUpscaler):

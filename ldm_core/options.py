@@ -405,6 +405,18 @@ OPTIONS: tuple[Option, ...] = (
         config="diffusion_upscale",
     ),
     _o(
+        "diffusion_upscale_image_guidance",
+        0.0,
+        "SD x4 upscalers: image guidance, toward the low-resolution image (0: the upscaler's recommended one, "
+        "1 when it has none; 1: off)",
+        "live",
+        S_UPSCALE,
+        minimum=0.0,
+        maximum=10.0,
+        step=0.5,
+        config="diffusion_upscale",
+    ),
+    _o(
         "diffusion_upscale_seed",
         0,
         "Diffusion upscalers: seed",
@@ -757,6 +769,7 @@ def config_from_options(
             ("diffusion_upscale_steps", "steps", int),
             ("diffusion_upscale_noise_level", "noise_level", int),
             ("diffusion_upscale_cfg_scale", "guidance_scale", float),
+            ("diffusion_upscale_image_guidance", "image_guidance", float),
             ("diffusion_upscale_seed", "seed", int),
             ("diffusion_upscale_prompt", "prompt", str),
             ("diffusion_upscale_colour_fix", "colour_fix", str),

@@ -233,3 +233,10 @@ def test_upscale_diffusion_flags_reach_the_upscalers_options(tmp_path):
     assert _upscale_config(build_parser().parse_args(base)).diffusion_upscale.colour_fix == "Wavelet"
     with pytest.raises(SystemExit):
         build_parser().parse_args([*base, "--colour-fix", "sepia"])
+    cfg = _upscale_config(build_parser().parse_args([*base, "--image-guidance", "2.5"]))
+    assert cfg.diffusion_upscale.image_guidance == 2.5
+    from ldm_core.generation_requests import RequestError
+
+    with pytest.raises(RequestError, match="from 0 to 10") as err:
+        _upscale_config(build_parser().parse_args([*base, "--image-guidance", "11"]))
+    assert err.value.field == "image_guidance"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -312,12 +313,13 @@ def test_settings_set_steps_noise_cfg_seed_and_prompt(tmp_path, x4_dir, monkeypa
     seen = []
 
     def spy(self, image, prompt, options, output_type, cancel=None):
-        seen.append((prompt, options.steps, options.noise_level, options.guidance_scale, options.seed))
+        seen.append((prompt, options.steps, options.noise_level, options.guidance_scale, options.seed,
+                     options.image_guidance))
         return torch.zeros(1, 3, image.height * 4, image.width * 4)
 
     monkeypatch.setattr(X4Upscaler, "_run", spy)
     engine.upscalers.upscale(smooth(), "tiny-x4", scale=4)
-    assert seen[-1] == ("", 20, 20, 9.0, 0)  # the defaults; no infotext: no prompt
+    assert seen[-1] == ("", 20, 20, 9.0, 0, 1.0)  # the defaults; no infotext: no prompt
     store.update(
         {
             "diffusion_upscale_steps": 5,
@@ -325,10 +327,11 @@ def test_settings_set_steps_noise_cfg_seed_and_prompt(tmp_path, x4_dir, monkeypa
             "diffusion_upscale_cfg_scale": 4,
             "diffusion_upscale_seed": 9,
             "diffusion_upscale_prompt": "sharp shapes",
+            "diffusion_upscale_image_guidance": 2.5,
         }
     )
     engine.upscalers.upscale(smooth(), "tiny-x4", scale=4)
-    assert seen[-1] == ("sharp shapes", 5, 60, 4.0, 9)  # applied without a restart
+    assert seen[-1] == ("sharp shapes", 5, 60, 4.0, 9, 2.5)  # applied without a restart
 
 
 def test_cfg_zero_runs_each_upscaler_at_its_recommended_scale(tmp_path, x4_dir, monkeypatch):
@@ -372,6 +375,75 @@ def test_cfg_zero_runs_each_upscaler_at_its_recommended_scale(tmp_path, x4_dir, 
     (root / "tiny-x4.json").write_text('{"cfg_scale": 0}')
     with pytest.raises(SidecarError, match=r"tiny-x4\.json: cfg_scale 0 must be a number from 1 to 30"):
         reg.upscale(smooth(), "tiny-x4", scale=4)
+
+
+def test_image_guidance_zero_runs_each_x4_upscaler_at_its_recommended_one(tmp_path, x4_dir, monkeypatch):
+    """Image guidance 0 (the setting's default) is the sidecar's `image_guidance`, else 1 (off); a value set in
+    Settings wins; an out-of-range recommendation is an error naming the sidecar file."""
+    import shutil
+
+    from ldm_core.models.sidecar import SidecarError
+
+    root = tmp_path / "SD-Upscale"
+    shutil.copytree(x4_dir, root)
+    seen = []
+
+    def spy(self, image, prompt, options, output_type, cancel=None):
+        seen.append(options.image_guidance)
+        return torch.zeros(1, 3, image.height * 4, image.width * 4)
+
+    monkeypatch.setattr(X4Upscaler, "_run", spy)
+    reg = UpscalerRegistry([root], builtin=None, diffusion=DiffusionUpscaleOptions())
+    reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == 1.0
+    (root / "tiny-x4.json").write_text('{"image_guidance": 3}')
+    reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == 3.0
+    reg.diffusion = DiffusionUpscaleOptions(image_guidance=1.5)
+    reg.upscale(smooth(), "tiny-x4", scale=4)
+    assert seen[-1] == 1.5
+    reg.diffusion = DiffusionUpscaleOptions()
+    (root / "tiny-x4.json").write_text('{"image_guidance": 12}')
+    with pytest.raises(SidecarError, match=r"tiny-x4\.json: image_guidance 12 must be a number from 1 to 10"):
+        reg.upscale(smooth(), "tiny-x4", scale=4)
+
+
+def test_x4_sampling_is_the_pipelines_and_image_guidance_extrapolates_from_the_withheld_image(x4_dir):
+    """`x4_sample` at image guidance 1 gives the diffusers pipeline's image for the same seed (with and
+    without CFG); above 1 each step is e_far + s * (e - e_far), e_far the UNet's prediction with the image at
+    the highest noise level, so the output changes."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    from ldm_core.diffusion_upscalers import x4_sample
+
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(x4_dir / "tiny-x4", local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    low = smooth(16, 12)
+    for cfg, prompt in ((1.0, ""), (4.0, "a red circle")):
+        ref = pipe(prompt=prompt, image=low, num_inference_steps=3, noise_level=20, guidance_scale=cfg,
+                   generator=torch.Generator().manual_seed(5), output_type="pt").images
+        opts = DiffusionUpscaleOptions(steps=3, guidance_scale=cfg, seed=5, image_guidance=1.0)
+        assert torch.equal(x4_sample(pipe, low, prompt, opts), ref)
+        guided = x4_sample(pipe, low, prompt, replace(opts, image_guidance=3.0))
+        assert guided.shape == ref.shape and (guided - ref).abs().max() > 1e-3
+    # one step by hand: the prediction the sampler steps with
+    s, opts = 3.0, DiffusionUpscaleOptions(steps=1, guidance_scale=1.0, seed=5, image_guidance=3.0)
+    got = x4_sample(pipe, low, "", opts, "latent")
+    gen = torch.Generator().manual_seed(5)
+    clean = pipe.image_processor.preprocess(low)
+    noise = torch.randn(clean.shape, generator=gen)
+    latents = torch.randn((1, 4, *clean.shape[2:]), generator=gen)
+    sched = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    sched.set_timesteps(1)
+    t = sched.timesteps[0]
+    text = pipe.encode_prompt("", "cpu", 1, False)[0]
+    with torch.no_grad():
+        def e(level):
+            img = pipe.low_res_scheduler.add_noise(clean, noise, torch.tensor([level]))
+            return pipe.unet(torch.cat([latents, img], 1), t, text, class_labels=torch.tensor([level])).sample
+        far = e(pipe.config.max_noise_level)
+        want = sched.step(far + s * (e(20) - far), t, latents).prev_sample
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def test_shipped_upscaler_recommends_the_cfg_its_guidance_probe_measured():

@@ -6,13 +6,14 @@ to the folder). Recognised content:
 - our own keys (JSON or YAML), any subset::
 
       {"prediction_type": "v_prediction", "family": "sd2", "rescale_cfg": 0.7}
-      {"cfg_scale": 3}
+      {"cfg_scale": 3, "image_guidance": 3}
       {"sampler_name": "DPM++ 2M", "scheduler": "Exponential"}
 
   `prediction_type` is "epsilon" or "v_prediction" ("eps" and "v" are accepted too); `family` is "sd1",
   "sd2", "sdxl" or "sdxl-refiner"; `rescale_cfg` (0..1) is the model's recommended CFG rescale, used when a
   request does not set one (v-prediction models that blow colours out at CFG 7 want about 0.7); `cfg_scale`
   (1..30) is a diffusion upscaler's recommended CFG scale, used when Settings > Upscaling leaves it at 0;
+  `image_guidance` (1..10) likewise an SD x4 upscaler's recommended guidance by its low-resolution image;
   `sampler_name` and `scheduler` (sampler and schedule type labels, as the A1111 API names those fields) are
   the model's recommended sampling, where the UI's dropdowns start and what an API or CLI request that names
   no sampler runs (`Engine.recommended_sampling`).
@@ -40,7 +41,7 @@ from .detect import FAMILIES
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")  # later ones win
-_KEYS = ("family", "prediction_type", "rescale_cfg", "cfg_scale", "sampler_name", "scheduler")
+_KEYS = ("family", "prediction_type", "rescale_cfg", "cfg_scale", "image_guidance", "sampler_name", "scheduler")
 _PREDICTION_ALIASES = {
     "epsilon": "epsilon",
     "eps": "epsilon",
@@ -61,6 +62,7 @@ class Sidecar:
     prediction_type: str | None = None
     rescale_cfg: float | None = None
     cfg_scale: float | None = None
+    image_guidance: float | None = None
     sampler_name: str | None = None
     scheduler: str | None = None
     sources: tuple[Path, ...] = ()
@@ -106,7 +108,7 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def read_sidecar(model_path: str | Path) -> Sidecar:
     """Merge the sidecar files of `model_path` (see the module docstring). Raises `SidecarError`."""
-    family = prediction = rescale = cfg = sampler = schedule = None
+    family = prediction = rescale = cfg = image_guidance = sampler = schedule = None
     sources = []
     for path in sidecar_paths(model_path):
         if not path.is_file():
@@ -132,11 +134,13 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
             rescale = _number(path, "rescale_cfg", values["rescale_cfg"], 0.0, 1.0)
         if "cfg_scale" in values:
             cfg = _number(path, "cfg_scale", values["cfg_scale"], 1.0, 30.0)
+        if "image_guidance" in values:
+            image_guidance = _number(path, "image_guidance", values["image_guidance"], 1.0, 10.0)
         if "sampler_name" in values:
             sampler = _label(path, "sampler_name", values["sampler_name"])
         if "scheduler" in values:
             schedule = _label(path, "scheduler", values["scheduler"])
-    return Sidecar(family, prediction, rescale, cfg, sampler, schedule, tuple(sources))
+    return Sidecar(family, prediction, rescale, cfg, image_guidance, sampler, schedule, tuple(sources))
 
 
 def _label(path: Path, key: str, value: Any) -> str:

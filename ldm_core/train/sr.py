@@ -417,13 +417,15 @@ def photo_crops(im: np.ndarray, size: int = 256) -> list[np.ndarray]:
 @torch.no_grad()
 def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int = 20, guidance: float = 0.0,
                 lr_size: int = 64, seed: str = "sr-eval", eta: float = 0.0, colour_fix: str = "Wavelet",
-                log=_log) -> dict:
+                image_guidance: float = 0.0, log=_log) -> dict:
     """Held-out scenes (drawn small, as the built-in model draws them) upscaled 4x by the model, Lanczos and
     the shipped x2 model twice; PSNR, edge ratio at object borders and analyser reads; then the held-out
     photographs, every whole 256 px crop of them (PSNR and edge ratio at the truth's strongest 10% gradients;
     `photos_top_left_crops`: each photograph's first crop alone, as sr-eval measured before). "vae round trip"
     is the truth encoded and decoded by the model's VAE: the best the model's output can be. `guidance` 0 is the model's
-    recommended CFG scale, as Extras runs it (its sidecar's `cfg_scale`, else 9). `eta` is the DDIM sampler's step
+    recommended CFG scale, as Extras runs it (its sidecar's `cfg_scale`, else 9); `image_guidance` 0 likewise its
+    recommended guidance by the low-resolution image (its sidecar's `image_guidance`, else 1: off), sampled by
+    `diffusion_upscalers.x4_sample` as Extras samples. `eta` is the DDIM sampler's step
     noise (0: deterministic, as Extras runs it; 1: ancestral). `colour_fix` (`ldm_core.colour_fix`) is applied to
     the model's output as Extras applies it (default Wavelet); the output without it is reported too, as
     "diffusion, no colour fix"."""
@@ -432,13 +434,15 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
 
     from ldm_core.colour_fix import check_colour_fix
     from ldm_core.colour_fix import colour_fix as fix_colour
-    from ldm_core.diffusion_upscalers import recommended_guidance
+    from ldm_core.config import DiffusionUpscaleOptions
+    from ldm_core.diffusion_upscalers import recommended_guidance, recommended_image_guidance, x4_sample
     from ldm_core.upscalers import UpscalerRegistry
 
     from .analyser import analyse
     from .upscaler import psnr, skimage_images
 
     guidance = guidance or recommended_guidance(model_dir)
+    image_guidance = image_guidance or recommended_image_guidance(model_dir)
     pipe = StableDiffusionUpscalePipeline.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     import cv2
@@ -451,8 +455,9 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
     methods = ["diffusion", *unfixed, "lanczos"] + (["x2 twice"] if x2 else []) + ["vae round trip"]
 
     def diffusion(prompt: str, low: Image.Image, k: int) -> dict:
-        out = pipe(prompt=prompt, image=low, num_inference_steps=steps, noise_level=noise_level,
-                   guidance_scale=guidance, eta=eta, generator=torch.Generator().manual_seed(k)).images[0]
+        opts = DiffusionUpscaleOptions(steps=steps, noise_level=noise_level, guidance_scale=guidance, seed=k,
+                                       image_guidance=image_guidance)
+        out = x4_sample(pipe, low, prompt, opts, "pil", eta=eta)[0]
         return {"diffusion": fix_colour(out, low, colour_fix), **({unfixed[0]: out} if unfixed else {})}
 
     def round_trip(gt: np.ndarray) -> Image.Image:
@@ -496,7 +501,8 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
         if (i + 1) % 20 == 0:
             log(f"{i + 1}/{n} scenes ({time.monotonic() - t0:.0f}s)")
     report: dict = {"n_scenes": n, "n_objects": total, "steps": steps, "noise_level": noise_level,
-                    "guidance": guidance, "eta": eta, "colour_fix": colour_fix, "lr_size": lr_size, "scenes": {}}
+                    "guidance": guidance, "image_guidance": image_guidance, "eta": eta, "colour_fix": colour_fix,
+                    "lr_size": lr_size, "scenes": {}}
     for k, st in stats.items():
         report["scenes"][k] = {
             "psnr": float(np.mean(st["psnr"])) if st["psnr"] else None,
@@ -585,6 +591,9 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--noise-level", type=int, default=20)
     p.add_argument("--guidance", type=float, default=0.0,
                    help="CFG scale (0: the model's recommended one, its sidecar's cfg_scale, else 9)")
+    p.add_argument("--image-guidance", type=float, default=0.0,
+                   help="guidance by the low-resolution image (0: the model's recommended one, as Extras runs it; "
+                        "1: off)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM step noise (0: deterministic, as Extras runs it)")
     p.add_argument("--colour-fix", default="Wavelet", choices=COLOUR_FIXES,
                    help="applied to the model's output as Extras applies it (default: %(default)s)")
@@ -593,7 +602,7 @@ def add_eval_arguments(p) -> None:
 
 def run_eval(a) -> int:
     report = evaluate_sr(a.model, n=a.n, steps=a.steps, noise_level=a.noise_level, guidance=a.guidance, eta=a.eta,
-                         colour_fix=a.colour_fix)
+                         colour_fix=a.colour_fix, image_guidance=a.image_guidance)
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:
