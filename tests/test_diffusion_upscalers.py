@@ -446,11 +446,12 @@ def test_x4_sampling_is_the_pipelines_and_image_guidance_extrapolates_from_the_w
     assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_shipped_upscaler_recommends_the_cfg_its_guidance_probe_measured():
+def test_shipped_upscaler_recommends_the_cfg_and_image_guidance_its_probes_measured():
     from ldm_core.models.sidecar import read_sidecar
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "SD-Upscale" / "ldm-builtin-x4"
     assert read_sidecar(shipped).cfg_scale == 3.0
+    assert read_sidecar(shipped).image_guidance == 3.0
 
 
 def test_colour_fix_setting_gives_the_output_the_inputs_colour(tmp_path, x4_dir, monkeypatch):
