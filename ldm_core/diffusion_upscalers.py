@@ -234,17 +234,18 @@ def x4_sample(pipe, image: Image.Image, prompt: str, options: DiffusionUpscaleOp
     shape = (1, vae.config.latent_channels, *clean.shape[2:])
     latents = randn_tensor(shape, generator=generator, device=device, dtype=positive.dtype)
     latents = latents * scheduler.init_noise_sigma
+    step_kwargs = pipe.prepare_extra_step_kwargs(generator, eta)  # eta and generator where the scheduler takes them
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(torch.cat([latents] * len(texts)), t)
         e = unet(torch.cat([x, low], dim=1), t, encoder_hidden_states=text, class_labels=label).sample
         parts = list(e.chunk(len(texts)))
-        base = parts[-1] if image_cfg else parts[0]  # the image nearly withheld, else the (negative) prompt
         pred = parts[0]
         if image_cfg:
-            pred = base + options.image_guidance * (parts[0] - base)
+            far = parts[-1]  # the image nearly withheld
+            pred = far + options.image_guidance * (parts[0] - far)
         if text_cfg:
             pred = pred + options.guidance_scale * (parts[1] - parts[0])
-        latents = scheduler.step(pred, t, latents, eta=eta, generator=generator).prev_sample
+        latents = scheduler.step(pred, t, latents, **step_kwargs).prev_sample
         if cancel is not None:
             cancel()
     if output_type == "latent":

@@ -426,6 +426,16 @@ def test_x4_sampling_is_the_pipelines_and_image_guidance_extrapolates_from_the_w
         assert torch.equal(x4_sample(pipe, low, prompt, opts), ref)
         guided = x4_sample(pipe, low, prompt, replace(opts, image_guidance=3.0))
         assert guided.shape == ref.shape and (guided - ref).abs().max() > 1e-3
+    # a folder whose scheduler takes no eta (DDPM, whose steps draw noise from the generator) samples as the pipeline
+    from diffusers import DDPMScheduler
+
+    ddpm = StableDiffusionUpscalePipeline(
+        **{**pipe.components, "scheduler": DDPMScheduler.from_config(pipe.scheduler.config)}
+    )
+    ref = ddpm(prompt="", image=low, num_inference_steps=3, noise_level=20, guidance_scale=1.0,
+               generator=torch.Generator().manual_seed(5), output_type="pt").images
+    opts = DiffusionUpscaleOptions(steps=3, guidance_scale=1.0, seed=5, image_guidance=1.0)
+    assert torch.equal(x4_sample(ddpm, low, "", opts), ref)
     # one step by hand: the prediction the sampler steps with
     s, opts = 3.0, DiffusionUpscaleOptions(steps=1, guidance_scale=1.0, seed=5, image_guidance=3.0)
     got = x4_sample(pipe, low, "", opts, "latent")
