@@ -142,13 +142,18 @@ class DiffusionUpscaler(PipelineFolder):
         return self._run(image, prompt, self.resolved(options), "pt", cancel).float().cpu()
 
     def resolved(self, options: DiffusionUpscaleOptions) -> DiffusionUpscaleOptions:
-        """`options` with CFG 0 replaced by this upscaler's recommended scale (read on each call, so an edited
-        sidecar applies at once; an invalid one raises `SidecarError` naming the file)."""
-        if options.guidance_scale > 0:
-            return options
+        """`options` with each 0 of `recommendations` (CFG; image guidance for the x4) replaced by this
+        upscaler's recommended value (read on each call, so an edited sidecar applies at once; an invalid one
+        raises `SidecarError` naming the file)."""
         from dataclasses import replace
 
-        return replace(options, guidance_scale=recommended_guidance(self.folder))
+        over = {name: read(self.folder) for name, read in self.recommendations().items()
+                if getattr(options, name) <= 0}
+        return replace(options, **over) if over else options
+
+    def recommendations(self) -> dict[str, Callable[[Path], float]]:
+        """The options whose 0 means "this upscaler's recommended value", and how to read that value."""
+        return {"guidance_scale": recommended_guidance}
 
     def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
              cancel: Callable[[], None] | None = None):
@@ -178,14 +183,8 @@ class X4Upscaler(DiffusionUpscaler):
     scale = 4
     pipeline_name = PIPELINE_CLASS
 
-    def resolved(self, options: DiffusionUpscaleOptions) -> DiffusionUpscaleOptions:
-        """As `DiffusionUpscaler.resolved`, and image guidance 0 replaced by the recommended one too."""
-        options = super().resolved(options)
-        if options.image_guidance > 0:
-            return options
-        from dataclasses import replace
-
-        return replace(options, image_guidance=recommended_image_guidance(self.folder))
+    def recommendations(self) -> dict[str, Callable[[Path], float]]:
+        return {**super().recommendations(), "image_guidance": recommended_image_guidance}
 
     def _run(self, image, prompt: str, options: DiffusionUpscaleOptions, output_type: str,
              cancel: Callable[[], None] | None = None):
