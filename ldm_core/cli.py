@@ -530,8 +530,13 @@ def _upscale_config(args) -> EngineConfig:
         )
         if getattr(args, arg, None) is not None
     }
-    if not 0 <= over.get("image_guidance", 0) <= 10:
-        raise RequestError("image_guidance", f"--image-guidance must be from 0 to 10; got {args.image_guidance}")
+    if "image_guidance" in over:  # the setting's range (Settings > Upscaling)
+        from .options import OPTIONS_BY_KEY, OptionError, coerce
+
+        try:
+            coerce(OPTIONS_BY_KEY["diffusion_upscale_image_guidance"], over["image_guidance"])
+        except OptionError as exc:
+            raise RequestError("image_guidance", f"--image-guidance {exc.message}") from None
     if over:
         cfg = dataclasses.replace(cfg, diffusion_upscale=dataclasses.replace(cfg.diffusion_upscale, **over))
     return cfg

@@ -211,6 +211,7 @@ def x4_sample(pipe, image: Image.Image, prompt: str, options: DiffusionUpscaleOp
     DDIM step noise (0 as the pipeline runs by default; sr-eval's probes set it)."""
     from diffusers.utils.torch_utils import randn_tensor
 
+    pipe.check_inputs(prompt, image, options.noise_level, 1, None, None, None)  # the pipeline's own checks
     unet, vae = pipe.unet, pipe.vae
     device = unet.device
     text_cfg, image_cfg = options.guidance_scale > 1.0, options.image_guidance != 1.0
@@ -220,14 +221,17 @@ def x4_sample(pipe, image: Image.Image, prompt: str, options: DiffusionUpscaleOp
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # per call: the registry shares pipes
     scheduler.set_timesteps(options.steps, device=device)
     noise = randn_tensor(clean.shape, generator=generator, device=device, dtype=positive.dtype)
-    levels = [options.noise_level] + ([pipe.config.max_noise_level] if image_cfg else [])
-    images = [pipe.low_res_scheduler.add_noise(clean, noise, torch.tensor([lv], device=device)) for lv in levels]
-    # branches: (text, image): [negative, level] and [prompt, level] for text CFG, then [*, far] for image CFG
-    texts, imgs, labels = [positive], [images[0]], [options.noise_level]
-    if text_cfg:
-        texts, imgs, labels = [negative, positive], [images[0]] * 2, [options.noise_level] * 2
+
+    def noised(level: int) -> torch.Tensor:
+        return pipe.low_res_scheduler.add_noise(clean, noise, torch.tensor([level], device=device))
+
+    # the batch's branches (text, image, noise level): the prompt's (after the negative's with text CFG), then
+    # with image guidance the image noised to the top level, with the negative prompt where CFG has one
+    texts = [negative, positive] if text_cfg else [positive]
+    imgs, labels = [noised(options.noise_level)] * len(texts), [options.noise_level] * len(texts)
     if image_cfg:
-        texts, imgs, labels = [*texts, negative if text_cfg else positive], [*imgs, images[1]], [*labels, levels[1]]
+        texts, imgs = [*texts, texts[0]], [*imgs, noised(pipe.config.max_noise_level)]
+        labels.append(pipe.config.max_noise_level)
     text, low = torch.cat(texts), torch.cat(imgs)
     label = torch.tensor(labels, dtype=torch.long, device=device)
     shape = (1, vae.config.latent_channels, *clean.shape[2:])

@@ -32,7 +32,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -381,17 +381,19 @@ def export_pipeline(unet, vae, model, out: Path, record: dict, tokenizer_dir: Pa
 # -------------------------------------------------------------------------------------------- evaluation
 
 
+def gradient(a: np.ndarray) -> np.ndarray:
+    """Gradient magnitude (Sobel) of an RGB uint8 image's grey, float32 HxW."""
+    import cv2
+
+    g = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    return np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
+
+
 def edge_ratio(out: np.ndarray, gt: np.ndarray, mask: np.ndarray) -> float:
     """Mean gradient magnitude (Sobel, grey) of `out` on `mask` relative to the ground truth's there: 1 is as
     sharp as the truth, a blurred edge is below 1."""
-    import cv2
-
-    def grad(a):
-        g = cv2.cvtColor(a, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        return np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
-
-    gt_g = grad(gt)[mask].mean()
-    return float(grad(out)[mask].mean() / max(gt_g, 1e-6))
+    gt_g = gradient(gt)[mask].mean()
+    return float(gradient(out)[mask].mean() / max(gt_g, 1e-6))
 
 
 SOFT_EDGE = 0.9  # an edge ratio below this is a visibly soft border (sr-eval's soft_edge_share)
@@ -435,18 +437,18 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
     from ldm_core.colour_fix import check_colour_fix
     from ldm_core.colour_fix import colour_fix as fix_colour
     from ldm_core.config import DiffusionUpscaleOptions
-    from ldm_core.diffusion_upscalers import recommended_guidance, recommended_image_guidance, x4_sample
+    from ldm_core.diffusion_upscalers import X4Upscaler, x4_sample
     from ldm_core.upscalers import UpscalerRegistry
 
     from .analyser import analyse
     from .upscaler import psnr, skimage_images
 
-    guidance = guidance or recommended_guidance(model_dir)
-    image_guidance = image_guidance or recommended_image_guidance(model_dir)
+    # 0s as Extras resolves them: the model's recommended values
+    base = X4Upscaler(Path(model_dir), torch.device("cpu"), torch.float32).resolved(DiffusionUpscaleOptions(
+        steps=steps, noise_level=noise_level, guidance_scale=guidance, image_guidance=image_guidance))
+    guidance, image_guidance = base.guidance_scale, base.image_guidance
     pipe = StableDiffusionUpscalePipeline.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    import cv2
-
     reg = UpscalerRegistry([])  # the shipped x2 model is always listed
     x2 = "ldm-builtin-x2" in reg.names()
     scenes = shapes.sample_scenes(seed, n)
@@ -455,9 +457,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
     methods = ["diffusion", *unfixed, "lanczos"] + (["x2 twice"] if x2 else []) + ["vae round trip"]
 
     def diffusion(prompt: str, low: Image.Image, k: int) -> dict:
-        opts = DiffusionUpscaleOptions(steps=steps, noise_level=noise_level, guidance_scale=guidance, seed=k,
-                                       image_guidance=image_guidance)
-        out = x4_sample(pipe, low, prompt, opts, "pil", eta=eta)[0]
+        out = x4_sample(pipe, low, prompt, replace(base, seed=k), "pil", eta=eta)[0]
         return {"diffusion": fix_colour(out, low, colour_fix), **({unfixed[0]: out} if unfixed else {})}
 
     def round_trip(gt: np.ndarray) -> Image.Image:
@@ -520,8 +520,7 @@ def evaluate_sr(model_dir: str, n: int = 200, steps: int = 20, noise_level: int 
     for i, c, gt in crops:  # seed i for each photograph's top-left crop, as sr-eval ran it before reading all
         h, w = gt.shape[:2]
         low = Image.fromarray(gt).resize((w // SCALE, h // SCALE), Image.BICUBIC)
-        g = cv2.cvtColor(gt, cv2.COLOR_RGB2GRAY).astype(np.float32)
-        mag = np.hypot(cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1))
+        mag = gradient(gt)
         mask = mag >= np.percentile(mag, 90)
         outs = {**diffusion("", low, i + 1000 * c), "lanczos": low.resize((w, h), Image.LANCZOS)}
         if x2:
