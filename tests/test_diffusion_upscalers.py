@@ -436,6 +436,8 @@ def test_x4_sampling_is_the_pipelines_and_image_guidance_extrapolates_from_the_w
                generator=torch.Generator().manual_seed(5), output_type="pt").images
     opts = DiffusionUpscaleOptions(steps=3, guidance_scale=1.0, seed=5, image_guidance=1.0)
     assert torch.equal(x4_sample(ddpm, low, "", opts), ref)
+    with pytest.raises(ValueError, match="noise_level"):  # the pipeline's own checks still run
+        x4_sample(pipe, low, "", replace(opts, noise_level=pipe.config.max_noise_level + 1))
     # one step by hand: the prediction the sampler steps with
     s, opts = 3.0, DiffusionUpscaleOptions(steps=1, guidance_scale=1.0, seed=5, image_guidance=3.0)
     got = x4_sample(pipe, low, "", opts, "latent")
