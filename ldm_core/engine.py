@@ -522,6 +522,8 @@ class Engine:
         negative, _ = extract_extra_networks(request.negative_prompt)
         if request.disable_extra_networks:  # A1111: the tags are still removed from the prompt
             networks = []
+        elif video is not None:
+            networks = video.with_adapter_lora(networks, self.networks.names())
         hooks = Hooks()
         for factory in self.hooks_factories:
             part = factory(self, request, model)

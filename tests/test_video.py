@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import shutil
 from pathlib import Path
@@ -935,3 +936,75 @@ def test_a_source_clip_file_from_the_ui_and_the_cli(tmp_path):
         with pytest.raises(RequestError) as err:
             read_source_clip(bad)
         assert err.value.field == "video_source" and bad.name in str(err.value)
+
+
+def test_motion_frames_feed_a_domain_adapter_that_motion_training_merges_and_clips_add(tmp_path, tiny_models):
+    """motion-frames writes single frames of training clips with their captions (the domain adapter's data);
+    a LoRA trained on them and passed as --base-lora is merged into the frozen base for the sitting (the
+    module then learns against other base weights than without it) and named in the record; a missing file is
+    an error naming base_lora. A module whose sidecar names that LoRA (`adapter_lora`) runs with it: a clip
+    whose prompt does not name it equals one whose prompt says <lora:NAME:1>, says so in its notes and hashes
+    it in the infotext; <lora:NAME:0> in the prompt leaves it out; a missing LoRA is a note, not a failure."""
+    from ldm_core.train.lora import LoraTrainOptions, train_lora
+    from ldm_core.train.motion import TRAIN_TEMPLATES, train_motion, write_frame_dataset
+
+    paths = write_frame_dataset(tmp_path / "frames", 3)
+    assert [p.name for p in paths] == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(paths[0]).size == (64, 64)
+    kinds = {t.split("{o}")[1].split("{b}")[0].strip(" ,").split()[0] for ts in TRAIN_TEMPLATES.values() for t in ts}
+    for p in paths:
+        caption = p.with_suffix(".txt").read_text().strip()
+        assert kinds & set(re.findall(r"[a-z]+", caption)), caption  # a clip's caption, with its motion words
+    assert write_frame_dataset(tmp_path / "again", 3)[2].read_bytes() == paths[2].read_bytes()  # reproducible
+
+    lora = tmp_path / "Lora" / "domain.safetensors"
+    base = tiny_models["sd1"]["diffusers"]
+    train_lora(
+        LoraTrainOptions(data=tmp_path / "frames", base=base, out=lora, rank=2, steps=2, lr=1e-2, batch=2,
+                         resolution=64, device="cpu", log_every=0),
+        log=lambda s: None,
+    )
+    same = dict(steps=2, lr=1e-2, warmup_steps=0)
+    plain = train_motion(tiny_motion_options(tiny_models, tmp_path / "plain", **same), log=lambda m: None)
+    module_dir = tmp_path / "AnimateDiff" / "adapted"
+    adapted = train_motion(
+        tiny_motion_options(tiny_models, module_dir, **same, base_lora=str(lora)), log=lambda m: None
+    )
+    assert "base_lora" not in plain and adapted["base_lora"] == str(lora)
+    a, b = load_motion_module(tmp_path / "plain").adapter, load_motion_module(module_dir).adapter
+    assert any(not torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    with pytest.raises(FileNotFoundError, match="base_lora"):
+        train_motion(tiny_motion_options(tiny_models, tmp_path / "x", base_lora=str(tmp_path / "no.safetensors")))
+
+    assert load_motion_module(module_dir).adapter_lora is None
+    sidecar = tmp_path / "AnimateDiff" / "adapted.json"
+    sidecar.write_text(json.dumps({"adapter_lora": "domain"}))
+    assert load_motion_module(module_dir).adapter_lora == "domain"
+    engine = Engine(
+        EngineConfig.from_data_dir(
+            tmp_path / "data", ckpt_dirs=(Path(base).parent,), lora_dirs=(lora.parent,),
+            motion_dirs=(module_dir.parent,), builtin_model_dir=None, device="cpu", save_images=False,
+        )
+    )
+    engine.load_checkpoint(Path(base).name)
+    ad = {"model": "adapted", "video_length": 4, "batch_size": 4, "format": []}
+    req = dict(prompt="a red circle moving to the right", steps=2, width=64, height=64, seed=3, sampler_name="Euler")
+
+    def clip(prompt):
+        res = engine.generate(GenerationRequest.build(**{**req, "prompt": prompt}, animatediff=ad))
+        return res, [np.asarray(im) for im in res.images]
+
+    auto, auto_frames = clip(req["prompt"])
+    named, named_frames = clip(req["prompt"] + " <lora:domain:1>")
+    off, off_frames = clip(req["prompt"] + " <lora:domain:0>")
+    assert all(np.array_equal(x, y) for x, y in zip(auto_frames, named_frames, strict=True))
+    assert any(not np.array_equal(x, y) for x, y in zip(auto_frames, off_frames, strict=True))
+    assert any("added <lora:domain:1>" in n for n in auto.notes) and not any("added" in n for n in named.notes)
+    assert "domain: " in auto.infotexts[0]  # Lora hashes
+    lora.rename(tmp_path / "elsewhere.safetensors")
+    engine.networks.refresh()
+    missing, _ = clip(req["prompt"])
+    assert any("'domain' is not in the LoRA folder" in n for n in missing.notes)
+    sidecar.write_text(json.dumps({"adapter_lora": "a/b"}))
+    with pytest.raises(MotionModuleError, match="adapter_lora"):
+        load_motion_module(module_dir)

@@ -16,7 +16,9 @@ to the folder). Recognised content:
   `image_guidance` (1..10) likewise an SD x4 upscaler's recommended guidance by its low-resolution image;
   `sampler_name` and `scheduler` (sampler and schedule type labels, as the A1111 API names those fields) are
   the model's recommended sampling, where the UI's dropdowns start and what an API or CLI request that names
-  no sampler runs (`Engine.recommended_sampling`).
+  no sampler runs (`Engine.recommended_sampling`). For a motion module (`models/AnimateDiff/NAME.json`),
+  `adapter_lora` names the LoRA it was trained beside (its domain adapter, as AnimateDiff v3's module comes with
+  `v3_sd15_adapter`): a clip made with the module adds `<lora:ADAPTER:1>` unless its prompt names that LoRA.
   Other keys are ignored, so A1111's per-model user-metadata JSON (description, activation text, ...) is harmless.
 - an original LDM/SGM inference config, as A1111 users already keep next to SD 2.x models
   (`v2-inference-v.yaml`, ...): `model.params.parameterization: "v"` means v-prediction, its absence
@@ -41,7 +43,16 @@ from .detect import FAMILIES
 log = logging.getLogger(__name__)
 
 SIDECAR_SUFFIXES = (".yaml", ".yml", ".json")  # later ones win
-_KEYS = ("family", "prediction_type", "rescale_cfg", "cfg_scale", "image_guidance", "sampler_name", "scheduler")
+_KEYS = (
+    "family",
+    "prediction_type",
+    "rescale_cfg",
+    "cfg_scale",
+    "image_guidance",
+    "sampler_name",
+    "scheduler",
+    "adapter_lora",
+)
 _PREDICTION_ALIASES = {
     "epsilon": "epsilon",
     "eps": "epsilon",
@@ -65,6 +76,7 @@ class Sidecar:
     image_guidance: float | None = None
     sampler_name: str | None = None
     scheduler: str | None = None
+    adapter_lora: str | None = None
     sources: tuple[Path, ...] = ()
 
 
@@ -108,7 +120,7 @@ def _parse(path: Path) -> dict[str, Any]:
 
 def read_sidecar(model_path: str | Path) -> Sidecar:
     """Merge the sidecar files of `model_path` (see the module docstring). Raises `SidecarError`."""
-    family = prediction = rescale = cfg = image_guidance = sampler = schedule = None
+    family = prediction = rescale = cfg = image_guidance = sampler = schedule = adapter = None
     sources = []
     for path in sidecar_paths(model_path):
         if not path.is_file():
@@ -140,7 +152,9 @@ def read_sidecar(model_path: str | Path) -> Sidecar:
             sampler = _label(path, "sampler_name", values["sampler_name"])
         if "scheduler" in values:
             schedule = _label(path, "scheduler", values["scheduler"])
-    return Sidecar(family, prediction, rescale, cfg, image_guidance, sampler, schedule, tuple(sources))
+        if "adapter_lora" in values:
+            adapter = _name(path, "adapter_lora", values["adapter_lora"])
+    return Sidecar(family, prediction, rescale, cfg, image_guidance, sampler, schedule, adapter, tuple(sources))
 
 
 def _label(path: Path, key: str, value: Any) -> str:
@@ -148,6 +162,13 @@ def _label(path: Path, key: str, value: Any) -> str:
     is used, since extensions add samplers)."""
     if not isinstance(value, str) or not value.strip():
         raise SidecarError(f"{path}: {key} {value!r} must be a sampler or schedule type label, e.g. 'DPM++ 2M'")
+    return value.strip()
+
+
+def _name(path: Path, key: str, value: Any) -> str:
+    """A file name without extension (a LoRA's name as `<lora:NAME:1>` takes it)."""
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in "<>:/\\"):
+        raise SidecarError(f"{path}: {key} {value!r} must be a LoRA name as <lora:NAME:1> takes it")
     return value.strip()
 
 

@@ -254,6 +254,10 @@ COMMANDS: dict[str, tuple[str, Callable, Callable]] = {
         "train the built-in model's motion module (AnimateDiff-class) on shapes-world clips, base frozen",
         *_lazy("motion"),
     ),
+    "motion-frames": (
+        "write single frames of motion-training clips with their captions: the motion module's domain-adapter data",
+        *_lazy("motion", "add_frames_arguments", "run_frames"),
+    ),
     "motion-eval": (
         "score a motion module: does the object move the way the prompt says, and stay the same shape/colour?",
         *_lazy("motion", "add_eval_arguments", "run_eval"),

@@ -200,6 +200,29 @@ def sample_clip(rng: random.Random, frames: int, motion: str | None = None, temp
     return Clip(packed, motion, caption, shape, colour, bg)
 
 
+def write_frame_dataset(out_dir: str | Path, n: int = 8000, seed: str = "motion-frames", size: int = 64) -> list[Path]:
+    """The motion module's domain-adapter data: one random frame of each of `n` training clips, as PNG with the
+    clip's caption in a same-name .txt (`python -m ldm_core.train lora --data` reads the folder).
+
+    Why: the built-in model puts a lone object at one of nine places, its scenes' position classes (frames of
+    held-out clip prompts, base alone: 123 of 128 within 1/16 of 0.25, 0.5 or 0.75 on both axes), so a frozen
+    base pulls a moving object back to those places and morphs it on the way. A LoRA trained on these frames (objects
+    anywhere along a path, at clip sizes, under clip captions) lets the base draw what the motion module asks
+    for, as AnimateDiff v3's domain adapter absorbs the gap between its base's images and video frames."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        clip = sample_clip(rng, 16)
+        f = rng.randrange(16)
+        p = out / f"{i:05d}.png"
+        shapes.to_pil(shapes.render_packed(clip.packed[f : f + 1], size)[0]).save(p)
+        p.with_suffix(".txt").write_text(clip.caption + "\n", encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 
@@ -240,6 +263,10 @@ class MotionTrainOptions:
     lora_rank: int = 0  # > 0: an adapter LoRA on the base's cross-attention keys and values trains with the module
     lora_out: str | None = None  # None: models/Lora/<out's name>-adapter.safetensors
     init_lora: str | None = None  # start the adapter LoRA from this file's weights
+    # a LoRA merged into the frozen base for the whole sitting (its weight 1), as the engine merges it when a
+    # clip's prompt names it: the module's domain adapter (`motion-frames` + `lora`), which the module is
+    # then made for and is run with
+    base_lora: str | None = None
 
 
 #: the base UNet layers the adapter LoRA trains (cross-attention: where the prompt's words enter)
@@ -274,6 +301,19 @@ def new_adapter(unet, heads: int = 8, mid_block: bool = True, max_frames: int = 
             if ".proj_out." in name:
                 p.zero_()
     return adapter
+
+
+def merge_base_lora(model, path: str) -> None:
+    """Merge the LoRA file at `path` (weight 1) into `model` through the engine's own path
+    (`NetworkLibrary.merge`, what `<lora:NAME:1>` in a prompt does), so that training sees the weights a clip
+    naming it runs with."""
+    from ldm_core.prompts.networks import NetworkLibrary
+    from ldm_core.prompts.parser import ExtraNetworkCall
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"base_lora: no LoRA file at {p}")
+    NetworkLibrary([p.parent]).merge(model, [ExtraNetworkCall("lora", p.stem, ("1",))])
 
 
 def _init_from(adapter, path: str, log) -> None:
@@ -339,6 +379,9 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     model = load_model(o.base, dtype=torch.float32)
     for m in (model.unet, model.vae, model.text_encoder):
         m.eval().requires_grad_(False)
+    if o.base_lora:
+        merge_base_lora(model, o.base_lora)
+        log(f"base with the LoRA {o.base_lora} merged (weight 1)")
     res = o.resolution or model.native_size
     adapter = new_adapter(model.unet, o.heads, o.mid_block)
     work = Path(o.work_dir) if o.work_dir else None
@@ -408,6 +451,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
             "seconds": round(loop.seconds(), 1),
             "parameters": n_params,
             **({"adapter_lora": str(adapter_lora_path(o)), "adapter_lora_rank": o.lora_rank} if lora_pairs else {}),
+            **({"base_lora": o.base_lora} if o.base_lora else {}),
         }
 
     def checkpoint() -> None:
@@ -545,6 +589,7 @@ def evaluate_motion(
     lora_weight: float = 1.0,
     sampler: str | None = None,  # None: the base's recommendation, as the engine runs a request naming none
     timeline: tuple[float, float, float] = TIMELINE_DEFAULT,
+    cfg_scale: float = 7.0,
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
     frames are then independent images of one batch) and score them (see `score_clip`)."""
@@ -560,7 +605,7 @@ def evaluate_motion(
     with scratch_engine(base, motion_dirs=dirs, lora_dirs=lora_dirs) as (engine, _model):
         for i, clip in enumerate(clips):
             values = dict(
-                prompt=clip.caption + tag, steps=steps, seed=1000 + i, save_images=False, cfg_scale=7.0,
+                prompt=clip.caption + tag, steps=steps, seed=1000 + i, save_images=False, cfg_scale=cfg_scale,
                 sampler_name=sampler,
             )
             if module is not None:
@@ -598,6 +643,7 @@ def evaluate_motion(
         "motion_start_end_effect": list(timeline),
         "frames": frames,
         "steps": steps,
+        "cfg_scale": cfg_scale,
         "direction": sum(r["direction_ok"] for r in results) / n,
         "moved": sum(r["got"] is not None for r in results) / n,  # travelled at least 0.08 of the image
         "consistent_shape_colour": sum(r["consistent"] for r in results) / n,
@@ -658,6 +704,12 @@ def add_arguments(p) -> None:
     )
     p.add_argument("--lora-out", default=None, help="the adapter LoRA file (default: models/Lora/<out>-adapter...)")
     p.add_argument("--init-lora", default=None, help="start the adapter LoRA from this file")
+    p.add_argument(
+        "--base-lora",
+        default=None,
+        help="a LoRA file merged into the frozen base (weight 1) for the whole sitting: the module's domain adapter, "
+        "which clips then name in their prompt",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--autocast", choices=("off", "bf16"), default=d.autocast)
@@ -710,6 +762,7 @@ def run(a) -> int:
         lora_rank=a.lora_rank,
         lora_out=a.lora_out,
         init_lora=a.init_lora,
+        base_lora=a.base_lora,
     )
     rec = train_motion(o)
     print(json.dumps({k: v for k, v in rec.items() if k != "options"}, indent=2))
@@ -722,6 +775,7 @@ def add_eval_arguments(p) -> None:
     p.add_argument("--n", type=int, default=100, help="clips (directions in turn)")
     p.add_argument("--frames", type=int, default=16)
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg-scale", type=float, default=7.0, help="the clips' CFG scale (default: %(default)s)")
     p.add_argument(
         "--shared-noise", type=float, default=0.0, help="the clips' shared_noise option (default: %(default)s)"
     )
@@ -748,6 +802,18 @@ def add_eval_arguments(p) -> None:
     )
 
 
+def add_frames_arguments(p) -> None:
+    p.add_argument("--out", type=Path, required=True, help="folder to write (PNG + .txt caption pairs)")
+    p.add_argument("--n", type=int, default=8000, help="frames, one per clip (default: %(default)s)")
+    p.add_argument("--seed", default="motion-frames")
+
+
+def run_frames(a) -> int:
+    paths = write_frame_dataset(a.out, a.n, a.seed)
+    print(f"wrote {len(paths)} frames to {a.out}")
+    return 0
+
+
 def run_eval(a) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -765,6 +831,7 @@ def run_eval(a) -> int:
         lora_weight=a.lora_weight,
         sampler=a.sampler,
         timeline=tuple(a.motion_timeline),
+        cfg_scale=a.cfg_scale,
     )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ and writes the clip files with `write_clips(...)`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -20,6 +21,8 @@ from PIL import Image
 from ..generation_requests import GenerationRequest, Img2ImgRequest, RequestError
 from ..infotext import infotext_number
 from ..outputs import encode_png_bytes, output_folder, save_bytes
+from ..prompts.networks import LORA_KINDS
+from ..prompts.parser import ExtraNetworkCall
 from ..rng import towards_first
 from .clips import CLIP_TYPES, ClipError, decode_clip, encode_clip
 from .context_windows import ContextWindowUNet, context_windows
@@ -69,6 +72,25 @@ class VideoPlan:
             patch.effect = a.motion_effect if inside else 0.0
 
         return ContextWindowUNet(unet, self.frames, self.windows, patch.set_frames, at_timestep)
+
+    def with_adapter_lora(self, networks: list[ExtraNetworkCall], installed: Iterable[str]) -> list[ExtraNetworkCall]:
+        """The job's LoRA calls plus the module's adapter LoRA (its sidecar's `adapter_lora`) at weight 1,
+        unless the prompt names that LoRA already (at any weight: `<lora:NAME:0>` leaves it out) or it is not
+        installed; `notes` says which."""
+        name = self.module.adapter_lora if self.module is not None else None
+        if name is None or any(c.kind in LORA_KINDS and c.name.lower() == name.lower() for c in networks):
+            return networks
+        if name.lower() not in {n.lower() for n in installed}:
+            self.notes.append(
+                f"motion module {self.module.name}: its adapter LoRA {name!r} is not in the LoRA folder; the clip "
+                "ran without it"
+            )
+            return networks
+        self.notes.append(
+            f"added <lora:{name}:1>, the adapter LoRA of motion module {self.module.name} (name it in the prompt "
+            "with another weight to change that)"
+        )
+        return [*networks, ExtraNetworkCall("lora", name, ("1",), tag=f"<lora:{name}:1>")]
 
     def infotext(self) -> str:
         a = self.args

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..models.loading import ModelFileError, load_state_dict
+from ..models.sidecar import SidecarError, read_sidecar
 from ..models.suffixes import WEIGHT_SUFFIXES
 from .svd import is_svd_folder
 
@@ -55,12 +56,14 @@ class MotionModuleError(ValueError):
 @dataclass
 class MotionModule:
     """A loaded motion module. `adapter` is a diffusers `MotionAdapter`; `max_frames` the frames its positional
-    encoding covers (the most frames one context window may hold)."""
+    encoding covers (the most frames one context window may hold); `adapter_lora` the LoRA its sidecar says it
+    runs with (`NAME.json` next to it: {"adapter_lora": "LORA NAME"}; see `ldm_core.models.sidecar`), or None."""
 
     name: str
     path: Path
     adapter: torch.nn.Module
     layout: str  # "diffusers" or "original"
+    adapter_lora: str | None = None
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -266,8 +269,17 @@ def _build(config: dict, state: dict[str, torch.Tensor], path: Path) -> torch.nn
 
 
 def load_motion_module(path: str | os.PathLike, *, allow_pickle: bool = False) -> MotionModule:
-    """Load a diffusers-folder or original-layout motion module (see the module doc)."""
-    p = Path(path)
+    """Load a diffusers-folder or original-layout motion module (see the module doc), with its sidecar's
+    adapter LoRA name."""
+    module = _load_weights(Path(path), allow_pickle)
+    try:
+        module.adapter_lora = read_sidecar(module.path).adapter_lora
+    except SidecarError as e:
+        raise MotionModuleError(str(e)) from None
+    return module
+
+
+def _load_weights(p: Path, allow_pickle: bool) -> MotionModule:
     try:
         if p.is_dir():
             config = json.loads((p / "config.json").read_text())
