@@ -708,7 +708,7 @@ def add_arguments(p) -> None:
         "--base-lora",
         default=None,
         help="a LoRA file merged into the frozen base (weight 1) for the whole sitting: the module's domain adapter, "
-        "which clips then name in their prompt",
+        "which its clips then run with (the module's sidecar {\"adapter_lora\": NAME}, or <lora:NAME:1> in the prompt)",
     )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
