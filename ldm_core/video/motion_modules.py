@@ -57,7 +57,7 @@ class MotionModuleError(ValueError):
 class MotionModule:
     """A loaded motion module. `adapter` is a diffusers `MotionAdapter`; `max_frames` the frames its positional
     encoding covers (the most frames one context window may hold); `adapter_lora` the LoRA its sidecar says it
-    runs with (`NAME.json` next to it: {"adapter_lora": "LORA NAME"}; see `ldm_core.models.sidecar`), or None."""
+    runs with (`NAME.json` next to it: {"adapter_lora": "ADAPTER"}; see `ldm_core.models.sidecar`), or None."""
 
     name: str
     path: Path
