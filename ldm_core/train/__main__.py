@@ -296,7 +296,24 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_, add, _) in COMMANDS.items():
         add(sub.add_parser(name, help=help_))
     args = parser.parse_args(argv)
+    warn_emulated_bf16(args)
     return COMMANDS[args.command][2](args)
+
+
+def warn_emulated_bf16(args: argparse.Namespace, log=lambda m: print(m, file=sys.stderr, flush=True)) -> bool:
+    """Say so when `--autocast bf16` would run on a CPU without bf16 hardware (emulated: about ten times slower
+    than fp32, `ldm_core.devices.cpu_has_fast_bf16`); True when it warned. The run goes on as asked."""
+    import torch
+
+    from ldm_core.devices import cpu_has_fast_bf16
+
+    if getattr(args, "autocast", None) != "bf16" or torch.cuda.is_available() or cpu_has_fast_bf16() is not False:
+        return False
+    log(
+        "warning: --autocast bf16 on a CPU without bf16 hardware (no avx512_bf16 / amx_bf16 flag): it is emulated "
+        "and about ten times slower than fp32 here; --autocast off is faster on this machine"
+    )
+    return True
 
 
 if __name__ == "__main__":
