@@ -740,6 +740,39 @@ def test_motion_training_with_an_adapter_lora_writes_a_lora_the_engine_loads(tmp
         train_motion(MotionTrainOptions(**{**more.__dict__, "lora_rank": 3}), log=lambda m: None)
 
 
+def test_motion_training_can_draw_with_an_all_attention_lora_at_the_bases_own_sizes(tmp_path, tiny_models):
+    """--lora-targets attention: the adapter LoRA also covers self-attention and the query/output projections (the
+    layers that draw, where the base's placement prior lives), and --object-sizes base gives the clips' objects
+    the base's own size classes; a bad name for either is an error naming the option."""
+    import random
+
+    from safetensors.torch import load_file
+
+    from ldm_core.train import shapes
+    from ldm_core.train.motion import sample_clip, train_motion
+
+    rng = random.Random(0)
+    radii = [float(sample_clip(rng, 4, "right", sizes="base").packed[0, 7]) for _ in range(60)]
+    assert all(any(abs(r - v) <= 0.0101 for v in shapes.SIZES.values()) for r in radii)
+    assert {min(shapes.SIZES, key=lambda k: abs(shapes.SIZES[k] - r)) for r in radii} == set(shapes.SIZES)
+    clip_radii = [float(sample_clip(rng, 4, "right").packed[0, 7]) for _ in range(20)]
+    assert all(0.11 <= r <= 0.16 for r in clip_radii)  # the default is what the shipped module trained on
+
+    lora = tmp_path / "adapter.safetensors"
+    opts = tiny_motion_options(
+        tiny_models, tmp_path / "mm", lr=1e-2, lora_rank=2, lora_out=str(lora), lora_targets="attention",
+        object_sizes="base",
+    )
+    rec = train_motion(opts, log=lambda m: None)
+    assert rec["lora_targets"] == ("to_q", "to_k", "to_v", "to_out.0")
+    layers = {k.rsplit(".", 2)[0] for k in load_file(lora)}
+    assert any("attn1_to_q" in k for k in layers) and any("attn2_to_out_0" in k for k in layers)
+    with pytest.raises(ValueError, match="lora_targets: 'convs'"):
+        train_motion(tiny_motion_options(tiny_models, tmp_path / "x", lora_rank=2, lora_targets="convs"))
+    with pytest.raises(ValueError, match="object_sizes: 'huge'"):
+        train_motion(tiny_motion_options(tiny_models, tmp_path / "x", object_sizes="huge"))
+
+
 def test_motion_training_object_weight_changes_what_is_learned(tmp_path, tiny_models):
     from ldm_core.models import load_state_dict
     from ldm_core.train.motion import train_motion

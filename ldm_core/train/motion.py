@@ -151,14 +151,30 @@ def _row(bg: str, shape: str, cx: float, cy: float, r: float, rgb) -> list[float
     return row
 
 
-def sample_clip(rng: random.Random, frames: int, motion: str | None = None, templates=None) -> Clip:
-    """A random clip (see the module doc); `motion` fixes the kind, `templates` the phrasings."""
+#: the object sizes of training clips: "clip" (radius 0.11-0.16 of the image, as the shipped module trained) or
+#: "base" (the base model's own size classes, `shapes.SIZES`, each +-0.01: the sizes its scenes drew objects at)
+OBJECT_SIZES = ("clip", "base")
+
+
+def _radius(rng: random.Random, sizes: str) -> float:
+    if sizes == "clip":
+        return rng.uniform(0.11, 0.16)
+    if sizes == "base":
+        return shapes.SIZES[rng.choice(sorted(shapes.SIZES))] + rng.uniform(-0.01, 0.01)
+    raise ValueError(f"object_sizes: {sizes!r} is not one of {', '.join(OBJECT_SIZES)}")
+
+
+def sample_clip(
+    rng: random.Random, frames: int, motion: str | None = None, templates=None, sizes: str = "clip"
+) -> Clip:
+    """A random clip (see the module doc); `motion` fixes the kind, `templates` the phrasings, `sizes` the object
+    sizes (`OBJECT_SIZES`)."""
     templates = templates or TRAIN_TEMPLATES
     motion = motion or rng.choices(MOTIONS, weights=MOTION_WEIGHTS)[0]
     bg = rng.choice(shapes.COLOUR_NAMES)
     shape = rng.choice(shapes.SHAPES)
     colour = shapes._pick_colour(rng, [bg])
-    r = rng.uniform(0.11, 0.16)
+    r = _radius(rng, sizes)
     hx, hy = shapes.SHAPE_EXTENT[shape]
     speed = rng.uniform(0.8, 1.2)  # of the travel below
     cx0 = cy0 = 0.5
@@ -263,6 +279,11 @@ class MotionTrainOptions:
     lora_rank: int = 0  # > 0: an adapter LoRA on the base's cross-attention keys and values trains with the module
     lora_out: str | None = None  # None: models/Lora/<out's name>-adapter.safetensors
     init_lora: str | None = None  # start the adapter LoRA from this file's weights
+    # which base layers the adapter LoRA trains: "cross-kv" (ADAPTER_TARGETS) or "attention" (every attention
+    # projection, the `lora` trainer's UNET_TARGETS: the layers that draw, so that objects can be drawn between
+    # the base's nine places)
+    lora_targets: str = "cross-kv"
+    object_sizes: str = "clip"  # OBJECT_SIZES
     # a LoRA merged into the frozen base for the whole sitting (its weight 1), as the engine merges it when a
     # clip's prompt names it: the module's domain adapter (`motion-frames` + `lora`), which the module is
     # then made for and is run with
@@ -271,6 +292,15 @@ class MotionTrainOptions:
 
 #: the base UNet layers the adapter LoRA trains (cross-attention: where the prompt's words enter)
 ADAPTER_TARGETS = ("attn2.to_k", "attn2.to_v")
+LORA_TARGETS = ("cross-kv", "attention")
+
+
+def adapter_targets(name: str) -> tuple[str, ...]:
+    from ldm_core.train.lora import UNET_TARGETS
+
+    if name not in LORA_TARGETS:
+        raise ValueError(f"lora_targets: {name!r} is not one of {', '.join(LORA_TARGETS)}")
+    return ADAPTER_TARGETS if name == "cross-kv" else UNET_TARGETS
 
 
 def adapter_lora_path(o: MotionTrainOptions) -> Path:
@@ -371,6 +401,8 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     from ldm_core.video.motion_modules import MotionModule, MotionPatch
 
     check_timestep_sampling(o.timesteps)
+    targets = adapter_targets(o.lora_targets)
+    _radius(random.Random(0), o.object_sizes)  # a bad name fails before the model loads
     if not 0 <= o.shared_noise <= 1:
         raise ValueError(f"shared_noise: {o.shared_noise} is outside 0..1")
     if o.threads:
@@ -399,7 +431,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     if o.lora_rank > 0:
         from ldm_core.train.lora import attach_pairs, load_pair_tensors
 
-        lora_pairs, lora_hooks = attach_pairs(model.unet, "lora_unet_", ADAPTER_TARGETS, o.lora_rank, o.lora_rank)
+        lora_pairs, lora_hooks = attach_pairs(model.unet, "lora_unet_", targets, o.lora_rank, o.lora_rank)
         if ckpt is not None and "lora" in ckpt:
             for key, pair in lora_pairs.items():
                 pair.load_state_dict(ckpt["lora"][key])
@@ -450,7 +482,11 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
             "final_loss": loop.ema,
             "seconds": round(loop.seconds(), 1),
             "parameters": n_params,
-            **({"adapter_lora": str(adapter_lora_path(o)), "adapter_lora_rank": o.lora_rank} if lora_pairs else {}),
+            **(
+                {"adapter_lora": str(adapter_lora_path(o)), "adapter_lora_rank": o.lora_rank, "lora_targets": targets}
+                if lora_pairs
+                else {}
+            ),
             **({"base_lora": o.base_lora} if o.base_lora else {}),
         }
 
@@ -476,7 +512,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
             break
         rng = random.Random(f"motion:{o.seed}:{step}")
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
-        clips = [sample_clip(rng, o.frames) for _ in range(o.clips)]
+        clips = [sample_clip(rng, o.frames, sizes=o.object_sizes) for _ in range(o.clips)]
         packed = torch.cat([c.packed for c in clips])
         images, cover = shapes.render_packed(packed, res, with_coverage=True)
         with torch.no_grad():
@@ -700,7 +736,20 @@ def add_arguments(p) -> None:
         "--lora-rank",
         type=int,
         default=d.lora_rank,
-        help="> 0: train an adapter LoRA on the base's cross-attention keys/values with the module (default: off)",
+        help="> 0: train an adapter LoRA on the base with the module (default: off); its layers: --lora-targets",
+    )
+    p.add_argument(
+        "--lora-targets",
+        choices=LORA_TARGETS,
+        default=d.lora_targets,
+        help="the adapter LoRA's layers: cross-kv (cross-attention keys and values, where the words enter) or "
+        "attention (every attention projection, the layers that draw) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--object-sizes",
+        choices=OBJECT_SIZES,
+        default=d.object_sizes,
+        help="clip: objects of radius 0.11-0.16; base: the base model's own small/medium/large (default: %(default)s)",
     )
     p.add_argument("--lora-out", default=None, help="the adapter LoRA file (default: models/Lora/<out>-adapter...)")
     p.add_argument("--init-lora", default=None, help="start the adapter LoRA from this file")
@@ -762,6 +811,8 @@ def run(a) -> int:
         lora_rank=a.lora_rank,
         lora_out=a.lora_out,
         init_lora=a.init_lora,
+        lora_targets=a.lora_targets,
+        object_sizes=a.object_sizes,
         base_lora=a.base_lora,
     )
     rec = train_motion(o)
