@@ -360,7 +360,7 @@ def engine_config(args: argparse.Namespace, settings_values: dict[str, Any]):
         dirs = flags.get("ckpt_dirs", config.ckpt_dirs)
         if folder not in dirs:
             flags["ckpt_dirs"] = (*dirs, folder)
-    return config.with_(**flags), frozenset(flags)
+    return config.with_(**flags).with_shipped_addons(), frozenset(flags)
 
 
 # ---- files the browser may fetch ----------------------------------------------------------------------

@@ -282,7 +282,7 @@ def _config(args) -> EngineConfig:
             over[name] = getattr(args, name)
     if hasattr(args, "out"):
         over["outputs_dir"] = Path(args.out)
-    return EngineConfig.from_data_dir(args.data_dir, **over)
+    return EngineConfig.from_data_dir(args.data_dir, **over).with_shipped_addons()
 
 
 def _request(args):
@@ -461,6 +461,7 @@ def _detect(args) -> int:
     """One preprocessor of the loaded extensions on one image; the map is written to --out."""
     out = Path(args.out)
     cfg = EngineConfig.from_data_dir(args.data_dir, device=args.device, allow_pickle=args.allow_pickle)
+    cfg = cfg.with_shipped_addons()
     _engine, manager = _engine_with_extensions(cfg)
     pre = manager.preprocessors.get(args.module) or manager.preprocessors.get(args.module.casefold())
     if pre is None:

@@ -13,6 +13,14 @@ Offload = Literal["none", "model", "sequential"]
 
 #: The built-in model that ships with the project (a diffusers folder).
 BUILTIN_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "builtin"
+#: the folders beside it (the repository's models/) that hold its shipped add-ons, by config field: its LoRA,
+#: upscalers, ControlNets and motion module
+SHIPPED_ADDON_DIRS: dict[str, tuple[str, ...]] = {
+    "lora_dirs": ("Lora",),
+    "upscaler_dirs": ("ESRGAN", "SD-Upscale"),
+    "controlnet_dirs": ("ControlNet",),
+    "motion_dirs": ("AnimateDiff",),
+}
 
 
 #: how a diffusion upscaler's output takes its large-scale colour from its input (`ldm_core.colour_fix`)
@@ -104,6 +112,23 @@ class EngineConfig:
             outputs_dir=d / "outputs",
         )
         return replace(base, **overrides)
+
+    def with_shipped_addons(self) -> EngineConfig:
+        """This config with the built-in model's shipped add-ons (`SHIPPED_ADDON_DIRS` under the repository's
+        models/) after the data dir's own folders, so that a data dir elsewhere (`--data-dir`, or the current folder
+        of the API-only server and the CLI) still offers what ships with the built-in model; unchanged when the
+        built-in model is off or another, and where a folder is listed already."""
+        if self.builtin_model_dir is None or self.builtin_model_dir.resolve() != BUILTIN_MODEL_DIR.resolve():
+            return self
+        root = BUILTIN_MODEL_DIR.parent
+        changes = {}
+        for name, folders in SHIPPED_ADDON_DIRS.items():
+            have = getattr(self, name)
+            listed = {p.resolve() for p in have}
+            extra = tuple(root / f for f in folders if (root / f).resolve() not in listed)
+            if extra:
+                changes[name] = (*have, *extra)
+        return replace(self, **changes)
 
     def with_(self, **changes) -> EngineConfig:
         """A copy with some fields changed (settings applied without a restart)."""

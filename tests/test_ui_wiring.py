@@ -423,6 +423,35 @@ def test_warnings_and_engine_config_from_flags(tmp_path):
     assert webui.initial_model_name(args, "") == "m.safetensors"
 
 
+def test_a_data_dir_elsewhere_still_offers_the_built_in_models_shipped_add_ons(tmp_path):
+    """`python webui.py --data-dir DIR` (and the CLI, and the API-only server in another folder) keep the built-in
+    model, so they keep what ships for it in the repository's models/: its motion module, ControlNets, upscalers
+    and LoRA come after DIR's own folders (a first run found the Video tab saying "no motion module is installed").
+    Without the built-in model nothing is added."""
+    import webui
+    from ldm_core.cli import _config as cli_config
+    from ldm_core.cli import build_parser as cli_parser
+    from ldm_core.config import BUILTIN_MODEL_DIR, EngineConfig
+    from ldm_core.video.motion_modules import MotionModules
+
+    repo_models = BUILTIN_MODEL_DIR.parent
+    p = webui.build_parser()
+    cfg, _ = webui.engine_config(p.parse_args(["--data-dir", str(tmp_path)]), {})
+    assert cfg.motion_dirs[:2] == (tmp_path / "models" / "AnimateDiff", tmp_path / "models" / "SVD")  # DIR's first
+    assert repo_models / "AnimateDiff" in cfg.motion_dirs and repo_models / "ControlNet" in cfg.controlnet_dirs
+    assert {repo_models / "ESRGAN", repo_models / "SD-Upscale"} <= set(cfg.upscaler_dirs)
+    assert repo_models / "Lora" in cfg.lora_dirs
+    assert MotionModules(cfg.motion_dirs).default() == "builtin-motion"
+    at_home, _ = webui.engine_config(p.parse_args([]), {})  # the repository itself: each folder listed once
+    assert at_home.motion_dirs.count(repo_models / "AnimateDiff") == 1
+    off, _ = webui.engine_config(p.parse_args(["--data-dir", str(tmp_path), "--no-builtin-model"]), {})
+    assert repo_models / "AnimateDiff" not in off.motion_dirs and repo_models / "Lora" not in off.lora_dirs
+    other = EngineConfig.from_data_dir(tmp_path, builtin_model_dir=tmp_path / "tiny")
+    assert other.with_shipped_addons() == other  # made for the built-in model only
+    cli = cli_config(cli_parser().parse_args(["txt2img", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")]))
+    assert repo_models / "ControlNet" in cli.controlnet_dirs
+
+
 def test_fetch_guard(tmp_path):
     import webui
 
