@@ -32,7 +32,9 @@ where the prompt's words enter the image features) trains with the module, so th
 what the temporal layers see (the frozen base barely tells "moving up" from "moving down"); it is written as
 a kohya-format LoRA (`--lora-out`, default `models/Lora/<module name>-adapter.safetensors`) that the clip's
 prompt loads with `<lora:NAME:1>`, as AnimateDiff v3's adapter LoRA is used beside its module.
-`--init-lora FILE` continues one. `motion-eval --lora FILE` measures the pair.
+`--init-lora FILE` continues one. `motion-eval --lora FILE` measures the pair. `--lora-targets attention` puts it on
+every attention projection instead (the layers that draw, where the base's habit of nine object places lives), and
+`--object-sizes base` gives the clips' objects the base's own size classes.
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ class MotionTrainOptions:
     # the video job's `shared_noise`), the correlated noise prior of PYoCo (Ge et al. 2023), for a module run with
     # that shared_noise: frames that start alike leave the module only the motion to make
     shared_noise: float = 0.0
-    lora_rank: int = 0  # > 0: an adapter LoRA on the base's cross-attention keys and values trains with the module
+    lora_rank: int = 0  # > 0: an adapter LoRA on the base (its layers: lora_targets) trains with the module
     lora_out: str | None = None  # None: models/Lora/<out's name>-adapter.safetensors
     init_lora: str | None = None  # start the adapter LoRA from this file's weights
     # which base layers the adapter LoRA trains: "cross-kv" (ADAPTER_TARGETS) or "attention" (every attention
