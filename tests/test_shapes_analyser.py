@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -36,6 +37,31 @@ def test_world_has_the_required_variety():
     assert {o.shape for s in scenes for o in s.objects} == set(shapes.SHAPES)
     assert {o.position for s in scenes for o in s.objects} == set(shapes.POSITIONS)
     assert len({s.caption for s in scenes}) > 550  # varied templates, not one fixed sentence
+
+
+def test_wide_position_jitter_places_lone_objects_anywhere_but_nearest_their_own_place():
+    def centres(jitter):
+        scenes = shapes.sample_scenes("jitter", 1500, position_jitter=jitter)
+        return [(s, o) for s in scenes for o in s.objects]
+
+    def nearest(o):
+        return min(shapes.POSITIONS, key=lambda p: math.dist(shapes.POSITIONS[p], (o.cx, o.cy)))
+
+    def in_between(objs):  # centres further than 0.06 from every place along some axis
+        return sum(
+            min(abs(o.cx - v) for v in (0.25, 0.5, 0.75)) > 0.06 or min(abs(o.cy - v) for v in (0.25, 0.5, 0.75)) > 0.06
+            for _, o in objs
+        )
+
+    narrow, wide = centres(0.03), centres(shapes.MAX_POSITION_JITTER)
+    assert in_between(narrow) == 0
+    lone = [(s, o) for s, o in wide if len(s.objects) == 1]
+    assert in_between(lone) > len(lone) / 3
+    assert all(nearest(o) == o.position for _, o in lone)  # the caption's place word is still the nearest
+    pairs = [o for s, o in wide if len(s.objects) == 2]
+    assert pairs and in_between([(None, o) for o in pairs]) == 0  # two objects keep the small jitter
+    with pytest.raises(ValueError, match="position_jitter"):
+        shapes.sample_scenes("jitter", 1, position_jitter=0.2)
 
 
 def test_render_puts_the_object_colour_at_its_centre_and_background_at_the_border():

@@ -366,3 +366,29 @@ def test_shape_weight_reaches_the_unet_loss(tiny_folder):
         assert info["options"]["shape_weight"] == float(w) and info["progress"]["unet_step"] == 2
         unets[w] = (out_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert unets["1"] != unets["4"]
+
+
+def test_position_jitter_reaches_the_cached_scenes(tiny_folder):
+    """--position-jitter is the scenes the UNet trains on (lone objects off the nine places), and is recorded."""
+    from ldm_core.train import shapes
+    from ldm_core.train.__main__ import main
+    from ldm_core.train.refine import Refiner, RefineOptions
+
+    base = tiny_folder / "base" / "out"
+    opts = RefineOptions(init=base, out=tiny_folder / "jit", work_dir=tiny_folder / "jit-work", cache_scenes=400)
+    wide = Refiner(RefineOptions(**{**opts.__dict__, "position_jitter": shapes.MAX_POSITION_JITTER})).cache_scenes()
+    narrow = Refiner(opts).cache_scenes()
+
+    def off_place(scenes):
+        return sum(
+            max(min(abs(o.cx - v) for v in (0.25, 0.5, 0.75)), min(abs(o.cy - v) for v in (0.25, 0.5, 0.75))) > 0.06
+            for s in scenes
+            for o in s.objects
+        )
+
+    assert off_place(narrow) == 0 and off_place(wide) > 100
+    out_dir, work = tiny_folder / "jit-out", tiny_folder / "jit-run"
+    args = ["refine", "--init", str(base), "--out", str(out_dir), "--work-dir", str(work), "--phases", "cache,unet"]
+    args += ["--cache-scenes", "16", "--cache-batch", "16", "--unet-steps", "1", "--unet-batch", "4"]
+    assert main([*args, "--position-jitter", "0.12"]) == 0
+    assert json.loads((out_dir / "TRAINING.json").read_text())["options"]["position_jitter"] == 0.12

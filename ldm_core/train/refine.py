@@ -108,6 +108,10 @@ class RefineOptions:
     # denoising strength); no effect where the caption and the image agree
     low_noise_lies: float = 0.0
     low_noise_max_t: int = 400
+    # how far a lone object's centre moves from its position class in the cached scenes (shapes.sample_scene):
+    # the default small jitter draws objects only near nine places; up to shapes.MAX_POSITION_JITTER (0.12)
+    # draws them anywhere, which the motion module needs for objects in between
+    position_jitter: float = 0.03
     decoder_steps: int = 400
     decoder_seconds: float | None = None
     decoder_batch: int = 32
@@ -279,7 +283,9 @@ class Refiner:
 
     # -- phase 2
     def cache_scenes(self) -> list[shapes.Scene]:
-        return shapes.sample_scenes(f"refine-cache:{self.o.seed}", self.o.cache_scenes)
+        return shapes.sample_scenes(
+            f"refine-cache:{self.o.seed}", self.o.cache_scenes, position_jitter=self.o.position_jitter
+        )
 
     @torch.no_grad()
     def run_cache(self) -> None:
@@ -636,6 +642,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "object_weight",
         "shape_weight",
         "low_noise_lies",
+        "position_jitter",
         "decoder_seconds",
         "decoder_lr",
         "decoder_edge_weight",

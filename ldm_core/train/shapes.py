@@ -133,6 +133,8 @@ MIN_COLOUR_DISTANCE = 90.0  # objects differ at least this much (RGB 0-255) from
 TWO_OBJECT_FRACTION = 0.35
 MAX_OBJECTS = 2
 _POS_JITTER = 0.03
+#: the widest `position_jitter` that still leaves every object nearest its own position class (half their spacing)
+MAX_POSITION_JITTER = 0.12
 _SIZE_JITTER = 0.07
 
 
@@ -198,14 +200,22 @@ def _pairs_far_apart() -> tuple[tuple[str, str], ...]:
 TWO_OBJECT_POSITION_PAIRS = _pairs_far_apart()
 
 
-def make_object(shape: str, colour: str, size: str, position: str, rng: random.Random | None = None) -> ShapeObject:
-    """A shape at a named position/size; `rng` adds the same small jitter the training data has."""
+def make_object(
+    shape: str,
+    colour: str,
+    size: str,
+    position: str,
+    rng: random.Random | None = None,
+    position_jitter: float = _POS_JITTER,
+) -> ShapeObject:
+    """A shape at a named position/size; `rng` adds the same small jitter the training data has (the centre moves
+    up to `position_jitter` of the image along each axis)."""
     r = SIZES[size]
     x, y = POSITIONS[position]
     if rng is not None:
         r *= 1.0 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER)
-        x += rng.uniform(-_POS_JITTER, _POS_JITTER)
-        y += rng.uniform(-_POS_JITTER, _POS_JITTER)
+        x += rng.uniform(-position_jitter, position_jitter)
+        y += rng.uniform(-position_jitter, position_jitter)
     hx, hy = SHAPE_EXTENT[shape]
     margin = 0.02  # keep the whole shape inside the image
     x = min(max(x, margin + hx * r), 1.0 - margin - hx * r)
@@ -220,8 +230,13 @@ def _pick_colour(rng: random.Random, avoid: list[str]) -> str:
             return c
 
 
-def sample_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
-    """Draw one random scene (without caption). `n_objects` 1 or 2; None picks 2 with p=0.35."""
+def sample_scene(rng: random.Random, n_objects: int | None = None, position_jitter: float = _POS_JITTER) -> Scene:
+    """Draw one random scene (without caption). `n_objects` 1 or 2; None picks 2 with p=0.35. A lone object's
+    centre moves up to `position_jitter` from its position class (at most `MAX_POSITION_JITTER`, so that the
+    caption's place word stays the nearest; `MAX_POSITION_JITTER` covers the image continuously); two objects
+    keep the small default jitter, so that they never touch."""
+    if not 0 <= position_jitter <= MAX_POSITION_JITTER:
+        raise ValueError(f"position_jitter: {position_jitter} is outside 0..{MAX_POSITION_JITTER}")
     if n_objects is None:
         n_objects = 2 if rng.random() < TWO_OBJECT_FRACTION else 1
     background = rng.choice(COLOUR_NAMES)
@@ -232,6 +247,7 @@ def sample_scene(rng: random.Random, n_objects: int | None = None) -> Scene:
             rng.choice(tuple(SIZES)),
             rng.choice(tuple(POSITIONS)),
             rng,
+            position_jitter,
         )
         return Scene(background, (obj,))
     pa, pb = rng.choice(TWO_OBJECT_POSITION_PAIRS)
@@ -369,12 +385,14 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return caption_single(scene, rng) if len(scene.objects) == 1 else caption_double(scene, rng)
 
 
-def sample_scenes(seed: int | str, n: int, n_objects: int | None = None) -> list[Scene]:
-    """`n` captioned scenes, the same for the same (seed, n, n_objects) on every machine."""
+def sample_scenes(
+    seed: int | str, n: int, n_objects: int | None = None, position_jitter: float = _POS_JITTER
+) -> list[Scene]:
+    """`n` captioned scenes, the same for the same (seed, n, n_objects, position_jitter) on every machine."""
     rng = random.Random(f"ldm-shapes:{seed}")
     out = []
     for _ in range(n):
-        s = sample_scene(rng, n_objects)
+        s = sample_scene(rng, n_objects, position_jitter)
         out.append(Scene(s.background, s.objects, caption(s, rng)))
     return out
 
