@@ -372,7 +372,7 @@ def test_position_jitter_reaches_the_cached_scenes(tiny_folder):
     """--position-jitter is the scenes the UNet trains on (lone objects off the nine places), and is recorded."""
     from ldm_core.train import shapes
     from ldm_core.train.__main__ import main
-    from ldm_core.train.refine import Refiner, RefineOptions
+    from ldm_core.train.refine import RefineOptions, Refiner
 
     base = tiny_folder / "base" / "out"
     opts = RefineOptions(init=base, out=tiny_folder / "jit", work_dir=tiny_folder / "jit-work", cache_scenes=400)
