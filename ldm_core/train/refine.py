@@ -111,7 +111,7 @@ class RefineOptions:
     # how far a lone object's centre moves from its position class in the cached scenes (shapes.sample_scene):
     # the default small jitter draws objects only near nine places; up to shapes.MAX_POSITION_JITTER (0.12)
     # draws them anywhere, which the motion module needs for objects in between
-    position_jitter: float = 0.03
+    position_jitter: float = shapes.POSITION_JITTER
     decoder_steps: int = 400
     decoder_seconds: float | None = None
     decoder_batch: int = 32

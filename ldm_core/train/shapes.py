@@ -132,7 +132,8 @@ POSITION_TAGS: dict[str, tuple[str, ...]] = {
 MIN_COLOUR_DISTANCE = 90.0  # objects differ at least this much (RGB 0-255) from the background
 TWO_OBJECT_FRACTION = 0.35
 MAX_OBJECTS = 2
-_POS_JITTER = 0.03
+#: how far an object's centre moves from its position class in the training scenes (each axis), by default
+POSITION_JITTER = 0.03
 #: the widest `position_jitter` that still leaves every object nearest its own position class (half their spacing)
 MAX_POSITION_JITTER = 0.12
 _SIZE_JITTER = 0.07
@@ -206,7 +207,7 @@ def make_object(
     size: str,
     position: str,
     rng: random.Random | None = None,
-    position_jitter: float = _POS_JITTER,
+    position_jitter: float = POSITION_JITTER,
 ) -> ShapeObject:
     """A shape at a named position/size; `rng` adds the same small jitter the training data has (the centre moves
     up to `position_jitter` of the image along each axis)."""
@@ -230,7 +231,7 @@ def _pick_colour(rng: random.Random, avoid: list[str]) -> str:
             return c
 
 
-def sample_scene(rng: random.Random, n_objects: int | None = None, position_jitter: float = _POS_JITTER) -> Scene:
+def sample_scene(rng: random.Random, n_objects: int | None = None, position_jitter: float = POSITION_JITTER) -> Scene:
     """Draw one random scene (without caption). `n_objects` 1 or 2; None picks 2 with p=0.35. A lone object's
     centre moves up to `position_jitter` from its position class (at most `MAX_POSITION_JITTER`, so that the
     caption's place word stays the nearest; `MAX_POSITION_JITTER` covers the image continuously); two objects
@@ -386,7 +387,7 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 
 def sample_scenes(
-    seed: int | str, n: int, n_objects: int | None = None, position_jitter: float = _POS_JITTER
+    seed: int | str, n: int, n_objects: int | None = None, position_jitter: float = POSITION_JITTER
 ) -> list[Scene]:
     """`n` captioned scenes, the same for the same (seed, n, n_objects, position_jitter) on every machine."""
     rng = random.Random(f"ldm-shapes:{seed}")
