@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from ..video.options import TIMELINE_DEFAULT, add_timeline_argument, timeline_options
+from ..video.spatiotemporal import ATTENTIONS
 from . import shapes
 from .step_loop import StepLoop, read_checkpoint
 
@@ -290,6 +291,11 @@ class MotionTrainOptions:
     # clip's prompt names it: the module's domain adapter (`motion-frames` + `lora`), which the module is
     # then made for and is run with
     base_lora: str | None = None
+    # the temporal blocks' attentions that attend over every cell of every frame of a clip instead of along time
+    # at one cell (`ldm_core.video.spatiotemporal`): () is AnimateDiff's module; ("attn2",) lets each block's
+    # second attention see the object wherever it is in the other frames
+    spatiotemporal: tuple[str, ...] = ()
+    spatiotemporal_from_level: int = 0  # the first UNet level (0: the finest) where they do
 
 
 #: the base UNet layers the adapter LoRA trains (cross-attention: where the prompt's words enter)
@@ -313,11 +319,16 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def new_adapter(unet, heads: int = 8, mid_block: bool = True, max_frames: int = 32):
-    """A motion module shaped for `unet`, its output projections zeroed (starts as the identity)."""
+def new_adapter(
+    unet, heads: int = 8, mid_block: bool = True, max_frames: int = 32, spatiotemporal=(), from_level: int = 0
+):
+    """A motion module shaped for `unet`, its output projections zeroed (starts as the identity); `spatiotemporal`
+    names the attentions that attend over all cells and frames at the levels from `from_level` on (written to its
+    config.json)."""
     from diffusers import MotionAdapter
 
     from ldm_core.video.motion_modules import _groups
+    from ldm_core.video.spatiotemporal import CONFIG_KEY, LEVEL_KEY, check_attentions
 
     ch = tuple(unet.config.block_out_channels)
     adapter = MotionAdapter(
@@ -332,6 +343,8 @@ def new_adapter(unet, heads: int = 8, mid_block: bool = True, max_frames: int = 
         for name, p in adapter.named_parameters():
             if ".proj_out." in name:
                 p.zero_()
+    if spatiotemporal:
+        adapter.register_to_config(**{CONFIG_KEY: list(check_attentions(spatiotemporal)), LEVEL_KEY: from_level})
     return adapter
 
 
@@ -358,8 +371,15 @@ def _init_from(adapter, path: str, log) -> None:
     def same(a, b) -> bool:  # a config read from JSON has lists where a built one has tuples
         return list(a) == list(b) if isinstance(a, list | tuple) and isinstance(b, list | tuple) else a == b
 
+    from ldm_core.video.spatiotemporal import CONFIG_KEY, LEVEL_KEY
+
+    # the attention mode may change between sittings: the weights are the same shapes either way
     diff = sorted(
-        k for k in adapter.config if not k.startswith("_") and not same(module.adapter.config.get(k), adapter.config[k])
+        k
+        for k in adapter.config
+        if not k.startswith("_")
+        and k not in (CONFIG_KEY, LEVEL_KEY)
+        and not same(module.adapter.config.get(k), adapter.config[k])
     )
     if diff:
         raise MotionModuleError(f"--init {path}: made for another base or shape (differs in {', '.join(diff)})")
@@ -417,7 +437,9 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         merge_base_lora(model, o.base_lora)
         log(f"base with the LoRA {o.base_lora} merged (weight 1)")
     res = o.resolution or model.native_size
-    adapter = new_adapter(model.unet, o.heads, o.mid_block)
+    if o.spatiotemporal_from_level < 0:
+        raise ValueError(f"spatiotemporal_from_level: {o.spatiotemporal_from_level} is below 0 (the finest level)")
+    adapter = new_adapter(model.unet, o.heads, o.mid_block, 32, o.spatiotemporal, o.spatiotemporal_from_level)
     work = Path(o.work_dir) if o.work_dir else None
     ckpt_path = work / "motion-train.pt" if work else None
     if work:
@@ -444,7 +466,10 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
             log(f"adapter LoRA from {o.init_lora}")
         params += [p for pair in lora_pairs.values() for p in pair.parameters()]
     optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    patch = MotionPatch(model.unet, MotionModule("training", Path(o.out), adapter, "diffusers")).install()
+    module = MotionModule(
+        "training", Path(o.out), adapter, "diffusers", None, tuple(o.spatiotemporal), o.spatiotemporal_from_level
+    )
+    patch = MotionPatch(model.unet, module).install()
     patch.set_frames(o.frames)
     text = TextEncoder(model)
     sched = DDPMScheduler.from_config(dict(model.scheduler_config))
@@ -490,6 +515,11 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
                 else {}
             ),
             **({"base_lora": o.base_lora} if o.base_lora else {}),
+            **(
+                {"spatiotemporal_attention": list(o.spatiotemporal), "from_level": o.spatiotemporal_from_level}
+                if o.spatiotemporal
+                else {}
+            ),
         }
 
     def checkpoint() -> None:
@@ -761,6 +791,20 @@ def add_arguments(p) -> None:
         help="a LoRA file merged into the frozen base (weight 1) for the whole sitting: the module's domain adapter, "
         "which its clips then run with (the module's sidecar {\"adapter_lora\": NAME}, or <lora:NAME:1> in the prompt)",
     )
+    p.add_argument(
+        "--spatiotemporal",
+        nargs="*",
+        choices=ATTENTIONS,
+        default=list(d.spatiotemporal),
+        help="the temporal blocks' attentions that attend over every cell of every frame (e.g. attn2), so that a frame "
+        "sees the object where it is in the others; default: none (AnimateDiff's attention along time at one cell)",
+    )
+    p.add_argument(
+        "--spatiotemporal-from-level",
+        type=int,
+        default=d.spatiotemporal_from_level,
+        help="the first UNet level (0: the finest) whose blocks attend that way (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--autocast", choices=("off", "bf16"), default=d.autocast)
@@ -816,6 +860,8 @@ def run(a) -> int:
         lora_targets=a.lora_targets,
         object_sizes=a.object_sizes,
         base_lora=a.base_lora,
+        spatiotemporal=tuple(a.spatiotemporal),
+        spatiotemporal_from_level=a.spatiotemporal_from_level,
     )
     rec = train_motion(o)
     print(json.dumps({k: v for k, v in rec.items() if k != "options"}, indent=2))

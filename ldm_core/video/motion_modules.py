@@ -40,6 +40,9 @@ import torch
 from ..models.loading import ModelFileError, load_state_dict
 from ..models.sidecar import SidecarError, read_sidecar
 from ..models.suffixes import WEIGHT_SUFFIXES
+from .spatiotemporal import CONFIG_KEY as SPATIOTEMPORAL_KEY
+from .spatiotemporal import LEVEL_KEY as SPATIOTEMPORAL_LEVEL_KEY
+from .spatiotemporal import SpatioTemporalAttention, check_attentions
 from .svd import is_svd_folder
 
 log = logging.getLogger(__name__)
@@ -57,13 +60,18 @@ class MotionModuleError(ValueError):
 class MotionModule:
     """A loaded motion module. `adapter` is a diffusers `MotionAdapter`; `max_frames` the frames its positional
     encoding covers (the most frames one context window may hold); `adapter_lora` the LoRA its sidecar says it
-    runs with (`NAME.json` next to it: {"adapter_lora": "ADAPTER"}; see `ldm_core.models.sidecar`), or None."""
+    runs with (`NAME.json` next to it: {"adapter_lora": "ADAPTER"}; see `ldm_core.models.sidecar`), or None;
+    `spatiotemporal` the temporal blocks' attentions that attend over every cell of every frame
+    (`ldm_core.video.spatiotemporal`; none in published modules), at the UNet levels from
+    `spatiotemporal_from_level` on (0: the finest; the mid block is the coarsest level)."""
 
     name: str
     path: Path
     adapter: torch.nn.Module
     layout: str  # "diffusers" or "original"
     adapter_lora: str | None = None
+    spatiotemporal: tuple[str, ...] = ()
+    spatiotemporal_from_level: int = 0
 
     @property
     def channels(self) -> tuple[int, ...]:
@@ -287,7 +295,15 @@ def _load_weights(p: Path, allow_pickle: bool) -> MotionModule:
             weights = next((p / n for n in names if (p / n).exists()), p / names[0])
             state = load_state_dict(weights, allow_pickle=allow_pickle)
             config = {k: v for k, v in config.items() if not k.startswith("_")}
-            return MotionModule(p.name, p, _build(config, state, p), "diffusers")
+            try:
+                st = check_attentions(config.pop(SPATIOTEMPORAL_KEY, None))
+                from_level = config.pop(SPATIOTEMPORAL_LEVEL_KEY, 0)
+                if not isinstance(from_level, int) or from_level < 0:
+                    raise ValueError(f"{SPATIOTEMPORAL_LEVEL_KEY}: {from_level!r} is not a level (0 or more)")
+            except ValueError as e:
+                raise MotionModuleError(f"{p.name}: {e}") from None
+            adapter = _build(config, state, p)
+            return MotionModule(p.name, p, adapter, "diffusers", None, st, from_level)
         state = load_state_dict(p, allow_pickle=allow_pickle)
     except ModelFileError as e:
         raise MotionModuleError(str(e)) from None
@@ -352,6 +368,9 @@ class MotionPatch:
         self.frames = 1
         self.effect = 1.0  # how much of the temporal layers' change the next UNet call keeps (0: none)
         self._handles: list = []
+        # the module's spatio-temporal attentions (if any) and the processors they had before install()
+        self._spatiotemporal = SpatioTemporalAttention() if module.spatiotemporal else None
+        self._processors: list = []
 
     def set_frames(self, frames: int) -> None:
         self.frames = frames
@@ -374,6 +393,8 @@ class MotionPatch:
             raise RuntimeError(f"UNet batch {h.shape[0]} is not a whole number of {self.frames}-frame clips")
         if self.effect == 0:
             return h
+        if self._spatiotemporal is not None:
+            self._spatiotemporal.grid = (h.shape[-2], h.shape[-1])
         out = motion(h, num_frames=self.frames)
         return out if self.effect == 1 else h + self.effect * (out - h)
 
@@ -383,6 +404,7 @@ class MotionPatch:
         if (q.device, q.dtype) != (p.device, p.dtype):
             a.to(p.device, p.dtype)  # the UNet's precision (fp16 on a GPU); autocast handles mixed runs
         parts = {"down": a.down_blocks, "up": a.up_blocks}
+        levels = len(self.unet.down_blocks)
         for _, layer, part, i, j in _targets(self.unet):
             if part == "mid":
                 if a.mid_block is None:
@@ -391,12 +413,23 @@ class MotionPatch:
             else:
                 motion = parts[part][i].motion_modules[j]
             self._handles.append(layer.register_forward_hook(self._hook(motion)))
+            level = {"down": i, "up": levels - 1 - i, "mid": levels - 1}[part]  # 0: the finest
+            if self._spatiotemporal is None or level < self.module.spatiotemporal_from_level:
+                continue
+            for block in motion.transformer_blocks:
+                for name in self.module.spatiotemporal:
+                    attention = getattr(block, name)
+                    self._processors.append((attention, attention.processor))
+                    attention.set_processor(self._spatiotemporal)
         return self
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for attention, processor in self._processors:
+            attention.set_processor(processor)
+        self._processors.clear()
 
 
 @contextmanager
