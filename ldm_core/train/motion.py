@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 
 from ..video.options import TIMELINE_DEFAULT, add_timeline_argument, timeline_options
-from ..video.spatiotemporal import ATTENTIONS
+from ..video.spatiotemporal import ATTENTIONS, CONFIG_KEY, LEVEL_KEY, check_attentions, check_level
 from . import shapes
 from .step_loop import StepLoop, read_checkpoint
 
@@ -328,7 +328,6 @@ def new_adapter(
     from diffusers import MotionAdapter
 
     from ldm_core.video.motion_modules import _groups
-    from ldm_core.video.spatiotemporal import CONFIG_KEY, LEVEL_KEY, check_attentions
 
     ch = tuple(unet.config.block_out_channels)
     adapter = MotionAdapter(
@@ -344,7 +343,9 @@ def new_adapter(
             if ".proj_out." in name:
                 p.zero_()
     if spatiotemporal:
-        adapter.register_to_config(**{CONFIG_KEY: list(check_attentions(spatiotemporal)), LEVEL_KEY: from_level})
+        adapter.register_to_config(
+            **{CONFIG_KEY: list(check_attentions(spatiotemporal)), LEVEL_KEY: check_level(from_level)}
+        )
     return adapter
 
 
@@ -370,8 +371,6 @@ def _init_from(adapter, path: str, log) -> None:
 
     def same(a, b) -> bool:  # a config read from JSON has lists where a built one has tuples
         return list(a) == list(b) if isinstance(a, list | tuple) and isinstance(b, list | tuple) else a == b
-
-    from ldm_core.video.spatiotemporal import CONFIG_KEY, LEVEL_KEY
 
     # the attention mode may change between sittings: the weights are the same shapes either way
     diff = sorted(
@@ -437,8 +436,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         merge_base_lora(model, o.base_lora)
         log(f"base with the LoRA {o.base_lora} merged (weight 1)")
     res = o.resolution or model.native_size
-    if o.spatiotemporal_from_level < 0:
-        raise ValueError(f"spatiotemporal_from_level: {o.spatiotemporal_from_level} is below 0 (the finest level)")
+    check_level(o.spatiotemporal_from_level)
     adapter = new_adapter(model.unet, o.heads, o.mid_block, 32, o.spatiotemporal, o.spatiotemporal_from_level)
     work = Path(o.work_dir) if o.work_dir else None
     ckpt_path = work / "motion-train.pt" if work else None

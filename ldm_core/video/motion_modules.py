@@ -42,7 +42,7 @@ from ..models.sidecar import SidecarError, read_sidecar
 from ..models.suffixes import WEIGHT_SUFFIXES
 from .spatiotemporal import CONFIG_KEY as SPATIOTEMPORAL_KEY
 from .spatiotemporal import LEVEL_KEY as SPATIOTEMPORAL_LEVEL_KEY
-from .spatiotemporal import SpatioTemporalAttention, check_attentions
+from .spatiotemporal import SpatioTemporalAttention, check_attentions, check_level
 from .svd import is_svd_folder
 
 log = logging.getLogger(__name__)
@@ -297,9 +297,7 @@ def _load_weights(p: Path, allow_pickle: bool) -> MotionModule:
             config = {k: v for k, v in config.items() if not k.startswith("_")}
             try:
                 st = check_attentions(config.pop(SPATIOTEMPORAL_KEY, None))
-                from_level = config.pop(SPATIOTEMPORAL_LEVEL_KEY, 0)
-                if not isinstance(from_level, int) or from_level < 0:
-                    raise ValueError(f"{SPATIOTEMPORAL_LEVEL_KEY}: {from_level!r} is not a level (0 or more)")
+                from_level = check_level(config.pop(SPATIOTEMPORAL_LEVEL_KEY, 0))
             except ValueError as e:
                 raise MotionModuleError(f"{p.name}: {e}") from None
             adapter = _build(config, state, p)

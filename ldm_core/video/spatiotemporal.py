@@ -45,6 +45,13 @@ def check_attentions(names) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+def check_level(value) -> int:
+    """`value` (a config value or option) as the first UNet level with such attentions, or ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{LEVEL_KEY}: {value!r} is not a UNet level (0, the finest, or more)")
+    return value
+
+
 def cell_encoding(height: int, width: int, channels: int) -> torch.Tensor:
     """(height * width, channels): a 2D sinusoidal encoding of each cell, rows first as the temporal transformer
     orders them; the first half of the channels encodes the row, the second the column (positions in units of
