@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -858,6 +859,33 @@ def test_motion_training_continues_from_an_exported_module_and_refuses_another_b
     )
     with pytest.raises(MotionModuleError, match="block_out_channels"):
         train_motion(MotionTrainOptions(**base, out=str(tmp_path / "x"), init=str(other)), log=lambda m: None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where torch sees no CUDA device")
+def test_motion_training_on_a_gpu_torch_does_not_see_is_a_clear_error_before_any_work(tmp_path, tiny_models):
+    from ldm_core.train.motion import train_motion
+
+    opts = tiny_motion_options(tiny_models, tmp_path / "mm", device="cuda", work_dir=str(tmp_path / "work"))
+    with pytest.raises(RuntimeError, match="--device cuda asked for, but torch sees no CUDA device"):
+        train_motion(opts, log=lambda m: None)
+    assert not (tmp_path / "mm").exists() and not (tmp_path / "work").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_motion_training_on_a_gpu_resumes_on_the_cpu_and_exports_a_module_the_engine_runs(tmp_path, tiny_models):
+    """`--device cuda` (bf16 autocast, the fused optimiser): the checkpoint resumes on the CPU, the export is a CPU
+    fp16 folder that loads like any other."""
+    from ldm_core.train.motion import MotionTrainOptions, train_motion
+
+    opts = tiny_motion_options(tiny_models, tmp_path / "mm", device="cuda", autocast="bf16", clips=2,
+                               work_dir=str(tmp_path / "work"))
+    rec = train_motion(opts, log=lambda m: None)
+    assert rec["steps"] == 2 and math.isfinite(rec["final_loss"])
+    rec = train_motion(MotionTrainOptions(**{**opts.__dict__, "device": "cpu", "steps": 3}), log=lambda m: None)
+    assert rec["steps"] == 3
+    module = load_motion_module(tmp_path / "mm")
+    assert all(p.device.type == "cpu" for p in module.adapter.parameters())
 
 
 def test_stable_video_diffusion_folder_makes_a_clip_from_an_image(tmp_path, tiny_models):

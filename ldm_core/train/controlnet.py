@@ -62,7 +62,14 @@ import torch.nn.functional as F
 
 from ldm_core.models.geometry import latent_normalisation
 from ldm_core.train import shapes
-from ldm_core.train.builtin import _autocast, _save_atomic, command_line, export_fp16_folder, warmup_cosine
+from ldm_core.train.builtin import (
+    _autocast,
+    _resolve_device,
+    _save_atomic,
+    command_line,
+    export_fp16_folder,
+    warmup_cosine,
+)
 from ldm_core.train.cell_weights import overlap_loss_weights, shape_loss_weights
 from ldm_core.train.condition_maps import (
     CONDITIONS,
@@ -126,12 +133,6 @@ EVAL_KINDS = {
     "depth": ("depth", "depth-drawn"),
     "seg": ("seg", "seg-drawn"),
 }
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def canny_maps(images: torch.Tensor, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> torch.Tensor:
@@ -389,7 +390,7 @@ def train_controlnet(opts: ControlNetTrainOptions, log: Callable[[str], None] = 
         if getattr(opts, field) and opts.cache_scenes <= 0:
             raise ValueError(f"{field} draws from the scene cache: give cache_scenes > 0 too")
     torch.manual_seed(opts.seed)
-    dev = _device(opts.device)
+    dev = _resolve_device(opts.device)
     model = load_model(opts.base, dtype=torch.float32, allow_pickle=opts.allow_pickle)
     for m in (model.unet, model.vae, model.text_encoder, model.text_encoder_2):
         if m is not None:

@@ -36,6 +36,7 @@ from ldm_core.generation_requests import Img2ImgRequest, InpaintRequest, samplin
 from ldm_core.models.sidecar import read_sidecar
 from ldm_core.train import shapes
 from ldm_core.train.analyser import Analysis, analyse
+from ldm_core.train.builtin import _resolve_device
 
 SEED_BASE = 1_000_000
 NEGATIVE_PROMPT = "red, blue, green"
@@ -163,12 +164,6 @@ def eval_scenes(stream: str, n: int, n_objects: int) -> list[shapes.Scene]:
 
 
 # ----------------------------------------------------------------------------------------- pipelines
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load_pipelines(model: Path, device: torch.device, sampler: str = "Euler a", schedule: str = "Automatic"):
     """(txt2img, img2img, inpaint) diffusers pipelines sharing one set of weights, with diffusers' Euler a; the
     text-to-image one runs `sampler` / `schedule` instead (built by the engine's sampler registry) when picked."""
@@ -242,7 +237,7 @@ class Evaluator:
         self.o = opts
         if opts.edits not in EDIT_PATHS:
             raise ValueError(f"edits must be one of {', '.join(EDIT_PATHS)}, not {opts.edits!r}")
-        self.dev = _device(opts.device)
+        self.dev = _resolve_device(opts.device)
         side = read_sidecar(opts.model)
         self.sampler, self.schedule = sampling_choice(opts.sampler, opts.schedule, (side.sampler_name, side.scheduler))
         self.pipe, self.i2i, self.inp = (

@@ -203,10 +203,11 @@ def train_inpaint(opts: InpaintTrainOptions, log=print) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from ldm_core.models import load_model
-    from ldm_core.train.controlnet import TextEncoder, _device
+    from ldm_core.train.builtin import _resolve_device
+    from ldm_core.train.controlnet import TextEncoder
 
     torch.manual_seed(opts.seed)
-    dev = _device(opts.device)
+    dev = _resolve_device(opts.device)
     model = load_model(opts.base, dtype=torch.float32)
     if model.kind.family not in ("sd1", "sd2"):
         raise ValueError(f"inpaint training takes an SD 1.x/2.x base; {opts.base} is {model.kind.family}")

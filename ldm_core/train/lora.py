@@ -130,12 +130,6 @@ def load_pair_tensors(pairs: dict[str, LoraPair], tensors: dict[str, torch.Tenso
                 layer.weight.copy_(w.to(layer.weight))
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
-
-
 def _load_folder(folder: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
     from ldm_core.train.builtin import FolderImages
 
@@ -177,6 +171,7 @@ def train_lora(opts: LoraTrainOptions, log: Callable[[str], None] = print) -> di
 
     from ldm_core.models import load_model
     from ldm_core.prompts.encode import PromptEncoder
+    from ldm_core.train.builtin import _resolve_device
 
     t0 = time.perf_counter()
     torch.manual_seed(opts.seed)

@@ -265,7 +265,8 @@ class MotionTrainOptions:
     object_weight: float = 0.0
     seed: int = 0
     threads: int = 0
-    autocast: str = "off"  # "bf16": bf16 autocast (faster on CPUs with AVX512-BF16/AMX)
+    autocast: str = "off"  # "bf16": bf16 autocast (faster on CPUs with AVX512-BF16/AMX, and on a GPU)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N" or "auto" (CUDA when torch sees one)
     heads: int = 8
     mid_block: bool = True
     checkpoint_every: float = 300.0
@@ -411,6 +412,8 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     from ldm_core.models import load_model
     from ldm_core.train.builtin import (
         _autocast,
+        _optimizer,
+        _resolve_device,
         _save_atomic,
         command_line,
         diffusion_target,
@@ -426,6 +429,9 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     _radius(random.Random(0), o.object_sizes)  # a bad name fails before the model loads
     if not 0 <= o.shared_noise <= 1:
         raise ValueError(f"shared_noise: {o.shared_noise} is outside 0..1")
+    dev = _resolve_device(o.device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     if o.threads:
         torch.set_num_threads(o.threads)
     torch.manual_seed(o.seed)
@@ -435,6 +441,8 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     if o.base_lora:
         merge_base_lora(model, o.base_lora)
         log(f"base with the LoRA {o.base_lora} merged (weight 1)")
+    for m in (model.unet, model.vae, model.text_encoder):
+        m.to(dev)
     res = o.resolution or model.native_size
     check_level(o.spatiotemporal_from_level)
     adapter = new_adapter(model.unet, o.heads, o.mid_block, 32, o.spatiotemporal, o.spatiotemporal_from_level)
@@ -447,7 +455,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         adapter.load_state_dict(ckpt["adapter"])
     elif o.init:
         _init_from(adapter, o.init, log)
-    adapter.train()
+    adapter.to(dev).train()
     params = [p for p in adapter.parameters()]
     lora_pairs, lora_hooks = {}, []
     if o.lora_rank > 0:
@@ -463,7 +471,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
             load_pair_tensors(lora_pairs, load_file(o.init_lora))
             log(f"adapter LoRA from {o.init_lora}")
         params += [p for pair in lora_pairs.values() for p in pair.parameters()]
-    optim = torch.optim.AdamW(params, lr=o.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    optim = _optimizer(params, o.lr, 0.0, dev)
     module = MotionModule(
         "training", Path(o.out), adapter, "diffusers", None, tuple(o.spatiotemporal), o.spatiotemporal_from_level
     )
@@ -474,7 +482,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     prediction, n_train = sched.config.prediction_type, sched.config.num_train_timesteps
     if not 0 <= o.min_timestep < n_train:
         raise ValueError(f"min_timestep: {o.min_timestep} is outside 0..{n_train - 1} (the base's timesteps)")
-    ab = sched.alphas_cumprod.float()
+    ab = sched.alphas_cumprod.float().to(dev)
     vae = model.vae
     scaling = vae.config.scaling_factor
     n_params = sum(p.numel() for p in adapter.parameters())
@@ -482,10 +490,11 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         log(f"adapter LoRA: {len(lora_pairs)} layers, rank {o.lora_rank}, -> {adapter_lora_path(o)}")
     log(
         f"motion module: {n_params / 1e6:.2f}M parameters for a UNet with channels "
-        f"{tuple(model.unet.config.block_out_channels)}; {o.clips} clips x {o.frames} frames per step at {res}px"
+        f"{tuple(model.unet.config.block_out_channels)}; {o.clips} clips x {o.frames} frames per step at {res}px, "
+        f"device {dev}"
     )
     with torch.no_grad():
-        empty = text([""], torch.device("cpu"))[0]
+        empty = text([""], dev)[0]
     loop = StepLoop.resume(
         ckpt,
         optim,
@@ -543,20 +552,22 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
         rng = random.Random(f"motion:{o.seed}:{step}")
         gen = torch.Generator().manual_seed(rng.getrandbits(62))
         clips = [sample_clip(rng, o.frames, sizes=o.object_sizes) for _ in range(o.clips)]
-        packed = torch.cat([c.packed for c in clips])
+        packed = torch.cat([c.packed for c in clips]).to(dev)
         images, cover = shapes.render_packed(packed, res, with_coverage=True)
         with torch.no_grad():
-            z = vae.encode(images * 2 - 1).latent_dist.sample(generator=gen) * scaling
-            cond = text([c.caption for c in clips], torch.device("cpu"))[0]
-        drop = torch.rand(len(clips), generator=gen) < o.caption_dropout
+            # the latent's sample drawn from the CPU generator on any device (one seed, one run)
+            post = vae.encode(images * 2 - 1).latent_dist
+            z = (post.mean + post.std * torch.randn(post.mean.shape, generator=gen).to(dev)) * scaling
+            cond = text([c.caption for c in clips], dev)[0]
+        drop = (torch.rand(len(clips), generator=gen) < o.caption_dropout).to(dev)
         cond = torch.where(drop.view(-1, 1, 1), empty.expand_as(cond), cond)
         cond = cond.repeat_interleave(o.frames, 0)
-        noise = clip_noise(torch.randn(z.shape, generator=gen), o.frames, o.shared_noise)
-        t = clip_timesteps(len(clips), o.frames, n_train, o.timesteps, gen, o.min_timestep)
+        noise = clip_noise(torch.randn(z.shape, generator=gen), o.frames, o.shared_noise).to(dev)
+        t = clip_timesteps(len(clips), o.frames, n_train, o.timesteps, gen, o.min_timestep).to(dev)
         x_t, target = diffusion_target(z, noise, ab[t], prediction)
         progress = loop.progress(o.steps, o.max_seconds)
         loop.set_lr(warmup_cosine(o.lr, step, progress, o.warmup_steps, o.min_lr_ratio))
-        with _autocast(torch.device("cpu"), o.autocast):
+        with _autocast(dev, o.autocast):
             pred = model.unet(x_t, t, cond).sample
         err = (pred.float() - target).pow(2)
         if o.object_weight > 0:
@@ -806,6 +817,11 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads)
     p.add_argument("--autocast", choices=("off", "bf16"), default=d.autocast)
+    p.add_argument(
+        "--device",
+        default=d.device,
+        help="cpu (default), cuda, cuda:N or auto (CUDA when torch sees one); on a GPU give --clips 32 or more",
+    )
     p.add_argument("--no-mid-block", action="store_true", help="no temporal layer in the UNet's mid block")
     p.add_argument("--export-every", type=float, default=d.export_every, help="seconds between exports")
     p.add_argument("--log-every", type=int, default=d.log_every)
@@ -846,6 +862,7 @@ def run(a) -> int:
         seed=a.seed,
         threads=a.threads,
         autocast=a.autocast,
+        device=a.device,
         mid_block=not a.no_mid_block,
         export_every=a.export_every,
         log_every=a.log_every,
