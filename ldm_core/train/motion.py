@@ -667,9 +667,11 @@ def evaluate_motion(
     sampler: str | None = None,  # None: the base's recommendation, as the engine runs a request naming none
     timeline: tuple[float, float, float] = TIMELINE_DEFAULT,
     cfg_scale: float = 7.0,
+    device: str = "auto",
 ) -> dict:
     """Generate `n` held-out clips through the engine (with `module`, or without one as the baseline: the
-    frames are then independent images of one batch) and score them (see `score_clip`)."""
+    frames are then independent images of one batch) on `device` (the engine's choice: "auto" is CUDA where
+    torch sees it, in fp16 there) and score them (see `score_clip`)."""
     from ldm_core.engine import scratch_engine
     from ldm_core.generation_requests import GenerationRequest
 
@@ -679,7 +681,8 @@ def evaluate_motion(
     dirs = (Path(module).parent,) if module is not None else ()
     lora_dirs = (Path(lora).parent,) if lora else ()
     tag = f" <lora:{Path(lora).stem}:{lora_weight:g}>" if lora else ""  # the module's adapter LoRA, if any
-    with scratch_engine(base, motion_dirs=dirs, lora_dirs=lora_dirs) as (engine, _model):
+    # no torch.compile: a report measures what the clips show, and compiling would cost a GPU sitting minutes
+    with scratch_engine(base, motion_dirs=dirs, lora_dirs=lora_dirs, device=device, compile="off") as (engine, _m):
         for i, clip in enumerate(clips):
             values = dict(
                 prompt=clip.caption + tag, steps=steps, seed=1000 + i, save_images=False, cfg_scale=cfg_scale,
@@ -709,8 +712,10 @@ def evaluate_motion(
                 ok = sum(r["direction_ok"] for r in results) / len(results)
                 log(f"{i + 1}/{n} clips: direction {ok:.2f}")
         used = " ".join(engine.sampling(req)) if n else sampler  # what ran
+        ran_on = str(engine.policy.device)
     rep = {
         "module": module,
+        "device": ran_on,
         "n": n,
         "phrasing": phrasing,
         "shared_noise": shared_noise,
@@ -906,6 +911,7 @@ def add_eval_arguments(p) -> None:
     )
     add_timeline_argument(p, "--timeline")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: CUDA where torch sees it)")
     p.add_argument("--sheet", type=Path, default=None, help="a PNG of the first 8 clips' frames")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     p.add_argument(
@@ -946,6 +952,7 @@ def run_eval(a) -> int:
         sampler=a.sampler,
         timeline=tuple(a.motion_timeline),
         cfg_scale=a.cfg_scale,
+        device=a.device,
     )
     if a.json is not None:
         a.json.parent.mkdir(parents=True, exist_ok=True)
