@@ -1,8 +1,8 @@
 #!/bin/bash
 # A sitting of the built-in motion module on a lent GPU (the `device` tool), then its evaluation there:
-# what issue 19's "resumable CPU recipe (GPU when available)" leaves for a GPU. On an H100 one step of 64 clips
-# takes the time a 2-core CPU spends on about one clip, so the ~7 minutes a device session leaves for training
-# see more clips than every CPU sitting of the shipped module together (about 16,000).
+# what issue 19's "resumable CPU recipe (GPU when available)" leaves for a GPU: every CPU sitting of the shipped
+# module together saw about 16,000 clips (2 s a step of 4 clips here). How many the ~7 minutes a device session
+# leaves for training see is not measured yet (no GPU was lent since this was written); train.log will say.
 #
 #   bash bench/gpu_motion_sitting.sh prepare    # here, before the device call: wheels + a tree under 64 MiB
 #   device run: command "bash bench/gpu_motion_sitting.sh run 420", carry [".whl"], timeout_s 600
