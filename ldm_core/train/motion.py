@@ -429,6 +429,7 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     _radius(random.Random(0), o.object_sizes)  # a bad name fails before the model loads
     if not 0 <= o.shared_noise <= 1:
         raise ValueError(f"shared_noise: {o.shared_noise} is outside 0..1")
+    check_level(o.spatiotemporal_from_level)  # a bad level fails before the model loads
     dev = _resolve_device(o.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -444,7 +445,6 @@ def train_motion(o: MotionTrainOptions, log=_log) -> dict:
     for m in (model.unet, model.vae, model.text_encoder):
         m.to(dev)
     res = o.resolution or model.native_size
-    check_level(o.spatiotemporal_from_level)
     adapter = new_adapter(model.unet, o.heads, o.mid_block, 32, o.spatiotemporal, o.spatiotemporal_from_level)
     work = Path(o.work_dir) if o.work_dir else None
     ckpt_path = work / "motion-train.pt" if work else None
